@@ -1,0 +1,84 @@
+"""The `cham` command line: thin shells over the jobs in pipelines/, model/ and flows/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from schemas import CONFIG_KINDS, ConfigError, load_config
+
+app = typer.Typer(
+    help="chameleon-pipeline: data, training and generation for early-fusion mixed-modal models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check and show config files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Annotated[Path, typer.Argument(help="folder to write the corpus into")],
+    force: Annotated[bool, typer.Option("--force", help="overwrite sample data already there")] = False,
+) -> None:
+    """Write the bundled sample corpus in the formats the prepare job reads."""
+    from pipelines.sample_corpus import write_sample_data
+
+    try:
+        manifest = write_sample_data(out, overwrite=force)
+    except FileExistsError as err:
+        err_console.print("[red]error:[/red]", escape(str(err)))
+        raise typer.Exit(1) from None
+    table = Table("kind", "records", "files", title=f"sample data in {out}")
+    for kind in ("text", "image_text", "interleaved", "sft"):
+        files = manifest[kind]["files"]
+        table.add_row(kind, str(manifest[kind]["records"]), f"{len(files)} ({', '.join(files[:3])}, ...)")
+    console.print(table)
+
+
+@config_app.command("check")
+def config_check(
+    kind: Annotated[str, typer.Argument(help=f"one of: {', '.join(CONFIG_KINDS)}")],
+    file: Annotated[Path, typer.Argument(help="the YAML file")],
+    show: Annotated[bool, typer.Option("--show", help="print the config with every default filled in")] = False,
+) -> None:
+    """Validate a config file; on error, name the file, each bad field and what is allowed."""
+    if kind not in CONFIG_KINDS:
+        err_console.print(f"[red]error:[/red] unknown config kind {kind!r}; allowed: {', '.join(CONFIG_KINDS)}")
+        raise typer.Exit(2)
+    try:
+        config = load_config(CONFIG_KINDS[kind], file)
+    except ConfigError as err:
+        err_console.print("[red]error:[/red]", escape(str(err)), highlight=False)
+        raise typer.Exit(1) from None
+    if show:
+        console.print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), markup=False)
+    console.print(f"{file}: valid {kind} config (fingerprint {config.fingerprint()})")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for everything the demo writes")] = Path("data/demo"),
+) -> None:
+    """Run the main job on the bundled sample corpus and report what it did."""
+    from flows.demo import run_demo
+
+    with console.status("writing and reading back the sample corpus"):
+        report = run_demo(out)
+    table = Table("kind", "records written and read back", title="cham demo: sample corpus")
+    for kind, n in report["written"].items():
+        table.add_row(kind, str(n))
+    console.print(table)
+    console.print(
+        f"{report['images_decoded']} images decoded, {report['faces']} photos with faces; "
+        f"{report['seconds']} s; report: {out / 'demo-report.json'}"
+    )

@@ -1,0 +1,32 @@
+"""The contracts: Arrow schemas of every record, pydantic configs, and the vocabulary layout."""
+
+from schemas.config_base import ConfigError, dump_config, load_config, validate_config
+from schemas.generate_config import GenerateConfig
+from schemas.mixture_spec import MixtureSpec
+from schemas.model_config import ModelConfig
+from schemas.prepare_config import PrepareConfig
+from schemas.train_config import SFTConfig, TrainConfig
+
+# Config kinds by the name `cham config check KIND FILE` takes.
+CONFIG_KINDS = {
+    "prepare": PrepareConfig,
+    "mixture": MixtureSpec,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sft": SFTConfig,
+    "generate": GenerateConfig,
+}
+
+__all__ = [
+    "CONFIG_KINDS",
+    "ConfigError",
+    "GenerateConfig",
+    "MixtureSpec",
+    "ModelConfig",
+    "PrepareConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "dump_config",
+    "load_config",
+    "validate_config",
+]

@@ -1,0 +1,97 @@
+"""ModelConfig: the Chameleon transformer's shape, from a preset (`tiny`, `7b`, `34b`) plus overrides."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from schemas.config_base import StrictModel
+from schemas.vocab import CHAMELEON_VOCAB_SIZE, TINY
+
+ModelPreset = Literal["tiny", "7b", "34b"]
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to train in seconds on a laptop CPU; GQA on so tests cover it.
+    "tiny": {
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_dim": 176,
+        "vocab_size": TINY.vocab_size,
+        "max_seq_len": 512,
+    },
+    "7b": {
+        "dim": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 32,
+        "ffn_dim": 11008,
+        "vocab_size": CHAMELEON_VOCAB_SIZE,
+        "max_seq_len": 4096,
+    },
+    "34b": {
+        "dim": 8192,
+        "n_layers": 48,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "ffn_dim": 22016,
+        "vocab_size": CHAMELEON_VOCAB_SIZE,
+        "max_seq_len": 4096,
+        "swin_norm": True,
+    },
+}
+
+
+class ModelConfig(StrictModel):
+    """LLaMA-2 shape plus QK-norm and optional norm reordering (swin norm); untied embeddings, no biases."""
+
+    preset: ModelPreset | None = Field(None, description="start from this preset; other keys override it")
+    dim: int = Field(gt=0)
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    n_kv_heads: int = Field(gt=0, description="< n_heads for grouped-query attention (34B: 8)")
+    ffn_dim: int = Field(gt=0, description="SwiGLU hidden size")
+    vocab_size: int = Field(gt=0)
+    max_seq_len: int = Field(4096, gt=0)
+    norm_eps: float = Field(1e-5, gt=0.0)
+    rope_theta: float = Field(10_000.0, gt=0.0)
+    qk_norm: bool = True
+    swin_norm: bool = Field(False, description="h = x + norm(attn(x)); out = h + norm(ffn(h)) (34B)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="0 in pretraining; SFT sets 0.05")
+    init_std: float = Field(0.02, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            return {**MODEL_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} (dim / n_heads) must be even for rotary embeddings")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_preset(cls, preset: ModelPreset, **overrides: Any) -> ModelConfig:
+        """A preset's config with some fields changed."""
+        return cls.model_validate({"preset": preset, **overrides})
+
+    def n_params(self) -> int:
+        """Parameters of the transformer (embeddings and output included, norms too)."""
+        kv_dim = self.n_kv_heads * self.head_dim
+        attn = self.dim * self.dim * 2 + self.dim * kv_dim * 2
+        ffn = 3 * self.dim * self.ffn_dim
+        norms = 2 * self.dim + (4 * self.head_dim if self.qk_norm else 0)
+        return 2 * self.vocab_size * self.dim + self.n_layers * (attn + ffn + norms) + self.dim

@@ -1,0 +1,80 @@
+"""PrepareConfig: which raw sources the prepare job reads, how, with which tokenizers, on which runner."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from schemas.config_base import ExistingPath, InputPattern, OutputPath, StrictModel
+from schemas.records import RecordKind
+
+SourceFormat = Literal["jsonl", "parquet", "webdataset"]
+
+# Which file formats each record kind can be read from (the readers of pipelines/ implement these).
+FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "text": ("jsonl", "parquet"),
+    "image_text": ("webdataset", "parquet"),  # img2dataset tars or parquet; image-text parquet
+    "interleaved": ("parquet", "jsonl"),  # OBELICS-style parquet; MMC4-style jsonl
+    "sft": ("jsonl", "parquet"),
+}
+
+RunnerName = Literal["FnApiRunner", "DirectRunner", "DaskRunner", "FlinkRunner", "SparkRunner", "DataflowRunner"]
+
+
+class SourceConfig(StrictModel):
+    """One raw source: a name (used for output folders), its record kind, file format and paths."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="folder-safe name")
+    kind: RecordKind
+    format: SourceFormat
+    paths: list[InputPattern] = Field(min_length=1, description="files, directories or globs")
+    # Reader and transform options of this source, e.g. {text_field: content, min_chars: 20}.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _format_fits_kind(self) -> SourceConfig:
+        allowed = FORMATS_BY_KIND[self.kind]
+        if self.format not in allowed:
+            raise ValueError(f"format {self.format!r} cannot hold {self.kind!r} records; allowed: {', '.join(allowed)}")
+        return self
+
+
+class TokenizerPaths(StrictModel):
+    """The trained tokenizers the job encodes with (directories written by `cham ... train` or converted)."""
+
+    text: ExistingPath
+    image: ExistingPath
+
+
+class RunnerConfig(StrictModel):
+    """The Beam runner, always named (the implicit default tries to download a binary), and its options."""
+
+    name: RunnerName = "FnApiRunner"
+    # Passed to Beam's PipelineOptions, e.g. {direct_running_mode: multi_processing, direct_num_workers: 2}.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrepareConfig(StrictModel):
+    """The prepare job: raw sources -> tokenized WebDataset shards, one folder per source."""
+
+    sources: list[SourceConfig] = Field(min_length=1)
+    output_dir: OutputPath
+    tokenizers: TokenizerPaths
+    image_size: int = Field(512, ge=16, le=4096, description="square side after resize and crop (pad for SFT)")
+    samples_per_shard: int = Field(1000, ge=1)
+    detect_faces: bool = True
+    write_images: bool = Field(False, description="also store each normalized image as .jpg in the shards")
+    caption_first_ratio: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of image-text pairs laid out caption first"
+    )
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicated)}")
+        return sources

@@ -1,0 +1,123 @@
+"""Arrow schemas of every record the jobs read or write, and the reject reason codes.
+
+Raw kinds are the canonical form readers convert user formats into; an image is referenced the way
+Hugging Face datasets stores one (a struct of bytes and path), plus the URL it came from.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import pyarrow as pa
+
+RecordKind = Literal["text", "image_text", "interleaved", "sft"]
+RECORD_KINDS: tuple[str, ...] = get_args(RecordKind)
+
+SftCategory = Literal["text", "code", "image_generation", "visual_chat", "interleaved", "safety"]
+SFT_CATEGORIES: tuple[str, ...] = get_args(SftCategory)
+
+# Exactly one of bytes / path should hold the image; a URL alone is a reject (`image_not_local`).
+IMAGE_REF = pa.struct(
+    [
+        pa.field("bytes", pa.binary()),
+        pa.field("path", pa.string()),
+        pa.field("url", pa.string()),
+    ]
+)
+
+TEXT = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+    ],
+    metadata={"kind": "text"},
+)
+
+IMAGE_TEXT = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),  # the caption
+        pa.field("image", IMAGE_REF, nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+    ],
+    metadata={"kind": "image_text"},
+)
+
+# OBELICS layout: parallel lists; at each position exactly one of texts[i] / images[i] is set.
+INTERLEAVED = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("texts", pa.list_(pa.string()), nullable=False),
+        pa.field("images", pa.list_(IMAGE_REF), nullable=False),
+        pa.field("metadata", pa.string()),  # JSON, as in OBELICS
+    ],
+    metadata={"kind": "interleaved"},
+)
+
+# One segment of an SFT turn: exactly one of text / image is set.
+SEGMENT = pa.struct([pa.field("text", pa.string()), pa.field("image", IMAGE_REF)])
+
+SFT = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("prompt", pa.list_(SEGMENT), nullable=False),
+        pa.field("answer", pa.list_(SEGMENT), nullable=False),
+    ],
+    metadata={"kind": "sft"},
+)
+
+RAW_SCHEMAS: dict[str, pa.Schema] = {
+    "text": TEXT,
+    "image_text": IMAGE_TEXT,
+    "interleaved": INTERLEAVED,
+    "sft": SFT,
+}
+
+REJECT = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("record_id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # read, clean, image, tokenize, ...
+        pa.field("reason", pa.string(), nullable=False),  # a code of REJECT_REASONS
+        pa.field("detail", pa.string()),
+    ]
+)
+
+TOKENIZED_SAMPLE = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # WebDataset sample key, no dots
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("record_id", pa.string(), nullable=False),
+        pa.field("tokens", pa.large_list(pa.int32()), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("n_images", pa.int32(), nullable=False),
+        # Leading tokens excluded from the loss (the SFT prompt); 0 for pretraining documents.
+        pa.field("n_prompt_tokens", pa.int32(), nullable=False),
+        pa.field("has_face", pa.bool_(), nullable=False),
+        pa.field("n_faces", pa.int32(), nullable=False),
+        pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 2))),  # original (width, height) per image
+    ]
+)
+
+REJECT_REASONS: dict[str, str] = {
+    "bad_record": "the record does not have the fields its kind needs",
+    "bad_json": "the line is not valid JSON",
+    "invalid_utf8": "text is not valid UTF-8",
+    "empty_text": "no text left after cleanup",
+    "text_too_short": "text shorter than the configured minimum",
+    "text_too_long": "text longer than the configured maximum",
+    "image_missing": "the image file or bytes are missing",
+    "image_not_local": "the image is given only as a URL; download it first (e.g. with img2dataset)",
+    "image_empty": "the image has zero bytes",
+    "image_truncated": "the image data ends early",
+    "image_not_an_image": "the bytes are not an image format we can decode",
+    "image_too_large": "the image has more pixels than the decompression-bomb limit",
+    "image_too_small": "the image is smaller than the configured minimum side",
+    "image_unsupported_mode": "the image's colour mode cannot be converted to RGB",
+    "too_many_images": "the document has more images than fit one sequence",
+    "too_long": "the tokenized sample is longer than the configured maximum",
+}

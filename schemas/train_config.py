@@ -1,0 +1,99 @@
+"""TrainConfig (pretraining) and SFTConfig: Chameleon's recipe as defaults, everything overridable."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from schemas.config_base import ExistingPath, OutputPath, StrictModel
+from schemas.model_config import ModelConfig
+
+LrSchedule = Literal["warmup_exponential", "cosine", "constant"]
+Precision = Literal["auto", "bf16", "fp32"]
+Parallelism = Literal["auto", "ddp", "fsdp"]
+
+
+class OptimizerConfig(StrictModel):
+    """AdamW; weight decay applies to weight matrices only."""
+
+    lr: float = Field(1e-4, gt=0.0, description="peak learning rate")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _betas(self) -> OptimizerConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate schedule: linear warm-up, then exponential decay to 0 at the last step (pretraining)."""
+
+    kind: LrSchedule = "warmup_exponential"
+    warmup_steps: int = Field(4000, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="lr at the last step, relative to the peak")
+
+
+class CheckpointConfig(StrictModel):
+    """When to save and how many to keep; the trainer resumes from the latest in `dir` automatically."""
+
+    every_steps: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+
+class LoggingConfig(StrictModel):
+    every_steps: int = Field(10, gt=0)
+    tensorboard: bool = True
+    jsonl: bool = True
+
+
+class TrainConfig(StrictModel):
+    """Pretraining on one stage's shards (or SFT, through SFTConfig)."""
+
+    model: ModelConfig
+    data: ExistingPath = Field(description="a stage folder written by `cham mix`")
+    out_dir: OutputPath = Field(description="checkpoints, metrics and logs go here")
+    seq_len: int = Field(4096, gt=0)
+    global_batch_size: int = Field(gt=0, description="sequences per optimizer step, across all ranks")
+    micro_batch_size: int = Field(1, gt=0, description="sequences per rank per forward pass")
+    steps: int = Field(gt=0, description="optimizer steps")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    z_loss: float = Field(1e-5, ge=0.0, description="weight of log^2 Z")
+    precision: Precision = "auto"
+    compile: bool = Field(False, description="torch.compile each block")
+    parallelism: Parallelism = "auto"
+    document_masking: bool = Field(True, description="no attention across packed documents")
+    init_from: ExistingPath | None = Field(None, description="a checkpoint to start from (weights only)")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    loader_workers: int = Field(1, ge=0)
+    skip_corrupt_shards: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model.max_seq_len}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} must be a multiple of micro_batch_size "
+                f"{self.micro_batch_size} (times the number of ranks, checked at launch)"
+            )
+        if self.schedule.warmup_steps >= self.steps and self.schedule.kind != "constant":
+            raise ValueError(f"schedule.warmup_steps {self.schedule.warmup_steps} must be < steps {self.steps}")
+        return self
+
+
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning from a pretrained checkpoint: cosine from 1e-5, dropout 0.05, batch 128."""
+
+    init_from: ExistingPath = Field(description="the pretrained checkpoint to fine-tune")
+    global_batch_size: int = Field(128, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(kind="cosine", warmup_steps=0))
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="overrides the model's dropout during SFT")

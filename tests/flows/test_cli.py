@@ -1,0 +1,59 @@
+"""The `cham` command line, run in process: help, config check, sample-data, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import EXAMPLES
+
+runner = CliRunner()
+
+
+def test_help_lists_only_working_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    commands = {"demo", "sample-data", "config"}
+    for command in commands:
+        assert command in result.output
+    for later in ("prepare", "train", "generate", "serve"):
+        assert f" {later} " not in result.output
+
+
+def test_config_check_good_and_bad(example_base: Path, monkeypatch) -> None:
+    monkeypatch.chdir(example_base)
+    result = runner.invoke(app, ["config", "check", "mixture", str(EXAMPLES / "mixture.yaml"), "--show"])
+    assert result.exit_code == 0, result.output
+    assert "valid mixture config (fingerprint" in result.output
+    assert "face_weight: 2.0" in result.output
+
+    bad = example_base / "bad.yaml"
+    bad.write_text((EXAMPLES / "mixture.yaml").read_text().replace("seq_len: 4096", "seq_len: 512"))
+    result = runner.invoke(app, ["config", "check", "mixture", str(bad)])
+    assert result.exit_code == 1
+    assert f"{bad}: seq_len: 512 is too short for one image block" in " ".join(result.output.split())
+
+    result = runner.invoke(app, ["config", "check", "dataset", str(bad)])
+    assert result.exit_code == 2
+    assert "unknown config kind 'dataset'; allowed: prepare, mixture, model, train, sft, generate" in result.output
+
+
+def test_sample_data_command(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sample-data", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["text"]["records"] == 200 and manifest["sft"]["records"] == 30
+    result = runner.invoke(app, ["sample-data", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "--force" in result.output
+
+
+def test_demo_writes_and_reads_back_everything(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo" / "demo-report.json").read_text())
+    assert report["written"]["text"] == 200 and report["written"]["interleaved"] == 12
+    assert report["images_decoded"] > report["written"]["image_text"]
+    assert "cham demo" in result.output
