@@ -1,0 +1,1 @@
+"""Prefect flows and deployments, and the `cham` command line."""

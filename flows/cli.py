@@ -21,8 +21,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check and show config files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @app.command("sample-data")

@@ -1,0 +1,1 @@
+"""Everything torch: tokenizers, the transformer, checkpoints, the shard loader, the trainer, generation, evaluation."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import typer
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -16,11 +17,12 @@ runner = CliRunner()
 def test_help_lists_only_working_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    commands = {"demo", "sample-data", "config"}
-    for command in commands:
-        assert command in result.output
-    for later in ("prepare", "train", "generate", "serve"):
-        assert f" {later} " not in result.output
+    group = typer.main.get_command(app)
+    # Every listed command is one this file exercises below; later issues add theirs with their tests.
+    assert set(group.commands) == {"demo", "sample-data", "config"}
+    assert set(group.commands["config"].commands) == {"check"}
+    for name in group.commands:
+        assert name in result.output
 
 
 def test_config_check_good_and_bad(example_base: Path, monkeypatch) -> None:
