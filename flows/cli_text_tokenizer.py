@@ -1,0 +1,88 @@
+"""`cham text-tokenizer train|encode|decode`: thin shells over model/text_tokenizer.py."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from model.text_tokenizer import (
+    TokenizerError,
+    expand_inputs,
+    iter_texts,
+    layout_for,
+    load_text_tokenizer,
+    train_text_tokenizer,
+)
+
+app = typer.Typer(help="Train and use the SentencePiece text tokenizer.", no_args_is_help=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print("[red]error:[/red]", escape(message))
+    return typer.Exit(1)
+
+
+@app.command()
+def train(
+    input: Annotated[list[str], typer.Option("--input", "-i", help="text files, jsonl, parquet, folders or globs")],
+    out: Annotated[Path, typer.Option(help="folder to write the tokenizer into")],
+    vocab_size: Annotated[int, typer.Option(help="total vocabulary, specials, reserved and image codes included")] = (
+        65_536
+    ),
+    layout: Annotated[str, typer.Option(help="vocabulary layout preset: chameleon or tiny")] = "chameleon",
+    text_field: Annotated[str, typer.Option(help="field (jsonl) or column (parquet) holding the text")] = "text",
+    character_coverage: Annotated[float, typer.Option(help="share of characters covered by pieces")] = 0.9999,
+) -> None:
+    """Train a SentencePiece BPE whose pieces fill the layout's text ids exactly."""
+    try:
+        vocab_layout = layout_for(vocab_size, layout)
+        files = expand_inputs(input)
+        started = time.perf_counter()
+        with console.status(f"training {vocab_layout.n_text} text pieces on {len(files)} files"):
+            tokenizer = train_text_tokenizer(
+                iter_texts(files, text_field), vocab_layout, character_coverage=character_coverage
+            )
+        tokenizer.save(out)
+    except (TokenizerError, ValueError) as err:
+        raise _fail(str(err)) from None
+    console.print(
+        f"trained in {time.perf_counter() - started:.1f} s: {vocab_layout.vocab_size} ids "
+        f"({vocab_layout.n_text} text pieces from id {vocab_layout.first_text_id}), "
+        f"fingerprint {tokenizer.fingerprint}, written to {out}"
+    )
+
+
+@app.command()
+def encode(
+    tokenizer: Annotated[Path, typer.Option(help="a tokenizer folder or Meta's text_tokenizer.json")],
+    text: Annotated[str | None, typer.Argument(help="the text; omit to read standard input")] = None,
+) -> None:
+    """Print the token ids of a text, space-separated."""
+    try:
+        tok = load_text_tokenizer(tokenizer)
+    except TokenizerError as err:
+        raise _fail(str(err)) from None
+    ids = tok.encode(sys.stdin.read() if text is None else text)
+    print(" ".join(map(str, ids)))
+
+
+@app.command()
+def decode(
+    tokenizer: Annotated[Path, typer.Option(help="a tokenizer folder or Meta's text_tokenizer.json")],
+    ids: Annotated[list[int], typer.Argument(help="token ids")],
+) -> None:
+    """Print the text of token ids."""
+    try:
+        tok = load_text_tokenizer(tokenizer)
+        text = tok.decode(ids)
+    except (TokenizerError, ValueError) as err:
+        raise _fail(str(err)) from None
+    sys.stdout.write(text + "\n")
