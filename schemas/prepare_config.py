@@ -19,7 +19,9 @@ FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
     "sft": ("jsonl", "parquet"),
 }
 
-RunnerName = Literal["FnApiRunner", "DirectRunner", "DaskRunner", "FlinkRunner", "SparkRunner", "DataflowRunner"]
+# embedded: Beam's FnApiRunner in this process; local: DirectRunner with worker processes; dask: Beam's DaskRunner
+# on a `distributed` scheduler; beam: any other runner named in `options.runner` (Flink, Spark, Dataflow).
+RunnerKind = Literal["embedded", "local", "dask", "beam"]
 
 
 class SourceConfig(StrictModel):
@@ -48,11 +50,19 @@ class TokenizerPaths(StrictModel):
 
 
 class RunnerConfig(StrictModel):
-    """The Beam runner, always named (the implicit default tries to download a binary), and its options."""
+    """Where the Beam job runs; the runner is always named (Beam's implicit default downloads a binary)."""
 
-    name: RunnerName = "FnApiRunner"
-    # Passed to Beam's PipelineOptions, e.g. {direct_running_mode: multi_processing, direct_num_workers: 2}.
+    kind: RunnerKind = "embedded"
+    workers: int | None = Field(None, ge=1, description="local: worker processes (default: all cores)")
+    address: str | None = Field(None, description="dask: scheduler address; none starts a local cluster")
+    # Extra Beam pipeline options, e.g. {runner: FlinkRunner, flink_master: "host:8081"} for kind beam.
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _beam_names_its_runner(self) -> RunnerConfig:
+        if self.kind == "beam" and not self.options.get("runner"):
+            raise ValueError("kind 'beam' needs options.runner, e.g. FlinkRunner, SparkRunner or DataflowRunner")
+        return self
 
 
 class PrepareConfig(StrictModel):

@@ -71,7 +71,7 @@ def test_prepare_example_reads_every_sample_format(example_base: Path) -> None:
         "howto": ("interleaved", "parquet"),
         "instructions": ("sft", "jsonl"),
     }
-    assert config.runner.name == "DirectRunner"
+    assert (config.runner.kind, config.runner.workers) == ("local", 2)
     assert config.image_size == 512
 
 
@@ -177,6 +177,15 @@ def test_unknown_top_level_key_and_other_problems_reported_together(example_base
     assert "2 problems" in message
     assert "sequence_length: unknown key" in message and "seq_len" in message
     assert "stages.stage1.sources[0].weight" in message
+
+
+def test_beam_runner_must_be_named(example_base: Path) -> None:
+    data = example("prepare") | {"runner": {"kind": "beam"}}
+    assert "runner: kind 'beam' needs options.runner" in problems(PrepareConfig, data, example_base)
+    data["runner"]["kind"] = "prism"
+    assert "runner.kind: Input should be 'embedded', 'local', 'dask' or 'beam'" in problems(
+        PrepareConfig, data, example_base
+    )
 
 
 def test_duplicate_source_names(example_base: Path) -> None:
