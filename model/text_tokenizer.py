@@ -6,7 +6,6 @@ ids), so the total vocabulary is exactly the layout's size. Byte fallback means 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -19,6 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from model.vocabulary import Modality, Vocabulary, image_code_from_name
+from schemas.config_base import expand_paths
 from schemas.vocab import (
     BOI_TOKEN,
     CHAMELEON,
@@ -216,16 +216,11 @@ def load_text_tokenizer(path: str | Path) -> TextTokenizer:
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files named by paths, folders (all files below) and globs, sorted; a pattern matching nothing is an error."""
-    files: list[Path] = []
-    for item in inputs:
-        item = str(item)
-        matches = sorted(glob.glob(item, recursive=True)) if set("*?[") & set(item) else [item]
-        if not matches or not all(os.path.exists(m) for m in matches):
-            raise TokenizerError(f"input not found: {item}")
-        for match in map(Path, matches):
-            files += sorted(p for p in match.rglob("*") if p.is_file()) if match.is_dir() else [match]
-    return files
+    """Files named by paths, folders and globs, sorted; a pattern matching nothing is a TokenizerError."""
+    try:
+        return expand_paths([str(i) for i in inputs])
+    except FileNotFoundError as err:
+        raise TokenizerError(str(err)) from None
 
 
 def iter_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:

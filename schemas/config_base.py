@@ -81,6 +81,21 @@ def _input_pattern(value: str, info: ValidationInfo) -> str:
     return path
 
 
+def expand_paths(patterns: list[str] | tuple[str, ...]) -> list[Path]:
+    """Files named by paths, folders (every file below) and globs (`**` allowed), in sorted order.
+
+    A pattern that matches nothing raises FileNotFoundError naming it.
+    """
+    files: list[Path] = []
+    for pattern in map(str, patterns):
+        matches = sorted(glob.glob(pattern, recursive=True)) if GLOB_CHARS & set(pattern) else [pattern]
+        if not matches or not all(Path(m).exists() for m in matches):
+            raise FileNotFoundError(f"input not found: {pattern}")
+        for match in map(Path, matches):
+            files += sorted(p for p in match.rglob("*") if p.is_file()) if match.is_dir() else [match]
+    return files
+
+
 ExistingPath = Annotated[Path, AfterValidator(_existing_path)]
 """A file or directory that must exist when the config is loaded."""
 OutputPath = Annotated[Path, AfterValidator(_any_path)]

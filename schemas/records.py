@@ -104,7 +104,9 @@ TOKENIZED_SAMPLE = pa.schema(
 )
 
 REJECT_REASONS: dict[str, str] = {
-    "bad_record": "the record does not have the fields its kind needs",
+    "file_unreadable": "the whole file could not be read (corrupt, truncated or not this format)",
+    "bad_schema": "the file's columns do not hold what this source kind needs",
+    "bad_record": "the record does not have the fields its kind needs, or they have the wrong type",
     "bad_json": "the line is not valid JSON",
     "invalid_utf8": "text is not valid UTF-8",
     "empty_text": "no text left after cleanup",
