@@ -1,0 +1,144 @@
+"""Readers: every sample format into canonical records; splits; broken inputs become counted rejects."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.raw_records import Reject
+from pipelines.source_reader import plan_read_tasks, read_task
+from schemas.prepare_config import SourceConfig
+
+
+def read_all(source: SourceConfig, **split) -> tuple[list[dict], list[Reject]]:
+    records, rejects = [], []
+    for task in plan_read_tasks(source, **split):
+        for item in read_task(task):
+            (rejects if isinstance(item, Reject) else records).append(item)
+    return records, rejects
+
+
+def source(name: str, kind: str, fmt: str, *paths: Path, **options) -> SourceConfig:
+    return SourceConfig(name=name, kind=kind, format=fmt, paths=[str(p) for p in paths], options=options)
+
+
+def test_every_sample_format(sample_data) -> None:
+    out, manifest = sample_data
+    cases = {
+        ("text", "jsonl", "text/*.jsonl"): 130,
+        ("text", "parquet", "text/*.parquet"): 70,
+        ("image_text", "webdataset", "image_text"): 24,
+        ("interleaved", "parquet", "interleaved"): 12,
+        ("sft", "jsonl", "sft/pairs.jsonl"): 30,
+    }
+    for (kind, fmt, path), expected in cases.items():
+        records, rejects = read_all(source("s", kind, fmt, out / path))
+        assert (len(records), rejects) == (expected, []), (kind, fmt)
+        assert len({r["id"] for r in records}) == expected
+    photos, _ = read_all(source("p", "image_text", "webdataset", out / "image_text"))
+    assert photos[0]["id"] == "00000.tar/000000000"
+    assert photos[0]["image"]["bytes"][:2] == b"\xff\xd8" and photos[0]["text"].startswith("Portrait of astronaut")
+    pairs, _ = read_all(source("q", "sft", "jsonl", out / "sft/pairs.jsonl"))
+    images = [seg["image"]["path"] for p in pairs for seg in p["prompt"] + p["answer"] if seg["image"]]
+    assert images and all(Path(p).is_file() for p in images)  # relative paths resolved against the jsonl file
+    docs, _ = read_all(source("d", "interleaved", "parquet", out / "interleaved"))
+    assert sum(im is not None for d in docs for im in d["images"]) == manifest["interleaved"]["images"]
+
+
+def test_jsonl_and_parquet_splits_give_the_same_records(sample_data) -> None:
+    out, _ = sample_data
+    jsonl = source("t", "text", "jsonl", out / "text/*.jsonl")
+    whole, _ = read_all(jsonl)
+    split, _ = read_all(jsonl, jsonl_split_bytes=997)
+    assert len(plan_read_tasks(jsonl, jsonl_split_bytes=997)) > 100
+    assert sorted(r["id"] for r in split) == sorted(r["id"] for r in whole)
+    assert {r["id"]: r["text"] for r in split} == {r["id"]: r["text"] for r in whole}
+    parquet = source("c", "text", "parquet", out / "text/*.parquet")
+    assert len(plan_read_tasks(parquet, parquet_split_rows=16)) == 5
+    assert read_all(parquet, parquet_split_rows=16)[0] == read_all(parquet)[0]
+
+
+@pytest.fixture()
+def broken(tmp_path: Path, sample_data) -> Path:
+    """A corpus of broken records in every format."""
+    out, _ = sample_data
+    (tmp_path / "text.jsonl").write_bytes(
+        b'{"text": "fine"}\n'
+        b'{"text": "bad \xff\xfe utf8"}\n'
+        b"{not json}\n"
+        b'{"body": "no text field"}\n'
+        b'{"text": 42}\n'
+        b"[1, 2]\n"
+        b"\n"
+        b'{"text": "also fine"}\n'
+    )
+    pq.write_table(pa.table({"content": ["x", "y"]}), tmp_path / "wrong_schema.parquet")
+    (tmp_path / "not_really.parquet").write_bytes(b"PAR1 but not a parquet file")
+    rows = [
+        {"texts": ["a", None], "images": [None], "metadata": None},
+        {"texts": [None, "b"], "images": ["https://example.com/cat.jpg", None], "metadata": None},
+        {"texts": ["a", "b"], "images": ["local.jpg", None], "metadata": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "obelics.parquet")
+    tar_bytes = (out / "image_text" / "00000.tar").read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(tar_bytes[: len(tar_bytes) // 2])
+    with tarfile.open(tmp_path / "nocaption.tar", "w") as tar:
+        info = tarfile.TarInfo("k1.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "sft.jsonl").write_text(
+        json.dumps({"prompt": "hi", "answer": [{"text": "a", "image": "x.jpg"}]}) + "\n"
+        + json.dumps({"prompt": "hi", "answer": "ok", "category": "poetry"}) + "\n"
+        + json.dumps({"prompt": "hi", "answer": "ok"}) + "\n"
+    )  # fmt: skip
+    return tmp_path
+
+
+def reasons(rejects: list[Reject]) -> list[str]:
+    return [r.reason for r in rejects]
+
+
+def test_broken_jsonl_lines_are_counted_rejects(broken: Path) -> None:
+    records, rejects = read_all(source("t", "text", "jsonl", broken / "text.jsonl"))
+    assert [r["text"] for r in records] == ["fine", "also fine"]
+    assert reasons(rejects) == ["invalid_utf8", "bad_json", "bad_record", "bad_record", "bad_record"]
+    assert rejects[0].record_id == "text.jsonl:17"  # the byte offset of the line
+    assert "missing field 'text'" in rejects[2].detail and "should be a string, got int" in rejects[3].detail
+    assert len(records) + len(rejects) == 7  # every non-blank line is accounted for
+
+
+def test_broken_parquet_files(broken: Path) -> None:
+    records, rejects = read_all(source("t", "text", "parquet", broken / "wrong_schema.parquet"))
+    assert records == [] and reasons(rejects) == ["bad_record", "bad_record"]
+    records, rejects = read_all(source("t", "text", "parquet", broken / "not_really.parquet"))
+    assert records == [] and reasons(rejects) == ["file_unreadable"]
+    assert str(broken / "not_really.parquet") in rejects[0].detail
+    records, rejects = read_all(source("o", "interleaved", "parquet", broken / "obelics.parquet"))
+    assert records == []
+    assert [(r.reason, r.detail) for r in rejects] == [
+        ("bad_record", "texts has 2 entries but images has 1"),
+        ("image_not_local", "image given only as a URL: https://example.com/cat.jpg"),
+        ("bad_record", "position 0: exactly one of texts/images must be set"),
+    ]
+
+
+def test_truncated_tar_keeps_what_it_read_and_reports_the_file(broken: Path) -> None:
+    records, rejects = read_all(source("p", "image_text", "webdataset", broken / "truncated.tar"))
+    assert 0 < len(records) < 12
+    assert reasons(rejects) == ["file_unreadable"] and "truncated.tar" in rejects[0].detail
+    records, rejects = read_all(source("p", "image_text", "webdataset", broken / "nocaption.tar"))
+    assert records == [] and reasons(rejects) == ["bad_record"] and rejects[0].record_id == "nocaption.tar/k1"
+
+
+def test_broken_sft_pairs(broken: Path) -> None:
+    records, rejects = read_all(source("s", "sft", "jsonl", broken / "sft.jsonl"))
+    assert [r["category"] for r in records] == ["text"]
+    assert reasons(rejects) == ["bad_record", "bad_record"]
+    assert "answer[0] must set exactly one of text / image" in rejects[0].detail
+    assert "unknown category 'poetry'" in rejects[1].detail
