@@ -1,0 +1,122 @@
+"""Writing one output shard whole: the WebDataset tar, its rejects parquet, and last its stats file.
+
+Each file is written under a temporary name and renamed, and the stats file (the completion marker) comes
+last, so a killed job never leaves a shard that looks complete. Fixed mtimes and sorted samples make the
+same input and config give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipelines.raw_records import Reject
+from schemas.records import REJECT
+
+TAR_MTIME = 0
+STATS_SUFFIX = ".stats.json"
+
+
+@dataclass
+class TokenizedSample:
+    """One sample of a shard: its key (no dots), token ids, metadata, and optionally the normalized images."""
+
+    key: str
+    tokens: np.ndarray
+    meta: dict[str, Any]
+    images_jpg: list[bytes] = field(default_factory=list)
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:05d}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (Chameleon's 65,536 does), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def is_complete(out_dir: Path, shard_id: int, fingerprint: str) -> bool:
+    """A shard whose stats file exists and was written with the same config fingerprint."""
+    stats = out_dir / (shard_name(shard_id) + STATS_SUFFIX)
+    try:
+        return json.loads(stats.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def write_shard(
+    out_dir: Path,
+    shard_id: int,
+    samples: Sequence[TokenizedSample],
+    rejects: Sequence[Reject],
+    *,
+    vocab_size: int,
+    fingerprint: str,
+    records_in: int | None = None,
+) -> dict[str, Any]:
+    """Write shard `shard_id` under `out_dir` and return its stats (also written, last, as the marker)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = shard_name(shard_id)
+    dtype = token_dtype(vocab_size)
+    samples = sorted(samples, key=lambda s: s.key)
+    tar_tmp, tar = out_dir / f".{name}.tar.tmp", out_dir / f"{name}.tar"
+    with wds.TarWriter(str(tar_tmp), mtime=TAR_MTIME) as sink:
+        for sample in samples:
+            if "." in sample.key:
+                raise ValueError(f"sample key {sample.key!r} has a dot; WebDataset would split it")
+            if sample.tokens.size and int(sample.tokens.max()) >= vocab_size:
+                raise ValueError(f"sample {sample.key}: id {int(sample.tokens.max())} >= vocab size {vocab_size}")
+            member = {"__key__": sample.key, "npy": encode_npy(sample.tokens.astype(dtype)),
+                      "json": json.dumps(sample.meta, sort_keys=True).encode()}  # fmt: skip
+            for n, jpg in enumerate(sample.images_jpg):
+                member[f"{n}.jpg"] = jpg
+            sink.write(member)
+    rejects = sorted(rejects, key=lambda r: (r.record_id, r.stage, r.reason))
+    rej_tmp, rej = out_dir / f".{name}.rejects.parquet.tmp", out_dir / f"{name}.rejects.parquet"
+    pq.write_table(pa.Table.from_pylist([r.as_row() for r in rejects], schema=REJECT), rej_tmp)
+    os.replace(tar_tmp, tar)
+    os.replace(rej_tmp, rej)
+    stats = {
+        "shard": name,
+        "fingerprint": fingerprint,
+        "samples": len(samples),
+        "tokens": int(sum(s.tokens.size for s in samples)),
+        "images": int(sum(s.meta.get("n_images", 0) for s in samples)),
+        "faces": int(sum(bool(s.meta.get("has_face")) for s in samples)),
+        "rejects": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "records_in": records_in if records_in is not None else len(samples) + len(rejects),
+        "token_dtype": dtype.name,
+    }
+    stats_tmp, stats_path = out_dir / f".{name}{STATS_SUFFIX}.tmp", out_dir / f"{name}{STATS_SUFFIX}"
+    stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))
+    os.replace(stats_tmp, stats_path)  # last: marks the shard complete
+    return stats
+
+
+def read_shard(tar: Path) -> list[dict[str, Any]]:
+    """All samples of a shard as {key, tokens, meta, images_jpg} (for tests, inspection and the mix job)."""
+    out = []
+    for sample in wds.WebDataset(str(tar), shardshuffle=False):
+        tokens = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        jpgs = [sample[k] for k in sorted(k for k in sample if k.endswith(".jpg"))]
+        out.append({"key": sample["__key__"], "tokens": tokens, "meta": json.loads(sample["json"]), "images_jpg": jpgs})
+    return out
