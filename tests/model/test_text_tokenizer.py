@@ -111,7 +111,7 @@ def test_bad_tokenizer_paths(tmp_path: Path) -> None:
     with pytest.raises(TokenizerError, match="no text tokenizer here"):
         load_text_tokenizer(tmp_path)
     (tmp_path / "text_tokenizer.model").write_bytes(b"")
-    with pytest.raises(TokenizerError, match="vocab_layout.json is missing"):
+    with pytest.raises(TokenizerError, match=r"vocab_layout\.json is missing"):
         load_text_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="input not found"):
         expand_inputs([str(tmp_path / "*.jsonl")])

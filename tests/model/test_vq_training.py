@@ -1,0 +1,130 @@
+"""VQ tokenizer training on the sample photos: halves held-out error, uses most of the codebook, resumes exactly."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.image_preprocess import to_tensor
+from model.vq_checkpoint import load_meta_vqgan
+from model.vq_training import (
+    VQTrainer,
+    VQTrainSettings,
+    find_images,
+    init_codebook_from_latents,
+    load_perceptual_model,
+    perceptual_distance,
+    random_crops,
+    restart_dead_codes,
+    split_holdout,
+)
+from model.vqgan import VQGAN
+from schemas.vq_config import VQConfig
+from tests.conftest import REPO
+
+PHOTOS = REPO / "sample" / "images"
+TINY = VQConfig.from_preset("tiny")
+FAST = VQTrainSettings(steps=10, batch_size=4, log_every=5, save_every=5, restart_every=5)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[tuple[str, bytes]]:
+    return find_images([PHOTOS])
+
+
+def test_find_images_in_folders_and_tars(images, sample_data) -> None:
+    assert len(images) == 24 and all(data[:2] == b"\xff\xd8" for _, data in images)
+    from_tars = find_images([sample_data[0] / "image_text"])
+    assert len(from_tars) == 24 and from_tars[0][0] == "00000.tar/000000000.jpg"
+    with pytest.raises(FileNotFoundError):
+        find_images([PHOTOS / "*.gif"])
+
+
+def test_holdout_split_and_crops() -> None:
+    train, held = split_holdout(24, 0.15)
+    assert held == [6, 13, 20] and sorted(train + held) == list(range(24))
+    pool = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    crops = random_crops(pool, 4, 16, torch.Generator().manual_seed(0))
+    assert crops.shape == (16, 3, 4, 4)
+    flat = pool.flatten().tolist()
+    assert all(v in flat for v in crops.flatten().tolist())  # every value comes from the pool
+
+
+def test_codebook_init_and_dead_code_restart(images) -> None:
+    torch.manual_seed(0)
+    model = VQGAN(TINY)
+    from model.image_preprocess import preprocess
+
+    pixels = to_tensor([preprocess(data, size=64).pixels for _, data in images[:8]])
+    init_codebook_from_latents(model, pixels, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = model.latents(pixels).permute(0, 2, 3, 1).reshape(-1, TINY.embed_dim)
+        nearest = torch.cdist(model.quantize.embedding.weight, latents).min(1).values
+    assert nearest.max() < 0.05 * latents.std() * TINY.embed_dim**0.5  # every code sits on an encoder output
+    usage = torch.zeros(TINY.n_embed, dtype=torch.long)
+    usage[:200] = 1
+    before = model.quantize.embedding.weight.detach().clone()
+    with torch.no_grad():
+        n = restart_dead_codes(model, usage, model.latents(pixels), torch.Generator().manual_seed(1))
+    after = model.quantize.embedding.weight.detach()
+    assert n == 56
+    assert torch.equal(after[:200], before[:200]) and not torch.equal(after[200:], before[200:])
+
+
+@pytest.mark.slow
+def test_training_halves_heldout_error_and_saves_metas_format(images, tmp_path: Path) -> None:
+    settings = VQTrainSettings(steps=120, batch_size=8, log_every=20, save_every=60)
+    result = VQTrainer(TINY, images, tmp_path, settings).run()
+    assert result.final_mse <= result.initial_mse / 2
+    assert result.final_psnr > result.initial_psnr + 3
+    assert result.codebook_usage >= 0.5  # most of the codebook is used
+    assert (result.n_train, result.n_holdout) == (21, 3)
+    assert [h["step"] for h in result.history] == [20, 40, 60, 80, 100, 120]
+    model = load_meta_vqgan(tmp_path / "vqgan.ckpt")
+    assert model.config.model_dump(exclude={"preset"}) == TINY.model_dump(exclude={"preset"})
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_resume_continues_exactly(images, tmp_path: Path) -> None:
+    straight = VQTrainer(TINY, images, tmp_path / "a", FAST)
+    straight.run()
+    first = VQTrainer(TINY, images, tmp_path / "b", replace(FAST, steps=5))
+    first.run()
+    resumed = VQTrainer(TINY, images, tmp_path / "b", FAST)
+    assert resumed.try_resume() and resumed.step == 5
+    resumed.run()
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert [h["step"] for h in resumed.history] == [5, 10]
+
+
+def test_resume_refuses_another_config(images, tmp_path: Path) -> None:
+    VQTrainer(TINY, images, tmp_path, replace(FAST, steps=1)).save_state()
+    other = VQConfig.from_preset("tiny", n_embed=128)
+    with pytest.raises(ValueError, match="different VQ config"):
+        VQTrainer(other, images, tmp_path, FAST).try_resume()
+
+
+def test_optional_perceptual_loss_from_user_weights(images, tmp_path: Path) -> None:
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = features
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [self.net(x)]
+
+    example = (torch.rand(2, 3, 64, 64),)
+    exported = torch.export.export(Features(), example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(exported, tmp_path / "features.pt2")
+    perceptual = load_perceptual_model(tmp_path / "features.pt2")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert perceptual_distance(perceptual, x, x).item() == 0.0
+    assert perceptual_distance(perceptual, x, -x).item() > 0.0
+    trainer = VQTrainer(TINY, images, tmp_path / "run", replace(FAST, steps=2), perceptual=perceptual)
+    assert trainer.run().steps == 2
