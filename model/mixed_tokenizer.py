@@ -20,7 +20,7 @@ from model.vocabulary import Modality
 class ImageCodec(Protocol):
     """What the mixed-modal tokenizer needs of an image tokenizer (model/image_tokenizer.py provides it)."""
 
-    def encode(self, images: Sequence[Any]) -> np.ndarray: ...  # [n, tokens_per_image] codes
+    def encode(self, images: Sequence[Any], mode: str = "crop") -> np.ndarray: ...  # [n, tokens_per_image] codes
 
     def decode(self, codes: np.ndarray) -> list[np.ndarray]: ...  # uint8 HxWx3 per image
 
@@ -49,20 +49,23 @@ class MixedModalTokenizer:
         self.image = image
         self.vocab = text.vocab
 
-    def _image_codes(self, images: list[Any]) -> list[np.ndarray]:
+    def _image_codes(self, images: list[Any], mode: str) -> list[np.ndarray]:
         raw = [i for i, im in enumerate(images) if not isinstance(im, ImageSegment)]
         codes: list[np.ndarray | None] = [im.codes if isinstance(im, ImageSegment) else None for im in images]
         if raw:
             if self.image is None:
                 raise ValueError("this document has images but the tokenizer has no image tokenizer")
-            for i, c in zip(raw, self.image.encode([images[i] for i in raw]), strict=True):
+            for i, c in zip(raw, self.image.encode([images[i] for i in raw], mode=mode), strict=True):
                 codes[i] = c
         return [np.asarray(c) for c in codes]  # type: ignore[arg-type]
 
-    def encode_segments(self, segments: Sequence[Any]) -> np.ndarray:
-        """Ids of text and image segments, without `<s>` / `</s>`; images are coded in one batch."""
+    def encode_segments(self, segments: Sequence[Any], image_mode: str = "crop") -> np.ndarray:
+        """Ids of text and image segments, without `<s>` / `</s>`; images are coded in one batch.
+
+        `image_mode` is how raw images are fitted to the tokenizer's square: Chameleon's center "crop", or "pad".
+        """
         images = [s for s in segments if not isinstance(s, str)]
-        image_codes = iter(self._image_codes(images))
+        image_codes = iter(self._image_codes(images, image_mode))
         texts = [s for s in segments if isinstance(s, str)]
         text_ids = iter(self.text.encode_batch(texts) if texts else [])
         parts = [next(text_ids) if isinstance(s, str) else self.vocab.image_block(next(image_codes)) for s in segments]
@@ -76,9 +79,13 @@ class MixedModalTokenizer:
         return np.concatenate([head, body, tail]).astype(np.int32)
 
     def encode_sft(self, prompt: Sequence[Any], answer: Sequence[Any]) -> tuple[np.ndarray, int]:
-        """`<s> prompt <sep> answer </s>` and the number of leading tokens excluded from the loss."""
-        head = np.concatenate([[self.vocab.bos_id], self.encode_segments(prompt), [self.vocab.sep_id]])
-        ids = np.concatenate([head, self.encode_segments(answer), [self.vocab.eos_id]]).astype(np.int32)
+        """`<s> prompt <sep> answer </s>` and the number of leading tokens excluded from the loss.
+
+        SFT images are padded with white, not cropped, so nothing the prompt refers to is cut off.
+        """
+        head = np.concatenate([[self.vocab.bos_id], self.encode_segments(prompt, "pad"), [self.vocab.sep_id]])
+        answer_ids = self.encode_segments(answer, "pad")
+        ids = np.concatenate([head, answer_ids, [self.vocab.eos_id]]).astype(np.int32)
         return ids, len(head)
 
     def decode(self, ids: Iterable[int], decode_images: bool = True) -> list[Segment]:
