@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.cli_image_tokenizer import app as image_tokenizer_app
 from flows.cli_text_tokenizer import app as text_tokenizer_app
 from schemas import CONFIG_KINDS, ConfigError, load_config
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Check and show config files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(text_tokenizer_app, name="text-tokenizer")
+app.add_typer(image_tokenizer_app, name="image-tokenizer")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 

@@ -1,0 +1,121 @@
+"""`cham image-tokenizer train|encode|decode`: thin shells over model/vq_training.py and model/image_tokenizer.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from model.image_preprocess import ImageError
+from model.image_tokenizer import ImageTokenizer
+from model.vq_checkpoint import VQCheckpointError
+from model.vq_training import VQTrainer, VQTrainSettings, find_images, load_perceptual_model
+from schemas.vq_config import VQ_PRESETS, VQConfig
+
+app = typer.Typer(help="Train and use the VQ image tokenizer.", no_args_is_help=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print("[red]error:[/red]", escape(message))
+    return typer.Exit(1)
+
+
+@app.command()
+def train(
+    images: Annotated[list[str], typer.Option("--images", "-i", help="image folders, files, globs or WebDataset tars")],
+    out: Annotated[Path, typer.Option(help="folder for vqgan.ckpt, vqgan.yaml, metrics and the resume state")],
+    preset: Annotated[str, typer.Option(help=f"model size: {', '.join(VQ_PRESETS)}")] = "tiny",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 600,
+    batch_size: Annotated[int, typer.Option(help="images per step")] = 16,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    perceptual_model: Annotated[
+        Path | None, typer.Option(help="a feature network for a perceptual loss (.pt2 from torch.export)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/train_state.pt when it exists")] = True,
+    seed: int = 0,
+) -> None:
+    """Train a VQ tokenizer; resumable; saved in Meta's format (vqgan.ckpt + vqgan.yaml)."""
+    if preset not in VQ_PRESETS:
+        raise _fail(f"unknown preset {preset!r}; allowed: {', '.join(VQ_PRESETS)}")
+    try:
+        found = find_images(images)
+        settings = VQTrainSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        perceptual = load_perceptual_model(perceptual_model) if perceptual_model else None
+        trainer = VQTrainer(VQConfig.from_preset(preset), found, out, settings, perceptual)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
+    for skipped in trainer.skipped:
+        err_console.print(f"[yellow]skipped[/yellow] {escape(skipped)}")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[metrics]}")]  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"VQ {preset}", total=steps, metrics="")
+
+        def report(m: dict[str, float]) -> None:
+            text = f"loss {m['loss']:.4f}  PSNR {m['psnr']:.2f} dB  codebook {m['codebook_usage']:.0%}"
+            progress.update(task, completed=int(m["step"]), metrics=text)
+
+        try:
+            result = trainer.run(resume=resume, progress=report)
+        except ValueError as err:
+            raise _fail(str(err)) from None
+        progress.update(task, completed=steps)
+    console.print(
+        f"held-out PSNR {result.initial_psnr:.2f} -> {result.final_psnr:.2f} dB "
+        f"(MSE {result.initial_mse:.4f} -> {result.final_mse:.4f}), codebook used {result.codebook_usage:.0%}, "
+        f"{result.n_train} train / {result.n_holdout} held-out images, {result.seconds:.0f} s; saved to {out}"
+    )
+
+
+def _load(tokenizer: Path) -> ImageTokenizer:
+    try:
+        return ImageTokenizer.load(tokenizer)
+    except (FileNotFoundError, VQCheckpointError) as err:
+        raise _fail(str(err)) from None
+
+
+@app.command()
+def encode(
+    tokenizer: Annotated[Path, typer.Option(help="a folder with vqgan.ckpt + vqgan.yaml, or a HF checkpoint")],
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    mode: Annotated[str, typer.Option(help="crop (pretraining) or pad (SFT)")] = "crop",
+    out: Annotated[Path | None, typer.Option(help="write the codes as one .npy [n, codes] instead of printing")] = None,
+) -> None:
+    """Print (or save) the VQ codes of images, one line per image."""
+    tok = _load(tokenizer)
+    try:
+        codes = tok.encode(images, mode=mode)  # type: ignore[arg-type]
+    except ImageError as err:
+        raise _fail(str(err)) from None
+    if out is not None:
+        np.save(out, codes)
+        console.print(f"{len(codes)} images x {codes.shape[1]} codes -> {out}")
+        return
+    for path, row in zip(images, codes, strict=True):
+        print(f"{path}\t{' '.join(map(str, row.tolist()))}")
+
+
+@app.command()
+def decode(
+    tokenizer: Annotated[Path, typer.Option(help="a folder with vqgan.ckpt + vqgan.yaml (needs the decoder)")],
+    codes: Annotated[Path, typer.Argument(help="a .npy of codes [n, grid*grid] (from encode --out)")],
+    out: Annotated[Path, typer.Option(help="folder to write image-NNNN.png into")],
+) -> None:
+    """Decode VQ codes into PNG images."""
+    tok = _load(tokenizer)
+    try:
+        images = tok.decode(np.load(codes, allow_pickle=False))
+    except (ValueError, RuntimeError) as err:
+        raise _fail(str(err)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for n, image in enumerate(images):
+        Image.fromarray(image).save(out / f"image-{n:04d}.png")
+    console.print(f"{len(images)} images written to {out}")
