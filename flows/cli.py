@@ -72,17 +72,19 @@ def config_check(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="folder for everything the demo writes")] = Path("data/demo"),
+    vq_steps: Annotated[int, typer.Option(help="training steps of the tiny VQ image tokenizer")] = 200,
 ) -> None:
     """Run the main job on the bundled sample corpus and report what it did."""
     from flows.demo import run_demo
 
-    with console.status("writing and reading back the sample corpus"):
-        report = run_demo(out)
-    table = Table("kind", "records written and read back", title="cham demo: sample corpus")
-    for kind, n in report["written"].items():
-        table.add_row(kind, str(n))
+    report = run_demo(out, vq_steps=vq_steps, log=lambda line: console.print(escape(line)))
+    table = Table("source", "records", "samples", "tokens", "images", "rejects", title="cham demo: sample corpus")
+    for name, stats in report["tokenized"].items():
+        table.add_row(name, *(str(stats[k]) for k in ("records", "samples", "tokens", "images", "rejects")))
     console.print(table)
+    vq = report["vq_tokenizer"]
     console.print(
-        f"{report['images_decoded']} images decoded, {report['faces']} photos with faces; "
+        f"text tokenizer: {report['text_tokenizer']['vocab_size']} ids; VQ tokenizer: held-out PSNR "
+        f"{vq['heldout_psnr_before']} -> {vq['heldout_psnr_after']} dB, codebook used {vq['codebook_usage']:.0%}; "
         f"{report['seconds']} s; report: {out / 'demo-report.json'}"
     )

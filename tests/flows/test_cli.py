@@ -54,10 +54,19 @@ def test_sample_data_command(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "--force" in result.output
 
 
-def test_demo_writes_and_reads_back_everything(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+def test_demo_runs_every_working_stage(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--vq-steps", "4"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "demo" / "demo-report.json").read_text())
-    assert report["written"]["text"] == 200 and report["written"]["interleaved"] == 12
-    assert report["images_decoded"] > report["written"]["image_text"]
+    assert report["raw"] == {"text": 200, "image_text": 24, "interleaved": 12, "sft": 30}
+    tokenized = report["tokenized"]
+    assert {k: v["records"] for k, v in tokenized.items()} == {
+        "prose": 130, "code": 70, "photos": 24, "howto": 12, "instructions": 30,
+    }  # fmt: skip
+    for stats in tokenized.values():  # nothing lost: every record is a sample or a reject
+        assert stats["records"] == stats["samples"] + stats["rejects"] and stats["rejects"] == 0
+    assert tokenized["photos"]["images"] == 24 and tokenized["photos"]["tokens"] > 24 * 66
+    assert tokenized["howto"]["images"] == 15
+    assert (tmp_path / "demo/tokenizers/vq/vqgan.ckpt").is_file()
+    assert (tmp_path / "demo/tokenizers/text/text_tokenizer.model").is_file()
     assert "cham demo" in result.output
