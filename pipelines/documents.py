@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 ImageRef = dict[str, Any]
 
 
-def image_source(ref: ImageRef) -> bytes | str:
-    """What the image tokenizer reads for an image reference: its bytes, or its local path."""
-    return ref["bytes"] if ref.get("bytes") is not None else ref["path"]
+def image_source(ref: ImageRef) -> bytes | Path:
+    """What the image tokenizer reads for an image reference: its bytes, or its local path (a Path, never a str,
+    so it is not mistaken for a text segment)."""
+    return ref["bytes"] if ref.get("bytes") is not None else Path(ref["path"])
 
 
 def caption_first(record_id: str, ratio: float) -> bool:

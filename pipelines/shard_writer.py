@@ -71,6 +71,7 @@ def write_shard(
     vocab_size: int,
     fingerprint: str,
     records_in: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write shard `shard_id` under `out_dir` and return its stats (also written, last, as the marker)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,7 @@ def write_shard(
         "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
         "records_in": records_in if records_in is not None else len(samples) + len(rejects),
         "token_dtype": dtype.name,
+        **(extra or {}),
     }
     stats_tmp, stats_path = out_dir / f".{name}{STATS_SUFFIX}.tmp", out_dir / f"{name}{STATS_SUFFIX}"
     stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))

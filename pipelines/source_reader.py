@@ -53,9 +53,17 @@ class ReadTask:
 
 
 def plan_read_tasks(
-    source: SourceConfig, jsonl_split_bytes: int = JSONL_SPLIT_BYTES, parquet_split_rows: int = PARQUET_SPLIT_ROWS
+    source: SourceConfig,
+    records_per_task: int | None = None,
+    jsonl_split_bytes: int = JSONL_SPLIT_BYTES,
+    parquet_split_rows: int = PARQUET_SPLIT_ROWS,
 ) -> list[ReadTask]:
-    """Cut a source's files into read tasks; a parquet file that cannot even be opened becomes one task that fails."""
+    """Cut a source's files into read tasks, in a stable order.
+
+    With `records_per_task`, tasks hold about that many records (jsonl ranges sized from the file's average line
+    length, runs of parquet row groups), so that one task can become one output shard. A parquet file that
+    cannot even be opened becomes one task whose reading reports it.
+    """
     files = [p for p in expand_paths(source.paths) if _belongs(p, source.format)]
     root = os.path.commonpath([str(p.parent) for p in files]) if files else "/"
 
@@ -66,14 +74,22 @@ def plan_read_tasks(
     for path in files:
         if source.format == "jsonl":
             size = path.stat().st_size
-            tasks += [
-                task(path, s, min(s + jsonl_split_bytes, size)) for s in range(0, max(size, 1), jsonl_split_bytes)
-            ]
+            step = jsonl_split_bytes if records_per_task is None else _bytes_per_records(path, records_per_task)
+            tasks += [task(path, s, min(s + step, size)) for s in range(0, max(size, 1), step)]
         elif source.format == "parquet":
-            tasks += [task(path, a, b) for a, b in _row_group_runs(path, parquet_split_rows)]
+            rows = parquet_split_rows if records_per_task is None else records_per_task
+            tasks += [task(path, a, b) for a, b in _row_group_runs(path, rows)]
         else:
             tasks.append(task(path))
     return tasks
+
+
+def _bytes_per_records(path: Path, records: int, sample_bytes: int = 1 << 20) -> int:
+    """Bytes that hold about `records` lines, from the average line length of the file's first megabyte."""
+    with open(path, "rb") as f:
+        head = f.read(sample_bytes)
+    lines = max(1, head.count(b"\n"))
+    return max(4096, len(head) * records // lines)
 
 
 def _belongs(path: Path, fmt: str) -> bool:

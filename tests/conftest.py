@@ -36,3 +36,28 @@ def example_base(tmp_path: Path, sample_data: tuple[Path, dict]) -> Path:
     for source in ["prose", "photos", "howto", "code", "instructions"]:
         (tmp_path / "data" / "prepared" / source).mkdir(parents=True)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizers(tmp_path_factory: pytest.TempPathFactory, sample_data: tuple[Path, dict]) -> dict[str, Path]:
+    """A tiny text tokenizer trained on the sample text and a tiny VQ tokenizer whose codebook comes from the
+    sample photos' encoder outputs (untrained, but with well-separated codes), both saved as the jobs load them."""
+    import torch
+
+    from model.image_preprocess import preprocess, to_tensor
+    from model.text_tokenizer import expand_inputs, iter_texts, train_text_tokenizer
+    from model.vq_checkpoint import save_meta_vqgan
+    from model.vq_training import init_codebook_from_latents
+    from model.vqgan import VQGAN
+    from schemas.vocab import TINY
+    from schemas.vq_config import VQConfig
+
+    base = tmp_path_factory.mktemp("tokenizers")
+    train_text_tokenizer(iter_texts(expand_inputs([sample_data[0] / "text"])), TINY).save(base / "text")
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQConfig.from_preset("tiny")).eval()
+    photos = sorted((REPO / "sample" / "images").glob("*.jpg"))
+    pixels = to_tensor([preprocess(p, size=64).pixels for p in photos])
+    init_codebook_from_latents(vqgan, pixels, torch.Generator().manual_seed(0))
+    save_meta_vqgan(vqgan, base / "vq")
+    return {"text": base / "text", "image": base / "vq"}

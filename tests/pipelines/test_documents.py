@@ -1,5 +1,7 @@
 """Records to tokenizer segments; caption-first is deterministic at the configured ratio."""
 
+from pathlib import Path
+
 from pipelines.documents import caption_first, document_segments, sft_segments
 
 REF = {"bytes": b"\xff\xd8", "path": None, "url": None}
@@ -19,7 +21,7 @@ def test_segments_of_each_kind() -> None:
     assert document_segments("image_text", {"id": "a", "text": "cap", "image": REF}, 1.0) == ["cap", b"\xff\xd8"]
     assert document_segments("image_text", {"id": "a", "text": "cap", "image": REF}, 0.0) == [b"\xff\xd8", "cap"]
     doc = {"texts": ["a", None, "b"], "images": [None, {"bytes": None, "path": "/x.jpg", "url": None}, None]}
-    assert document_segments("interleaved", doc) == ["a", "/x.jpg", "b"]
+    assert document_segments("interleaved", doc) == ["a", Path("/x.jpg"), "b"]
     pair = {"prompt": [{"text": "q", "image": None}, {"text": None, "image": REF}],
             "answer": [{"text": "a", "image": None}]}  # fmt: skip
     assert sft_segments(pair) == (["q", b"\xff\xd8"], ["a"])

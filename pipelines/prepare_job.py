@@ -1,0 +1,253 @@
+"""The prepare job: raw sources -> tokenized WebDataset shards, one folder per source, every reject accounted for.
+
+Per source: read tasks (about `samples_per_shard` records each) -> read + clean + normalize images + faces ->
+VQ codes through RunInference -> join -> tokenize -> one shard per read task, written whole. A shard whose stats
+file holds the same fingerprint and task is complete, and a re-run skips its task without reading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from model.image_tokenizer import ImageTokenizer
+from model.mixed_tokenizer import MixedModalTokenizer
+from model.text_tokenizer import load_text_tokenizer
+from pipelines.face_detection import HaarFaceDetector
+from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_sample, prepare_record
+from pipelines.raw_records import Reject
+from pipelines.runners import pipeline_options
+from pipelines.shard_writer import STATS_SUFFIX, shard_name, write_shard
+from pipelines.source_reader import ReadTask, plan_read_tasks, read_task
+from pipelines.vq_inference import VQModelHandler
+from schemas.prepare_config import PrepareConfig, SourceConfig
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects"
+
+
+class PrepareError(RuntimeError):
+    """The job cannot start: tokenizers that do not fit each other or the config."""
+
+
+def settings_for(config: PrepareConfig, source: SourceConfig) -> PrepareSettings:
+    """Per-record settings: the config's, with a source's `min_chars` / `max_chars` / `max_tokens` options."""
+    opts = source.options
+    return PrepareSettings(
+        image_size=config.image_size,
+        detect_faces=config.detect_faces,
+        write_images=config.write_images,
+        caption_first_ratio=config.caption_first_ratio,
+        **{k: opts[k] for k in ("min_chars", "max_chars", "max_pixels", "min_side", "max_tokens") if k in opts},
+    )
+
+
+def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fps: dict[str, str]) -> str:
+    """Changes when anything that changes this source's samples changes."""
+    payload = {"source": source.model_dump(mode="json"), "settings": asdict(settings_for(config, source)),
+               "tokenizers": tokenizer_fps, "samples_per_shard": config.samples_per_shard}  # fmt: skip
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def task_signature(task: ReadTask) -> list[Any]:
+    return [task.path, task.start, task.stop]
+
+
+def shard_is_complete(out_dir: Path, shard_id: int, fingerprint: str, task: ReadTask) -> bool:
+    """Stats present, same fingerprint, same read task: the shard needs no work."""
+    try:
+        stats = json.loads((out_dir / f"{shard_name(shard_id)}{STATS_SUFFIX}").read_text())
+    except (OSError, ValueError):
+        return False
+    return stats.get("fingerprint") == fingerprint and stats.get("task") == task_signature(task)
+
+
+def check_tokenizers(config: PrepareConfig) -> tuple[dict[str, str], MixedModalTokenizer, ImageTokenizer]:
+    """Load both tokenizers once in the driver and check they fit each other and the config."""
+    text = load_text_tokenizer(config.tokenizers.text)
+    image = ImageTokenizer.load(config.tokenizers.image)
+    layout, vq = text.vocab.layout, image.config
+    if (layout.image_codes, layout.image_grid) != (vq.n_embed, vq.grid):
+        raise PrepareError(
+            f"the text tokenizer's vocabulary has {layout.image_codes} image codes on a {layout.image_grid}x"
+            f"{layout.image_grid} grid but the VQ tokenizer has {vq.n_embed} codes on a {vq.grid}x{vq.grid} grid"
+        )
+    if config.image_size != vq.resolution:
+        raise PrepareError(f"image_size {config.image_size} does not match the VQ tokenizer's {vq.resolution} px")
+    return {"text": text.fingerprint, "image": image.fingerprint}, MixedModalTokenizer(text), image
+
+
+class ReadAndPrepare(beam.DoFn):
+    """A read task -> prepared records (main output) and rejects (tagged), keyed by shard id."""
+
+    def __init__(self, source: SourceConfig, settings: PrepareSettings):
+        self.source, self.settings = source, settings
+
+    def setup(self) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # parallelism comes from workers, not from threads inside one image
+        self.detector = HaarFaceDetector() if self.settings.detect_faces else None
+
+    def process(self, element: tuple[int, ReadTask]) -> Iterator[Any]:
+        shard_id, task = element
+        index = 0
+        for item in read_task(task):
+            if isinstance(item, Reject):
+                yield beam.pvalue.TaggedOutput(REJECTS, (shard_id, item))
+                continue
+            prepared = prepare_record(self.source.name, self.source.kind, shard_id, index, item, self.settings,
+                                      self.detector)  # fmt: skip
+            index += 1
+            if isinstance(prepared, Reject):
+                yield beam.pvalue.TaggedOutput(REJECTS, (shard_id, prepared))
+            else:
+                yield prepared
+
+
+class Assemble(beam.DoFn):
+    """(record key, {record, codes}) -> (shard id, TokenizedSample) or a tagged reject."""
+
+    def __init__(self, text_tokenizer: str, settings: PrepareSettings):
+        self.text_tokenizer, self.settings = text_tokenizer, settings
+
+    def setup(self) -> None:
+        self.tokenizer = MixedModalTokenizer(load_text_tokenizer(self.text_tokenizer))
+
+    def process(self, element: tuple[Any, dict[str, list[Any]]]) -> Iterator[Any]:
+        _, groups = element
+        (record,) = groups["record"]
+        codes = {slot: np.asarray(c) for slot, c in groups["codes"]}
+        out = assemble_sample(record, codes, self.tokenizer, self.settings)
+        if isinstance(out, Reject):
+            yield beam.pvalue.TaggedOutput(REJECTS, (record.task, out))
+        else:
+            yield record.task, out
+
+
+class WriteShard(beam.DoFn):
+    """(shard id, {task, samples, rejects}) -> the shard written whole; yields its stats."""
+
+    def __init__(self, out_dir: str, vocab_size: int, fingerprint: str):
+        self.out_dir, self.vocab_size, self.fingerprint = out_dir, vocab_size, fingerprint
+
+    def process(self, element: tuple[int, dict[str, list[Any]]]) -> Iterator[dict[str, Any]]:
+        shard_id, groups = element
+        (task,) = groups["task"]
+        stats = write_shard(Path(self.out_dir), shard_id, groups["samples"], groups["rejects"],
+                            vocab_size=self.vocab_size, fingerprint=self.fingerprint,
+                            extra={"task": task_signature(task)})  # fmt: skip
+        yield stats
+
+
+def _images_of(record: PreparedRecord) -> Iterator[tuple[tuple[str, int], np.ndarray]]:
+    for slot, pixels in enumerate(record.images):
+        yield (record.key, slot), pixels
+
+
+def add_source(
+    p: beam.Pipeline, config: PrepareConfig, source: SourceConfig, tasks: list[tuple[int, ReadTask]], fp: str,
+    vocab_size: int,
+) -> None:  # fmt: skip
+    """Add one source's branch of the job (labels prefixed with the source name)."""
+    settings = settings_for(config, source)
+    name = source.name
+    created = p | f"{name}/tasks" >> beam.Create(tasks) | f"{name}/spread" >> beam.Reshuffle()
+    prepared = created | f"{name}/read+prepare" >> beam.ParDo(ReadAndPrepare(source, settings)).with_outputs(
+        REJECTS, main="records"
+    )
+    records = prepared.records
+    handler = KeyedModelHandler(VQModelHandler(str(config.tokenizers.image)))
+    codes = (
+        records
+        | f"{name}/images" >> beam.FlatMap(_images_of)
+        | f"{name}/vq" >> RunInference(handler)
+        | f"{name}/codes" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1].inference)))
+    )
+    keyed = records | f"{name}/strip" >> beam.Map(lambda r: (r.key, r.without_pixels()))
+    assembled = (
+        {"record": keyed, "codes": codes}
+        | f"{name}/join" >> beam.CoGroupByKey()
+        | f"{name}/tokenize"
+        >> beam.ParDo(Assemble(str(config.tokenizers.text), settings)).with_outputs(REJECTS, main="samples")
+    )
+    rejects = (prepared[REJECTS], assembled[REJECTS]) | f"{name}/rejects" >> beam.Flatten()
+    out_dir = str(Path(config.output_dir) / name)
+    _ = (
+        {"task": created, "samples": assembled.samples, "rejects": rejects}
+        | f"{name}/by-shard" >> beam.CoGroupByKey()
+        | f"{name}/write" >> beam.ParDo(WriteShard(out_dir, vocab_size, fp))
+    )
+
+
+def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per source: its fingerprint, all its tasks by shard id, and those whose shard is not yet complete."""
+    plans = {}
+    for source in config.sources:
+        fp = source_fingerprint(config, source, fingerprints)
+        tasks = list(enumerate(plan_read_tasks(source, records_per_task=config.samples_per_shard)))
+        out_dir = Path(config.output_dir) / source.name
+        todo = [(i, t) for i, t in tasks if not shard_is_complete(out_dir, i, fp, t)]
+        plans[source.name] = {"fingerprint": fp, "tasks": tasks, "todo": todo}
+    return plans
+
+
+def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, Any], fps: dict[str, str]) -> dict:
+    """manifest.json of one source: its shards with counts, tokenizer fingerprints and the config."""
+    out_dir = Path(config.output_dir) / source.name
+    shards = []
+    for shard_id, _ in plan["tasks"]:
+        stats = json.loads((out_dir / f"{shard_name(shard_id)}{STATS_SUFFIX}").read_text())
+        shards.append(stats)
+    totals = {k: sum(s[k] for s in shards) for k in ("records_in", "samples", "rejects", "tokens", "images", "faces")}
+    by_reason: dict[str, int] = {}
+    for stats in shards:
+        for reason, n in stats["rejects_by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    manifest = {
+        "source": source.name,
+        "kind": source.kind,
+        "fingerprint": plan["fingerprint"],
+        "tokenizers": {"text": str(config.tokenizers.text), "image": str(config.tokenizers.image), **{
+            f"{k}_fingerprint": v for k, v in fps.items()}},
+        "config": {"source": source.model_dump(mode="json"), "image_size": config.image_size,
+                   "samples_per_shard": config.samples_per_shard, "detect_faces": config.detect_faces,
+                   "write_images": config.write_images, "caption_first_ratio": config.caption_first_ratio},
+        "totals": totals | {"rejects_by_reason": dict(sorted(by_reason.items()))},
+        "shards": [{k: s[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects", "records_in")}
+                   for s in shards],
+    }  # fmt: skip
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out_dir / MANIFEST)
+    return manifest
+
+
+def run_prepare(config: PrepareConfig) -> dict[str, Any]:
+    """Run the job for every source on the configured runner; return per-source manifests and timing."""
+    started = time.perf_counter()
+    fps, tokenizer, _ = check_tokenizers(config)
+    plans = plan(config, fps)
+    todo = {name: p for name, p in plans.items() if p["todo"]}
+    if todo:
+        with beam.Pipeline(options=pipeline_options(config.runner)) as pipeline:
+            for source in config.sources:
+                if source.name in todo:
+                    p = plans[source.name]
+                    add_source(pipeline, config, source, p["todo"], p["fingerprint"], tokenizer.vocab.size)
+    manifests = {s.name: write_manifest(config, s, plans[s.name], fps) for s in config.sources}
+    return {
+        "manifests": manifests,
+        "shards_written": {name: len(p["todo"]) for name, p in plans.items()},
+        "shards_skipped": {name: len(p["tasks"]) - len(p["todo"]) for name, p in plans.items()},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
