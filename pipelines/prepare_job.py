@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -232,18 +233,57 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
     return manifest
 
 
-def run_prepare(config: PrepareConfig) -> dict[str, Any]:
-    """Run the job for every source on the configured runner; return per-source manifests and timing."""
+class ShardWatcher(threading.Thread):
+    """Reports (shards done, shards to do) while the job runs, from the stats files appearing on disk.
+
+    It works the same on every runner: workers in other processes or machines write to the shared output folder.
+    """
+
+    def __init__(self, config: PrepareConfig, plans: dict[str, dict[str, Any]], report: Callable[[int, int], None]):
+        super().__init__(daemon=True)
+        self.stats_files = [
+            Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}" for name, p in plans.items()
+            for i, _ in p["todo"]
+        ]  # fmt: skip
+        self.report = report
+        self.stop = threading.Event()
+        self.started = time.time()
+
+    def done(self) -> int:
+        return sum(1 for f in self.stats_files if f.exists() and f.stat().st_mtime >= self.started - 1)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.report(self.done(), len(self.stats_files))
+        self.report(self.done(), len(self.stats_files))
+
+
+def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run the job for every source on the configured runner; return per-source manifests and timing.
+
+    `progress(done, total)` is called about twice a second with the number of shards written.
+    """
     started = time.perf_counter()
     fps, tokenizer, _ = check_tokenizers(config)
     plans = plan(config, fps)
     todo = {name: p for name, p in plans.items() if p["todo"]}
     if todo:
-        with beam.Pipeline(options=pipeline_options(config.runner)) as pipeline:
-            for source in config.sources:
-                if source.name in todo:
-                    p = plans[source.name]
-                    add_source(pipeline, config, source, p["todo"], p["fingerprint"], tokenizer.vocab.size)
+        for name in todo:  # stale stats of shards about to be redone must not count as progress
+            for i, _ in plans[name]["todo"]:
+                (Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}").unlink(missing_ok=True)
+        watcher = ShardWatcher(config, todo, progress) if progress else None
+        if watcher:
+            watcher.start()
+        try:
+            with beam.Pipeline(options=pipeline_options(config.runner)) as pipeline:
+                for source in config.sources:
+                    if source.name in todo:
+                        p = plans[source.name]
+                        add_source(pipeline, config, source, p["todo"], p["fingerprint"], tokenizer.vocab.size)
+        finally:
+            if watcher:
+                watcher.stop.set()
+                watcher.join()
     manifests = {s.name: write_manifest(config, s, plans[s.name], fps) for s in config.sources}
     return {
         "manifests": manifests,

@@ -1,0 +1,44 @@
+"""`cham prepare CONFIG` end to end on two sample sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_prepare_command(tmp_path: Path, sample_data, tiny_tokenizers) -> None:
+    raw = sample_data[0]
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "image_size": 64,
+        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "sources": [
+            {"name": "code", "kind": "text", "format": "parquet", "paths": [str(raw / "text/*.parquet")]},
+            {"name": "photos", "kind": "image_text", "format": "webdataset", "paths": [str(raw / "image_text")]},
+        ],
+    }
+    path = tmp_path / "prepare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "│ code │ 70 │ 70 │ 0 │" in output and "│ photos │ 24 │ 24 │ 0 │" in output
+    assert json.loads((tmp_path / "out/photos/manifest.json").read_text())["totals"]["images"] == 24
+    again = runner.invoke(app, ["prepare", str(path), "--runner", "embedded"])
+    assert "│ 0/1 │" in " ".join(again.output.split())  # nothing new, one shard skipped
+
+    path.write_text(yaml.safe_dump(config | {"image_size": 48}))
+    result = runner.invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 1 and "image_size 48 does not match the VQ tokenizer's 64 px" in result.output
+    path.write_text(yaml.safe_dump(config | {"runner": {"kind": "prism"}}))
+    result = runner.invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 1 and "runner.kind: Input should be 'embedded', 'local', 'dask' or 'beam'" in (
+        " ".join(result.output.split())
+    )
