@@ -18,7 +18,6 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from model.image_tokenizer import ImageTokenizer
 from model.mixed_tokenizer import MixedModalTokenizer
@@ -29,11 +28,13 @@ from pipelines.raw_records import Reject
 from pipelines.runners import pipeline_options
 from pipelines.shard_writer import STATS_SUFFIX, shard_name, write_shard
 from pipelines.source_reader import ReadTask, plan_read_tasks, read_task
-from pipelines.vq_inference import VQModelHandler
+from pipelines.vq_inference import VQCodes
 from schemas.prepare_config import PrepareConfig, SourceConfig
 
 MANIFEST = "manifest.json"
-REJECTS = "rejects"
+# DoFns emit (OK, value) or (REJECT, (shard id, Reject)); two filters split them. Tagged outputs would be
+# neater, but Beam's DaskRunner routes them wrongly.
+OK, REJECT = "ok", "reject"
 
 
 class PrepareError(RuntimeError):
@@ -88,7 +89,7 @@ def check_tokenizers(config: PrepareConfig) -> tuple[dict[str, str], MixedModalT
 
 
 class ReadAndPrepare(beam.DoFn):
-    """A read task -> prepared records (main output) and rejects (tagged), keyed by shard id."""
+    """A read task -> (OK, prepared record) and (REJECT, (shard id, reject))."""
 
     def __init__(self, source: SourceConfig, settings: PrepareSettings):
         self.source, self.settings = source, settings
@@ -104,19 +105,16 @@ class ReadAndPrepare(beam.DoFn):
         index = 0
         for item in read_task(task):
             if isinstance(item, Reject):
-                yield beam.pvalue.TaggedOutput(REJECTS, (shard_id, item))
+                yield REJECT, (shard_id, item)
                 continue
             prepared = prepare_record(self.source.name, self.source.kind, shard_id, index, item, self.settings,
                                       self.detector)  # fmt: skip
             index += 1
-            if isinstance(prepared, Reject):
-                yield beam.pvalue.TaggedOutput(REJECTS, (shard_id, prepared))
-            else:
-                yield prepared
+            yield (REJECT, (shard_id, prepared)) if isinstance(prepared, Reject) else (OK, prepared)
 
 
 class Assemble(beam.DoFn):
-    """(record key, {record, codes}) -> (shard id, TokenizedSample) or a tagged reject."""
+    """(record key, {record, codes}) -> (OK, (shard id, TokenizedSample)) or (REJECT, (shard id, reject))."""
 
     def __init__(self, text_tokenizer: str, settings: PrepareSettings):
         self.text_tokenizer, self.settings = text_tokenizer, settings
@@ -129,10 +127,7 @@ class Assemble(beam.DoFn):
         (record,) = groups["record"]
         codes = {slot: np.asarray(c) for slot, c in groups["codes"]}
         out = assemble_sample(record, codes, self.tokenizer, self.settings)
-        if isinstance(out, Reject):
-            yield beam.pvalue.TaggedOutput(REJECTS, (record.task, out))
-        else:
-            yield record.task, out
+        yield (REJECT, (record.task, out)) if isinstance(out, Reject) else (OK, (record.task, out))
 
 
 class WriteShard(beam.DoFn):
@@ -150,6 +145,13 @@ class WriteShard(beam.DoFn):
         yield stats
 
 
+def _split(pcoll: beam.PCollection, label: str) -> tuple[beam.PCollection, beam.PCollection]:
+    """(OK, x) / (REJECT, y) pairs -> the x and the y."""
+    ok = pcoll | f"{label}/ok" >> beam.FlatMap(lambda t: [t[1]] if t[0] == OK else [])
+    rejected = pcoll | f"{label}/rejected" >> beam.FlatMap(lambda t: [t[1]] if t[0] == REJECT else [])
+    return ok, rejected
+
+
 def _images_of(record: PreparedRecord) -> Iterator[tuple[tuple[str, int], np.ndarray]]:
     for slot, pixels in enumerate(record.images):
         yield (record.key, slot), pixels
@@ -158,33 +160,30 @@ def _images_of(record: PreparedRecord) -> Iterator[tuple[tuple[str, int], np.nda
 def add_source(
     p: beam.Pipeline, config: PrepareConfig, source: SourceConfig, tasks: list[tuple[int, ReadTask]], fp: str,
     vocab_size: int,
-) -> None:  # fmt: skip
-    """Add one source's branch of the job (labels prefixed with the source name)."""
+) -> beam.PCollection:  # fmt: skip
+    """Add one source's branch of the job (labels prefixed with the source name); returns its shard stats."""
     settings = settings_for(config, source)
     name = source.name
     created = p | f"{name}/tasks" >> beam.Create(tasks) | f"{name}/spread" >> beam.Reshuffle()
-    prepared = created | f"{name}/read+prepare" >> beam.ParDo(ReadAndPrepare(source, settings)).with_outputs(
-        REJECTS, main="records"
-    )
-    records = prepared.records
-    handler = KeyedModelHandler(VQModelHandler(str(config.tokenizers.image)))
+    prepared = created | f"{name}/read+prepare" >> beam.ParDo(ReadAndPrepare(source, settings))
+    records, read_rejects = _split(prepared, f"{name}/prepared")
     codes = (
         records
         | f"{name}/images" >> beam.FlatMap(_images_of)
-        | f"{name}/vq" >> RunInference(handler)
-        | f"{name}/codes" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1].inference)))
+        | f"{name}/vq" >> VQCodes(str(config.tokenizers.image), use_run_inference=config.runner.kind != "dask")
+        | f"{name}/codes" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
     )
     keyed = records | f"{name}/strip" >> beam.Map(lambda r: (r.key, r.without_pixels()))
     assembled = (
         {"record": keyed, "codes": codes}
         | f"{name}/join" >> beam.CoGroupByKey()
-        | f"{name}/tokenize"
-        >> beam.ParDo(Assemble(str(config.tokenizers.text), settings)).with_outputs(REJECTS, main="samples")
+        | f"{name}/tokenize" >> beam.ParDo(Assemble(str(config.tokenizers.text), settings))
     )
-    rejects = (prepared[REJECTS], assembled[REJECTS]) | f"{name}/rejects" >> beam.Flatten()
+    samples, token_rejects = _split(assembled, f"{name}/assembled")
+    rejects = (read_rejects, token_rejects) | f"{name}/rejects" >> beam.Flatten()
     out_dir = str(Path(config.output_dir) / name)
-    _ = (
-        {"task": created, "samples": assembled.samples, "rejects": rejects}
+    return (
+        {"task": created, "samples": samples, "rejects": rejects}
         | f"{name}/by-shard" >> beam.CoGroupByKey()
         | f"{name}/write" >> beam.ParDo(WriteShard(out_dir, vocab_size, fp))
     )
@@ -275,11 +274,21 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
         if watcher:
             watcher.start()
         try:
-            with beam.Pipeline(options=pipeline_options(config.runner)) as pipeline:
-                for source in config.sources:
-                    if source.name in todo:
-                        p = plans[source.name]
-                        add_source(pipeline, config, source, p["todo"], p["fingerprint"], tokenizer.vocab.size)
+            pipeline = beam.Pipeline(options=pipeline_options(config.runner))
+            stats = [
+                add_source(pipeline, config, s, plans[s.name]["todo"], plans[s.name]["fingerprint"],
+                           tokenizer.vocab.size)
+                for s in config.sources if s.name in todo
+            ]  # fmt: skip
+            # One final transform downstream of every branch: Beam's DaskRunner computes only the last one.
+            _ = tuple(stats) | "all shards" >> beam.Flatten() | "count" >> beam.combiners.Count.Globally()
+            result = pipeline.run()
+            try:
+                result.wait_until_finish()
+            finally:
+                client = getattr(result, "client", None)  # the DaskRunner leaves its client open
+                if client is not None:
+                    client.close()
         finally:
             if watcher:
                 watcher.stop.set()

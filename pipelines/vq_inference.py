@@ -1,12 +1,18 @@
-"""The VQ image tokenizer as a Beam RunInference model handler: batched, one model copy per worker process."""
+"""The VQ image tokenizer in Beam: batched, one model copy per worker process.
+
+`VQCodes` uses Beam's RunInference with our model handler. Beam's DaskRunner (2.77) drops what a DoFn emits in
+`finish_bundle`, which BatchElements (inside RunInference) relies on, so there it groups images by a batch key
+instead (no finish_bundle) and encodes each group in a DoFn that loads the model in `setup`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from model.image_tokenizer import ImageTokenizer
 
@@ -32,3 +38,48 @@ class VQModelHandler(ModelHandler[np.ndarray, PredictionResult, ImageTokenizer])
 
     def share_model_across_processes(self) -> bool:
         return False  # one copy per worker process, as the issue asks; a GPU host may prefer True
+
+
+class _EncodeGroups(beam.DoFn):
+    """(batch key, [(key, pixels), ...]) -> (key, codes) for each image; the model loaded once per process."""
+
+    def __init__(self, tokenizer_path: str, max_batch_size: int):
+        self.handler = VQModelHandler(tokenizer_path, max_batch_size)
+
+    def setup(self) -> None:
+        self.model = self.handler.load_model()
+
+    def process(self, group: tuple[Any, Iterable[tuple[Any, np.ndarray]]]) -> Iterator[tuple[Any, np.ndarray]]:
+        items = list(group[1])
+        codes = self.model.encode_pixels([pixels for _, pixels in items])  # batches of max_batch_size inside
+        yield from zip((key for key, _ in items), codes, strict=True)
+
+
+def image_batch_key(key: tuple[str, int], records_per_batch: int = 16) -> str:
+    """Images of `records_per_batch` neighbouring records share a batch: key (record key, slot)."""
+    prefix, index = key[0].rsplit("_", 1)
+    return f"{prefix}_{int(index) // records_per_batch}"
+
+
+class VQCodes(beam.PTransform):
+    """((record key, slot), uint8 image) -> ((record key, slot), VQ codes), batched."""
+
+    def __init__(self, tokenizer_path: str, max_batch_size: int = 16, use_run_inference: bool = True):
+        super().__init__()
+        self.tokenizer_path, self.max_batch_size = tokenizer_path, max_batch_size
+        self.use_run_inference = use_run_inference
+
+    def expand(self, images: beam.PCollection) -> beam.PCollection:
+        if self.use_run_inference:
+            handler = KeyedModelHandler(VQModelHandler(self.tokenizer_path, self.max_batch_size))
+            return (
+                images
+                | "RunInference" >> RunInference(handler)
+                | "codes" >> beam.MapTuple(lambda key, result: (key, result.inference))
+            )
+        return (
+            images
+            | "batch key" >> beam.Map(lambda kv: (image_batch_key(kv[0]), kv))
+            | "group" >> beam.GroupByKey()
+            | "encode" >> beam.ParDo(_EncodeGroups(self.tokenizer_path, self.max_batch_size))
+        )
