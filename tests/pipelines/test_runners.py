@@ -20,8 +20,10 @@ def test_options_name_the_runner_explicitly() -> None:
         "DirectRunner", "multi_processing", 3,
     )  # fmt: skip
     dask_options = pipeline_options(RunnerConfig(kind="dask", address="tcp://127.0.0.1:8786"))
-    dask = dask_options.get_all_options(retain_unknown_options=True)
-    assert dask["runner"].endswith("DaskRunner") and dask["dask_client_address"] == "tcp://127.0.0.1:8786"
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    assert dask_options.get_all_options()["runner"].endswith("DaskRunner")
+    assert dask_options.view_as(DaskOptions).address == "tcp://127.0.0.1:8786"
     flink = RunnerConfig(kind="beam", options={"runner": "FlinkRunner", "flink_master": "localhost:8081"})
     assert pipeline_options(flink).get_all_options(retain_unknown_options=True)["flink_master"] == "localhost:8081"
 
