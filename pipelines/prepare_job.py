@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -145,6 +146,14 @@ class WriteShard(beam.DoFn):
         yield stats
 
 
+def torch_threads_per_worker(config: PrepareConfig) -> int | None:
+    """For the local runner, the cores shared out between its worker processes; elsewhere torch's default."""
+    if config.runner.kind != "local":
+        return None
+    cores = os.cpu_count() or 1
+    return max(1, cores // (config.runner.workers or cores))
+
+
 def _split(pcoll: beam.PCollection, label: str) -> tuple[beam.PCollection, beam.PCollection]:
     """(OK, x) / (REJECT, y) pairs -> the x and the y."""
     ok = pcoll | f"{label}/ok" >> beam.FlatMap(lambda t: [t[1]] if t[0] == OK else [])
@@ -170,7 +179,12 @@ def add_source(
     codes = (
         records
         | f"{name}/images" >> beam.FlatMap(_images_of)
-        | f"{name}/vq" >> VQCodes(str(config.tokenizers.image), use_run_inference=config.runner.kind != "dask")
+        | f"{name}/vq"
+        >> VQCodes(
+            str(config.tokenizers.image),
+            use_run_inference=config.runner.kind != "dask",
+            threads=torch_threads_per_worker(config),
+        )
         | f"{name}/codes" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
     )
     keyed = records | f"{name}/strip" >> beam.Map(lambda r: (r.key, r.without_pixels()))

@@ -20,11 +20,16 @@ from model.image_tokenizer import ImageTokenizer
 class VQModelHandler(ModelHandler[np.ndarray, PredictionResult, ImageTokenizer]):
     """Preprocessed uint8 images in, VQ codes [grid*grid] out; the model loads once per process."""
 
-    def __init__(self, tokenizer_path: str, max_batch_size: int = 16):
+    def __init__(self, tokenizer_path: str, max_batch_size: int = 16, threads: int | None = None):
         self.tokenizer_path = tokenizer_path
         self.max_batch_size = max_batch_size
+        self.threads = threads  # torch threads per worker process; None keeps torch's default (all cores)
 
     def load_model(self) -> ImageTokenizer:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # N worker processes x all-core torch would oversubscribe
         return ImageTokenizer.load(self.tokenizer_path, batch_size=self.max_batch_size)
 
     def run_inference(
@@ -43,8 +48,8 @@ class VQModelHandler(ModelHandler[np.ndarray, PredictionResult, ImageTokenizer])
 class _EncodeGroups(beam.DoFn):
     """(batch key, [(key, pixels), ...]) -> (key, codes) for each image; the model loaded once per process."""
 
-    def __init__(self, tokenizer_path: str, max_batch_size: int):
-        self.handler = VQModelHandler(tokenizer_path, max_batch_size)
+    def __init__(self, handler: VQModelHandler):
+        self.handler = handler
 
     def setup(self) -> None:
         self.model = self.handler.load_model()
@@ -64,22 +69,23 @@ def image_batch_key(key: tuple[str, int], records_per_batch: int = 16) -> str:
 class VQCodes(beam.PTransform):
     """((record key, slot), uint8 image) -> ((record key, slot), VQ codes), batched."""
 
-    def __init__(self, tokenizer_path: str, max_batch_size: int = 16, use_run_inference: bool = True):
+    def __init__(
+        self, tokenizer_path: str, max_batch_size: int = 16, use_run_inference: bool = True, threads: int | None = None
+    ):
         super().__init__()
-        self.tokenizer_path, self.max_batch_size = tokenizer_path, max_batch_size
+        self.handler = VQModelHandler(tokenizer_path, max_batch_size, threads)
         self.use_run_inference = use_run_inference
 
     def expand(self, images: beam.PCollection) -> beam.PCollection:
         if self.use_run_inference:
-            handler = KeyedModelHandler(VQModelHandler(self.tokenizer_path, self.max_batch_size))
             return (
                 images
-                | "RunInference" >> RunInference(handler)
+                | "RunInference" >> RunInference(KeyedModelHandler(self.handler))
                 | "codes" >> beam.MapTuple(lambda key, result: (key, result.inference))
             )
         return (
             images
             | "batch key" >> beam.Map(lambda kv: (image_batch_key(kv[0]), kv))
             | "group" >> beam.GroupByKey()
-            | "encode" >> beam.ParDo(_EncodeGroups(self.tokenizer_path, self.max_batch_size))
+            | "encode" >> beam.ParDo(_EncodeGroups(self.handler))
         )
