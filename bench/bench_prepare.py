@@ -36,24 +36,30 @@ REPO = Path(__file__).resolve().parents[1]
 LONG_SIDES = (1024, 1536, 2048)
 
 
+def realistic_jpegs(copies: int) -> list[tuple[str, bytes]]:
+    """(caption, JPEG q90 bytes) of the sample photos upscaled to long sides of 1024, 1536 and 2048 px."""
+    photos = [json.loads(line) for line in (REPO / "sample/images/images.jsonl").open()]
+    out = []
+    for copy in range(copies):
+        for photo in photos:
+            image = Image.open(REPO / "sample/images" / photo["file"]).convert("RGB")
+            side = LONG_SIDES[(copy + len(out)) % len(LONG_SIDES)]
+            scale = side / max(image.size)
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            out.append((photo["caption"], buffer.getvalue()))
+    return out
+
+
 def make_pairs(out: Path, copies: int) -> list[bytes]:
     """img2dataset-style tars of the sample photos at realistic sizes; returns the JPEG bytes."""
-    photos = [json.loads(line) for line in (REPO / "sample/images/images.jsonl").open()]
-    jpegs, n = [], 0
+    pairs = realistic_jpegs(copies)
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / "%05d.tar"), maxcount=32, verbose=0) as sink:
-        for copy in range(copies):
-            for photo in photos:
-                image = Image.open(REPO / "sample/images" / photo["file"]).convert("RGB")
-                side = LONG_SIDES[(copy + n) % len(LONG_SIDES)]
-                scale = side / max(image.size)
-                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-                buffer = io.BytesIO()
-                image.save(buffer, format="JPEG", quality=90)
-                jpegs.append(buffer.getvalue())
-                sink.write({"__key__": f"{n:09d}", "jpg": jpegs[-1], "txt": photo["caption"]})
-                n += 1
-    return jpegs
+        for n, (caption, jpeg) in enumerate(pairs):
+            sink.write({"__key__": f"{n:09d}", "jpg": jpeg, "txt": caption})
+    return [jpeg for _, jpeg in pairs]
 
 
 def tokenizers(base: Path) -> dict[str, Path]:

@@ -142,3 +142,49 @@ def test_broken_sft_pairs(broken: Path) -> None:
     assert reasons(rejects) == ["bad_record", "bad_record"]
     assert "answer[0] must set exactly one of text / image" in rejects[0].detail
     assert "unknown category 'poetry'" in rejects[1].detail
+
+
+def test_image_text_parquet_layouts(sample_data, tmp_path: Path) -> None:
+    out, _ = sample_data
+    photos = sorted((out / "sft" / "images").glob("*.jpg"))[:3]
+    # img2dataset's parquet output: jpg bytes and caption columns.
+    pq.write_table(pa.table({"jpg": [p.read_bytes() for p in photos], "caption": ["a", "b", "c"]}),
+                   tmp_path / "i2d.parquet")  # fmt: skip
+    # Image-text parquet with local paths (relative to the file) and a Hugging Face image struct.
+    (tmp_path / "imgs").mkdir()
+    for p in photos:
+        (tmp_path / "imgs" / p.name).write_bytes(p.read_bytes())
+    rows = [{"image": {"bytes": None, "path": f"imgs/{p.name}"}, "text": f"photo {n}"} for n, p in enumerate(photos)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "paths.parquet")
+    records, rejects = read_all(source("a", "image_text", "parquet", tmp_path / "i2d.parquet"))
+    assert rejects == [] and [r["text"] for r in records] == ["a", "b", "c"]
+    assert records[0]["image"]["bytes"] == photos[0].read_bytes()
+    records, rejects = read_all(source("b", "image_text", "parquet", tmp_path / "paths.parquet"))
+    assert rejects == [] and records[2]["image"]["path"] == str(tmp_path / "imgs" / photos[2].name)
+
+
+def test_mmc4_jsonl_places_images_before_their_sentence(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    doc = {"text_list": ["First.", "Second.", "Third."],
+           "image_info": [{"image_name": "b.jpg", "matched_text_index": 1, "raw_url": "http://x/b.jpg"},
+                          {"image_name": "a.jpg", "matched_text_index": 0}]}  # fmt: skip
+    bad = {"text_list": ["Only."], "image_info": [{"image_name": "c.jpg", "matched_text_index": 4}]}
+    (tmp_path / "docs.jsonl").write_text(json.dumps(doc) + "\n" + json.dumps(bad) + "\n")
+    src = source("m", "interleaved", "jsonl", tmp_path / "docs.jsonl", images_dir=str(tmp_path / "images"))
+    records, rejects = read_all(src)
+    assert records[0]["texts"] == [None, "First.", None, "Second.", "Third."]
+    assert [im and Path(im["path"]).name for im in records[0]["images"]] == ["a.jpg", None, "b.jpg", None, None]
+    assert reasons(rejects) == ["bad_record"] and "sentences that do not exist: [4]" in rejects[0].detail
+
+
+def test_sft_parquet(tmp_path: Path) -> None:
+    from schemas.records import SFT
+
+    row = {"id": "x", "category": "visual_chat",
+           "prompt": [{"text": None, "image": {"bytes": b"\xff\xd8", "path": None, "url": None}},
+                      {"text": "What is it?", "image": None}],
+           "answer": [{"text": "A cat.", "image": None}]}  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([row], schema=SFT), tmp_path / "sft.parquet")
+    records, rejects = read_all(source("s", "sft", "parquet", tmp_path / "sft.parquet"))
+    assert rejects == [] and records[0]["prompt"][0]["image"]["bytes"] == b"\xff\xd8"
+    assert records[0]["answer"] == [{"text": "A cat.", "image": None}]
