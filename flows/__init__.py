@@ -2,11 +2,14 @@
 
 import logging
 
+# Beam warns, on the root logger, about an optional Google Cloud client when imported and about a memory probe
+# RunInference cannot use here; neither means anything to our users.
+_BEAM_NOISE = ("apitools not found", "memory usage cannot be fetched")
 
-class _HideBeamImportNoise(logging.Filter):
-    # Beam warns about an optional Google Cloud client when it is imported; it means nothing to our users.
+
+class _HideBeamNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
+        return not any(text in record.getMessage() for text in _BEAM_NOISE)
 
 
-logging.getLogger().addFilter(_HideBeamImportNoise())
+logging.getLogger().addFilter(_HideBeamNoise())

@@ -80,9 +80,10 @@ def demo(
     from flows.demo import run_demo
 
     report = run_demo(out, vq_steps=vq_steps, log=lambda line: console.print(escape(line)))
-    table = Table("source", "records", "samples", "tokens", "images", "rejects", title="cham demo: sample corpus")
-    for name, stats in report["tokenized"].items():
-        table.add_row(name, *(str(stats[k]) for k in ("records", "samples", "tokens", "images", "rejects")))
+    table = Table("source", "records in", "samples", "tokens", "images", "faces", "rejects",
+                  title=f"cham demo: the sample corpus prepared into {out / 'prepared'}")  # fmt: skip
+    for name, t in report["prepared"].items():
+        table.add_row(name, *(f"{t[k]:,}" for k in ("records_in", "samples", "tokens", "images", "faces", "rejects")))
     console.print(table)
     vq = report["vq_tokenizer"]
     console.print(

@@ -1,6 +1,7 @@
 """`cham demo`: the longest part of the main job that works today, run on the bundled sample corpus.
 
-sample corpus -> every raw format -> text tokenizer + VQ image tokenizer trained -> every record tokenized.
+sample corpus -> every raw format -> text tokenizer + VQ image tokenizer trained -> the prepare job (Beam) writes
+tokenized shards of every source.
 It grows into the end-to-end flow (prepare -> mix -> train -> generate -> eval) as those capabilities land.
 """
 
@@ -12,18 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from model.image_preprocess import ImageError
-from model.image_tokenizer import ImageTokenizer
-from model.mixed_tokenizer import MixedModalTokenizer
 from model.text_tokenizer import expand_inputs, iter_texts, train_text_tokenizer
 from model.vq_training import VQTrainer, VQTrainSettings, find_images
-from pipelines.documents import document_segments, sft_segments
-from pipelines.raw_records import Reject
+from pipelines.prepare_job import run_prepare
 from pipelines.sample_corpus import read_back, write_sample_data
-from pipelines.source_reader import plan_read_tasks, read_task
-from schemas.prepare_config import SourceConfig
+from schemas import PrepareConfig, dump_config, validate_config
 from schemas.vocab import TINY
 from schemas.vq_config import VQConfig
 
@@ -35,29 +29,6 @@ SAMPLE_SOURCES = [
     ("howto", "interleaved", "parquet", "interleaved"),
     ("instructions", "sft", "jsonl", "sft/pairs.jsonl"),
 ]
-
-
-def tokenize_source(source: SourceConfig, tokenizer: MixedModalTokenizer) -> dict[str, Any]:
-    """Read one source and tokenize every record in process; counts of records, samples, tokens and rejects."""
-    stats = {"records": 0, "samples": 0, "tokens": 0, "images": 0, "rejects": 0}
-    for task in plan_read_tasks(source):
-        for item in read_task(task):
-            stats["records"] += 1
-            if isinstance(item, Reject):
-                stats["rejects"] += 1
-                continue
-            try:
-                if source.kind == "sft":
-                    ids, _ = tokenizer.encode_sft(*sft_segments(item))
-                else:
-                    ids = tokenizer.encode(document_segments(source.kind, item))
-            except ImageError:
-                stats["rejects"] += 1
-                continue
-            stats["samples"] += 1
-            stats["tokens"] += len(ids)
-            stats["images"] += int(np.sum(ids == tokenizer.vocab.boi_id))
-    return stats
 
 
 def run_demo(out: Path, vq_steps: int = 200, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -87,14 +58,16 @@ def run_demo(out: Path, vq_steps: int = 200, log: Callable[[str], None] = print)
                               "heldout_psnr_after": round(result.final_psnr, 2),
                               "codebook_usage": round(result.codebook_usage, 3)}  # fmt: skip
 
-    log("4/4 tokenizing every sample record with the mixed-modal tokenizer")
-    tokenizer = MixedModalTokenizer(text, ImageTokenizer.load(out / "tokenizers" / "vq"))
-    report["tokenized"] = {
-        name: tokenize_source(
-            SourceConfig(name=name, kind=kind, format=fmt, paths=[str(out / "raw" / path)]), tokenizer
-        )
-        for name, kind, fmt, path in SAMPLE_SOURCES
-    }
+    log("4/4 the prepare job (Apache Beam, embedded runner): every sample source into tokenized shards")
+    config = validate_config(PrepareConfig, {
+        "output_dir": str(out / "prepared"), "image_size": 64, "samples_per_shard": 64, "write_images": True,
+        "tokenizers": {"text": str(out / "tokenizers" / "text"), "image": str(out / "tokenizers" / "vq")},
+        "sources": [{"name": n, "kind": k, "format": f, "paths": [str(out / "raw" / p)]}
+                    for n, k, f, p in SAMPLE_SOURCES],
+    })  # fmt: skip
+    dump_config(config, out / "prepare.yaml")
+    prepared = run_prepare(config)
+    report["prepared"] = {name: m["totals"] for name, m in prepared["manifests"].items()}
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out / "demo-report.json").write_text(json.dumps(report, indent=2))
     return report

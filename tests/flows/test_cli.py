@@ -59,14 +59,16 @@ def test_demo_runs_every_working_stage(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "demo" / "demo-report.json").read_text())
     assert report["raw"] == {"text": 200, "image_text": 24, "interleaved": 12, "sft": 30}
-    tokenized = report["tokenized"]
-    assert {k: v["records"] for k, v in tokenized.items()} == {
+    prepared = report["prepared"]
+    assert {k: v["records_in"] for k, v in prepared.items()} == {
         "prose": 130, "code": 70, "photos": 24, "howto": 12, "instructions": 30,
     }  # fmt: skip
-    for stats in tokenized.values():  # nothing lost: every record is a sample or a reject
-        assert stats["records"] == stats["samples"] + stats["rejects"] and stats["rejects"] == 0
-    assert tokenized["photos"]["images"] == 24 and tokenized["photos"]["tokens"] > 24 * 66
-    assert tokenized["howto"]["images"] == 15
+    for stats in prepared.values():  # nothing lost: every record is a sample or a reject
+        assert stats["records_in"] == stats["samples"] + stats["rejects"] and stats["rejects"] == 0
+    assert prepared["photos"]["images"] == 24 and prepared["photos"]["tokens"] > 24 * 66
+    assert prepared["howto"]["images"] == 15 and prepared["instructions"]["images"] == 18
+    assert (tmp_path / "demo/prepared/photos/manifest.json").is_file()
+    assert (tmp_path / "demo/prepare.yaml").is_file()
     assert (tmp_path / "demo/tokenizers/vq/vqgan.ckpt").is_file()
     assert (tmp_path / "demo/tokenizers/text/text_tokenizer.model").is_file()
     assert "cham demo" in result.output
