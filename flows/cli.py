@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_image_tokenizer import app as image_tokenizer_app
+from flows.cli_mix import mix
 from flows.cli_prepare import prepare
 from flows.cli_text_tokenizer import app as text_tokenizer_app
 from schemas import CONFIG_KINDS, ConfigError, load_config
@@ -27,6 +28,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(text_tokenizer_app, name="text-tokenizer")
 app.add_typer(image_tokenizer_app, name="image-tokenizer")
 app.command("prepare")(prepare)
+app.command("mix")(mix)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 

@@ -19,7 +19,15 @@ def test_help_lists_only_working_commands() -> None:
     assert result.exit_code == 0
     group = typer.main.get_command(app)
     # Every listed command is one this file exercises below; later issues add theirs with their tests.
-    assert set(group.commands) == {"demo", "sample-data", "config", "text-tokenizer", "image-tokenizer", "prepare"}
+    assert set(group.commands) == {
+        "demo",
+        "sample-data",
+        "config",
+        "text-tokenizer",
+        "image-tokenizer",
+        "prepare",
+        "mix",
+    }
     assert set(group.commands["image-tokenizer"].commands) == {"train", "encode", "decode"}
     assert set(group.commands["config"].commands) == {"check"}
     assert set(group.commands["text-tokenizer"].commands) == {"train", "encode", "decode"}

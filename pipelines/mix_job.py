@@ -1,0 +1,312 @@
+"""The mix job: prepared sources -> stage shards of packed training sequences, with a manifest of target vs
+realized shares. A mixture experiment re-runs only this job, never prepare.
+
+The plan (which samples, in what order) is made in the driver from the sources' sample metadata (mix_plan.py);
+Beam then joins the planned occurrences with the samples' tokens, groups them into output shards, packs each
+(packing.py) and writes it whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import webdataset as wds
+
+from model.text_tokenizer import load_text_tokenizer
+from model.vocabulary import Modality, Vocabulary
+from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, plan_stage
+from pipelines.packing import PackedSequence, pack_pretraining, pack_sft
+from pipelines.prepare_job import MANIFEST
+from pipelines.runners import pipeline_options
+from pipelines.shard_writer import STATS_SUFFIX, TAR_MTIME, encode_npy, shard_name, token_dtype
+from schemas import MixtureSpec
+from schemas.prepare_config import RunnerConfig
+
+SEQUENCES_PER_SHARD = 512
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """A prepared source as the planner sees it: its samples' sizes and faces, and its manifest."""
+
+    name: str
+    path: Path
+    samples: list[SampleRef]
+    manifest: dict[str, Any]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.n_tokens for s in self.samples)
+
+
+def read_index(name: str, path: Path) -> SourceIndex:
+    """Sample metadata of every shard of a prepared source (only the .json members are parsed)."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise MixPlanError(f"source {name!r}: {path} is not a prepared source (no {MANIFEST}; run `cham prepare`)")
+    manifest = json.loads(manifest_path.read_text())
+    samples = []
+    for shard in manifest["shards"]:
+        shard_id = int(shard["shard"].rsplit("-", 1)[1])
+        with tarfile.open(Path(path) / f"{shard['shard']}.tar") as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    key = member.name[: -len(".json")]
+                    samples.append(SampleRef(shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"])))
+    return SourceIndex(name, Path(path), samples, manifest)
+
+
+def vocabulary_of(indexes: list[SourceIndex]) -> Vocabulary:
+    """The one vocabulary every source was prepared with (sources tokenized differently cannot be mixed)."""
+    fingerprints = {ix.manifest["tokenizers"]["text_fingerprint"] for ix in indexes}
+    fingerprints |= {ix.manifest["tokenizers"]["image_fingerprint"] for ix in indexes}
+    if len(fingerprints) != 2:
+        names = ", ".join(ix.name for ix in indexes)
+        raise MixPlanError(f"sources {names} were prepared with different tokenizers; prepare them with the same ones")
+    return load_text_tokenizer(indexes[0].manifest["tokenizers"]["text"]).vocab
+
+
+def mixture_fingerprint(spec: MixtureSpec, indexes: dict[str, SourceIndex]) -> str:
+    """Changes with the spec or any input shard."""
+    inputs = {
+        name: [ix.manifest["fingerprint"], [s["shard"] for s in ix.manifest["shards"]],
+               sum(s["tokens"] for s in ix.manifest["shards"])]
+        for name, ix in sorted(indexes.items())
+    }  # fmt: skip
+    payload = {"spec": spec.model_dump(mode="json"), "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StagePlan:
+    name: str
+    sources: list[str]  # index = the source id stored in the sequences
+    plans: dict[str, SourcePlan]
+    sequence: list[tuple[str, SampleRef]]
+    docs_per_shard: int
+
+
+def plan_mixture(
+    spec: MixtureSpec, sequences_per_shard: int = SEQUENCES_PER_SHARD
+) -> tuple[dict[str, StagePlan], dict]:
+    """Plans of every stage, and the indexes of every source (read once even when stages share a source)."""
+    indexes: dict[str, SourceIndex] = {}
+    stages = {}
+    for stage_name in spec.stages:
+        sources = spec.sources_of(stage_name)
+        for src in sources:
+            if src.name not in indexes:
+                indexes[src.name] = read_index(src.name, Path(src.path))
+        plans, sequence = plan_stage(
+            {s.name: indexes[s.name].samples for s in sources},
+            {s.name: s.weight for s in sources},
+            spec.stage_tokens(stage_name),
+            spec.face_weight,
+            {s.name: s.max_repetitions for s in sources},
+            spec.seed,
+        )
+        mean_tokens = max(1.0, sum(r.n_tokens for _, r in sequence) / max(1, len(sequence)))
+        docs_per_shard = max(1, round(sequences_per_shard * spec.seq_len / mean_tokens))
+        stages[stage_name] = StagePlan(stage_name, sorted(plans), plans, sequence, docs_per_shard)
+    return stages, indexes
+
+
+# --- Beam -------------------------------------------------------------------------------------------------------
+
+
+def _read_samples(item: tuple[str, str, int]) -> Iterator[tuple[tuple[str, int, str], tuple[np.ndarray, int]]]:
+    """(source, folder, shard id) -> ((source, shard, key), (tokens, n_prompt_tokens)) for each sample."""
+    source, folder, shard_id = item
+    for sample in wds.WebDataset(str(Path(folder) / f"{shard_name(shard_id)}.tar"), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        tokens = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        yield (source, shard_id, sample["__key__"]), (tokens, int(meta.get("n_prompt_tokens", 0)))
+
+
+def _place(element: tuple[Any, dict[str, list[Any]]]) -> Iterator[tuple[tuple[str, int], tuple]]:
+    """Each planned occurrence of a sample, with its tokens, keyed by its output shard."""
+    (source, _, _), groups = element
+    if not groups["sample"]:
+        raise MixPlanError(f"a planned sample of {source!r} was not found in its shard: {element[0]}")
+    (tokens, n_prompt), *_ = groups["sample"]
+    for stage, position, shard, source_id in groups["occurrence"]:
+        yield (stage, shard), (position, source_id, tokens, n_prompt)
+
+
+class PackAndWrite(beam.DoFn):
+    """((stage, shard), occurrences) -> the stage shard packed and written whole; yields its stats."""
+
+    def __init__(self, out_dir: str, spec: MixtureSpec, vocab_size: int, layout_json: str, fingerprint: str):
+        self.out_dir, self.spec, self.vocab_size = out_dir, spec, vocab_size
+        self.layout_json, self.fingerprint = layout_json, fingerprint
+
+    def setup(self) -> None:
+        from schemas.vocab import VocabLayout
+
+        self.vocab = Vocabulary(VocabLayout.model_validate_json(self.layout_json))
+
+    def process(self, element: tuple[tuple[str, int], list[tuple]]) -> Iterator[dict[str, Any]]:
+        (stage, shard_id), occurrences = element
+        occurrences = sorted(occurrences, key=lambda o: o[0])
+        spec, vocab = self.spec, self.vocab
+        if spec.stages[stage].sft:
+            samples = [(sid, tokens, n_prompt) for _, sid, tokens, n_prompt in occurrences]
+            sequences, too_long = pack_sft(samples, spec.seq_len, vocab.pad_id, seed=spec.seed + shard_id)
+        else:
+            docs = ((sid, tokens) for _, sid, tokens, _ in occurrences)
+            sequences = list(pack_pretraining(docs, spec.seq_len, vocab.boi_id, vocab.eoi_id, vocab.pad_id))
+            too_long = []
+        dropped: dict[str, int] = defaultdict(int)
+        for position in too_long:
+            dropped[str(occurrences[position][1])] += 1
+        yield write_stage_shard(Path(self.out_dir) / stage, shard_id, stage, sequences, vocab, self.vocab_size,
+                                self.fingerprint, dropped=dict(dropped))  # fmt: skip
+
+
+def write_stage_shard(
+    folder: Path, shard_id: int, stage: str, sequences: list[PackedSequence], vocab: Vocabulary, vocab_size: int,
+    fingerprint: str, dropped: dict[str, int] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Sequences -> shard-NNNNN.tar (tokens.npy, mask.npy when any token is masked, docs.npy) + stats, last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = shard_name(shard_id)
+    dtype = token_dtype(vocab_size)
+    by_source: dict[int, dict[str, int]] = defaultdict(lambda: {"tokens": 0, "image_tokens": 0, "supervised": 0})
+    tmp = folder / f".{name}.tar.tmp"
+    with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
+        for n, seq in enumerate(sequences):
+            member = {"__key__": f"{stage}_{shard_id:05d}_{n:06d}", "tokens.npy": encode_npy(seq.tokens.astype(dtype)),
+                      "docs.npy": encode_npy(np.stack([seq.doc_starts, seq.doc_sources]).astype(np.int32))}  # fmt: skip
+            if not seq.loss_mask.all():
+                member["mask.npy"] = encode_npy(seq.loss_mask.astype(np.uint8))
+            sink.write(member)
+            modality = vocab.modalities(seq.tokens[: seq.n_real])
+            is_image = np.isin(modality, [Modality.IMAGE, Modality.BOI, Modality.EOI])
+            for start, length, source in zip(seq.doc_starts, seq.doc_lengths(), seq.doc_sources, strict=True):
+                counts = by_source[int(source)]
+                counts["tokens"] += int(length)
+                counts["image_tokens"] += int(is_image[start : start + length].sum())
+                counts["supervised"] += int(seq.loss_mask[start : start + length].sum())
+    os.replace(tmp, folder / f"{name}.tar")
+    stats = {
+        "shard": name, "fingerprint": fingerprint, "sequences": len(sequences),
+        "tokens": int(sum(s.n_real for s in sequences)),
+        "padding": int(sum(len(s.tokens) - s.n_real for s in sequences)),
+        "by_source": {str(k): v for k, v in sorted(by_source.items())}, "dropped_too_long": dropped or {},
+    }  # fmt: skip
+    stats_tmp = folder / f".{name}{STATS_SUFFIX}.tmp"
+    stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))
+    os.replace(stats_tmp, folder / f"{name}{STATS_SUFFIX}")
+    return stats
+
+
+def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, SourceIndex], folder: Path,
+                   fingerprint: str) -> dict[str, Any]:  # fmt: skip
+    """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
+    shards = sorted(json.loads(p.read_text()) for p in folder.glob(f"*{STATS_SUFFIX}"))
+    shards = sorted(shards, key=lambda s: s["shard"])
+    weights = {s.name: s.weight for s in spec.sources_of(stage.name)}
+    total_weight = sum(weights.values())
+    totals = {"tokens": sum(s["tokens"] for s in shards), "padding": sum(s["padding"] for s in shards),
+              "sequences": sum(s["sequences"] for s in shards)}  # fmt: skip
+    realized: dict[str, dict[str, int]] = defaultdict(lambda: {"tokens": 0, "image_tokens": 0, "supervised": 0})
+    for shard in shards:
+        for source_id, counts in shard["by_source"].items():
+            for k, v in counts.items():
+                realized[stage.sources[int(source_id)]][k] += v
+    image_tokens = sum(r["image_tokens"] for r in realized.values())
+    sources = {}
+    for name in stage.sources:
+        plan, index = stage.plans[name], indexes[name]
+        drawn = plan.samples
+        image_draws = [s for s in drawn if s.has_face] if drawn else []
+        sources[name] = {
+            "weight": weights[name],
+            "target_share": weights[name] / total_weight,
+            "target_tokens": plan.target_tokens,
+            "planned_tokens": plan.realized_tokens,
+            "realized_tokens": realized[name]["tokens"],
+            "realized_share": realized[name]["tokens"] / max(1, totals["tokens"]),
+            "image_tokens": realized[name]["image_tokens"],
+            "samples": len(drawn),
+            "dropped_too_long": sum(s["dropped_too_long"].get(str(stage.sources.index(name)), 0) for s in shards),
+            "available_tokens": index.tokens,
+            "repetitions": plan.realized_tokens / max(1, index.tokens),
+            "face_share_drawn": len(image_draws) / max(1, len(drawn)),
+            "face_share_source": sum(s.has_face for s in index.samples) / max(1, len(index.samples)),
+        }
+    manifest = {
+        "stage": stage.name, "fingerprint": fingerprint, "seq_len": spec.seq_len, "sft": spec.stages[stage.name].sft,
+        "target_tokens": spec.stage_tokens(stage.name), **totals,
+        "modality": {"text_tokens": totals["tokens"] - image_tokens, "image_tokens": image_tokens,
+                     "image_share": image_tokens / max(1, totals["tokens"])},
+        "sources": sources, "source_ids": stage.sources,
+        "shards": [{k: s[k] for k in ("shard", "sequences", "tokens", "padding")} for s in shards],
+    }  # fmt: skip
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / MANIFEST)
+    return manifest
+
+
+def run_mix(spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None,
+            sequences_per_shard: int = SEQUENCES_PER_SHARD) -> dict[str, Any]:  # fmt: skip
+    """Plan every stage, write its shards with Beam, and return the stage manifests."""
+    started = time.perf_counter()
+    out = Path(out)
+    stages, indexes = plan_mixture(spec, sequences_per_shard)
+    vocab = vocabulary_of(list(indexes.values()))
+    if vocab.tokens_per_image != spec.tokens_per_image:
+        raise MixPlanError(f"tokens_per_image {spec.tokens_per_image} does not match the sources' "
+                           f"{vocab.tokens_per_image} codes per image")  # fmt: skip
+    fingerprint = mixture_fingerprint(spec, indexes)
+    for stage in stages:  # outputs of an earlier mix are replaced whole
+        for old in (out / stage).glob("shard-*"):
+            old.unlink()
+    occurrences = []
+    needed: set[tuple[str, str, int]] = set()
+    for stage in stages.values():
+        ids = {name: i for i, name in enumerate(stage.sources)}
+        for position, (source, ref) in enumerate(stage.sequence):
+            shard = position // stage.docs_per_shard
+            occurrences.append(((source, ref.shard, ref.key), (stage.name, position, shard, ids[source])))
+            needed.add((source, str(indexes[source].path), ref.shard))
+    pipeline = beam.Pipeline(options=pipeline_options(runner or RunnerConfig()))
+    occ = pipeline | "occurrences" >> beam.Create(occurrences)
+    samples = (
+        pipeline
+        | "input shards" >> beam.Create(sorted(needed))
+        | "spread" >> beam.Reshuffle()
+        | "read" >> beam.FlatMap(_read_samples)
+    )
+    writer = PackAndWrite(str(out), spec, vocab.size, vocab.layout.model_dump_json(), fingerprint)
+    _ = (
+        {"occurrence": occ, "sample": samples}
+        | "join" >> beam.CoGroupByKey()
+        | "place" >> beam.FlatMap(_place)
+        | "by shard" >> beam.GroupByKey()
+        | "pack+write" >> beam.ParDo(writer)
+        | "count" >> beam.combiners.Count.Globally()  # one final leaf (Beam's DaskRunner computes only the last)
+    )
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)
+        if client is not None:
+            client.close()
+    manifests = {name: stage_manifest(spec, stage, indexes, out / name, fingerprint) for name, stage in stages.items()}
+    return {"manifests": manifests, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - started, 2)}

@@ -1,0 +1,130 @@
+"""The mix job on the prepared sample sources: shares, faces, inheritance, packing rules, reproducibility."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipelines.mix_job import run_mix
+from pipelines.mix_plan import MixPlanError
+from pipelines.mix_report import plot_shares, report_rows
+from pipelines.packing import image_spans
+from schemas import MixtureSpec, validate_config
+from schemas.vocab import TINY
+
+
+def spec_for(prepared: Path, **changes) -> MixtureSpec:
+    data = {
+        "seq_len": 256, "tokens_per_image": 64, "seed": 3, "total_tokens": 60_000, "max_repetitions": 16,
+        "stages": {
+            "stage1": {"fraction": 0.8, "sources": [
+                {"name": "prose", "path": str(prepared / "prose"), "weight": 2.9},
+                {"name": "photos", "path": str(prepared / "photos"), "weight": 1.5},
+                {"name": "howto", "path": str(prepared / "howto"), "weight": 0.4}]},
+            "stage2": {"fraction": 0.15, "inherit": {"stage": "stage1", "factor": 0.5},
+                       "sources": [{"name": "code", "path": str(prepared / "code"), "weight": 0.6}]},
+            "sft": {"tokens": 6_000, "sft": True,
+                    "sources": [{"name": "instructions", "path": str(prepared / "instructions"), "weight": 1.0}]},
+        },
+    } | changes  # fmt: skip
+    return validate_config(MixtureSpec, data)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, prepared_sources) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("mixed")
+    return out, run_mix(spec_for(prepared_sources), out)
+
+
+def sequences(folder: Path) -> list[dict]:
+    out = []
+    for tar in sorted(folder.glob("shard-*.tar")):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):
+            seq = {k: np.load(io.BytesIO(v)) for k, v in sample.items() if k.endswith(".npy")}
+            out.append(seq | {"key": sample["__key__"]})
+    return out
+
+
+def test_realized_shares_follow_the_targets(mixed) -> None:
+    _, result = mixed
+    stage1 = result["manifests"]["stage1"]
+    for name, s in stage1["sources"].items():
+        # Whole samples: realized within one sample of the planned tokens, which are within one of the target.
+        assert 0 <= s["planned_tokens"] - s["target_tokens"] < 1_200, name
+        assert s["realized_tokens"] == s["planned_tokens"], name
+    assert {n: round(s["target_share"], 3) for n, s in stage1["sources"].items()} == {
+        "howto": 0.083, "photos": 0.312, "prose": 0.604,
+    }  # fmt: skip
+    assert abs(stage1["sources"]["prose"]["realized_share"] - 0.604) < 0.02
+    assert stage1["modality"]["image_tokens"] > 0 and stage1["tokens"] == sum(
+        s["realized_tokens"] for s in stage1["sources"].values()
+    )
+
+
+def test_faces_drawn_twice_as_often_and_stage2_inherits(mixed) -> None:
+    _, result = mixed
+    photos = result["manifests"]["stage1"]["sources"]["photos"]
+    p = photos["face_share_source"]
+    assert abs(photos["face_share_drawn"] - 2 * p / (1 + p)) < 0.1  # a face sample counts twice
+    stage2 = result["manifests"]["stage2"]["sources"]
+    assert {n: s["weight"] for n, s in stage2.items()} == {"code": 0.6, "howto": 0.2, "photos": 0.75, "prose": 1.45}
+
+
+def test_no_image_block_is_split_and_padding_is_masked(mixed) -> None:
+    out, _ = mixed
+    for seq in sequences(out / "stage1"):
+        tokens = seq["tokens.npy"].astype(np.int64)
+        assert len(tokens) == 256
+        mask = seq["mask.npy"].astype(bool) if "mask.npy" in seq else np.ones(256, bool)
+        real = tokens[mask] if not mask.all() else tokens
+        spans = image_spans(real, TINY.boi_id, TINY.eoi_id)  # balanced inside the sequence
+        assert all(end - start == TINY.image_block_len for start, end in spans)
+        assert (tokens[~mask] == 1).all()  # only padding is masked in pretraining
+
+
+def test_sft_masks_cover_exactly_the_prompts(mixed) -> None:
+    out, result = mixed
+    assert result["manifests"]["sft"]["sft"] is True
+    n_masked_prompts = 0
+    for seq in sequences(out / "sft"):
+        tokens, mask = seq["tokens.npy"].astype(np.int64), seq["mask.npy"].astype(bool)
+        starts, _ = seq["docs.npy"]
+        for start in starts:
+            sep = start + int(np.flatnonzero(tokens[start:] == TINY.sep_id)[0])
+            assert not mask[start : sep + 1].any()  # <s> prompt <sep> are not targets
+            assert mask[sep + 1]  # the answer is
+            n_masked_prompts += 1
+    instructions = result["manifests"]["sft"]["sources"]["instructions"]
+    # SFT samples are never split: one longer than seq_len is dropped and counted.
+    assert n_masked_prompts == instructions["samples"] - instructions["dropped_too_long"] > 0
+
+
+def test_two_runs_are_byte_identical(mixed, prepared_sources, tmp_path: Path) -> None:
+    out, result = mixed
+    again = run_mix(spec_for(prepared_sources), tmp_path)
+    assert again["fingerprint"] == result["fingerprint"]
+    for tar in sorted(out.rglob("shard-*.tar")):
+        assert (tmp_path / tar.relative_to(out)).read_bytes() == tar.read_bytes()
+    other = run_mix(spec_for(prepared_sources, seed=4), tmp_path / "other")
+    assert other["fingerprint"] != result["fingerprint"]
+
+
+def test_infeasible_spec_names_the_shortfall(prepared_sources, tmp_path: Path) -> None:
+    message = r"source 'howto' needs 66,667 tokens but 16 repetitions of its 3,238 tokens give 51,808: 14,859 tokens"
+    with pytest.raises(MixPlanError, match=message):
+        run_mix(spec_for(prepared_sources, total_tokens=1_000_000), tmp_path)
+
+
+def test_report_rows_and_plot(mixed, tmp_path: Path) -> None:
+    _, result = mixed
+    rows = report_rows(result["manifests"]["stage1"])
+    assert [r[0] for r in rows] == ["howto", "photos", "prose"] and rows[2][2] == "60.4%"
+    png = plot_shares(result["manifests"], tmp_path / "report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((mixed[0] / "stage1" / "manifest.json").read_text())
+    assert manifest == result["manifests"]["stage1"]
