@@ -180,7 +180,8 @@ def write_stage_shard(
     folder: Path, shard_id: int, stage: str, sequences: list[PackedSequence], vocab: Vocabulary, vocab_size: int,
     fingerprint: str, dropped: dict[str, int] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Sequences -> shard-NNNNN.tar (tokens.npy, mask.npy when any token is masked, docs.npy) + stats, last."""
+    """Sequences -> shard-NNNNN.tar + stats, last. Members per sequence: tokens.npy [seq_len], docs.npy
+    [3, n_docs] (start, length, source id of each document piece), and mask.npy when any token is not a target."""
     folder.mkdir(parents=True, exist_ok=True)
     name = shard_name(shard_id)
     dtype = token_dtype(vocab_size)
@@ -189,7 +190,8 @@ def write_stage_shard(
     with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
         for n, seq in enumerate(sequences):
             member = {"__key__": f"{stage}_{shard_id:05d}_{n:06d}", "tokens.npy": encode_npy(seq.tokens.astype(dtype)),
-                      "docs.npy": encode_npy(np.stack([seq.doc_starts, seq.doc_sources]).astype(np.int32))}  # fmt: skip
+                      "docs.npy": encode_npy(np.stack([seq.doc_starts, seq.doc_lengths(), seq.doc_sources])
+                                             .astype(np.int32))}  # fmt: skip
             if not seq.loss_mask.all():
                 member["mask.npy"] = encode_npy(seq.loss_mask.astype(np.uint8))
             sink.write(member)
@@ -216,8 +218,7 @@ def write_stage_shard(
 def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, SourceIndex], folder: Path,
                    fingerprint: str) -> dict[str, Any]:  # fmt: skip
     """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
-    shards = sorted(json.loads(p.read_text()) for p in folder.glob(f"*{STATS_SUFFIX}"))
-    shards = sorted(shards, key=lambda s: s["shard"])
+    shards = [json.loads(p.read_text()) for p in sorted(folder.glob(f"*{STATS_SUFFIX}"))]
     weights = {s.name: s.weight for s in spec.sources_of(stage.name)}
     total_weight = sum(weights.values())
     totals = {"tokens": sum(s["tokens"] for s in shards), "padding": sum(s["padding"] for s in shards),

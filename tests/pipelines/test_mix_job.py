@@ -93,7 +93,7 @@ def test_sft_masks_cover_exactly_the_prompts(mixed) -> None:
     n_masked_prompts = 0
     for seq in sequences(out / "sft"):
         tokens, mask = seq["tokens.npy"].astype(np.int64), seq["mask.npy"].astype(bool)
-        starts, _ = seq["docs.npy"]
+        starts, _, _ = seq["docs.npy"]
         for start in starts:
             sep = start + int(np.flatnonzero(tokens[start:] == TINY.sep_id)[0])
             assert not mask[start : sep + 1].any()  # <s> prompt <sep> are not targets

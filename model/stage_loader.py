@@ -1,0 +1,179 @@
+"""Reading stage shards for training: deterministic batches per rank and worker, equal batch counts on every rank,
+and a state that resumes exactly.
+
+Sequences are read in the order the mix job wrote them (that order keeps the mixture's shares in every prefix).
+Global batch b holds sequences [b*G, (b+1)*G), G = world_size x batch_size; rank r takes its slice of each, and
+DataLoader worker w of a rank reads the batches b with b % num_workers == w, which PyTorch's in-order DataLoader
+returns as 0, 1, 2, ... again. Every member is read by seeking to its offset in the tar: no worker reads what
+another one needs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+class CorruptShardError(RuntimeError):
+    """A stage shard that cannot be read; the message names its path."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """A loader state saved for a different dataset (fingerprint) than the one being loaded."""
+
+
+@dataclass(frozen=True)
+class Member:
+    shard: str
+    offsets: dict[str, tuple[int, int]]  # member suffix -> (offset, size) inside the tar
+
+
+def index_shard(path: Path, expected: int) -> list[Member]:
+    """Byte offsets of every sequence's members in one tar (headers only; payloads are not read)."""
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar.getmembers():
+                key, _, suffix = info.name.partition(".")
+                members.setdefault(key, {})[suffix] = (info.offset_data, info.size)
+    except (OSError, tarfile.TarError) as err:
+        raise CorruptShardError(f"{path}: {err}") from None
+    if len(members) != expected or any("tokens.npy" not in m or "docs.npy" not in m for m in members.values()):
+        raise CorruptShardError(f"{path}: expected {expected} sequences with tokens and docs, found {len(members)}")
+    return [Member(str(path), members[key]) for key in sorted(members)]
+
+
+class StageDataset(IterableDataset):
+    """Batches of one rank, from `start_batch` on; yields dicts of tensors (see `read_batch`)."""
+
+    def __init__(self, index: list[Member], seq_len: int, rank: int, world_size: int, batch_size: int,
+                 n_batches: int, start_batch: int = 0):  # fmt: skip
+        self.index, self.seq_len = index, seq_len
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.n_batches, self.start_batch = n_batches, start_batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        files: dict[str, Any] = {}
+        try:
+            for batch in range(self.start_batch, self.n_batches):
+                if (batch - self.start_batch) % n_workers != worker:
+                    continue
+                first = batch * self.world_size * self.batch_size + self.rank * self.batch_size
+                yield read_batch(self.index[first : first + self.batch_size], self.seq_len, files)
+        finally:
+            for f in files.values():
+                f.close()
+
+
+def _read(member: Member, suffix: str, files: dict[str, Any]) -> np.ndarray:
+    f = files.get(member.shard)
+    if f is None:
+        f = files[member.shard] = open(member.shard, "rb")  # noqa: SIM115 - kept open across batches, closed above
+    offset, size = member.offsets[suffix]
+    f.seek(offset)
+    data = f.read(size)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CorruptShardError(f"{member.shard}: member {suffix} at byte {offset}: {err}") from None
+
+
+def read_batch(members: list[Member], seq_len: int, files: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """tokens [B, S] int64, loss_mask [B, S] bool, doc_ids [B, S] (document index, -1 on padding),
+    positions [B, S] (reset at each document), source_ids [B, S] (-1 on padding)."""
+    b = len(members)
+    tokens = np.empty((b, seq_len), np.int64)
+    mask = np.ones((b, seq_len), bool)
+    doc_ids = np.full((b, seq_len), -1, np.int64)
+    positions = np.zeros((b, seq_len), np.int64)
+    sources = np.full((b, seq_len), -1, np.int64)
+    for i, member in enumerate(members):
+        tokens[i] = _read(member, "tokens.npy", files)
+        if "mask.npy" in member.offsets:
+            mask[i] = _read(member, "mask.npy", files).astype(bool)
+        starts, lengths, srcs = _read(member, "docs.npy", files)
+        for d, (start, length, src) in enumerate(zip(starts, lengths, srcs, strict=True)):
+            doc_ids[i, start : start + length] = d
+            positions[i, start : start + length] = np.arange(length)
+            sources[i, start : start + length] = src
+    arrays = {"tokens": tokens, "loss_mask": mask, "doc_ids": doc_ids, "positions": positions, "source_ids": sources}
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
+
+
+class StageLoader:
+    """Batches of one rank over a stage folder written by `cham mix`, resumable exactly.
+
+    `state_dict()` is {fingerprint, epoch, sequences_consumed}; `load_state_dict` refuses another dataset's state
+    unless `allow_fingerprint_change`. With `skip_corrupt`, an unreadable shard is left out (on every rank alike,
+    so batch counts stay equal) with a warning, and counted in `skipped_shards`.
+    """
+
+    def __init__(self, stage_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, skip_corrupt: bool = False):  # fmt: skip
+        self.stage_dir = Path(stage_dir)
+        manifest_path = self.stage_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.stage_dir} is not a stage folder (no {MANIFEST}; run `cham mix`)")
+        manifest = json.loads(manifest_path.read_text())
+        self.fingerprint, self.seq_len = manifest["fingerprint"], manifest["seq_len"]
+        self.source_ids = manifest.get("source_ids", [])
+        self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
+        self.skipped_shards: list[str] = []
+        self.index: list[Member] = []
+        for shard in manifest["shards"]:
+            path = self.stage_dir / f"{shard['shard']}.tar"
+            try:
+                self.index += index_shard(path, shard["sequences"])
+            except CorruptShardError as err:
+                if not skip_corrupt:
+                    raise
+                log.warning("skipping a corrupt shard: %s", err)
+                self.skipped_shards.append(str(path))
+        self.batches_per_epoch = len(self.index) // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.stage_dir}: {len(self.index)} sequences are fewer than one global batch "
+                             f"({world_size} ranks x {batch_size})")  # fmt: skip
+        self.epoch, self.batches_done = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        consumed = self.batches_done * self.world_size * self.batch_size
+        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "sequences_consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, Any], allow_fingerprint_change: bool = False) -> None:
+        if state["fingerprint"] != self.fingerprint and not allow_fingerprint_change:
+            raise ResumeMismatchError(
+                f"the saved loader state is for dataset {state['fingerprint']} but {self.stage_dir} is "
+                f"{self.fingerprint}; pass allow_fingerprint_change to resume anyway"
+            )
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["sequences_consumed"]) // (self.world_size * self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches from the saved position to the end of the epoch; the next iteration starts the next epoch."""
+        if self.batches_done >= self.batches_per_epoch:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        dataset = StageDataset(self.index, self.seq_len, self.rank, self.world_size, self.batch_size,
+                               self.batches_per_epoch, self.batches_done)  # fmt: skip
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False)  # fmt: skip
+        for batch in loader:
+            self.batches_done += 1
+            yield batch

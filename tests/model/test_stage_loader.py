@@ -1,0 +1,106 @@
+"""The stage loader: deterministic rank/worker split, equal batch counts, exact resume, corrupt shards."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from model.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
+from pipelines.mix_job import run_mix
+from schemas import MixtureSpec, validate_config
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, prepared_sources: Path) -> Path:
+    out = tmp_path_factory.mktemp("stage")
+    spec = validate_config(MixtureSpec, {
+        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16,
+        "stages": {"stage1": {"tokens": 40_000, "sources": [
+            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 3},
+            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]}},
+    })  # fmt: skip
+    run_mix(spec, out, sequences_per_shard=64)
+    return out / "stage1"
+
+
+def written_sequences(folder: Path) -> list[np.ndarray]:
+    out = []
+    for tar in sorted(folder.glob("shard-*.tar")):
+        out += [np.load(io.BytesIO(s["tokens.npy"])) for s in wds.WebDataset(str(tar), shardshuffle=False)]
+    return out
+
+
+def test_single_rank_reads_the_sequences_in_order(stage: Path) -> None:
+    loader = StageLoader(stage, batch_size=4)
+    written = written_sequences(stage)
+    assert len(list(stage.glob("shard-*.tar"))) > 2 and len(loader) == len(written) // 4
+    batches = list(loader)
+    got = torch.cat([b["tokens"] for b in batches]).numpy()
+    assert np.array_equal(got, np.stack(written[: len(got)]).astype(np.int64))
+    b = batches[0]
+    assert b["tokens"].shape == (4, 128) and b["loss_mask"].dtype == torch.bool
+    for i in range(4):  # positions restart at every document; padding belongs to no document
+        starts = torch.nonzero(b["positions"][i] == 0).flatten()
+        assert (b["doc_ids"][i][starts] >= 0).all()
+        pad = b["doc_ids"][i] == -1
+        assert not b["loss_mask"][i][pad].any() and (b["tokens"][i][pad] == 1).all()
+
+
+def test_two_ranks_two_workers_split_every_global_batch(stage: Path) -> None:
+    loaders = [StageLoader(stage, batch_size=3, rank=r, world_size=2, num_workers=2) for r in range(2)]
+    per_rank = [list(loader) for loader in loaders]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0])  # equal batch counts: no DDP hang
+    written = np.stack(written_sequences(stage)).astype(np.int64)
+    for b in range(len(per_rank[0])):
+        global_batch = torch.cat([per_rank[0][b]["tokens"], per_rank[1][b]["tokens"]]).numpy()
+        assert np.array_equal(global_batch, written[b * 6 : (b + 1) * 6])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_yields_exactly_the_remaining_batches(stage: Path, rank: int) -> None:
+    def make() -> StageLoader:
+        return StageLoader(stage, batch_size=2, rank=rank, world_size=2, num_workers=2)
+
+    uninterrupted = [b["tokens"] for b in make()]
+    first = make()
+    taken = []
+    for batch in first:
+        taken.append(batch["tokens"])
+        if len(taken) == 7:
+            break
+    state = first.state_dict()
+    assert state == {"fingerprint": first.fingerprint, "epoch": 0, "sequences_consumed": 7 * 4}
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b["tokens"] for b in resumed]
+    assert len(taken) + len(rest) == len(uninterrupted)
+    assert all(torch.equal(a, b) for a, b in zip(taken + rest, uninterrupted, strict=True))
+    again = list(resumed)  # the next pass is the next epoch
+    assert resumed.epoch == 1 and len(again) == len(uninterrupted)
+
+
+def test_resume_refuses_another_dataset(stage: Path) -> None:
+    loader = StageLoader(stage, batch_size=2)
+    state = loader.state_dict() | {"fingerprint": "0123456789abcdef"}
+    with pytest.raises(ResumeMismatchError, match="pass allow_fingerprint_change"):
+        loader.load_state_dict(state)
+    loader.load_state_dict(state, allow_fingerprint_change=True)
+
+
+def test_corrupt_shard_fails_fast_or_is_skipped(stage: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "stage"
+    shutil.copytree(stage, copy)
+    victim = sorted(copy.glob("shard-*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(CorruptShardError, match=str(victim)):
+        StageLoader(copy, batch_size=2)
+    skipping = StageLoader(copy, batch_size=2, skip_corrupt=True)
+    assert skipping.skipped_shards == [str(victim)]
+    assert len(skipping) < len(StageLoader(stage, batch_size=2))
+    assert len(list(skipping)) == len(skipping)
