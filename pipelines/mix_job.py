@@ -71,9 +71,9 @@ def read_index(name: str, path: Path) -> SourceIndex:
 
 def vocabulary_of(indexes: list[SourceIndex]) -> Vocabulary:
     """The one vocabulary every source was prepared with (sources tokenized differently cannot be mixed)."""
-    fingerprints = {ix.manifest["tokenizers"]["text_fingerprint"] for ix in indexes}
-    fingerprints |= {ix.manifest["tokenizers"]["image_fingerprint"] for ix in indexes}
-    if len(fingerprints) != 2:
+    text = {ix.manifest["tokenizers"]["text_fingerprint"] for ix in indexes}
+    image = {ix.manifest["tokenizers"]["image_fingerprint"] for ix in indexes}
+    if len(text) != 1 or len(image) != 1:
         names = ", ".join(ix.name for ix in indexes)
         raise MixPlanError(f"sources {names} were prepared with different tokenizers; prepare them with the same ones")
     return load_text_tokenizer(indexes[0].manifest["tokenizers"]["text"]).vocab
