@@ -15,6 +15,7 @@ from flows.cli_image_tokenizer import app as image_tokenizer_app
 from flows.cli_mix import mix
 from flows.cli_prepare import prepare
 from flows.cli_text_tokenizer import app as text_tokenizer_app
+from pipelines.mix_report import ROW_FIELDS, report_rows
 from schemas import CONFIG_KINDS, ConfigError, load_config
 
 app = typer.Typer(
@@ -87,6 +88,11 @@ def demo(
     for name, t in report["prepared"].items():
         table.add_row(name, *(f"{t[k]:,}" for k in ("records_in", "samples", "tokens", "images", "faces", "rejects")))
     console.print(table)
+    for stage, manifest in report["mixed"].items():
+        mix_table = Table(*ROW_FIELDS, title=f"{stage}: {manifest['sequences']} sequences of {manifest['seq_len']}")
+        for row in report_rows(manifest):
+            mix_table.add_row(*row)
+        console.print(mix_table)
     vq = report["vq_tokenizer"]
     console.print(
         f"text tokenizer: {report['text_tokenizer']['vocab_size']} ids; VQ tokenizer: held-out PSNR "

@@ -77,6 +77,10 @@ def test_demo_runs_every_working_stage(tmp_path: Path) -> None:
     assert prepared["howto"]["images"] == 15 and prepared["instructions"]["images"] == 18
     assert (tmp_path / "demo/prepared/photos/manifest.json").is_file()
     assert (tmp_path / "demo/prepare.yaml").is_file()
+    assert set(report["mixed"]) == {"stage1", "stage2", "sft"}
+    stage2 = report["mixed"]["stage2"]["sources"]
+    assert stage2["prose"]["weight"] == 1.45 and stage2["code"]["weight"] == 1.2  # stage 1 at half weight + new data
+    assert (tmp_path / "demo/mixed/report.png").is_file() and (tmp_path / "demo/mixture.yaml").is_file()
     assert (tmp_path / "demo/tokenizers/vq/vqgan.ckpt").is_file()
     assert (tmp_path / "demo/tokenizers/text/text_tokenizer.model").is_file()
     assert "cham demo" in result.output
