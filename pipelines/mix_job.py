@@ -65,7 +65,8 @@ def read_index(name: str, path: Path) -> SourceIndex:
                 if member.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
                     key = member.name[: -len(".json")]
-                    samples.append(SampleRef(shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"])))
+                    samples.append(SampleRef(shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"]),
+                                             meta.get("category", "")))  # fmt: skip
     return SourceIndex(name, Path(path), samples, manifest)
 
 
@@ -97,6 +98,19 @@ class StagePlan:
     plans: dict[str, SourcePlan]
     sequence: list[tuple[str, SampleRef]]
     docs_per_shard: int
+    real_source: dict[str, str]  # planned source -> prepared source (they differ for SFT categories)
+    weights: dict[str, float]  # planned source -> its weight in the stage
+
+
+def split_by_category(name: str, samples: list[SampleRef], weight: float,
+                      category_weights: dict[str, float]) -> dict[str, tuple[list[SampleRef], float]]:  # fmt: skip
+    """An SFT source as one planned source per weighted category, `NAME/CATEGORY`, sharing its weight."""
+    total = sum(category_weights.values())
+    out = {}
+    for category, w in sorted(category_weights.items()):
+        if w > 0:
+            out[f"{name}/{category}"] = ([s for s in samples if s.category == category], weight * w / total)
+    return out
 
 
 def plan_mixture(
@@ -110,17 +124,30 @@ def plan_mixture(
         for src in sources:
             if src.name not in indexes:
                 indexes[src.name] = read_index(src.name, Path(src.path))
+        planned: dict[str, tuple[list[SampleRef], float]] = {}
+        real, reps = {}, {}
+        category_weights = spec.stages[stage_name].category_weights
+        for src in sources:
+            samples = indexes[src.name].samples
+            parts = (
+                {src.name: (samples, src.weight)}
+                if category_weights is None
+                else split_by_category(src.name, samples, src.weight, category_weights)
+            )
+            for name, part in parts.items():
+                planned[name], real[name], reps[name] = part, src.name, src.max_repetitions
         plans, sequence = plan_stage(
-            {s.name: indexes[s.name].samples for s in sources},
-            {s.name: s.weight for s in sources},
+            {name: samples for name, (samples, _) in planned.items()},
+            {name: weight for name, (_, weight) in planned.items()},
             spec.stage_tokens(stage_name),
             spec.face_weight,
-            {s.name: s.max_repetitions for s in sources},
+            reps,
             spec.seed,
         )
         mean_tokens = max(1.0, sum(r.n_tokens for _, r in sequence) / max(1, len(sequence)))
         docs_per_shard = max(1, round(sequences_per_shard * spec.seq_len / mean_tokens))
-        stages[stage_name] = StagePlan(stage_name, sorted(plans), plans, sequence, docs_per_shard)
+        weights = {name: weight for name, (_, weight) in planned.items()}
+        stages[stage_name] = StagePlan(stage_name, sorted(plans), plans, sequence, docs_per_shard, real, weights)
     return stages, indexes
 
 
@@ -219,7 +246,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
                    fingerprint: str) -> dict[str, Any]:  # fmt: skip
     """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
     shards = [json.loads(p.read_text()) for p in sorted(folder.glob(f"*{STATS_SUFFIX}"))]
-    weights = {s.name: s.weight for s in spec.sources_of(stage.name)}
+    weights = stage.weights
     total_weight = sum(weights.values())
     totals = {"tokens": sum(s["tokens"] for s in shards), "padding": sum(s["padding"] for s in shards),
               "sequences": sum(s["sequences"] for s in shards)}  # fmt: skip
@@ -231,7 +258,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
     image_tokens = sum(r["image_tokens"] for r in realized.values())
     sources = {}
     for name in stage.sources:
-        plan, index = stage.plans[name], indexes[name]
+        plan, index = stage.plans[name], indexes[stage.real_source[name]]
         drawn = plan.samples
         image_draws = [s for s in drawn if s.has_face] if drawn else []
         sources[name] = {
@@ -283,8 +310,9 @@ def run_mix(spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None,
         ids = {name: i for i, name in enumerate(stage.sources)}
         for position, (source, ref) in enumerate(stage.sequence):
             shard = position // stage.docs_per_shard
-            occurrences.append(((source, ref.shard, ref.key), (stage.name, position, shard, ids[source])))
-            needed.add((source, str(indexes[source].path), ref.shard))
+            real = stage.real_source[source]
+            occurrences.append(((real, ref.shard, ref.key), (stage.name, position, shard, ids[source])))
+            needed.add((real, str(indexes[real].path), ref.shard))
     pipeline = beam.Pipeline(options=pipeline_options(runner or RunnerConfig()))
     occ = pipeline | "occurrences" >> beam.Create(occurrences)
     samples = (

@@ -27,6 +27,7 @@ class SampleRef:
     key: str
     n_tokens: int
     has_face: bool
+    category: str = ""  # SFT samples: their category, for category weights
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class PreparedRecord:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     n_faces: int = 0
     jpgs: list[bytes] = field(default_factory=list)
+    category: str | None = None  # SFT records: text, code, image_generation, visual_chat, interleaved, safety
 
     @property
     def key(self) -> str:
@@ -90,7 +91,7 @@ def prepare_record(
         prompt_raw, answer_raw = sft_segments(record)
     else:
         prompt_raw, answer_raw = document_segments(kind, record, settings.caption_first_ratio), None
-    out = PreparedRecord(source, kind, task, index, record["id"], [], None)
+    out = PreparedRecord(source, kind, task, index, record["id"], [], None, category=record.get("category"))
     mode = "pad" if kind == "sft" else "crop"  # SFT images are padded so nothing is cut off
 
     def convert(segments: list[Any]) -> list[str | int]:
@@ -149,4 +150,6 @@ def assemble_sample(
         "n_faces": record.n_faces,
         "image_sizes": [list(s) for s in record.image_sizes],
     }
+    if record.category is not None:
+        meta["category"] = record.category
     return TokenizedSample(key=record.key, tokens=ids, meta=meta, images_jpg=record.jpgs)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from schemas.config_base import ExistingPath, StrictModel
+from schemas.records import SftCategory
 
 
 class MixSource(StrictModel):
@@ -33,6 +34,9 @@ class StageSpec(StrictModel):
     inherit: Inherit | None = None
     sources: list[MixSource] = Field(default_factory=list)
     sft: bool = Field(False, description="pack whole samples best-fit, prompt tokens masked from the loss")
+    # SFT only: token shares of the categories (text, code, image_generation, visual_chat, interleaved, safety)
+    # within each source, so that none dominates; a category left out gets no tokens.
+    category_weights: dict[SftCategory, float] | None = None
 
     @model_validator(mode="after")
     def _one_budget(self) -> StageSpec:
@@ -42,6 +46,11 @@ class StageSpec(StrictModel):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"source names must be unique within a stage; repeated: {', '.join(repeated)}")
+        if self.category_weights is not None:
+            if not self.sft:
+                raise ValueError("category_weights apply to SFT stages only (set sft: true)")
+            if any(w < 0 for w in self.category_weights.values()) or sum(self.category_weights.values()) <= 0:
+                raise ValueError("category_weights must be >= 0 with at least one > 0")
         return self
 
 

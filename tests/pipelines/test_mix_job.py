@@ -128,3 +128,25 @@ def test_report_rows_and_plot(mixed, tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((mixed[0] / "stage1" / "manifest.json").read_text())
     assert manifest == result["manifests"]["stage1"]
+
+
+def test_sft_category_weights_balance_the_categories(prepared_sources: Path, tmp_path: Path) -> None:
+    weights = {"text": 1, "code": 1, "image_generation": 1, "visual_chat": 1, "interleaved": 1, "safety": 0.5}
+    source = {"name": "instructions", "path": str(prepared_sources / "instructions"), "weight": 1.0}
+    stages = {"sft": {"tokens": 8_000, "sft": True, "category_weights": weights, "sources": [source]}}
+    spec = spec_for(prepared_sources, stages=stages)
+    manifest = run_mix(spec, tmp_path)["manifests"]["sft"]
+    shares = {name.split("/")[1]: s["target_share"] for name, s in manifest["sources"].items()}
+    assert shares == pytest.approx({c: w / 5.5 for c, w in weights.items()})
+    for name, s in manifest["sources"].items():
+        assert 0 <= s["planned_tokens"] - s["target_tokens"] < 400, name  # within one sample of the target
+    assert manifest["source_ids"][0] == "instructions/code"
+
+
+def test_category_weights_need_an_sft_stage(prepared_sources: Path) -> None:
+    from schemas import ConfigError
+
+    with pytest.raises(ConfigError, match="category_weights apply to SFT stages only"):
+        spec_for(prepared_sources, stages={"s": {"tokens": 10, "category_weights": {"code": 1},
+                                                 "sources": [{"name": "p", "path": str(prepared_sources / "prose"),
+                                                              "weight": 1}]}})  # fmt: skip
