@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_image_tokenizer import app as image_tokenizer_app
 from flows.cli_mix import mix
+from flows.cli_output import console, fail
 from flows.cli_prepare import prepare
 from flows.cli_text_tokenizer import app as text_tokenizer_app
 from pipelines.mix_report import ROW_FIELDS, report_rows
@@ -30,8 +30,6 @@ app.add_typer(text_tokenizer_app, name="text-tokenizer")
 app.add_typer(image_tokenizer_app, name="image-tokenizer")
 app.command("prepare")(prepare)
 app.command("mix")(mix)
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 @app.command("sample-data")
@@ -45,8 +43,7 @@ def sample_data(
     try:
         manifest = write_sample_data(out, overwrite=force)
     except FileExistsError as err:
-        err_console.print("[red]error:[/red]", escape(str(err)))
-        raise typer.Exit(1) from None
+        raise fail(str(err)) from None
     table = Table("kind", "records", "files", title=f"sample data in {out}")
     for kind in ("text", "image_text", "interleaved", "sft"):
         files = manifest[kind]["files"]
@@ -62,13 +59,11 @@ def config_check(
 ) -> None:
     """Validate a config file; on error, name the file, each bad field and what is allowed."""
     if kind not in CONFIG_KINDS:
-        err_console.print(f"[red]error:[/red] unknown config kind {kind!r}; allowed: {', '.join(CONFIG_KINDS)}")
-        raise typer.Exit(2)
+        raise fail(f"unknown config kind {kind!r}; allowed: {', '.join(CONFIG_KINDS)}", code=2)
     try:
         config = load_config(CONFIG_KINDS[kind], file)
     except ConfigError as err:
-        err_console.print("[red]error:[/red]", escape(str(err)), highlight=False)
-        raise typer.Exit(1) from None
+        raise fail(str(err)) from None
     if show:
         console.print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), markup=False)
     console.print(f"{file}: valid {kind} config (fingerprint {config.fingerprint()})")

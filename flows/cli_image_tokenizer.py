@@ -8,10 +8,10 @@ from typing import Annotated
 import numpy as np
 import typer
 from PIL import Image
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from flows.cli_output import console, err_console, fail
 from model.image_preprocess import ImageError
 from model.image_tokenizer import ImageTokenizer
 from model.vq_checkpoint import VQCheckpointError
@@ -19,13 +19,6 @@ from model.vq_training import VQTrainer, VQTrainSettings, find_images, load_perc
 from schemas.vq_config import VQ_PRESETS, VQConfig
 
 app = typer.Typer(help="Train and use the VQ image tokenizer.", no_args_is_help=True)
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print("[red]error:[/red]", escape(message))
-    return typer.Exit(1)
 
 
 @app.command()
@@ -44,14 +37,14 @@ def train(
 ) -> None:
     """Train a VQ tokenizer; resumable; saved in Meta's format (vqgan.ckpt + vqgan.yaml)."""
     if preset not in VQ_PRESETS:
-        raise _fail(f"unknown preset {preset!r}; allowed: {', '.join(VQ_PRESETS)}")
+        raise fail(f"unknown preset {preset!r}; allowed: {', '.join(VQ_PRESETS)}")
     try:
         found = find_images(images)
         settings = VQTrainSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
         perceptual = load_perceptual_model(perceptual_model) if perceptual_model else None
         trainer = VQTrainer(VQConfig.from_preset(preset), found, out, settings, perceptual)
     except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     for skipped in trainer.skipped:
         err_console.print(f"[yellow]skipped[/yellow] {escape(skipped)}")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -66,7 +59,7 @@ def train(
         try:
             result = trainer.run(resume=resume, progress=report)
         except ValueError as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
         progress.update(task, completed=steps)
     console.print(
         f"held-out PSNR {result.initial_psnr:.2f} -> {result.final_psnr:.2f} dB "
@@ -79,7 +72,7 @@ def _load(tokenizer: Path) -> ImageTokenizer:
     try:
         return ImageTokenizer.load(tokenizer)
     except (FileNotFoundError, VQCheckpointError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
 
 
 @app.command()
@@ -94,7 +87,7 @@ def encode(
     try:
         codes = tok.encode(images, mode=mode)  # type: ignore[arg-type]
     except ImageError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if out is not None:
         np.save(out, codes)
         console.print(f"{len(codes)} images x {codes.shape[1]} codes -> {out}")
@@ -114,7 +107,7 @@ def decode(
     try:
         images = tok.decode(np.load(codes, allow_pickle=False))
     except (ValueError, RuntimeError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     out.mkdir(parents=True, exist_ok=True)
     for n, image in enumerate(images):
         Image.fromarray(image).save(out / f"image-{n:04d}.png")

@@ -6,18 +6,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from flows.cli_output import console, fail
 from pipelines.mix_job import run_mix
 from pipelines.mix_plan import MixPlanError
 from pipelines.mix_report import ROW_FIELDS, plot_shares, report_rows
 from schemas import ConfigError, MixtureSpec, load_config
 from schemas.prepare_config import RunnerConfig
-
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 def mix(
@@ -32,8 +28,7 @@ def mix(
         with console.status("planning and writing the stage shards"):
             result = run_mix(spec, out, RunnerConfig(kind=runner, workers=workers))  # type: ignore[arg-type]
     except (ConfigError, MixPlanError, ValueError) as err:
-        err_console.print("[red]error:[/red]", escape(str(err)))
-        raise typer.Exit(1) from None
+        raise fail(str(err)) from None
     for stage, manifest in result["manifests"].items():
         table = Table(*ROW_FIELDS, title=(
             f"{stage}: {manifest['sequences']:,} sequences of {manifest['seq_len']}, {manifest['tokens']:,} tokens "

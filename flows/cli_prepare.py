@@ -6,19 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.cli_output import console, fail
 from model.text_tokenizer import TokenizerError
 from model.vq_checkpoint import VQCheckpointError
 from pipelines.prepare_job import PrepareError, run_prepare
 from schemas import ConfigError, PrepareConfig, load_config
 from schemas.prepare_config import RunnerConfig
-
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 def prepare(
@@ -35,8 +31,7 @@ def prepare(
             changes = {k: v for k, v in {"kind": runner, "workers": workers, "address": address}.items() if v}
             config = config.model_copy(update={"runner": RunnerConfig.model_validate(base | changes)})
     except (ConfigError, ValueError) as err:
-        err_console.print("[red]error:[/red]", escape(str(err)))
-        raise typer.Exit(1) from None
+        raise fail(str(err)) from None
     columns = [TextColumn("prepare ({task.fields[runner]})"), BarColumn(), MofNCompleteColumn(),
                TextColumn("shards"), TimeElapsedColumn()]  # fmt: skip
     with Progress(*columns, console=console, transient=False) as progress:
@@ -45,8 +40,7 @@ def prepare(
             result = run_prepare(config, progress=lambda done, total: progress.update(task, completed=done,
                                                                                       total=total))  # fmt: skip
         except (PrepareError, TokenizerError, VQCheckpointError, FileNotFoundError) as err:
-            err_console.print("[red]error:[/red]", escape(str(err)))
-            raise typer.Exit(1) from None
+            raise fail(str(err)) from None
     table = Table("source", "records in", "samples", "rejects", "tokens", "images", "faces", "shards (new/skipped)",
                   title=f"prepared into {config.output_dir} in {result['seconds']} s")  # fmt: skip
     reasons = []

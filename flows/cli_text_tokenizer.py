@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from flows.cli_output import console, fail
 from model.text_tokenizer import (
     TokenizerError,
     expand_inputs,
@@ -21,13 +20,6 @@ from model.text_tokenizer import (
 )
 
 app = typer.Typer(help="Train and use the SentencePiece text tokenizer.", no_args_is_help=True)
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print("[red]error:[/red]", escape(message))
-    return typer.Exit(1)
 
 
 @app.command()
@@ -52,7 +44,7 @@ def train(
             )
         tokenizer.save(out)
     except (TokenizerError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     console.print(
         f"trained in {time.perf_counter() - started:.1f} s: {vocab_layout.vocab_size} ids "
         f"({vocab_layout.n_text} text pieces from id {vocab_layout.first_text_id}), "
@@ -69,7 +61,7 @@ def encode(
     try:
         tok = load_text_tokenizer(tokenizer)
     except TokenizerError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     ids = tok.encode(sys.stdin.read() if text is None else text)
     print(" ".join(map(str, ids)))
 
@@ -84,5 +76,5 @@ def decode(
         tok = load_text_tokenizer(tokenizer)
         text = tok.decode(ids)
     except (TokenizerError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     sys.stdout.write(text + "\n")

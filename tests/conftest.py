@@ -66,17 +66,15 @@ def tiny_tokenizers(tmp_path_factory: pytest.TempPathFactory, sample_data: tuple
 @pytest.fixture(scope="session")
 def prepared_sources(tmp_path_factory: pytest.TempPathFactory, sample_data, tiny_tokenizers) -> Path:
     """Every sample source prepared (embedded runner, 64 px images): one folder per source."""
+    from flows.demo import SAMPLE_SOURCES
     from pipelines.prepare_job import run_prepare
     from schemas import PrepareConfig, validate_config
 
     raw, out = sample_data[0], tmp_path_factory.mktemp("prepared_sources")
-    sources = [("prose", "text", "jsonl", "text/*.jsonl"), ("code", "text", "parquet", "text/*.parquet"),
-               ("photos", "image_text", "webdataset", "image_text"), ("howto", "interleaved", "parquet", "interleaved"),
-               ("instructions", "sft", "jsonl", "sft/pairs.jsonl")]  # fmt: skip
     config = validate_config(PrepareConfig, {
         "output_dir": str(out), "image_size": 64, "samples_per_shard": 40,
         "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [{"name": n, "kind": k, "format": f, "paths": [str(raw / p)]} for n, k, f, p in sources],
+        "sources": [{"name": n, "kind": k, "format": f, "paths": [str(raw / p)]} for n, k, f, p in SAMPLE_SOURCES],
     })  # fmt: skip
     run_prepare(config)
     return out

@@ -10,18 +10,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from flows.demo import SAMPLE_SOURCES
 from pipelines.prepare_job import PrepareError, run_prepare
 from pipelines.shard_writer import read_shard
 from schemas import PrepareConfig, validate_config
 from schemas.vocab import TINY
 
-SOURCES = [
-    ("prose", "text", "jsonl", "text/*.jsonl"),
-    ("code", "text", "parquet", "text/*.parquet"),
-    ("photos", "image_text", "webdataset", "image_text"),
-    ("howto", "interleaved", "parquet", "interleaved"),
-    ("instructions", "sft", "jsonl", "sft/pairs.jsonl"),
-]
+SOURCES = SAMPLE_SOURCES  # the sample corpus as prepare sources: (name, kind, format, path under raw/)
 
 
 def make_config(raw: Path, out: Path, tokenizers: dict[str, Path], **overrides) -> PrepareConfig:
