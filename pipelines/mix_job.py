@@ -260,7 +260,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
     for name in stage.sources:
         plan, index = stage.plans[name], indexes[stage.real_source[name]]
         drawn = plan.samples
-        image_draws = [s for s in drawn if s.has_face] if drawn else []
+        face_draws = sum(s.has_face for s in drawn)
         sources[name] = {
             "weight": weights[name],
             "target_share": weights[name] / total_weight,
@@ -273,7 +273,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
             "dropped_too_long": sum(s["dropped_too_long"].get(str(stage.sources.index(name)), 0) for s in shards),
             "available_tokens": index.tokens,
             "repetitions": plan.realized_tokens / max(1, index.tokens),
-            "face_share_drawn": len(image_draws) / max(1, len(drawn)),
+            "face_share_drawn": face_draws / max(1, len(drawn)),
             "face_share_source": sum(s.has_face for s in index.samples) / max(1, len(index.samples)),
         }
     manifest = {
