@@ -1,0 +1,223 @@
+"""The Chameleon decoder-only transformer: LLaMA-2 with QK-norm and optional swin-norm ordering.
+
+Parameter names follow Meta's un-fused `consolidated.pth` keys (`layers.{i}.attention.wq.weight`, ...), so a Meta
+checkpoint loads with `load_state_dict` and no renaming. Rotary embeddings use Meta's layout: adjacent dimension
+pairs (0, 1), (2, 3), ... are rotated together, not HF's rotate_half halves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from schemas.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension with a learned scale and no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32: the mean of squares loses precision in bf16.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each [B, S, head_dim // 2], for integer `positions` [B, S]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of `x` [B, S, H, hd] by the angles (Meta's layout)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of past tokens for every layer, preallocated as [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.max_len = max_len
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv, S, hd] at positions start_pos.. and return all keys and values up to the last one."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.keys[layer][:, :, start_pos:end] = k
+        self.values[layer][:, :, start_pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, S, S]: causal, within one document; padding (-1) attends only to itself."""
+    s = doc_ids.shape[1]
+    idx = torch.arange(s, device=doc_ids.device)
+    causal = idx[None, :] <= idx[:, None]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    not_pad = (doc_ids != -1)[:, :, None]
+    diagonal = torch.eye(s, dtype=torch.bool, device=doc_ids.device)
+    # The diagonal keeps every row non-empty, so padding rows softmax to a finite value instead of NaN.
+    return ((causal & same_doc & not_pad) | diagonal)[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with QK-norm (LayerNorm per head, before rotary) and rotary embeddings."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.rope_theta = config.rope_theta
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        if config.qk_norm:
+            # One [head_dim] affine shared by all heads, as in Meta's single-shard checkpoint.
+            self.q_normalization = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+            self.k_normalization = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+        else:
+            self.q_normalization = self.k_normalization = None
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, S, H, hd], k and v [B, S, Hkv, hd]: projected, QK-normed, then rotated (q and k)."""
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        if self.q_normalization is not None:
+            q, k = self.q_normalization(q), self.k_normalization(k)
+        cos, sin = rotary_angles(positions, self.head_dim, self.rope_theta)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0, start_pos: int = 0) -> torch.Tensor:  # fmt: skip
+        """Attention output [B, S, dim]; `mask` is a boolean SDPA mask, or None for plain causal attention."""
+        b, s, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, positions))  # -> [B, heads, S, hd]
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            # q head h reads kv head h // n_rep, as in Meta's and HF's GQA.
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        if mask is None and k.shape[2] == s:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """One layer: pre-norm (LLaMA) order, or with `swin_norm` the 34B order that normalises sub-layer outputs."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.swin_norm = config.swin_norm
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.ffn_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:  # fmt: skip
+        """Block output [B, S, dim]."""
+        attn_args = (positions, mask, cache, self.layer_id, start_pos)
+        if self.swin_norm:
+            h = x + self.attn_dropout(self.attention_norm(self.attention(x, *attn_args)))
+            return h + self.ffn_dropout(self.ffn_norm(self.feed_forward(h)))
+        h = x + self.attn_dropout(self.attention(self.attention_norm(x), *attn_args))
+        return h + self.ffn_dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class Transformer(nn.Module):
+    """Token ids [B, S] -> logits [B, S, vocab]; untied embeddings and output, final RMSNorm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> Transformer:
+        """A freshly initialised model of this shape."""
+        return cls(config)
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for Linear and Embedding weights; norm scales 1 and biases 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Number of parameters (embeddings, output and norms included)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on the model's device and dtype, for up to `max_len` (default max_seq_len) tokens."""
+        p = self.output.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=p.device, dtype=p.dtype)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:  # fmt: skip
+        """Logits [B, S, vocab] for `tokens` [B, S].
+
+        `positions` [B, S] default to start_pos, start_pos+1, ...; `doc_ids` [B, S] restrict attention to the same
+        document (packed sequences); with `cache`, the tokens continue the cached ones from `start_pos`.
+        """
+        b, s = tokens.shape
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
+        mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (document masking) is for training; decoding with a cache takes none")
+            mask = document_mask(doc_ids)
+        elif cache is not None and s > 1 and start_pos > 0:
+            # New tokens see every cached one and are causal among themselves.
+            q_idx = torch.arange(start_pos, start_pos + s, device=tokens.device)
+            mask = torch.arange(start_pos + s, device=tokens.device)[None, :] <= q_idx[:, None]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, mask, cache, start_pos)
+        return self.output(self.norm(h))

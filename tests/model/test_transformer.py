@@ -1,0 +1,245 @@
+"""The transformer: Meta's parameter names, masking, rotary layout, norm orders, KV cache, and that it learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.transformer import Transformer, apply_rotary, document_mask, rotary_angles
+from schemas.model_config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny(**overrides) -> ModelConfig:
+    return ModelConfig.from_preset("tiny", **overrides)
+
+
+def model_of(config: ModelConfig) -> Transformer:
+    return Transformer.from_config(config).eval()
+
+
+def test_output_shape_and_dtype_follows_parameters() -> None:
+    config = tiny()
+    model = model_of(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 7))
+    logits = model(tokens)
+    assert logits.shape == (2, 7, config.vocab_size)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert model.to(torch.float64)(tokens).dtype == torch.float64
+
+
+def test_parameter_names_and_shapes_are_metas() -> None:
+    config = tiny()
+    hd, kv = config.head_dim, config.n_kv_heads * config.head_dim
+    expected = {"tok_embeddings.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,),
+                "output.weight": (config.vocab_size, config.dim)}  # fmt: skip
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        expected |= {
+            p + "attention.wq.weight": (config.n_heads * hd, config.dim),
+            p + "attention.wk.weight": (kv, config.dim),
+            p + "attention.wv.weight": (kv, config.dim),
+            p + "attention.wo.weight": (config.dim, config.n_heads * hd),
+            p + "attention.q_normalization.weight": (hd,),
+            p + "attention.q_normalization.bias": (hd,),
+            p + "attention.k_normalization.weight": (hd,),
+            p + "attention.k_normalization.bias": (hd,),
+            p + "feed_forward.w1.weight": (config.ffn_dim, config.dim),
+            p + "feed_forward.w2.weight": (config.dim, config.ffn_dim),
+            p + "feed_forward.w3.weight": (config.ffn_dim, config.dim),
+            p + "attention_norm.weight": (config.dim,),
+            p + "ffn_norm.weight": (config.dim,),
+        }
+    state = Transformer.from_config(config).state_dict()
+    assert config.n_layers == 2
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    # GQA: the tiny preset has fewer kv heads than query heads.
+    assert kv < config.n_heads * hd
+
+
+def test_qk_norm_off_removes_its_parameters() -> None:
+    names = Transformer.from_config(tiny(qk_norm=False)).state_dict().keys()
+    assert not [n for n in names if "normalization" in n]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": False}, {"swin_norm": True}])
+def test_param_count_matches_model_config(overrides: dict) -> None:
+    config = tiny(**overrides)
+    assert Transformer.from_config(config).num_params() == config.n_params()
+
+
+def test_initialisation() -> None:
+    config = tiny(init_std=0.05)
+    model = Transformer.from_config(config)
+    assert abs(model.output.weight.std().item() - 0.05) < 0.005
+    assert abs(model.layers[0].attention.wq.weight.std().item() - 0.05) < 0.005
+    attn = model.layers[1].attention
+    assert torch.equal(model.norm.weight, torch.ones(config.dim))
+    assert torch.equal(attn.q_normalization.weight, torch.ones(config.head_dim))
+    assert torch.equal(attn.k_normalization.bias, torch.zeros(config.head_dim))
+
+
+def test_causal_later_tokens_do_not_change_earlier_logits() -> None:
+    config = tiny()
+    model = model_of(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % config.vocab_size
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_document_masking_isolates_documents() -> None:
+    config = tiny()
+    model = model_of(config)
+    doc1, doc2 = torch.randint(0, config.vocab_size, (1, 6)), torch.randint(0, config.vocab_size, (1, 5))
+    packed = torch.cat([doc1, doc2, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    doc_ids = torch.tensor([[0] * 6 + [1] * 5 + [-1] * 3])
+    positions = torch.tensor([list(range(6)) + list(range(5)) + [0] * 3])
+    logits = model(packed, positions=positions, doc_ids=doc_ids)
+    assert torch.isfinite(logits).all()  # padding rows included
+
+    alone = model(doc2)  # positions default to 0..4
+    torch.testing.assert_close(logits[:, 6:11], alone, atol=1e-5, rtol=1e-5)
+
+    other = packed.clone()
+    other[:, :6] = (other[:, :6] + 7) % config.vocab_size
+    torch.testing.assert_close(model(other, positions=positions, doc_ids=doc_ids)[:, 6:11], logits[:, 6:11])
+    # Without document masking the second document does see the first one.
+    assert not torch.allclose(model(packed, positions=positions)[:, 6:11], logits[:, 6:11], atol=1e-4)
+
+
+def test_document_mask_values() -> None:
+    mask = document_mask(torch.tensor([[0, 0, 1, -1, -1]]))[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]])
+    assert torch.equal(mask, expected.bool())
+
+
+def reference_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Meta/LLaMA apply_rotary_emb: adjacent pairs as complex numbers times exp(i * pos * freq)."""
+    hd = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = positions.double()[..., None] * freqs  # [B, S, hd/2]
+    rot = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+
+def rotate_half_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """HF/NeoX layout: dimension i is paired with i + hd/2."""
+    hd = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angles = torch.cat([positions.float()[..., None] * freqs] * 2, dim=-1)[:, :, None, :]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
+
+
+def test_rotary_uses_metas_adjacent_pair_layout() -> None:
+    x = torch.randn(2, 9, 3, 16)
+    positions = torch.tensor([list(range(9)), [4, 5, 6, 0, 1, 2, 3, 100, 2000]])
+    cos, sin = rotary_angles(positions, 16, 10_000.0)
+    ours = apply_rotary(x, cos, sin)
+    torch.testing.assert_close(ours, reference_rotary(x, positions, 10_000.0), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, rotate_half_rotary(x, positions, 10_000.0), atol=1e-2)
+    torch.testing.assert_close(ours[0, 0], x[0, 0])  # position 0 is the identity
+    torch.testing.assert_close(ours.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps lengths
+
+
+def test_qk_norm_is_applied_per_head_before_rotary() -> None:
+    config = tiny()
+    attn = Transformer.from_config(config).layers[0].attention
+    with torch.no_grad():  # non-trivial affine so the order shows
+        attn.q_normalization.weight.uniform_(0.5, 1.5)
+        attn.q_normalization.bias.uniform_(-0.5, 0.5)
+        attn.k_normalization.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 6, config.dim)
+    positions = torch.arange(3, 9).expand(2, 6)
+    q, k, v = attn.project(x, positions)
+    hd = config.head_dim
+    assert q.shape == (2, 6, config.n_heads, hd) and k.shape == v.shape == (2, 6, config.n_kv_heads, hd)
+    q_raw = attn.wq(x).view(2, 6, config.n_heads, hd)
+    k_raw = attn.wk(x).view(2, 6, config.n_kv_heads, hd)
+    qn = F.layer_norm(q_raw, (hd,), attn.q_normalization.weight, attn.q_normalization.bias, config.norm_eps)
+    kn = F.layer_norm(k_raw, (hd,), attn.k_normalization.weight, attn.k_normalization.bias, config.norm_eps)
+    torch.testing.assert_close(q, reference_rotary(qn, positions, config.rope_theta), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(k, reference_rotary(kn, positions, config.rope_theta), atol=1e-5, rtol=1e-4)
+    # Normalising after the rotation would give something else.
+    rotated_first = reference_rotary(q_raw, positions, config.rope_theta)
+    after = F.layer_norm(rotated_first, (hd,), attn.q_normalization.weight, attn.q_normalization.bias)
+    assert not torch.allclose(q, after, atol=1e-3)
+
+
+def test_swin_norm_changes_block_order() -> None:
+    assert ModelConfig.from_preset("34b").swin_norm and not ModelConfig.from_preset("7b").swin_norm
+    pre = model_of(tiny())
+    swin = model_of(tiny(swin_norm=True))
+    with torch.no_grad():  # norm scales away from 1 so both orders are exercised with the same weights
+        for p in pre.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    swin.load_state_dict(pre.state_dict())
+    tokens = torch.randint(0, 2048, (1, 8))
+    assert not torch.allclose(pre(tokens), swin(tokens), atol=1e-3)
+
+    # The swin block equals h = x + norm(attn(x)); out = h + norm(ffn(h)) computed by hand.
+    block, x = swin.layers[0], torch.randn(1, 8, 64)
+    positions = torch.arange(8).expand(1, 8)
+    h = x + block.attention_norm(block.attention(x, positions))
+    torch.testing.assert_close(block(x, positions), h + block.ffn_norm(block.feed_forward(h)))
+
+
+def test_kv_cache_decoding_matches_full_forward() -> None:
+    config = tiny()
+    model = model_of(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 13))
+    full = model(tokens)
+    cache = model.make_cache(batch_size=2, max_len=16)
+    with torch.no_grad():
+        steps = [model(tokens[:, :5], cache=cache, start_pos=0)]
+        steps += [model(tokens[:, p : p + 1], cache=cache, start_pos=p) for p in range(5, 13)]
+        incremental = torch.cat(steps, dim=1)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=1e-5)
+
+    # A chunk of several tokens after a cached prompt is causal among itself too.
+    cache = model.make_cache(batch_size=2, max_len=16)
+    with torch.no_grad():
+        model(tokens[:, :5], cache=cache)
+        chunk = model(tokens[:, 5:13], cache=cache, start_pos=5)
+    torch.testing.assert_close(chunk, full[:, 5:13], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="16 positions"):
+        model(tokens[:, :5], cache=cache, start_pos=13)
+
+
+def test_tiny_model_overfits_one_batch() -> None:
+    config = tiny(n_layers=1)
+    model = Transformer.from_config(config).train()
+    tokens = torch.randint(0, config.vocab_size, (2, 16))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def loss_now() -> torch.Tensor:
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, config.vocab_size), tokens[:, 1:].reshape(-1))
+
+    start = loss_now().item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = loss_now()
+        loss.backward()
+        optimizer.step()
+    assert loss_now().item() < 0.5 * start
+
+
+def test_dropout_only_in_training_mode() -> None:
+    config = tiny(dropout=0.3)
+    model = Transformer.from_config(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 10))
+    model.eval()
+    torch.testing.assert_close(model(tokens), model(tokens), atol=0, rtol=0)
+    model.train()
+    assert not torch.allclose(model(tokens), model(tokens))
