@@ -1,0 +1,140 @@
+"""Training checkpoints: model, optimizer, schedule, step, loader state and RNG, written whole, the last k kept.
+
+A checkpoint is a folder `step-NNNNNNNN/` written under a temporary name and renamed, so a crash never leaves a
+half checkpoint that looks complete; `latest` (a one-line text file, replaced atomically) names the newest.
+Everything is read back with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used, with its path."""
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the module states: the step, the loader's position, anything else small."""
+
+    step: int
+    loader: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()[1]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step:08d}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write checkpoint `step-NNNNNNNN` under `root`, point `latest` at it, and delete all but the last `keep_last`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, state.step)
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(model.state_dict(), tmp / "model.pt")
+    trainer = {"rng": _rng_state(), "step": state.step}
+    if optimizer is not None:
+        trainer["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        trainer["scheduler"] = scheduler.state_dict()
+    torch.save(trainer, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": state.step, "loader": state.loader, "extra": state.extra}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / LATEST)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists())
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The folder `latest` names, else the newest complete one, else None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / "state.json").is_file():
+            return named
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> TrainState:
+    """Load a checkpoint folder into the given objects (weights only) and return its TrainState."""
+    path = Path(path)
+    try:
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(trainer["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(trainer["scheduler"])
+    if restore_rng:
+        _set_rng_state(trainer["rng"])
+    return TrainState(step=int(state["step"]), loader=state["loader"], extra=state["extra"])
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Only the model's weights of a checkpoint folder (to start SFT from a pretrained run)."""
+    path = Path(path)
+    try:
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot load its weights ({err})") from None
