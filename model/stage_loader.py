@@ -129,7 +129,7 @@ class StageLoader:
         manifest_path = self.stage_dir / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{self.stage_dir} is not a stage folder (no {MANIFEST}; run `cham mix`)")
-        manifest = json.loads(manifest_path.read_text())
+        self.manifest = manifest = json.loads(manifest_path.read_text())
         self.fingerprint, self.seq_len = manifest["fingerprint"], manifest["seq_len"]
         self.source_ids = manifest.get("source_ids", [])
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers

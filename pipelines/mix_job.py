@@ -243,7 +243,7 @@ def write_stage_shard(
 
 
 def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, SourceIndex], folder: Path,
-                   fingerprint: str) -> dict[str, Any]:  # fmt: skip
+                   fingerprint: str, vocab: Vocabulary) -> dict[str, Any]:  # fmt: skip
     """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
     shards = [json.loads(p.read_text()) for p in sorted(folder.glob(f"*{STATS_SUFFIX}"))]
     weights = stage.weights
@@ -281,7 +281,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
         "target_tokens": spec.stage_tokens(stage.name), **totals,
         "modality": {"text_tokens": totals["tokens"] - image_tokens, "image_tokens": image_tokens,
                      "image_share": image_tokens / max(1, totals["tokens"])},
-        "sources": sources, "source_ids": stage.sources,
+        "sources": sources, "source_ids": stage.sources, "vocab_layout": vocab.layout.model_dump(),
         "shards": [{k: s[k] for k in ("shard", "sequences", "tokens", "padding")} for s in shards],
     }  # fmt: skip
     tmp = folder / f".{MANIFEST}.tmp"
@@ -337,5 +337,7 @@ def run_mix(spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None,
         client = getattr(result, "client", None)
         if client is not None:
             client.close()
-    manifests = {name: stage_manifest(spec, stage, indexes, out / name, fingerprint) for name, stage in stages.items()}
+    manifests = {
+        name: stage_manifest(spec, stage, indexes, out / name, fingerprint, vocab) for name, stage in stages.items()
+    }
     return {"manifests": manifests, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - started, 2)}

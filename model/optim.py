@@ -1,0 +1,45 @@
+"""AdamW with weight decay on weight matrices only, and a gradient clip that reports non-finite gradients."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from schemas.train_config import OptimizerConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: every ≥2-D parameter (Linear / Embedding weights) decayed; norms, biases, QK-norm not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Decay shrinks matrices toward 0; on a norm's gain or a bias it would only pull toward a worse init.
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW with `config`'s lr, betas and eps; weight decay on weight matrices only (see `param_groups`)."""
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
+    )
+
+
+def clip_and_check(model: nn.Module, max_norm: float) -> tuple[float, bool]:
+    """Clip the global grad norm to `max_norm`; return (pre-clip norm, finite?) so the caller can skip the step."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0, True
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    norm = float(total)
+    finite = math.isfinite(norm)
+    # Only clip a finite norm: scaling by max_norm/inf or /nan would zero or poison grads the caller discards anyway.
+    if finite:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)  # takes parameters, reads .grad
+    return norm, finite

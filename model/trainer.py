@@ -1,0 +1,212 @@
+"""The trainer for pretraining and SFT: Chameleon's recipe on stage shards, resumable exactly, DDP under torchrun.
+
+One optimizer step = `global_batch_size` sequences: each rank runs `accumulation` micro-batches of
+`micro_batch_size`. A step whose gradients are not finite is not applied (and counted). Checkpoints hold the
+model, optimizer, schedule, step, loader position and RNG; a run resumes from the latest one by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model.checkpointing import TrainState, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from model.losses import lm_loss
+from model.lr_schedule import make_scheduler
+from model.optim import clip_and_check, make_optimizer
+from model.stage_loader import StageLoader
+from model.transformer import Transformer
+from model.vocabulary import Modality, Vocabulary
+from schemas.train_config import SFTConfig, TrainConfig
+from schemas.vocab import VocabLayout
+
+# Dense bf16 peak FLOP/s of accelerators we know, for MFU; unknown devices (CPUs) report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    ce: float
+    ce_text: float
+    ce_image: float
+    z_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    tokens_per_s: float
+    data_wait_share: float
+    mfu: float | None
+    skipped_steps: int
+
+
+def flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12·L·d·S for attention (PaLM's accounting)."""
+    return 6 * n_params + 12 * n_layers * dim * seq_len
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+class Trainer:
+    """Pretraining (TrainConfig) or SFT (SFTConfig) of the Chameleon transformer on one stage."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
+        self.config, self.log = config, log
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        per_step = config.micro_batch_size * self.world_size
+        if config.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
+                             f"{config.micro_batch_size} x {self.world_size} ranks")  # fmt: skip
+        self.accumulation = config.global_batch_size // per_step
+        torch.manual_seed(config.seed)
+        model_config = config.model
+        if isinstance(config, SFTConfig):
+            model_config = model_config.model_copy(update={"dropout": config.dropout})
+        self.model = Transformer(model_config).to(self.device)
+        if config.init_from is not None:
+            start = latest_checkpoint(config.init_from) or config.init_from
+            load_weights(start, self.model)
+            log(f"initialised from {start}")
+        self.module = self.model
+        if self.world_size > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.optimizer = make_optimizer(self.model, config.optimizer)
+        self.scheduler = make_scheduler(self.optimizer, config.steps, config.schedule)
+        self.loader = StageLoader(config.data, batch_size=config.micro_batch_size, rank=self.rank,
+                                  world_size=self.world_size, num_workers=config.loader_workers,
+                                  skip_corrupt=config.skip_corrupt_shards)  # fmt: skip
+        if self.loader.seq_len != config.seq_len:
+            raise ValueError(f"the stage at {config.data} has sequences of {self.loader.seq_len}, config.seq_len is "
+                             f"{config.seq_len}")  # fmt: skip
+        layout = VocabLayout.model_validate(self.loader.manifest["vocab_layout"])
+        if layout.vocab_size != model_config.vocab_size:
+            raise ValueError(f"the stage's vocabulary has {layout.vocab_size} ids, the model {model_config.vocab_size}")
+        self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
+        self.out_dir = Path(config.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.step, self.skipped = 0, 0
+        self.flops_per_token = flops_per_token(self.model.num_params(), model_config.n_layers, model_config.dim,
+                                               config.seq_len)  # fmt: skip
+        self.peak = device_peak_flops(self.device)
+        self._resume()
+
+    def _resume(self) -> None:
+        found = latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            return
+        state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
+        self.loader.load_state_dict(state.loader)
+        self.log(f"resumed from {found} at step {self.step}")
+
+    def _autocast(self) -> Any:
+        precision = self.config.precision
+        if precision == "bf16" or (
+            precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        ):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # epochs follow each other; the loader keeps its own position
+            yield from self.loader
+
+    def train(self, stop_at: int | None = None) -> list[StepMetrics]:
+        """Run to `config.steps` (or stop early at `stop_at`), checkpointing as configured; returns the metrics."""
+        config, history = self.config, []
+        last = min(config.steps, stop_at) if stop_at is not None else config.steps
+        batches = self._batches()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = (self.out_dir / METRICS_FILE).open("a") if self.rank == 0 else None
+        try:
+            while self.step < last:
+                history.append(self._step(batches, metrics_file))
+        finally:
+            if metrics_file:
+                metrics_file.close()
+        return history
+
+    def _step(self, batches: Iterator[dict[str, torch.Tensor]], metrics_file: Any) -> StepMetrics:
+        config = self.config
+        self.module.train()
+        started = time.perf_counter()
+        waited, tokens = 0.0, 0
+        sums = {"loss": 0.0, "ce": 0.0, "z": 0.0, "text": 0.0, "image": 0.0, "n_text": 0, "n_image": 0}
+        for micro in range(self.accumulation):
+            t = time.perf_counter()
+            batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            waited += time.perf_counter() - t
+            sync = micro == self.accumulation - 1 or self.world_size == 1
+            context = nullcontext() if sync else self.module.no_sync()
+            with context, self._autocast():
+                logits = self.module(batch["tokens"], positions=batch["positions"],
+                                     doc_ids=batch["doc_ids"] if config.document_masking else None)  # fmt: skip
+                out = lm_loss(logits, batch["tokens"], batch["loss_mask"], config.z_loss, self.image_mask)
+            (out.loss / self.accumulation).backward()
+            tokens += int(batch["loss_mask"].sum())
+            sums["loss"] += float(out.loss.detach()) / self.accumulation
+            sums["ce"] += float(out.ce) / self.accumulation
+            sums["z"] += float(out.z_loss) / self.accumulation
+            sums["text"] += float(out.ce_text) * int(out.n_text)
+            sums["image"] += float(out.ce_image) * int(out.n_image)
+            sums["n_text"] += int(out.n_text)
+            sums["n_image"] += int(out.n_image)
+        grad_norm, finite = clip_and_check(self.model, config.optimizer.grad_clip)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.skipped += 1
+            self.log(f"step {self.step + 1}: non-finite gradients (norm {grad_norm}); update skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        seconds = time.perf_counter() - started
+        tokens_all = tokens * self.world_size
+        metrics = StepMetrics(
+            step=self.step, loss=sums["loss"], ce=sums["ce"],
+            ce_text=sums["text"] / max(1, sums["n_text"]), ce_image=sums["image"] / max(1, sums["n_image"]),
+            z_loss=sums["z"], grad_norm=float(grad_norm), lr=lr, tokens=tokens_all,
+            tokens_per_s=tokens_all / seconds, data_wait_share=waited / seconds,
+            mfu=(tokens / seconds * self.flops_per_token / self.peak) if self.peak else None,
+            skipped_steps=self.skipped,
+        )  # fmt: skip
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(asdict(metrics)) + "\n")
+            metrics_file.flush()
+        if self.step % config.logging.every_steps == 0 or self.step == config.steps:
+            self.log(f"step {self.step}/{config.steps} loss {metrics.loss:.4f} (text {metrics.ce_text:.3f}, image "
+                     f"{metrics.ce_image:.3f}, z {metrics.z_loss:.2e}) grad {metrics.grad_norm:.2f} lr {lr:.2e} "
+                     f"{metrics.tokens_per_s:,.0f} tok/s data wait {metrics.data_wait_share:.0%}")  # fmt: skip
+        if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
+            self.save()
+        return metrics
+
+    def save(self) -> None:
+        """Checkpoint on rank 0 (the loader position is the same on every rank)."""
+        if self.rank == 0:
+            state = TrainState(self.step, self.loader.state_dict(), {"skipped_steps": self.skipped})
+            save_checkpoint(self.ckpt_dir, state, self.model, self.optimizer, self.scheduler,
+                            keep_last=self.config.checkpoint.keep_last)  # fmt: skip
+        if self.world_size > 1:
+            dist.barrier()
