@@ -15,6 +15,7 @@ from flows.cli_mix import mix
 from flows.cli_output import console, fail
 from flows.cli_prepare import prepare
 from flows.cli_text_tokenizer import app as text_tokenizer_app
+from flows.cli_train import sft, train
 from pipelines.mix_report import ROW_FIELDS, report_rows
 from schemas import CONFIG_KINDS, ConfigError, load_config
 
@@ -30,6 +31,8 @@ app.add_typer(text_tokenizer_app, name="text-tokenizer")
 app.add_typer(image_tokenizer_app, name="image-tokenizer")
 app.command("prepare")(prepare)
 app.command("mix")(mix)
+app.command("train")(train)
+app.command("sft")(sft)
 
 
 @app.command("sample-data")

@@ -27,6 +27,8 @@ def test_help_lists_only_working_commands() -> None:
         "image-tokenizer",
         "prepare",
         "mix",
+        "train",
+        "sft",
     }
     assert set(group.commands["image-tokenizer"].commands) == {"train", "encode", "decode"}
     assert set(group.commands["config"].commands) == {"check"}

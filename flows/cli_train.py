@@ -1,0 +1,55 @@
+"""`cham train CONFIG` and `cham sft CONFIG`: in this process, or under torchrun with --nproc-per-node N."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.cli_output import console, fail
+from model.checkpointing import CheckpointError
+from model.stage_loader import CorruptShardError, ResumeMismatchError
+from model.trainer import Trainer
+from schemas import ConfigError, SFTConfig, TrainConfig, load_config
+
+NPROC = typer.Option("--nproc-per-node", help="processes (ranks) on this machine; > 1 launches torchrun (DDP)")
+
+
+def _run(kind: str, config_file: Path, nproc: int) -> None:
+    try:
+        config = load_config(SFTConfig if kind == "sft" else TrainConfig, config_file)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "flows.train_worker", kind, str(config_file)]  # fmt: skip
+        raise typer.Exit(subprocess.call(command))
+    try:
+        trainer = Trainer(config, log=lambda line: console.print(line, markup=False, highlight=False))
+        history = trainer.train()
+    except (ValueError, FileNotFoundError, CheckpointError, CorruptShardError, ResumeMismatchError) as err:
+        raise fail(str(err)) from None
+    if history:
+        last = history[-1]
+        console.print(f"done: step {last.step}, loss {last.loss:.4f}; checkpoints in {trainer.ckpt_dir}")
+    else:
+        console.print(f"nothing to do: already at step {trainer.step}")
+
+
+def train(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="a TrainConfig YAML file")],
+    nproc_per_node: Annotated[int, NPROC] = 1,
+) -> None:
+    """Pretrain on a stage written by `cham mix`; resumes from the latest checkpoint in out_dir."""
+    _run("train", config_file, nproc_per_node)
+
+
+def sft(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="an SFTConfig YAML file")],
+    nproc_per_node: Annotated[int, NPROC] = 1,
+) -> None:
+    """Supervised fine-tuning from a pretrained checkpoint (init_from); prompts masked, dropout 0.05."""
+    _run("sft", config_file, nproc_per_node)

@@ -1,0 +1,22 @@
+"""The process `torchrun` starts for `cham train` / `cham sft`: load the config, train, print on rank 0 only."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from model.trainer import Trainer
+from schemas import SFTConfig, TrainConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Usage: python -m flows.train_worker train|sft CONFIG.yaml"""
+    kind, path = (argv or sys.argv[1:])[:2]
+    config = load_config(SFTConfig if kind == "sft" else TrainConfig, path)
+    rank = int(os.environ.get("RANK", 0))
+    trainer = Trainer(config, log=lambda line: print(line, flush=True) if rank == 0 else None)
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()
