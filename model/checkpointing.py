@@ -57,22 +57,25 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 def save_checkpoint(
     root: str | Path,
     state: TrainState,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    model: torch.nn.Module | dict[str, Any],
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     scheduler: Any = None,
     keep_last: int = 3,
 ) -> Path:
-    """Write checkpoint `step-NNNNNNNN` under `root`, point `latest` at it, and delete all but the last `keep_last`."""
+    """Write checkpoint `step-NNNNNNNN` under `root`, point `latest` at it, and delete all but the last `keep_last`.
+
+    `model` / `optimizer` may be modules or already gathered state dicts (FSDP gathers them on every rank first).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, state.step)
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save(model if isinstance(model, dict) else model.state_dict(), tmp / "model.pt")
     trainer = {"rng": _rng_state(), "step": state.step}
     if optimizer is not None:
-        trainer["optimizer"] = optimizer.state_dict()
+        trainer["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     if scheduler is not None:
         trainer["scheduler"] = scheduler.state_dict()
     torch.save(trainer, tmp / "trainer.pt")
@@ -107,6 +110,23 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], TrainState]:
+    """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder."""
+    path = Path(path)
+    try:
+        model = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
+    return model, trainer, TrainState(step=int(state["step"]), loader=state["loader"], extra=state["extra"])
+
+
+def apply_rng_state(trainer: dict[str, Any]) -> None:
+    """Put the RNG states a checkpoint saved back in place."""
+    _set_rng_state(trainer["rng"])
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -115,12 +135,10 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> TrainState:
     """Load a checkpoint folder into the given objects (weights only) and return its TrainState."""
-    path = Path(path)
+    model_state, trainer, state = read_checkpoint(path)
     try:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        model.load_state_dict(model_state)
+    except RuntimeError as err:
         raise CheckpointError(f"{path}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
     if optimizer is not None:
         optimizer.load_state_dict(trainer["optimizer"])
@@ -128,7 +146,7 @@ def load_checkpoint(
         scheduler.load_state_dict(trainer["scheduler"])
     if restore_rng:
         _set_rng_state(trainer["rng"])
-    return TrainState(step=int(state["step"]), loader=state["loader"], extra=state["extra"])
+    return state
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.checkpointing import TrainState, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from model.checkpointing import (
+    TrainState,
+    apply_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
 from model.losses import lm_loss
 from model.lr_schedule import make_scheduler
 from model.optim import clip_and_check, make_optimizer
@@ -88,8 +96,19 @@ class Trainer:
             load_weights(start, self.model)
             log(f"initialised from {start}")
         self.module = self.model
-        if self.world_size > 1:
+        # One code path: DDP replicates the model, FSDP2 shards each block (for models that don't fit one device).
+        self.fsdp = self.world_size > 1 and config.parallelism == "fsdp"
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.layers:
+                fully_shard(block)
+            fully_shard(self.model)
+        elif self.world_size > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+        if config.compile:
+            for block in self.model.layers:
+                block.compile()  # in place: parameter names (Meta's) stay as they are
         self.optimizer = make_optimizer(self.model, config.optimizer)
         self.scheduler = make_scheduler(self.optimizer, config.steps, config.schedule)
         self.loader = StageLoader(config.data, batch_size=config.micro_batch_size, rank=self.rank,
@@ -114,7 +133,21 @@ class Trainer:
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
             return
-        state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            model_state, trainer, state = read_checkpoint(found)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, model_state, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, trainer["optimizer"], options=options)
+            self.scheduler.load_state_dict(trainer["scheduler"])
+            apply_rng_state(trainer)
+        else:
+            state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
         self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
         self.loader.load_state_dict(state.loader)
         self.log(f"resumed from {found} at step {self.step}")
@@ -156,8 +189,8 @@ class Trainer:
             t = time.perf_counter()
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
             waited += time.perf_counter() - t
-            sync = micro == self.accumulation - 1 or self.world_size == 1
-            context = nullcontext() if sync else self.module.no_sync()
+            sync = micro == self.accumulation - 1 or self.world_size == 1 or self.fsdp
+            context = nullcontext() if sync else self.module.no_sync()  # DDP: all-reduce once per step
             with context, self._autocast():
                 logits = self.module(batch["tokens"], positions=batch["positions"],
                                      doc_ids=batch["doc_ids"] if config.document_masking else None)  # fmt: skip
@@ -171,7 +204,7 @@ class Trainer:
             sums["image"] += float(out.ce_image) * int(out.n_image)
             sums["n_text"] += int(out.n_text)
             sums["n_image"] += int(out.n_image)
-        grad_norm, finite = clip_and_check(self.model, config.optimizer.grad_clip)
+        grad_norm, finite = self._clip()
         if finite:
             self.optimizer.step()
         else:
@@ -202,11 +235,31 @@ class Trainer:
             self.save()
         return metrics
 
+    def _clip(self) -> tuple[float, bool]:
+        if not self.fsdp:
+            return clip_and_check(self.model, self.config.optimizer.grad_clip)
+        # Sharded gradients: torch computes the global norm across ranks as a DTensor.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return float(norm), bool(torch.isfinite(norm))
+
     def save(self) -> None:
-        """Checkpoint on rank 0 (the loader position is the same on every rank)."""
+        """Checkpoint on rank 0 (the loader position is the same on every rank); FSDP gathers full states first."""
+        model_state: Any = self.model
+        optimizer_state: Any = self.optimizer
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         if self.rank == 0:
             state = TrainState(self.step, self.loader.state_dict(), {"skipped_steps": self.skipped})
-            save_checkpoint(self.ckpt_dir, state, self.model, self.optimizer, self.scheduler,
+            save_checkpoint(self.ckpt_dir, state, model_state, optimizer_state, self.scheduler,
                             keep_last=self.config.checkpoint.keep_last)  # fmt: skip
         if self.world_size > 1:
             dist.barrier()

@@ -1,0 +1,523 @@
+"""Convert transformer weights between our format, Meta's `consolidated.NN.pth` release and Hugging Face Chameleon.
+
+Our parameter names are Meta's (see model/transformer.py), so the Meta path only merges or splits model-parallel
+shards. The HF path renames tensors and converts rotary layouts: HF permutes q/k rows (and the QK-norm affine) from
+Meta's adjacent-pair layout to rotate_half's halves, and stores QK-norm params per head as (heads, head_dim).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.transformer import Transformer
+from schemas.model_config import ModelConfig
+from schemas.vocab import IMAGE_CODE_OFFSET, VOCAB_PRESETS, VocabLayout
+
+StateDict = dict[str, torch.Tensor]
+
+OURS_WEIGHTS, OURS_CONFIG = "model.pt", "model_config.json"
+HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+# A stale buffer in Meta's checkpoints; Meta's own loader expects and ignores it.
+_META_IGNORED_KEYS = ("rope.freqs",)
+# Model-parallel split dimension of each sharded tensor, by the last two name parts; absent = replicated.
+_SPLIT_DIM = {
+    "tok_embeddings.weight": 1,
+    "wq.weight": 0,
+    "wk.weight": 0,
+    "wv.weight": 0,
+    "w1.weight": 0,
+    "w3.weight": 0,
+    "output.weight": 0,
+    "wo.weight": 1,
+    "w2.weight": 1,
+}
+_QK_NORM = ("q_normalization", "k_normalization")
+
+_HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.q_normalization.weight": "self_attn.q_norm.weight",
+    "attention.q_normalization.bias": "self_attn.q_norm.bias",
+    "attention.k_normalization.weight": "self_attn.k_norm.weight",
+    "attention.k_normalization.bias": "self_attn.k_norm.bias",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted: missing files, unknown or mismatched tensors."""
+
+
+# ---------------------------------------------------------------------------------------------------- shared
+
+
+def llama_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """SwiGLU hidden size by LLaMA's (and Meta Chameleon's) rule: 11008 for dim 4096, multiple_of 256."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of our Transformer for `config` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """Fail naming the tensor if `state` lacks, adds, or mis-shapes any tensor of our model for `config`."""
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ConversionError(
+                f"tensor {name}: checkpoint shape {tuple(state[name].shape)} != model shape {shape}"
+            )
+
+
+def load_into(model: Transformer, state: Mapping[str, torch.Tensor]) -> Transformer:
+    """Copy `state` into `model` after checking every name and shape (errors name the tensor and both shapes)."""
+    check_state_dict(model.config, state)
+    model.load_state_dict(state)
+    return model
+
+
+def _state_of(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> StateDict:
+    if isinstance(model_or_state, nn.Module):
+        return {k: v.detach() for k, v in model_or_state.state_dict().items()}
+    return dict(model_or_state)
+
+
+def _torch_load(path: Path) -> StateDict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------- ours
+
+
+def load_ours(folder: str | Path) -> tuple[ModelConfig, StateDict]:
+    """Read our format: `model.pt` (state dict) and `model_config.json` (ModelConfig) from `folder`."""
+    folder = Path(folder)
+    for name in (OURS_WEIGHTS, OURS_CONFIG):
+        if not (folder / name).is_file():
+            raise ConversionError(f"{folder} has no {name} (our format is {OURS_WEIGHTS} + {OURS_CONFIG})")
+    config = ModelConfig.model_validate_json((folder / OURS_CONFIG).read_text())
+    state = _torch_load(folder / OURS_WEIGHTS)
+    check_state_dict(config, state)
+    return config, state
+
+
+def save_ours(model_or_state: nn.Module | Mapping[str, torch.Tensor], config: ModelConfig, folder: str | Path) -> None:
+    """Write `model.pt` and `model_config.json` into `folder` (model.pt as model/checkpointing.py writes it)."""
+    state = _state_of(model_or_state)
+    check_state_dict(config, state)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / OURS_WEIGHTS)
+    (folder / OURS_CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- Meta
+
+
+def _meta_params(folder: Path) -> dict[str, Any]:
+    path = folder / "params.json"
+    if not path.is_file():
+        raise ConversionError(f"{folder} has no params.json (Meta format)")
+    params = json.loads(path.read_text())
+    # Meta's loader merges the outer dict, the nested "model" dict, then consolidate_params.json.
+    merged = {**params, **params.get("model", {})}
+    consolidate = folder / "consolidate_params.json"
+    if consolidate.is_file():
+        merged.update(json.loads(consolidate.read_text()))
+    return merged
+
+
+def meta_config(params: Mapping[str, Any], has_qk_norm: bool | None = None) -> ModelConfig:
+    """ModelConfig from Meta's merged params.json; qk_norm defaults to whether the checkpoint has QK-norm tensors."""
+    try:
+        dim, n_heads = int(params["dim"]), int(params["n_heads"])
+        fields: dict[str, Any] = {
+            "dim": dim,
+            "n_layers": int(params["n_layers"]),
+            "n_heads": n_heads,
+            "n_kv_heads": int(params.get("n_kv_heads") or n_heads),
+            "vocab_size": int(params["vocab_size"]),
+            "ffn_dim": llama_ffn_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
+        }
+    except KeyError as err:
+        raise ConversionError(f"params.json lacks {err.args[0]!r}") from None
+    for ours, theirs in (("norm_eps", "norm_eps"), ("rope_theta", "rope_theta"), ("swin_norm", "swin_norm")):
+        if params.get(theirs) is not None:
+            fields[ours] = params[theirs]
+    if params.get("max_seq_len") is not None:
+        fields["max_seq_len"] = int(params["max_seq_len"])
+    qk = params.get("qk_normalization")
+    fields["qk_norm"] = bool(qk) if qk is not None else bool(has_qk_norm)
+    return ModelConfig.model_validate(fields)
+
+
+def _meta_shards(folder: Path) -> list[Path]:
+    single = folder / "consolidated.pth"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob("consolidated.[0-9][0-9].pth"))
+    if not shards:
+        raise ConversionError(f"{folder} has neither consolidated.pth nor consolidated.NN.pth shards")
+    names = [p.name for p in shards]
+    if names != [f"consolidated.{i:02d}.pth" for i in range(len(shards))]:
+        raise ConversionError(f"shards are not numbered 00..{len(shards) - 1:02d}: {names}")
+    return shards
+
+
+def _split_dim(name: str) -> int | None:
+    return _SPLIT_DIM.get(".".join(name.split(".")[-2:]))
+
+
+def merge_meta_shards(shards: list[Mapping[str, torch.Tensor]]) -> StateDict:
+    """One state dict from model-parallel shards, each tensor merged by its split rule; rope.freqs dropped."""
+    merged: StateDict = {}
+    for name in shards[0]:
+        if name in _META_IGNORED_KEYS:
+            continue
+        parts = [s[name] for s in shards]
+        dim = _split_dim(name)
+        if dim is not None:
+            merged[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+        elif all(torch.equal(parts[0], p) for p in parts[1:]):
+            merged[name] = parts[0]
+        elif any(q in name for q in _QK_NORM):
+            raise ConversionError(
+                f"{name} differs between the {len(parts)} model-parallel shards: per-shard QK-norm (one affine per "
+                "group of heads, as in the 30B release) is not supported yet; our model shares one across all heads"
+            )
+        else:
+            raise ConversionError(f"{name} should be replicated across model-parallel shards but differs")
+    return merged
+
+
+def load_meta(folder: str | Path) -> tuple[ModelConfig, StateDict]:
+    """Read Meta's release folder: params.json plus consolidated.pth or consolidated.NN.pth shards (merged)."""
+    folder = Path(folder)
+    params = _meta_params(folder)
+    shards = [_torch_load(p) for p in _meta_shards(folder)]
+    keys = set(shards[0])
+    for i, shard in enumerate(shards[1:], 1):
+        if set(shard) != keys:
+            raise ConversionError(f"shard {i:02d} has different tensor names from shard 00")
+    state = merge_meta_shards(shards)
+    config = meta_config(params, has_qk_norm=any(q in k for k in state for q in _QK_NORM))
+    check_state_dict(config, state)
+    return config, state
+
+
+def _meta_ffn_params(config: ModelConfig) -> tuple[int, float]:
+    """multiple_of and ffn_dim_multiplier that reproduce config.ffn_dim through llama_ffn_dim."""
+    base = int(8 * config.dim / 3)
+    candidates = [(256, 1.0), (config.ffn_dim, min(1.0, config.ffn_dim / base))]
+    for multiple_of, mult in candidates:
+        if llama_ffn_dim(config.dim, multiple_of, mult) == config.ffn_dim:
+            return multiple_of, mult
+    raise ConversionError(f"ffn_dim {config.ffn_dim} cannot be written as params.json multiple_of/ffn_dim_multiplier")
+
+
+def split_meta_state(state: Mapping[str, torch.Tensor], config: ModelConfig, model_parallel: int) -> list[StateDict]:
+    """Split a merged state dict into `model_parallel` shards by Meta's rules (norms and QK-norm replicated)."""
+    if model_parallel < 1:
+        raise ConversionError(f"model_parallel must be >= 1, got {model_parallel}")
+    for what, n in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads), ("dim", config.dim)):
+        if n % model_parallel:
+            raise ConversionError(f"{what} {n} is not divisible by model_parallel {model_parallel}")
+    shards: list[StateDict] = [{} for _ in range(model_parallel)]
+    for name, tensor in state.items():
+        dim = _split_dim(name)
+        if dim is not None and tensor.shape[dim] % model_parallel:
+            raise ConversionError(f"{name} dim {dim} ({tensor.shape[dim]}) is not divisible by {model_parallel}")
+        pieces = tensor.chunk(model_parallel, dim=dim) if dim is not None else [tensor] * model_parallel
+        for shard, piece in zip(shards, pieces, strict=True):
+            shard[name] = piece.clone().contiguous()  # a view would save the whole tensor into every shard
+    return shards
+
+
+def save_meta(
+    model_or_state: nn.Module | Mapping[str, torch.Tensor],
+    config: ModelConfig,
+    folder: str | Path,
+    model_parallel: int = 1,
+) -> None:
+    """Write params.json, consolidate_params.json and consolidated.NN.pth (model_parallel shards) into `folder`."""
+    state = _state_of(model_or_state)
+    check_state_dict(config, state)
+    multiple_of, mult = _meta_ffn_params(config)
+    shards = split_meta_state(state, config, model_parallel)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_args = {
+        "dim": config.dim,
+        "n_layers": config.n_layers,
+        "n_heads": config.n_heads,
+        "n_kv_heads": config.n_kv_heads,
+        "vocab_size": config.vocab_size,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": mult,
+        "norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "qk_normalization": config.qk_norm,
+        "swin_norm": config.swin_norm,
+    }
+    # Meta's loader reads the nested "model" dict; max_seq_len is ours and outside ModelArgs, so Meta ignores it.
+    params = {"model": model_args, "max_seq_len": config.max_seq_len}
+    (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    (folder / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": model_parallel}) + "\n")
+    for i, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+
+
+# ---------------------------------------------------------------------------------------------------- HF
+
+
+def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta adjacent-pair rows -> HF rotate_half rows, per head (HF's converter `permute`)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate_half rows -> Meta adjacent-pair rows, per head (inverse of permute_rows)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_vector(v: torch.Tensor) -> torch.Tensor:
+    """One head's [head_dim] QK-norm vector in Meta's layout -> HF's layout."""
+    return v.view(-1, 2).t().reshape(-1)
+
+
+def unpermute_vector(v: torch.Tensor) -> torch.Tensor:
+    """One head's [head_dim] QK-norm vector in HF's layout -> Meta's layout."""
+    return v.view(2, -1).t().reshape(-1)
+
+
+def hf_config(raw: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from an HF Chameleon config.json dict."""
+    if raw.get("model_type", "chameleon") != "chameleon":
+        raise ConversionError(f"config.json model_type is {raw.get('model_type')!r}, not 'chameleon'")
+    rope = raw.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", raw.get("rope_theta", 10_000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(f"rope_type {rope['rope_type']!r} is not supported (only 'default')")
+    n_heads = int(raw["num_attention_heads"])
+    return ModelConfig(
+        dim=int(raw["hidden_size"]),
+        n_layers=int(raw["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
+        ffn_dim=int(raw["intermediate_size"]),
+        vocab_size=int(raw["vocab_size"]),
+        max_seq_len=int(raw.get("max_position_embeddings", 4096)),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(theta),
+        qk_norm=True,  # HF Chameleon always has QK-norm
+        swin_norm=bool(raw.get("swin_norm", False)),
+    )
+
+
+def _hf_name(ours: str) -> str:
+    if ours in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[ours]
+    _, layer, rest = ours.split(".", 2)
+    return f"model.layers.{layer}.{_HF_LAYER_NAMES[rest]}"
+
+
+def _read_safetensors(folder: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    if (folder / HF_WEIGHTS).is_file():
+        files = [folder / HF_WEIGHTS]
+    elif (folder / HF_INDEX).is_file():
+        weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise ConversionError(f"{folder} has neither {HF_WEIGHTS} nor {HF_INDEX}")
+    state: StateDict = {}
+    for f in files:
+        # The VQGAN (model.vqmodel.*) is the image tokenizer's; it is loaded elsewhere.
+        state.update({k: v for k, v in load_file(f).items() if not k.startswith("model.vqmodel.")})
+    return state
+
+
+def _qk_from_hf(name: str, t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    # HF stores (heads, hd) (older HF: (model_parallel_size, hd)); our model has one [hd] vector for all heads.
+    rows = t.reshape(-1, head_dim)
+    vectors = [unpermute_vector(r) for r in rows]
+    if not all(torch.equal(vectors[0], v) for v in vectors[1:]):
+        raise ConversionError(
+            f"{name}: QK-norm params differ between heads (shape {tuple(t.shape)}); per-head or per-shard QK-norm "
+            "is not supported yet, our model shares one [head_dim] affine across heads"
+        )
+    return vectors[0].clone()
+
+
+def state_from_hf(hf_state: Mapping[str, torch.Tensor], config: ModelConfig) -> StateDict:
+    """Our state dict from HF tensors: renamed, q/k rows and QK-norm un-permuted, QK-norm reduced to one vector."""
+    reverse = {_hf_name(k): k for k in expected_shapes(config)}
+    unknown = sorted(set(hf_state) - set(reverse))
+    if unknown:
+        raise ConversionError(f"unexpected HF tensors: {unknown[:8]}")
+    state: StateDict = {}
+    for hf_name, t in hf_state.items():
+        ours = reverse[hf_name]
+        if ours.endswith("attention.wq.weight"):
+            t = unpermute_rows(t, config.n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            t = unpermute_rows(t, config.n_kv_heads)
+        elif any(q in ours for q in _QK_NORM):
+            t = _qk_from_hf(hf_name, t, config.head_dim)
+        state[ours] = t
+    check_state_dict(config, state)
+    return state
+
+
+def state_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig) -> StateDict:
+    """HF tensors from our state dict: renamed, q/k rows and QK-norm permuted, QK-norm repeated per head."""
+    check_state_dict(config, state)
+    out: StateDict = {}
+    for ours, t in state.items():
+        if ours.endswith("attention.wq.weight"):
+            t = permute_rows(t, config.n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            t = permute_rows(t, config.n_kv_heads)
+        elif any(q in ours for q in _QK_NORM):
+            heads = config.n_heads if "q_normalization" in ours else config.n_kv_heads
+            t = permute_vector(t).unsqueeze(0).repeat(heads, 1)
+        out[_hf_name(ours)] = t.contiguous()
+    return out
+
+
+def load_hf(folder: str | Path) -> tuple[ModelConfig, StateDict]:
+    """Read an HF Chameleon folder (config.json + model.safetensors or a sharded index); the VQGAN is skipped."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} has no config.json (HF format)")
+    config = hf_config(json.loads((folder / "config.json").read_text()))
+    return config, state_from_hf(_read_safetensors(folder), config)
+
+
+def _layout_for(vocab_size: int) -> VocabLayout | None:
+    return next((v for v in VOCAB_PRESETS.values() if v.vocab_size == vocab_size), None)
+
+
+def hf_vocabulary_map(vocab: VocabLayout | None) -> dict[str, int]:
+    """The minimal `vocabulary_map` HF needs: image-code names (IMGIMG + digits as letters + Z) and `<image>`."""
+    if vocab is None:
+        return {}
+    mapping = {}
+    for code in range(vocab.image_codes):
+        letters = "".join(chr(ord("A") + int(d)) for d in str(code))
+        mapping[f"IMGIMG{letters}Z"] = IMAGE_CODE_OFFSET + code
+    # HF's <image> placeholder is Meta's <reserved08707>, the reserved id right after the prompt separator.
+    if vocab.sep_id + 1 < vocab.first_text_id:
+        mapping["<image>"] = vocab.sep_id + 1
+    return mapping
+
+
+def hf_config_dict(config: ModelConfig, vocab: VocabLayout | None = None, vq_config: dict | None = None) -> dict:
+    """An HF ChameleonConfig dict for `config`; vocab defaults to the preset layout of the same vocab_size."""
+    vocab = vocab or _layout_for(config.vocab_size)
+    return {
+        "architectures": ["ChameleonForConditionalGeneration"],
+        "model_type": "chameleon",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        # rope_parameters for transformers >= 5, rope_theta for older readers.
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,
+        "model_parallel_size": 1,
+        "swin_norm": config.swin_norm,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "vq_config": vq_config or {"num_embeddings": vocab.image_codes if vocab else 8192},
+        "vocabulary_map": hf_vocabulary_map(vocab),
+    }
+
+
+def save_hf(
+    model_or_state: nn.Module | Mapping[str, torch.Tensor],
+    config: ModelConfig,
+    folder: str | Path,
+    vocab: VocabLayout | None = None,
+    vq_config: dict | None = None,
+) -> None:
+    """Write config.json and model.safetensors loadable by ChameleonForConditionalGeneration.from_pretrained.
+
+    No VQGAN weights are written: transformers then initialises model.vqmodel randomly (with a warning).
+    """
+    if not config.qk_norm:
+        raise ConversionError("HF Chameleon always applies QK-norm; a model with qk_norm=False has no HF form")
+    if config.norm_eps != 1e-5:
+        raise ConversionError(f"HF Chameleon's QK-norm eps is fixed at 1e-5; this model uses {config.norm_eps}")
+    from safetensors.torch import save_file
+
+    tensors = state_to_hf(_state_of(model_or_state), config)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, vocab, vq_config), indent=2) + "\n")
+    save_file(tensors, str(folder / HF_WEIGHTS), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------------- dispatch
+
+LOADERS = {"ours": load_ours, "meta": load_meta, "hf": load_hf}
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, from_format: str, to_format: str, model_parallel: int = 1):
+    """Read `src` in from_format and write `out` in to_format ('ours', 'meta' or 'hf'); returns the ModelConfig."""
+    if from_format not in LOADERS:
+        raise ConversionError(f"unknown source format {from_format!r}; expected one of {sorted(LOADERS)}")
+    if to_format not in LOADERS:
+        raise ConversionError(f"unknown target format {to_format!r}; expected one of {sorted(LOADERS)}")
+    if model_parallel != 1 and to_format != "meta":
+        raise ConversionError("model_parallel applies only to --to meta")
+    config, state = LOADERS[from_format](src)
+    if to_format == "ours":
+        save_ours(state, config, out)
+    elif to_format == "meta":
+        save_meta(state, config, out, model_parallel=model_parallel)
+    else:
+        save_hf(state, config, out)
+    return config
