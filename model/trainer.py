@@ -171,12 +171,19 @@ class Trainer:
         batches = self._batches()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = (self.out_dir / METRICS_FILE).open("a") if self.rank == 0 else None
+        self.tensorboard = None
+        if self.rank == 0 and config.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
         try:
             while self.step < last:
                 history.append(self._step(batches, metrics_file))
         finally:
             if metrics_file:
                 metrics_file.close()
+            if self.tensorboard:
+                self.tensorboard.close()
         return history
 
     def _step(self, batches: Iterator[dict[str, torch.Tensor]], metrics_file: Any) -> StepMetrics:
@@ -227,6 +234,10 @@ class Trainer:
         if metrics_file is not None:
             metrics_file.write(json.dumps(asdict(metrics)) + "\n")
             metrics_file.flush()
+        if self.tensorboard is not None:
+            for name, value in asdict(metrics).items():
+                if name != "step" and value is not None:
+                    self.tensorboard.add_scalar(f"train/{name}", value, self.step)
         if self.step % config.logging.every_steps == 0 or self.step == config.steps:
             self.log(f"step {self.step}/{config.steps} loss {metrics.loss:.4f} (text {metrics.ce_text:.3f}, image "
                      f"{metrics.ce_image:.3f}, z {metrics.z_loss:.2e}) grad {metrics.grad_norm:.2f} lr {lr:.2e} "

@@ -44,6 +44,11 @@ def test_text_and_image_losses_fall(stage: Path, tmp_path: Path) -> None:
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 40 and json.loads(lines[-1])["step"] == 40
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000040"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("train/ce_image")) == 40 and "train/tokens_per_s" in events.Tags()["scalars"]
 
 
 def test_resume_is_exact(stage: Path, tmp_path: Path) -> None:
