@@ -10,6 +10,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
+from flows.cli_convert import convert
 from flows.cli_image_tokenizer import app as image_tokenizer_app
 from flows.cli_mix import mix
 from flows.cli_output import console, fail
@@ -33,6 +34,7 @@ app.command("prepare")(prepare)
 app.command("mix")(mix)
 app.command("train")(train)
 app.command("sft")(sft)
+app.command("convert")(convert)
 
 
 @app.command("sample-data")

@@ -91,12 +91,12 @@ def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ConversionError(f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ConversionError(
+            f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
-            raise ConversionError(
-                f"tensor {name}: checkpoint shape {tuple(state[name].shape)} != model shape {shape}"
-            )
+            raise ConversionError(f"tensor {name}: checkpoint shape {tuple(state[name].shape)} != model shape {shape}")
 
 
 def load_into(model: Transformer, state: Mapping[str, torch.Tensor]) -> Transformer:

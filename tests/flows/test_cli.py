@@ -29,6 +29,7 @@ def test_help_lists_only_working_commands() -> None:
         "mix",
         "train",
         "sft",
+        "convert",
     }
     assert set(group.commands["image-tokenizer"].commands) == {"train", "encode", "decode"}
     assert set(group.commands["config"].commands) == {"check"}
