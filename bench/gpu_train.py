@@ -1,0 +1,178 @@
+"""GPU train-step throughput and MFU of our Chameleon `Transformer` at ~1B parameters (bf16 autocast, compiled blocks).
+
+One step = forward under bf16 autocast + cross-entropy over every next-token target + backward + AdamW step
+(`model.optim.make_optimizer`); weights, grads and optimizer state stay fp32, as in `model/trainer.py`. Each
+`model.layers[i]` is compiled in place with `torch.compile` (the trainer's `compile: true`). The batch starts at
+`--batch` and halves on out-of-memory. Warm-up (compilation included) and the timed loop are both bounded in seconds
+so the whole run ends within ~5 minutes.
+
+MFU = tokens/s * (6 N + 12 L d S) / peak, N = parameters that do matmuls (all but the input embedding table),
+peak = 989e12 (H100 SXM bf16 dense). Prints the figures and writes them to $OUT/gpu_train.json when $OUT is set.
+`--cpu-smoke` runs the same code on CPU with a tiny config (fp32, blocks compiled unless `--no-compile`) to check
+the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.optim import make_optimizer
+from model.transformer import Transformer
+from schemas.model_config import ModelConfig
+from schemas.train_config import OptimizerConfig
+
+H100_BF16_DENSE_FLOPS = 989e12
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of position t's logits against token t+1 (in fp32: autocast upcasts cross_entropy)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def flops_per_token(cfg: ModelConfig, matmul_params: int, seq: int) -> float:
+    """Training FLOPs per token: 6N for weights, 12 L d S for attention scores and values (causal not halved)."""
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq
+
+
+def main() -> None:
+    start_all = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU, fp32 (checks the script)")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4, help="starting micro-batch; halved on OOM")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps (the first compiles)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time budget of the timed loop")
+    parser.add_argument("--max-steps", type=int, default=50)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+        torch.set_num_threads(2)
+        cfg = ModelConfig.from_preset("tiny", max_seq_len=128)
+        # Compiles too (inductor's CPU backend) unless --no-compile: the GPU run relies on the per-block compile.
+        seq, batch, compile_blocks, autocast_dtype = 128, 2, not args.no_compile, None
+        args.seconds, args.warmup_steps = min(args.seconds, 5.0), 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device visible to torch (use --cpu-smoke to check the script on CPU)")
+        device = torch.device("cuda")
+        # TF32 for any matmul left in fp32 outside autocast (the optimizer's are elementwise anyway).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        cfg = ModelConfig(
+            dim=2048, n_layers=args.layers, n_heads=16, n_kv_heads=16, ffn_dim=5632, vocab_size=65_536,
+            max_seq_len=args.seq,
+        )  # fmt: skip
+        seq, batch, compile_blocks, autocast_dtype = args.seq, args.batch, not args.no_compile, torch.bfloat16
+
+    model = Transformer(cfg).to(device)
+    model.train()
+    if compile_blocks:
+        # Blocks differ only in parameters and `layer_id`; room for one graph per block in case dynamo guards on it.
+        dynamo_config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 4 * cfg.n_layers))
+        for block in model.layers:
+            block.compile()  # in place, as the trainer does: parameter names stay Meta's
+    optimizer = make_optimizer(model, OptimizerConfig())
+    n_params = model.num_params()
+    matmul_params = n_params - model.tok_embeddings.weight.numel()
+    fpt = flops_per_token(cfg, matmul_params, seq)
+
+    def step(tokens: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if autocast_dtype is None:
+            loss = next_token_ce(model(tokens), tokens)
+        else:
+            with torch.autocast(device.type, dtype=autocast_dtype):
+                loss = next_token_ce(model(tokens), tokens)
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # .item() synchronises, so wall time per step is the device's time
+
+    def batch_of(b: int) -> torch.Tensor:
+        return torch.randint(0, cfg.vocab_size, (b, seq), device=device)
+
+    # Warm-up: compiles, and finds a batch that fits (halving on OOM) before anything is timed.
+    warm_start = time.perf_counter()
+    while True:
+        tokens = batch_of(batch)
+        try:
+            for _ in range(args.warmup_steps):
+                step(tokens)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            del tokens
+            torch.cuda.empty_cache()
+            print(f"OOM at batch {batch} x {seq}; retrying with {batch // 2}", flush=True)
+            batch //= 2
+    warmup_s = time.perf_counter() - warm_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    times, loss = [], float("nan")
+    loop_start = time.perf_counter()
+    while len(times) < args.max_steps and time.perf_counter() - loop_start < args.seconds:
+        t0 = time.perf_counter()
+        loss = step(tokens)
+        times.append(time.perf_counter() - t0)
+
+    tokens_per_step = batch * seq
+    med = statistics.median(times)
+    tps = tokens_per_step / med
+    result = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "config": cfg.model_dump(exclude={"preset"}),
+        "params_total": n_params,
+        "params_matmul": matmul_params,
+        "batch": batch,
+        "seq": seq,
+        "tokens_per_step": tokens_per_step,
+        "compiled_blocks": compile_blocks,
+        "precision": "bf16 autocast, fp32 master weights" if autocast_dtype else "fp32",
+        "warmup_steps": args.warmup_steps,
+        "warmup_s": round(warmup_s, 2),
+        "timed_steps": len(times),
+        "step_s_median": med,
+        "step_s_best": min(times),
+        "tokens_per_s": tps,
+        "tokens_per_s_best": tokens_per_step / min(times),
+        "flops_per_token": fpt,
+        "mfu": tps * fpt / H100_BF16_DENSE_FLOPS,
+        "mfu_all_params_6N": tps * (6 * n_params + 12 * cfg.n_layers * cfg.dim * seq) / H100_BF16_DENSE_FLOPS,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "last_loss": loss,
+        "total_s": round(time.perf_counter() - start_all, 2),
+    }
+    print(
+        f"{result['device']}: {n_params / 1e9:.3f}B params ({matmul_params / 1e9:.3f}B matmul), batch {batch} x {seq}, "
+        f"compile {compile_blocks}\n"
+        f"  warm-up {warmup_s:.1f}s; {len(times)} timed steps, median {med * 1e3:.1f} ms/step\n"
+        f"  tokens/s {tps:,.0f}  MFU {result['mfu'] * 100:.1f}% (N = matmul params; "
+        f"{result['mfu_all_params_6N'] * 100:.1f}% counting the embedding table)"
+    )
+    if result["peak_mem_gib"] is not None:
+        print(f"  peak memory {result['peak_mem_gib']:.1f} GiB")
+    out = os.environ.get("OUT")
+    if out:
+        path = Path(out) / "gpu_train.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
