@@ -78,3 +78,22 @@ def prepared_sources(tmp_path_factory: pytest.TempPathFactory, sample_data, tiny
     })  # fmt: skip
     run_prepare(config)
     return out
+
+
+@pytest.fixture(scope="session")
+def make_stage(tmp_path_factory: pytest.TempPathFactory, prepared_sources: Path):
+    """Build a stage of prose and photos (1 : 1) from the prepared sample: make_stage(tokens, seq_len=128, ...)."""
+    from pipelines.mix_job import run_mix
+    from schemas import MixtureSpec, validate_config
+
+    def build(tokens: int, seq_len: int = 128, sequences_per_shard: int = 64, prose_weight: float = 1.0) -> Path:
+        out = tmp_path_factory.mktemp("stage")
+        sources = [{"name": "prose", "path": str(prepared_sources / "prose"), "weight": prose_weight},
+                   {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1.0}]  # fmt: skip
+        stages = {"stage1": {"tokens": tokens, "sources": sources}}
+        spec = validate_config(MixtureSpec, {"seq_len": seq_len, "tokens_per_image": 64, "max_repetitions": 16,
+                                             "seed": 1, "stages": stages})  # fmt: skip
+        run_mix(spec, out, sequences_per_shard=sequences_per_shard)
+        return out / "stage1"
+
+    return build

@@ -12,21 +12,11 @@ import torch
 import webdataset as wds
 
 from model.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
-from pipelines.mix_job import run_mix
-from schemas import MixtureSpec, validate_config
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, prepared_sources: Path) -> Path:
-    out = tmp_path_factory.mktemp("stage")
-    spec = validate_config(MixtureSpec, {
-        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16,
-        "stages": {"stage1": {"tokens": 40_000, "sources": [
-            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 3},
-            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]}},
-    })  # fmt: skip
-    run_mix(spec, out, sequences_per_shard=64)
-    return out / "stage1"
+def stage(make_stage) -> Path:
+    return make_stage(40_000, prose_weight=3.0)
 
 
 def written_sequences(folder: Path) -> list[np.ndarray]:

@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from model.trainer import Trainer
-from pipelines.mix_job import run_mix
-from schemas import MixtureSpec, TrainConfig, validate_config
+from schemas import TrainConfig, validate_config
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, prepared_sources: Path) -> Path:
-    out = tmp_path_factory.mktemp("train_stage")
-    spec = validate_config(MixtureSpec, {
-        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16, "seed": 1,
-        "stages": {"stage1": {"tokens": 30_000, "sources": [
-            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
-            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]}},
-    })  # fmt: skip
-    run_mix(spec, out, sequences_per_shard=64)
-    return out / "stage1"
+def stage(make_stage) -> Path:
+    return make_stage(30_000)
 
 
 def config(stage: Path, out: Path, steps: int, **changes) -> TrainConfig:

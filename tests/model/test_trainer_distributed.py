@@ -11,23 +11,14 @@ import torch
 import yaml
 
 from model.trainer import Trainer
-from pipelines.mix_job import run_mix
-from schemas import MixtureSpec, TrainConfig, load_config, validate_config
+from schemas import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, prepared_sources: Path) -> Path:
-    out = tmp_path_factory.mktemp("dist_stage")
-    spec = validate_config(MixtureSpec, {
-        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16,
-        "stages": {"stage1": {"tokens": 12_000, "sources": [
-            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
-            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]}},
-    })  # fmt: skip
-    run_mix(spec, out, sequences_per_shard=32)
-    return out / "stage1"
+def stage(make_stage) -> Path:
+    return make_stage(12_000, sequences_per_shard=32)
 
 
 def config_file(stage: Path, out: Path, parallelism: str) -> Path:
