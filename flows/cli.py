@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_convert import convert
+from flows.cli_generate import generate
 from flows.cli_image_tokenizer import app as image_tokenizer_app
 from flows.cli_mix import mix
 from flows.cli_output import console, fail
@@ -35,6 +36,7 @@ app.command("mix")(mix)
 app.command("train")(train)
 app.command("sft")(sft)
 app.command("convert")(convert)
+app.command("generate")(generate)
 
 
 @app.command("sample-data")

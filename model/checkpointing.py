@@ -61,10 +61,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     scheduler: Any = None,
     keep_last: int = 3,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Write checkpoint `step-NNNNNNNN` under `root`, point `latest` at it, and delete all but the last `keep_last`.
 
     `model` / `optimizer` may be modules or already gathered state dicts (FSDP gathers them on every rank first).
+    `files` are small text files (name -> content) written into the folder, e.g. the model config.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -79,6 +81,8 @@ def save_checkpoint(
     if scheduler is not None:
         trainer["scheduler"] = scheduler.state_dict()
     torch.save(trainer, tmp / "trainer.pt")
+    for name, content in (files or {}).items():
+        (tmp / name).write_text(content)
     (tmp / "state.json").write_text(json.dumps({"step": state.step, "loader": state.loader, "extra": state.extra}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -121,6 +121,14 @@ class Trainer:
         if layout.vocab_size != model_config.vocab_size:
             raise ValueError(f"the stage's vocabulary has {layout.vocab_size} ids, the model {model_config.vocab_size}")
         self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
+        # A step folder is self-describing (our `convert` format plus the tokenizers): generate/eval need nothing else.
+        self.checkpoint_files = {
+            "model_config.json": model_config.model_copy(update={"dropout": 0.0}).model_dump_json(indent=2) + "\n",
+            "tokenizers.json": json.dumps({**self.loader.manifest.get("tokenizers", {}),
+                                           "vocab_layout": self.loader.manifest["vocab_layout"]}, indent=2),
+            "training.json": json.dumps({"kind": "sft" if isinstance(config, SFTConfig) else "pretrain",
+                                         "data": str(config.data), "stage": self.loader.manifest.get("stage")}),
+        }  # fmt: skip
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step, self.skipped = 0, 0
@@ -271,6 +279,6 @@ class Trainer:
         if self.rank == 0:
             state = TrainState(self.step, self.loader.state_dict(), {"skipped_steps": self.skipped})
             save_checkpoint(self.ckpt_dir, state, model_state, optimizer_state, self.scheduler,
-                            keep_last=self.config.checkpoint.keep_last)  # fmt: skip
+                            keep_last=self.config.checkpoint.keep_last, files=self.checkpoint_files)  # fmt: skip
         if self.world_size > 1:
             dist.barrier()

@@ -282,6 +282,8 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
         "modality": {"text_tokens": totals["tokens"] - image_tokens, "image_tokens": image_tokens,
                      "image_share": image_tokens / max(1, totals["tokens"])},
         "sources": sources, "source_ids": stage.sources, "vocab_layout": vocab.layout.model_dump(),
+        # The tokenizers travel with the data, so a model trained on it can be prompted and its output decoded.
+        "tokenizers": next(iter(indexes.values())).manifest["tokenizers"],
         "shards": [{k: s[k] for k in ("shard", "sequences", "tokens", "padding")} for s in shards],
     }  # fmt: skip
     tmp = folder / f".{MANIFEST}.tmp"

@@ -231,7 +231,8 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
         "source": source.name,
         "kind": source.kind,
         "fingerprint": plan["fingerprint"],
-        "tokenizers": {"text": str(config.tokenizers.text), "image": str(config.tokenizers.image), **{
+        "tokenizers": {"text": str(Path(config.tokenizers.text).resolve()),  # absolute: a run finds them from anywhere
+                       "image": str(Path(config.tokenizers.image).resolve()), **{
             f"{k}_fingerprint": v for k, v in fps.items()}},
         "config": {"source": source.model_dump(mode="json"), "image_size": config.image_size,
                    "samples_per_shard": config.samples_per_shard, "detect_faces": config.detect_faces,

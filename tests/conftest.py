@@ -97,3 +97,21 @@ def make_stage(tmp_path_factory: pytest.TempPathFactory, prepared_sources: Path)
         return out / "stage1"
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, make_stage) -> Path:
+    """A tiny model pretrained 30 steps on a prose + photos stage: its out_dir (checkpoints/, metrics.jsonl)."""
+    from model.trainer import Trainer
+    from schemas import TrainConfig, validate_config
+
+    stage = make_stage(30_000)
+    out = tmp_path_factory.mktemp("tiny_run")
+    config = validate_config(TrainConfig, {
+        "model": {"preset": "tiny"}, "data": str(stage), "out_dir": str(out), "seq_len": 128, "steps": 30,
+        "global_batch_size": 8, "micro_batch_size": 4, "optimizer": {"lr": 3e-3},
+        "schedule": {"kind": "warmup_exponential", "warmup_steps": 3}, "checkpoint": {"every_steps": 30},
+        "logging": {"every_steps": 30, "tensorboard": False},
+    })  # fmt: skip
+    Trainer(config, log=lambda _: None).train()
+    return out

@@ -1,0 +1,100 @@
+"""A trained model ready to prompt: weights, config, vocabulary and tokenizers found from one checkpoint path.
+
+A path may be a training run's `out_dir`, its `checkpoints/` folder (the `latest` one is used), one `step-NNNNNNNN`
+folder, or a folder in our `convert` format. The trainer writes `model_config.json` and `tokenizers.json` into every
+step folder; folders without `tokenizers.json` (e.g. converted Meta weights) need the tokenizer paths given.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.checkpointing import CheckpointError, latest_checkpoint
+from model.convert import OURS_CONFIG, OURS_WEIGHTS, ConversionError, load_ours
+from model.image_tokenizer import ImageTokenizer
+from model.mixed_tokenizer import MixedModalTokenizer
+from model.text_tokenizer import load_text_tokenizer
+from model.transformer import Transformer
+from model.vocabulary import Vocabulary
+from schemas.model_config import ModelConfig
+
+TOKENIZERS_FILE = "tokenizers.json"
+
+
+@dataclass
+class InferenceModel:
+    """A model in eval mode with the vocabulary and the tokenizers it was trained with."""
+
+    model: Transformer
+    config: ModelConfig
+    vocab: Vocabulary
+    tokenizer: MixedModalTokenizer
+    checkpoint: Path
+    step: int | None
+    sft: bool = False  # fine-tuned on `<s> prompt <sep> answer </s>`: prompts should end with the separator
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The folder holding the weights for `path` (see the module docstring), or a CheckpointError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if (path / OURS_WEIGHTS).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"{path}: no checkpoint here (expected {OURS_WEIGHTS}, step-NNNNNNNN folders or checkpoints/)"
+    )
+
+
+def load_inference_model(
+    path: str | Path,
+    text_tokenizer: str | Path | None = None,
+    image_tokenizer: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> InferenceModel:
+    """Load the checkpoint at `path` in eval mode; tokenizer paths override those recorded with the checkpoint."""
+    folder = resolve_checkpoint(path)
+    if not (folder / OURS_CONFIG).is_file():
+        raise CheckpointError(f"{folder}: no {OURS_CONFIG}; checkpoints from before it was written can be loaded "
+                              f"with `cham convert` from the training config's model")  # fmt: skip
+    try:
+        config, state = load_ours(folder)
+    except (ConversionError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{folder}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
+    recorded = json.loads((folder / TOKENIZERS_FILE).read_text()) if (folder / TOKENIZERS_FILE).is_file() else {}
+    text_path, image_path = text_tokenizer or recorded.get("text"), image_tokenizer or recorded.get("image")
+    if text_path is None:
+        raise CheckpointError(f"{folder}: no {TOKENIZERS_FILE} names its tokenizers; pass the text tokenizer's path")
+    for kind, p in (("text", text_path), ("image", image_path)):
+        if p is not None and not Path(p).exists():
+            raise CheckpointError(f"{folder}: its {kind} tokenizer {p} does not exist; pass its new path")
+    text = load_text_tokenizer(text_path)
+    image = ImageTokenizer.load(image_path) if image_path is not None else None
+    if text.vocab.size != config.vocab_size:
+        raise CheckpointError(f"{folder}: the model has {config.vocab_size} ids but the text tokenizer's vocabulary "
+                              f"{text.vocab.size}")  # fmt: skip
+    layout = text.vocab.layout
+    if image is not None and (image.config.n_embed, image.tokens_per_image) != (
+        layout.image_codes,
+        layout.tokens_per_image,
+    ):
+        raise CheckpointError(f"{folder}: the image tokenizer has {image.config.n_embed} codes and "
+                              f"{image.tokens_per_image} per image, the vocabulary {layout.image_codes} and "
+                              f"{layout.tokens_per_image}")  # fmt: skip
+    model = Transformer(config)
+    model.load_state_dict(state)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    step_file = folder / "state.json"
+    step = json.loads(step_file.read_text())["step"] if step_file.is_file() else None
+    training = folder / "training.json"
+    sft = training.is_file() and json.loads(training.read_text()).get("kind") == "sft"
+    return InferenceModel(model, config, text.vocab, MixedModalTokenizer(text, image), folder, step, sft)
