@@ -30,7 +30,7 @@ def test_text_mode_streams_what_it_saves_and_is_reproducible(tiny_run: Path, tmp
     assert text and text in first.output  # what streamed to the terminal is what was saved
     page = (tmp_path / "a" / "generation.html").read_text()
     assert "The function" in page and "<img" not in page
-    second = generate(tiny_run, tmp_path / "b", *args)
+    assert generate(tiny_run, tmp_path / "b", *args).exit_code == 0
     assert json.loads((tmp_path / "b" / "generation.json").read_text())["segments"] == record["segments"]
 
 
