@@ -17,10 +17,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from model.mixed_tokenizer import MixedModalTokenizer, Segment
-from model.transformer import KVCache, Transformer
+from model.transformer import KVCache, Transformer, rotary_angles
 from model.vocabulary import Modality, Vocabulary
 from schemas.generate_config import GenerateConfig, GenerationMode
 
@@ -35,6 +38,20 @@ def _kind_mask(vocab: Vocabulary, kinds: tuple[Modality, ...], extra: tuple[int,
     return mask
 
 
+def _allowed_parts(vocab: Vocabulary, mode: str, in_image: bool, codes_left: int,
+                   positions_left: int) -> tuple[tuple[Modality, ...], tuple[int, ...]]:  # fmt: skip
+    """The (modalities, extra ids) key of `allowed_mask`'s answer: hashable, so masks and plans can be cached."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if in_image:
+        return ((Modality.IMAGE,), ()) if codes_left > 0 else ((), (vocab.eoi_id,))
+    if mode == "image":
+        return (), (vocab.boi_id,)
+    if mode == "mixed" and positions_left >= vocab.tokens_per_image + 2:
+        return (Modality.TEXT,), (vocab.eos_id, vocab.boi_id)
+    return (Modality.TEXT,), (vocab.eos_id,)
+
+
 def allowed_mask(vocab: Vocabulary, mode: str, in_image: bool, codes_left: int, positions_left: int) -> torch.Tensor:
     """Bool [V]: the ids the next token may be.
 
@@ -42,17 +59,41 @@ def allowed_mask(vocab: Vocabulary, mode: str, in_image: bool, codes_left: int, 
     sampling). Outside: `image` mode allows only BOI; `text` allows text ids and `</s>`; `mixed` also BOI when
     `positions_left` (new tokens still allowed, this one included) holds BOI, the codes and EOI.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if in_image:
-        mask = _kind_mask(vocab, (Modality.IMAGE,)) if codes_left > 0 else _kind_mask(vocab, (), (vocab.eoi_id,))
-    elif mode == "image":
-        mask = _kind_mask(vocab, (), (vocab.boi_id,))
-    elif mode == "mixed" and positions_left >= vocab.tokens_per_image + 2:
-        mask = _kind_mask(vocab, (Modality.TEXT,), (vocab.eos_id, vocab.boi_id))
-    else:
-        mask = _kind_mask(vocab, (Modality.TEXT,), (vocab.eos_id,))
+    mask = _kind_mask(vocab, *_allowed_parts(vocab, mode, in_image, codes_left, positions_left))
     return mask.clone()  # the cached tensor must not be changed by a caller
+
+
+@lru_cache(maxsize=64)
+def _allowed_ids(vocab: Vocabulary, parts: tuple) -> tuple[int | None, torch.Tensor]:
+    """(the one allowed id when there is only one, else None; every allowed id, ascending) for an allowed key."""
+    ids = _kind_mask(vocab, *parts).nonzero().flatten()
+    return (int(ids[0]) if len(ids) == 1 else None), ids
+
+
+# Output rows are computed in contiguous runs of at least this many ids; shorter runs are gathered.
+_MIN_RUN = 64
+
+
+@lru_cache(maxsize=64)
+def _logit_plan(vocab: Vocabulary, keys: frozenset) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]] | None:
+    """Which output rows one step needs: the union of its rows' allowed ids as (runs, gathered ids).
+
+    None means "all of them" (the union covers most of the vocabulary). Only these logits are computed; every
+    other id is -inf, which the modality mask would have set anyway.
+    """
+    need = np.zeros(vocab.size, dtype=bool)
+    for parts in keys:
+        need |= _kind_mask(vocab, *parts).numpy()
+    if need.sum() > 0.9 * vocab.size:
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], need.astype(np.int8), [0]))))
+    runs, extra = [], []
+    for lo, hi in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+        if hi - lo >= _MIN_RUN:
+            runs.append((lo, hi))
+        else:
+            extra.extend(range(lo, hi))
+    return tuple(runs), tuple(extra)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -88,14 +129,59 @@ def guided_logits(full: torch.Tensor, img: torch.Tensor, unc: torch.Tensor, s_tx
     return unc + s_img * (img - unc) + s_txt * (full - img)
 
 
-def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                  cache: KVCache | None, start_pos: int) -> torch.Tensor:  # fmt: skip
-    # Transformer.forward builds its own causal mask with a cache, which would let rows attend padding; the layers
-    # take an explicit mask, so the same embedding -> layers -> norm -> output path runs with the validity mask.
+def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                  cache: KVCache | None, start_pos: int, plan=None) -> torch.Tensor | None:  # fmt: skip
+    """Float logits [R, V] of the last position, on the CPU; only the ids of `plan` (see `_logit_plan`) are computed
+    when given (the rest are -inf); `plan=()` runs the layers (filling the cache) and returns None.
+
+    Transformer.forward builds its own causal mask with a cache, which would let rows attend padding; the layers
+    take an explicit mask, so the same embedding -> layers -> norm -> output path runs with the validity mask
+    (None when every row attends every column: plain causal attention).
+    """
+    cfg = model.config
+    rope = rotary_angles(positions, cfg.head_dim, cfg.rope_theta)  # once per step, shared by every layer
     h = model.tok_embeddings(tokens)
+    attn_mask = None if mask is None else mask[:, None]
     for layer in model.layers:
-        h = layer(h, positions, mask[:, None], cache, start_pos)
-    return model.output(model.norm(h[:, -1])).float()
+        h = layer(h, positions, attn_mask, cache, start_pos, rope=rope)
+    if plan == ():
+        return None
+    h = model.norm(h[:, -1])
+    out = model.output
+    if plan is None or not isinstance(out, nn.Linear):
+        return out(h).float().cpu()
+    runs, extra = plan
+    w, bias = out.weight, out.bias
+    parts = [F.linear(h, w[lo:hi], None if bias is None else bias[lo:hi]) for lo, hi in runs]
+    if extra:
+        idx = torch.tensor(extra, device=h.device)
+        parts.append(F.linear(h, w[idx], None if bias is None else bias[idx]))
+    compact = torch.cat(parts, -1).float().cpu()  # only the needed columns cross to the CPU
+    logits = torch.full((h.shape[0], cfg.vocab_size), float("-inf"))
+    at = 0
+    for lo, hi in runs:
+        logits[:, lo:hi] = compact[:, at : at + hi - lo]
+        at += hi - lo
+    if extra:
+        logits[:, list(extra)] = compact[:, at:]
+    return logits
+
+
+def _sample_allowed(scores: torch.Tensor, allowed_ids: torch.Tensor, temperature: float, top_p: float,
+                    generator: torch.Generator | None) -> int:  # fmt: skip
+    """`sample` for logits that are -inf outside `allowed_ids`: top-p sorts only the allowed ids, not all V.
+
+    The same filter and the same multinomial draw over all V (so the same generator state and ids as `sample`);
+    only the rounding of top-p's softmax can differ (it normalises over the allowed ids).
+    """
+    if temperature == 0:
+        return int(scores.argmax())
+    scaled = scores.float() / temperature
+    if top_p < 1.0 and len(allowed_ids) < len(scaled):
+        scaled[allowed_ids] = top_p_filter(scaled[allowed_ids], top_p)
+    elif top_p < 1.0:
+        scaled = top_p_filter(scaled, top_p)
+    return int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
 
 
 def _attention_mask(valid: torch.Tensor, start_pos: int, n_new: int) -> torch.Tensor:
@@ -114,6 +200,57 @@ class _Stream:
     codes_left: int = 0
     boi_col: int = -1  # cache column of the current image's BOI
     done: bool = False
+
+
+class _Decode:
+    """The token, validity and position grids of one generation (on the model's device) and the Python-side
+    bookkeeping that fills them one column per step: per-row counts of valid columns, and whether every row still
+    attends every column so far (`dense`: then no attention mask is needed).
+    """
+
+    def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, n_valid: list[int],
+                 dense: bool):  # fmt: skip
+        self.tokens, self.valid, self.positions = tokens, valid, positions
+        self.n_valid, self.dense = n_valid, dense
+        self.col_tokens: list[int] = []
+        self.col_valid: list[bool] = []
+
+    def begin_column(self, rows: int, pad_id: int) -> None:
+        self.col_tokens, self.col_valid = [pad_id] * rows, [False] * rows
+
+    def end_column(self, col: int) -> None:
+        """Write the column: a row's position there is the number of valid columns before it."""
+        pos = list(self.n_valid)
+        self.n_valid = [n + v for n, v in zip(self.n_valid, self.col_valid, strict=True)]
+        self.dense = self.dense and all(self.col_valid)
+        column = torch.tensor([self.col_tokens, self.col_valid, pos]).to(self.tokens.device)
+        self.tokens[:, col] = column[0]
+        self.valid[:, col] = column[1].bool()
+        self.positions[:, col] = column[2]
+
+
+class _SeenIds:
+    """The text ids a prompt has seen, for the repetition penalty (applied to those ids only, not all V)."""
+
+    def __init__(self, ids):
+        self.ids = set(ids)
+        self._tensor: torch.Tensor | None = None
+
+    def add(self, token: int) -> None:
+        if token not in self.ids:
+            self.ids.add(token)
+            self._tensor = None
+
+    def penalize(self, logits: torch.Tensor, penalty: float) -> torch.Tensor:
+        """`apply_repetition_penalty` with `seen` = these ids, computed on the seen ids only."""
+        if penalty == 1.0 or not self.ids:
+            return logits
+        if self._tensor is None:
+            self._tensor = torch.tensor(sorted(self.ids), dtype=torch.long)
+        vals = logits[self._tensor]
+        out = logits.clone()
+        out[self._tensor] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        return out
 
 
 class Generator:
@@ -182,15 +319,15 @@ class Generator:
         n_groups = 3 if self.guidance and mode != "text" else 1
         rows = b * n_groups
 
-        tokens = torch.full((rows, total), vocab.pad_id, dtype=torch.long, device=device)
-        valid = torch.zeros((rows, total), dtype=torch.bool, device=device)
+        tokens = torch.full((rows, total), vocab.pad_id, dtype=torch.long)
+        valid = torch.zeros((rows, total), dtype=torch.bool)
         for i, p in enumerate(prompts):
-            ids = torch.tensor(p, device=device)
+            ids = torch.tensor(p)
             for g in range(n_groups):
                 tokens[g * b + i, plen - len(p) : plen] = ids
             valid[i, plen - len(p) : plen] = True
             if n_groups == 3:
-                kinds = torch.from_numpy(vocab.modalities(p)).to(device)
+                kinds = torch.from_numpy(vocab.modalities(p))
                 keep = (kinds == Modality.IMAGE) | (kinds == Modality.BOI) | (kinds == Modality.EOI)
                 valid[b + i, plen - len(p) : plen] = keep | (ids == vocab.bos_id)
                 valid[2 * b + i, plen - len(p)] = True  # the unconditional row: <s>
@@ -198,70 +335,91 @@ class Generator:
                     valid[2 * b + i, states[i].boi_col : plen] = True
         # Each row numbers only the tokens it attends: left padding and dropped text do not shift positions.
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        seen = torch.zeros((b, vocab.size), dtype=torch.bool)  # on the CPU, with the logits
-        for i, p in enumerate(prompts):
-            seen[i, p] = True
-        seen &= self._text_ids  # Meta penalizes the whole context; only text ids can repeat in text
+        # Bookkeeping lives in Python and on the CPU; the device gets one new column per step (no per-row syncs).
+        dec = _Decode(
+            tokens=tokens.to(device), valid=valid.to(device), positions=positions.to(device),
+            n_valid=valid.sum(1).tolist(), dense=bool(valid[:, :plen].all()),
+        )  # fmt: skip
+        # Meta penalizes the whole context; only text ids can repeat in text.
+        seen = [_SeenIds(t for t in set(p) if vocab.modality(t) == Modality.TEXT) for p in prompts]
 
         cache = model.make_cache(rows, total) if self.use_cache else None
 
-        def run(start: int, end: int) -> torch.Tensor:
+        def parts_at(step: int) -> list[tuple | None]:
+            left = max_new_tokens - step
+            return [None if st.done else _allowed_parts(vocab, mode, st.in_image, st.codes_left, left) for st in states]
+
+        def run(start: int, end: int, parts: list[tuple | None]) -> torch.Tensor | None:
             if cache is None:  # recompute everything: the reference the cached path must match
                 start = 0
-            mask = _attention_mask(valid[:, :end], start, end - start)
+            # Logits only for ids some row may sample next (forced ids, e.g. EOI, need none).
+            keys = frozenset(p for p in parts if p is not None and _allowed_ids(vocab, p)[0] is None)
+            plan = _logit_plan(vocab, keys) if keys else ()
+            mask = None if dec.dense else _attention_mask(dec.valid[:, :end], start, end - start)
             # no_grad here, not around the loop: a context held across `yield` would leak into the caller.
             with torch.no_grad():
-                logits = _forward_last(model, tokens[:, start:end], positions[:, start:end], mask, cache, start)
-            # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.
-            return logits.cpu()
+                # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.
+                return _forward_last(
+                    model, dec.tokens[:, start:end], dec.positions[:, start:end], mask, cache, start, plan
+                )
 
-        logits = run(0, plen)
+        parts = parts_at(0)
+        logits = run(0, plen, parts)
         for step in range(max_new_tokens):
             col = plen + step
             new: list[int | None] = []
+            dec.begin_column(rows, vocab.pad_id)
             for i, st in enumerate(states):
                 if st.done:
                     new.append(None)
                     continue
-                allowed = allowed_mask(vocab, mode, st.in_image, st.codes_left, max_new_tokens - step)
-                if int(allowed.sum()) == 1:  # BOI in image mode, EOI after the last code: inserted, not sampled
-                    token = int(allowed.nonzero()[0, 0])
-                elif st.in_image:
-                    scores = logits[i]
-                    if n_groups == 3:
-                        scores = guided_logits(
-                            scores, logits[b + i], logits[2 * b + i], image_cfg.cfg_text, image_cfg.cfg_image
-                        )
-                    scores = scores.masked_fill(~allowed, float("-inf"))
-                    token = sample(scores, image_cfg.temperature, image_cfg.top_p, gens[i])
+                forced, allowed_ids = _allowed_ids(vocab, parts[i])
+                if forced is not None:  # BOI in image mode, EOI after the last code: inserted, not sampled
+                    token = forced
                 else:
-                    scores = apply_repetition_penalty(logits[i], seen[i], text_cfg.repetition_penalty)
-                    scores = scores.masked_fill(~allowed, float("-inf"))
-                    token = sample(scores, text_cfg.temperature, text_cfg.top_p, gens[i])
-                self._advance(st, i, token, col, mode, b, n_groups, tokens, valid, positions, seen)
+                    allowed = _kind_mask(vocab, *parts[i])
+                    if st.in_image:
+                        scores = logits[i]
+                        if n_groups == 3:
+                            scores = guided_logits(
+                                scores, logits[b + i], logits[2 * b + i], image_cfg.cfg_text, image_cfg.cfg_image
+                            )
+                        scores = scores.masked_fill(~allowed, float("-inf"))
+                        token = _sample_allowed(scores, allowed_ids, image_cfg.temperature, image_cfg.top_p, gens[i])
+                    else:
+                        scores = seen[i].penalize(logits[i], text_cfg.repetition_penalty)
+                        scores = scores.masked_fill(~allowed, float("-inf"))
+                        token = _sample_allowed(scores, allowed_ids, text_cfg.temperature, text_cfg.top_p, gens[i])
+                self._advance(st, i, token, col, mode, b, n_groups, dec, seen)
                 new.append(token)
+            dec.end_column(col)
             yield new
             if all(st.done for st in states) or step == max_new_tokens - 1:
                 break
-            logits = run(col, col + 1)
+            parts = parts_at(step + 1)
+            if mode == "image" and all(p is None or p == ((), (vocab.eoi_id,)) for p in parts):
+                continue  # every open image gets its EOI and then ends: no model step is needed for it
+            logits = run(col, col + 1, parts)
 
-    def _advance(self, st: _Stream, i: int, token: int, col: int, mode: str, b: int, n_groups: int,
-                 tokens: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
-                 seen: torch.Tensor) -> None:  # fmt: skip
+    def _advance(self, st: _Stream, i: int, token: int, col: int, mode: str, b: int, n_groups: int, dec: _Decode,
+                 seen: list[_SeenIds]) -> None:  # fmt: skip
         """Record prompt i's new token in its rows and move its state machine."""
         vocab = self.vocab
         kind = vocab.modality(token)
-        rows = [g * b + i for g in range(n_groups)]
-        tokens[rows, col] = token
-        valid[i, col] = True
+        for g in range(n_groups):
+            dec.col_tokens[g * b + i] = token
+        dec.col_valid[i] = True
         if kind == Modality.TEXT:
-            seen[i, token] = True
+            seen[i].add(token)
         if kind == Modality.BOI:
             st.in_image, st.codes_left, st.boi_col = True, vocab.tokens_per_image, col
             if n_groups == 3:
                 # The unconditional stream is `<s>` + this image only (Meta rebuilds it as [<s>, BOI] per image).
-                first = int(valid[2 * b + i].nonzero()[0, 0])
-                valid[2 * b + i, first + 1 : col] = False
+                r = 2 * b + i
+                first = int(dec.valid[r].nonzero()[0, 0])
+                dec.valid[r, first + 1 : col] = False
+                dec.n_valid[r] = int(dec.valid[r, :col].sum())
+                dec.dense = False
         elif kind == Modality.IMAGE:
             st.codes_left -= 1
         elif kind == Modality.EOI:
@@ -270,10 +428,8 @@ class Generator:
         elif token == vocab.eos_id:
             st.done = True
         if n_groups == 3 and kind in (Modality.BOI, Modality.IMAGE, Modality.EOI):
-            valid[b + i, col] = True
-            valid[2 * b + i, col] = True
-        for r in rows:
-            positions[r, col] = int(valid[r, :col].sum())
+            dec.col_valid[b + i] = True
+            dec.col_valid[2 * b + i] = True
 
     def generate(self, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, mode: GenerationMode | None = None,
                  max_new_tokens: int | None = None, seed: int | None = None) -> list[list[int]]:  # fmt: skip

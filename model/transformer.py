@@ -13,6 +13,8 @@ from torch import nn
 
 from schemas.model_config import ModelConfig
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin of the rotary angles, from `rotary_angles`
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension with a learned scale and no bias."""
@@ -94,25 +96,40 @@ class Attention(nn.Module):
         else:
             self.q_normalization = self.k_normalization = None
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, S, H, hd], k and v [B, S, Hkv, hd]: projected, QK-normed, then rotated (q and k)."""
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: Rope | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, S, H, hd], k and v [B, S, Hkv, hd]: projected, QK-normed, then rotated (q and k).
+
+        `rope` is `rotary_angles(positions, ...)` when the caller computed it once for all layers.
+        """
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         if self.q_normalization is not None:
             q, k = self.q_normalization(q), self.k_normalization(k)
-        cos, sin = rotary_angles(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope if rope is not None else rotary_angles(positions, self.head_dim, self.rope_theta)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0, start_pos: int = 0) -> torch.Tensor:  # fmt: skip
+                cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
+                rope: Rope | None = None) -> torch.Tensor:  # fmt: skip
         """Attention output [B, S, dim]; `mask` is a boolean SDPA mask, or None for plain causal attention."""
         b, s, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.project(x, positions))  # -> [B, heads, S, hd]
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, positions, rope))  # -> [B, heads, S, hd]
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)
         n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1 and cache is not None:
+            # Decoding: SDPA reads each KV head for its group of q heads; no copy of the whole cache per step.
+            total = k.shape[2]
+            if mask is None and s > 1 and total != s:  # new tokens after cached ones: causal among themselves
+                q_idx = torch.arange(total - s, total, device=k.device)
+                mask = torch.arange(total, device=k.device)[None, :] <= q_idx[:, None]
+            causal = mask is None and s > 1
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            return self.wo(out.transpose(1, 2).reshape(b, s, -1))
         if n_rep > 1:
             # q head h reads kv head h // n_rep, as in Meta's and HF's GQA.
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -151,9 +168,10 @@ class TransformerBlock(nn.Module):
         self.ffn_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:  # fmt: skip
-        """Block output [B, S, dim]."""
-        attn_args = (positions, mask, cache, self.layer_id, start_pos)
+                cache: KVCache | None = None, start_pos: int = 0,
+                rope: Rope | None = None) -> torch.Tensor:  # fmt: skip
+        """Block output [B, S, dim]; `rope`: the rotary cos/sin of `positions` when computed once for all layers."""
+        attn_args = (positions, mask, cache, self.layer_id, start_pos, rope)
         if self.swin_norm:
             h = x + self.attn_dropout(self.attention_norm(self.attention(x, *attn_args)))
             return h + self.ffn_dropout(self.ffn_norm(self.feed_forward(h)))
@@ -217,7 +235,8 @@ class Transformer(nn.Module):
             # New tokens see every cached one and are causal among themselves.
             q_idx = torch.arange(start_pos, start_pos + s, device=tokens.device)
             mask = torch.arange(start_pos + s, device=tokens.device)[None, :] <= q_idx[:, None]
+        rope = rotary_angles(positions, self.config.head_dim, self.config.rope_theta)  # once, not once per layer
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, positions, mask, cache, start_pos)
+            h = layer(h, positions, mask, cache, start_pos, rope=rope)
         return self.output(self.norm(h))

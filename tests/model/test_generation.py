@@ -14,6 +14,7 @@ from model.generation import (
     allowed_mask,
     apply_repetition_penalty,
     guided_logits,
+    sample,
     stream_segments,
     top_p_filter,
 )
@@ -290,3 +291,62 @@ def test_guided_greedy_matches_slow_reference(tmp_path, mode):
         assert expected.count(VOCAB.boi_id) >= 2, "the reference must cover a second image"
     with torch.no_grad():
         assert Generator(model, VOCAB, config).generate([text_prompt(1, 9), prompt], mode, 180, 0)[1] == expected
+
+
+def test_restricted_output_logits_equal_full_logits():
+    # The fast path computes only the output rows a step may sample (runs + gathered ids); the rest must be -inf
+    # and the computed ones must equal the full output layer's.
+    from model.generation import _forward_last, _kind_mask, _logit_plan
+
+    model = tiny_model(2, boi_bias=3.0, init_std=0.2)
+    tokens = torch.tensor([text_prompt(4, 9)])
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.no_grad():
+        full = _forward_last(model, tokens, positions, None, None, 0)
+        torch.testing.assert_close(full, model(tokens)[:, -1].float(), atol=1e-5, rtol=1e-5)
+        for keys in [
+            {((Modality.TEXT,), (VOCAB.eos_id, VOCAB.boi_id))},
+            {((Modality.IMAGE,), ())},
+            {((Modality.IMAGE,), ()), ((Modality.TEXT,), (VOCAB.eos_id,))},
+        ]:
+            plan = _logit_plan(VOCAB, frozenset(keys))
+            # Text plus image codes cover 99% of the tiny vocabulary: then every logit is computed (plan None).
+            assert (plan is None) == (len(keys) == 2) and (plan is None or plan[0])
+            part = _forward_last(model, tokens, positions, None, None, 0, plan)
+            need = torch.zeros(VOCAB.size, dtype=torch.bool)
+            for k in keys:
+                need |= _kind_mask(VOCAB, *k)
+            torch.testing.assert_close(part[:, need], full[:, need], atol=1e-5, rtol=1e-5)
+            assert plan is None or torch.isinf(part[:, ~need]).all()
+        assert _forward_last(model, tokens, positions, None, model.make_cache(1, 20), 0, ()) is None
+
+
+def test_sampling_fast_paths_equal_reference_functions():
+    from model.generation import _sample_allowed, _SeenIds
+
+    torch.manual_seed(0)
+    image = VOCAB.mask(Modality.IMAGE)
+    allowed_ids = image.nonzero().flatten()
+    for seed in range(20):
+        logits = torch.randn(VOCAB.size) * 3
+        scores = logits.masked_fill(~image, float("-inf"))
+        reference = sample(scores, 0.7, 0.9, torch.Generator().manual_seed(seed))
+        assert _sample_allowed(scores, allowed_ids, 0.7, 0.9, torch.Generator().manual_seed(seed)) == reference
+    assert _sample_allowed(scores, allowed_ids, 0.0, 0.9, None) == int(scores.argmax())
+    seen_ids = [300, 301, 999, 2047]
+    seen = torch.zeros(VOCAB.size, dtype=torch.bool)
+    seen[seen_ids] = True
+    assert torch.equal(_SeenIds(seen_ids).penalize(logits, 1.3), apply_repetition_penalty(logits, seen, 1.3))
+
+
+@pytest.mark.parametrize("mode", ["text", "mixed"])
+def test_padded_batch_equals_each_prompt_alone_greedy(tmp_path, mode):
+    # Alone, a prompt runs the unmasked fast path (every column valid); in a batch with a longer prompt it is
+    # left-padded and runs the masked path. Greedy outputs must agree.
+    config = make_config(tmp_path, text={"temperature": 0.0}, image={"temperature": 0.0})
+    gen = Generator(tiny_model(9, boi_bias=4.0, init_std=0.2), VOCAB, config, guidance=False)
+    prompts = [text_prompt(1, 3), text_prompt(2, 11)]
+    batch = gen.generate(prompts, mode, 90, 0)
+    assert batch == [gen.generate([p], mode, 90, 0)[0] for p in prompts]
+    if mode == "mixed":
+        assert VOCAB.boi_id in batch[0] + batch[1]
