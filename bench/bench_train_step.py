@@ -4,6 +4,11 @@ One step = forward + cross-entropy over every next-token target + backward + Ada
 param groups for both), fp32, the same token batch, 2 threads. Both models have the same shape (dim, layers, heads,
 kv heads, SwiGLU width, vocab, QK-norm on, RMS eps, rope theta) and random weights.
 
+What is timed for ours: the trainer's loss path, `Transformer.forward(tokens, loss_mask=..., z_loss_weight=1e-5,
+image_token_mask=..., loss_chunk_size=TrainConfig's default)`: the output layer fused with CE + z-loss, chunk by chunk,
+never materialising the logits (it does slightly more work than HF's plain CE: the z-loss and the text/image split).
+`ours-logits` (shown for reference, not in the ratio) is the previous path: full logits, then `lm_loss`.
+
 What is timed for HF: the full `ChameleonForConditionalGeneration.forward(input_ids)` with SDPA attention and
 `use_cache=False`, including its in-place masking of image-token logits (a `vocabulary_map` with the same image-code
 ids as ours makes that mask realistic); its `.logits` feed the loss (targets are text ids, so the masked columns only
@@ -24,10 +29,12 @@ import torch.nn.functional as F
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 
+from model.losses import lm_loss
 from model.optim import make_optimizer
 from model.transformer import Transformer
+from model.vocabulary import Modality, Vocabulary
 from schemas.model_config import ModelConfig
-from schemas.train_config import OptimizerConfig
+from schemas.train_config import OptimizerConfig, TrainConfig
 from schemas.vocab import CHAMELEON, IMAGE_CODE_OFFSET, TINY, VocabLayout
 
 
@@ -84,13 +91,13 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def make_step(model: torch.nn.Module, forward, tokens: torch.Tensor):
+def make_step(model: torch.nn.Module, loss_of, tokens: torch.Tensor):
     """A closure running one full train step and returning its loss (a float: forces the work to finish)."""
     optimizer = make_optimizer(model, OptimizerConfig())
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = next_token_ce(forward(tokens), tokens)
+        loss = loss_of(tokens)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -110,7 +117,7 @@ def profile(name: str, step, rows: int = 14) -> None:
 
 
 def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq: int, steps: int, warmup: int,
-             do_profile: bool) -> float:  # fmt: skip
+             do_profile: bool, with_logits_path: bool = False) -> float:  # fmt: skip
     """Time ours and HF's train step, interleaved so drift on a shared machine hits both; returns ours / HF."""
     torch.manual_seed(0)
     ours = Transformer(cfg)
@@ -122,10 +129,23 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq:
     # Text ids only: HF's forward would otherwise look for image placeholders, and its logit mask hits image codes.
     tokens = torch.randint(layout.first_text_id, cfg.vocab_size, (batch, seq), generator=g)
 
+    loss_mask = torch.ones_like(tokens, dtype=torch.bool)
+    image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI)
+    chunk = TrainConfig.model_fields["loss_chunk_size"].default
+
+    def ours_loss(t: torch.Tensor) -> torch.Tensor:  # what Trainer._step runs
+        return ours(t, loss_mask=loss_mask, z_loss_weight=1e-5, image_token_mask=image_mask, loss_chunk_size=chunk).loss
+
     steps_by_name = {
-        "ours": make_step(ours, ours, tokens),
-        "hf": make_step(hf, lambda t: hf(input_ids=t, use_cache=False).logits, tokens),
+        "ours": make_step(ours, ours_loss, tokens),
+        "hf": make_step(hf, lambda t: next_token_ce(hf(input_ids=t, use_cache=False).logits, t), tokens),
     }
+    if with_logits_path:
+        torch.manual_seed(0)
+        ours_logits = Transformer(cfg).train()
+        steps_by_name["ours-logits"] = make_step(
+            ours_logits, lambda t: lm_loss(ours_logits(t), t, loss_mask, 1e-5, image_mask).loss, tokens
+        )
     print(
         f"\n[{label}] dim {cfg.dim}, layers {cfg.n_layers}, heads {cfg.n_heads}/{cfg.n_kv_heads} kv, "
         f"ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}; batch {batch} x seq {seq} = {batch * seq} tokens/step"
@@ -149,12 +169,15 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq:
         med, best = statistics.median(ts), min(ts)
         tps[name] = batch * seq / med
         print(
-            f"  {name:5s} median {med * 1e3:9.1f} ms/step  {batch * seq / med:9.0f} tok/s   "
+            f"  {name:11s} median {med * 1e3:9.1f} ms/step  {batch * seq / med:9.0f} tok/s   "
             f"best {best * 1e3:9.1f} ms  {batch * seq / best:9.0f} tok/s   last loss {losses[name]:.3f}"
         )
     best_ratio = min(times["hf"]) / min(times["ours"])
     ratio = tps["ours"] / tps["hf"]
     print(f"  ratio ours / HF: {ratio:.2f}x (median), {best_ratio:.2f}x (best)   goal >= 1.3x")
+    if "ours-logits" in tps:
+        print(f"  (reference) ours-logits / HF: {tps['ours-logits'] / tps['hf']:.2f}x (median); "
+              f"ours / ours-logits: {tps['ours'] / tps['ours-logits']:.2f}x")  # fmt: skip
     if do_profile:
         for name, step in steps_by_name.items():
             profile(f"{label} {name}", step)
@@ -169,13 +192,15 @@ def main() -> None:
     parser.add_argument("--big-batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
+    parser.add_argument("--logits-path", action="store_true", help="also time ours with full logits + lm_loss")
     args = parser.parse_args()
     # Two threads: the size of the CI / dev machines this runs on, and the same for both models.
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, AdamW (model.optim.make_optimizer)")
 
     tiny = ModelConfig.from_preset("tiny", max_seq_len=max(512, args.seq))
-    run_case("tiny", tiny, TINY, 4, args.seq, args.steps or (5 if args.quick else 10), 2, args.profile and args.quick)
+    run_case("tiny", tiny, TINY, 4, args.seq, args.steps or (5 if args.quick else 10), 2, args.profile and args.quick,
+             args.logits_path)  # fmt: skip
     if args.quick:
         return
     # ~100M non-embedding parameters (GPT-2-small widths) with Chameleon's full 65,536-id vocabulary.
@@ -183,7 +208,7 @@ def main() -> None:
         dim=768, n_layers=args.big_layers, n_heads=12, n_kv_heads=12, ffn_dim=2048, vocab_size=65_536,
         max_seq_len=max(512, args.seq),
     )  # fmt: skip
-    run_case("100M", big, CHAMELEON, args.big_batch, args.seq, args.steps or 3, 2, args.profile)
+    run_case("100M", big, CHAMELEON, args.big_batch, args.seq, args.steps or 3, 2, args.profile, args.logits_path)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,11 +12,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_convert import convert
+from flows.cli_eval import app as eval_app
 from flows.cli_generate import generate
 from flows.cli_image_tokenizer import app as image_tokenizer_app
 from flows.cli_mix import mix
 from flows.cli_output import console, fail
 from flows.cli_prepare import prepare
+from flows.cli_serve import serve
 from flows.cli_text_tokenizer import app as text_tokenizer_app
 from flows.cli_train import sft, train
 from pipelines.mix_report import ROW_FIELDS, report_rows
@@ -31,11 +34,13 @@ config_app = typer.Typer(help="Check and show config files.", no_args_is_help=Tr
 app.add_typer(config_app, name="config")
 app.add_typer(text_tokenizer_app, name="text-tokenizer")
 app.add_typer(image_tokenizer_app, name="image-tokenizer")
+app.add_typer(eval_app, name="eval")
 app.command("prepare")(prepare)
 app.command("mix")(mix)
 app.command("train")(train)
 app.command("sft")(sft)
 app.command("convert")(convert)
+app.command("serve")(serve)
 app.command("generate")(generate)
 
 
@@ -79,25 +84,33 @@ def config_check(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="folder for everything the demo writes")] = Path("data/demo"),
-    vq_steps: Annotated[int, typer.Option(help="training steps of the tiny VQ image tokenizer")] = 200,
+    vq_steps: Annotated[int, typer.Option(help="training steps of the tiny VQ image tokenizer")] = 150,
+    train_steps: Annotated[int, typer.Option(help="pretraining steps on stage 1 (stage 2 gets half)")] = 30,
+    sft_steps: Annotated[int, typer.Option(help="fine-tuning steps")] = 12,
 ) -> None:
-    """Run the main job on the bundled sample corpus and report what it did."""
-    from flows.demo import run_demo
+    """Run the end-to-end flow on the sample corpus (Prefect, no server needed) and write an HTML report."""
+    from flows.end_to_end import end_to_end, prefect_console_logging
 
-    report = run_demo(out, vq_steps=vq_steps, log=lambda line: console.print(escape(line)))
-    table = Table("source", "records in", "samples", "tokens", "images", "faces", "rejects",
+    prefect_console_logging()
+
+    result = end_to_end(out_dir=str(out), vq_steps=vq_steps, train_steps=train_steps, sft_steps=sft_steps)
+    table = Table("source", "records in", "samples out", "rejects", "tokens", "images", "faces",
                   title=f"cham demo: the sample corpus prepared into {out / 'prepared'}")  # fmt: skip
-    for name, t in report["prepared"].items():
-        table.add_row(name, *(f"{t[k]:,}" for k in ("records_in", "samples", "tokens", "images", "faces", "rejects")))
+    for row in result["prepared"]:
+        table.add_row(row["source"], *(f"{row[k]:,}" for k in ("records in", "samples out", "rejects", "tokens",
+                                                                "images", "faces")))  # fmt: skip
     console.print(table)
-    for stage, manifest in report["mixed"].items():
-        mix_table = Table(*ROW_FIELDS, title=f"{stage}: {manifest['sequences']} sequences of {manifest['seq_len']}")
+    for manifest_file in sorted(Path(result["mixed_dir"]).glob("*/manifest.json")):
+        manifest = json.loads(manifest_file.read_text())
+        mix_table = Table(*ROW_FIELDS, title=f"{manifest['stage']}: {manifest['sequences']} sequences of "
+                                             f"{manifest['seq_len']}")  # fmt: skip
         for row in report_rows(manifest):
             mix_table.add_row(*row)
         console.print(mix_table)
-    vq = report["vq_tokenizer"]
-    console.print(
-        f"text tokenizer: {report['text_tokenizer']['vocab_size']} ids; VQ tokenizer: held-out PSNR "
-        f"{vq['heldout_psnr_before']} -> {vq['heldout_psnr_after']} dB, codebook used {vq['codebook_usage']:.0%}; "
-        f"{report['seconds']} s; report: {out / 'demo-report.json'}"
-    )
+    runs = Table("run", "steps", "final loss", "text CE", "image CE", title="training")
+    for row in result["training"]:
+        runs.add_row(row["run"], str(row["steps"]), *(f"{row[k]:.4f}" for k in ("final loss", "text CE", "image CE")))
+    console.print(runs)
+    for g in result["generations"]:
+        console.print(f"{g['mode']}: {escape(g['text'][:120])!r} + {len(g['images'])} image(s)", highlight=False)
+    console.print(f"held-out loss {result['evaluation'][0]['loss']}; {result['seconds']} s; report: {result['report']}")

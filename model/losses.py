@@ -54,16 +54,7 @@ def lm_loss(
     z = z_loss_weight * _safe_mean(lse.square().sum(), n)
     loss = ce + z
 
-    with torch.no_grad():
-        ce_d = ce_per.detach()
-        if image_token_mask is None:
-            is_image = torch.zeros_like(targets, dtype=torch.bool)
-        else:
-            is_image = image_token_mask.to(device=targets.device, dtype=torch.bool)[targets]
-        n_image = is_image.sum()
-        n_text = n - n_image
-        ce_image = _safe_mean(torch.where(is_image, ce_d, 0.0).sum(), n_image)
-        ce_text = _safe_mean(torch.where(is_image, 0.0, ce_d).sum(), n_text)
+    ce_text, n_text, ce_image, n_image = _split_by_modality(ce_per, targets, n, image_token_mask)
 
     return LossOutput(
         loss=loss,
@@ -75,3 +66,133 @@ def lm_loss(
         ce_image=ce_image,
         n_image=n_image,
     )
+
+
+def _split_by_modality(ce_per: Tensor, targets: Tensor, n: Tensor, image_token_mask: Tensor | None):
+    """(ce_text, n_text, ce_image, n_image) of detached per-target CE, split by the target's modality."""
+    with torch.no_grad():
+        ce_d = ce_per.detach()
+        if image_token_mask is None:
+            is_image = torch.zeros_like(targets, dtype=torch.bool)
+        else:
+            is_image = image_token_mask.to(device=targets.device, dtype=torch.bool)[targets]
+        n_image = is_image.sum()
+        n_text = n - n_image
+        ce_image = _safe_mean(torch.where(is_image, ce_d, 0.0).sum(), n_image)
+        ce_text = _safe_mean(torch.where(is_image, 0.0, ce_d).sum(), n_text)
+    return ce_text, n_text, ce_image, n_image
+
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE + z·lse², divided by `denom`, of the logits `hidden @ weight.T`, a chunk of rows at a time.
+
+    Forward never holds more than one [chunk, V] block of logits. When gradients are needed they are computed in the
+    forward pass too, chunk by chunk, while the block is at hand (the d loss / d logits of a row is
+    (softmax · (1 + 2z·lse) - onehot(target)) / denom): grad_hidden rows are written once, grad_weight accumulates
+    over chunks. Backward then only scales both by the incoming scalar gradient, so the output layer costs the same
+    three matmuls as the unfused path, without the [N, V] logits, their softmax and their gradient in memory.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, z_loss_weight: float, denom: Tensor,
+                chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        n_rows, device = hidden.shape[0], hidden.device
+        want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad = want_grad_h or want_grad_w
+        # Under autocast the matmuls run in its dtype (as the unfused output layer would); the softmax is fp32.
+        autocast = torch.is_autocast_enabled(device.type)
+        compute = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
+        lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+        ce_per = torch.empty(n_rows, dtype=torch.float32, device=device)
+        grad_hidden = torch.empty_like(hidden) if want_grad_h else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_w else None
+        scale = 1.0 / denom.to(torch.float32)
+        with torch.autocast(device.type, enabled=False):
+            w = weight.to(compute)
+            block = None  # one [chunk, V] buffer reused by every chunk (fp32 inputs): no fresh pages per chunk
+            for start in range(0, n_rows, chunk_size):
+                end = min(start + chunk_size, n_rows)
+                h, t = hidden[start:end].to(compute), targets[start:end]
+                if compute == torch.float32:
+                    if block is None:
+                        block = torch.empty(min(chunk_size, n_rows), w.shape[0], dtype=torch.float32, device=device)
+                    logits = torch.mm(h, w.t(), out=block[: end - start])  # [chunk, V]
+                else:
+                    logits = (h @ w.t()).float()
+                target_logit = logits.gather(1, t[:, None]).squeeze(1)
+                row_max = logits.amax(dim=1, keepdim=True)
+                logits.sub_(row_max).exp_()  # in place: exp(logit - max)
+                sum_exp = logits.sum(dim=1, keepdim=True)
+                chunk_lse = (sum_exp.log() + row_max).squeeze(1)
+                lse[start:end] = chunk_lse
+                ce_per[start:end] = chunk_lse - target_logit
+                if not want_grad:
+                    continue
+                # d loss / d logits, in place over the exp block: softmax·(1 + 2z·lse)/denom, minus onehot/denom.
+                logits.mul_((1.0 + 2.0 * z_loss_weight * chunk_lse[:, None]) * scale / sum_exp)
+                logits.scatter_add_(1, t[:, None], (-scale).expand(end - start, 1))
+                d_logits = logits.to(compute)
+                if want_grad_h:
+                    grad_hidden[start:end] = d_logits @ w
+                if want_grad_w and compute == torch.float32:
+                    grad_weight.addmm_(d_logits.t(), h)
+                elif want_grad_w:
+                    grad_weight += (d_logits.t() @ h).float()
+        loss = (ce_per.sum() + z_loss_weight * lse.square().sum()) * scale
+        if want_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_grad_w else None)
+        ctx.mark_non_differentiable(ce_per, lse)
+        return loss, ce_per, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor, _grad_lse: Tensor):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("fused_lm_loss: backward through the same loss twice (retain_graph) is not supported")
+        ctx.consumed = True
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place: the buffers are this Function's own, and a second backward is refused above.
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def fused_lm_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    loss_mask: Tensor,
+    z_loss_weight: float = 1e-5,
+    image_token_mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LossOutput:
+    """`lm_loss(hidden @ weight.T, tokens, loss_mask, ...)` without ever materialising the [B, S, V] logits.
+
+    `hidden` [B, S, D] are the final (normed) hidden states, `weight` [V, D] the output layer. The supervised rows
+    are processed `chunk_size` at a time (see `_LinearCrossEntropy`); the result, its gradients and the text/image
+    split equal `lm_loss`'s up to float summation order.
+    """
+    if hidden.shape[:2] != tokens.shape or tokens.shape != loss_mask.shape:
+        raise ValueError(
+            f"shape mismatch: hidden {tuple(hidden.shape)}, tokens {tuple(tokens.shape)}, "
+            f"loss_mask {tuple(loss_mask.shape)}"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    mask = loss_mask[:, 1:].bool()
+    targets = tokens[:, 1:][mask]
+    rows = hidden[:, :-1][mask]  # [N, D]: only supervised positions reach the output layer
+    n = mask.sum()
+    loss, ce_per, lse = _LinearCrossEntropy.apply(
+        rows, weight, targets, float(z_loss_weight), n.clamp(min=1), int(chunk_size)
+    )
+    with torch.no_grad():
+        ce = _safe_mean(ce_per.sum(), n)
+        z = z_loss_weight * _safe_mean(lse.square().sum(), n)
+    ce_text, n_text, ce_image, n_image = _split_by_modality(ce_per, targets, n, image_token_mask)
+    return LossOutput(loss=loss, ce=ce, z_loss=z, n_tokens=n, ce_text=ce_text, n_text=n_text, ce_image=ce_image,
+                      n_image=n_image)  # fmt: skip

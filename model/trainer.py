@@ -28,7 +28,6 @@ from model.checkpointing import (
     read_checkpoint,
     save_checkpoint,
 )
-from model.losses import lm_loss
 from model.lr_schedule import make_scheduler
 from model.optim import clip_and_check, make_optimizer
 from model.stage_loader import StageLoader
@@ -207,9 +206,11 @@ class Trainer:
             sync = micro == self.accumulation - 1 or self.world_size == 1 or self.fsdp
             context = nullcontext() if sync else self.module.no_sync()  # DDP: all-reduce once per step
             with context, self._autocast():
-                logits = self.module(batch["tokens"], positions=batch["positions"],
-                                     doc_ids=batch["doc_ids"] if config.document_masking else None)  # fmt: skip
-                out = lm_loss(logits, batch["tokens"], batch["loss_mask"], config.z_loss, self.image_mask)
+                # The loss is fused into the forward (no [B, S, vocab] logits); see Transformer.forward.
+                out = self.module(batch["tokens"], positions=batch["positions"],
+                                  doc_ids=batch["doc_ids"] if config.document_masking else None,
+                                  loss_mask=batch["loss_mask"], z_loss_weight=config.z_loss,
+                                  image_token_mask=self.image_mask, loss_chunk_size=config.loss_chunk_size)  # fmt: skip
             (out.loss / self.accumulation).backward()
             tokens += int(batch["loss_mask"].sum())
             sums["loss"] += float(out.loss.detach()) / self.accumulation

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.losses import DEFAULT_CHUNK_SIZE, LossOutput, fused_lm_loss
 from schemas.model_config import ModelConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin of the rotary angles, from `rotary_angles`
@@ -39,12 +40,19 @@ def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of `x` [B, S, H, hd] by the angles (Meta's layout)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of `x` [B, S, H, hd] by the angles (Meta's layout).
+
+    As Meta does it: each pair is a complex number times exp(i·angle), one fused complex multiply (and one in
+    backward) instead of strided real arithmetic on the even and odd lanes and a stack.
+    """
+    if torch.compiler.is_compiling():  # the compiler fuses the real form; complex tensors would break its graph
+        pairs = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rotation = torch.complex(cos, sin)[:, :, None, :]  # broadcast over heads
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -217,11 +225,19 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=p.device, dtype=p.dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:  # fmt: skip
-        """Logits [B, S, vocab] for `tokens` [B, S].
+                cache: KVCache | None = None, start_pos: int = 0, *, loss_mask: torch.Tensor | None = None,
+                z_loss_weight: float = 1e-5, image_token_mask: torch.Tensor | None = None,
+                loss_chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor | LossOutput:  # fmt: skip
+        """Logits [B, S, vocab] for `tokens` [B, S]; or, given `loss_mask`, the training loss without any logits.
 
         `positions` [B, S] default to start_pos, start_pos+1, ...; `doc_ids` [B, S] restrict attention to the same
         document (packed sequences); with `cache`, the tokens continue the cached ones from `start_pos`.
+
+        With `loss_mask` [B, S] the result is `fused_lm_loss` of the final hidden states and the output layer: the
+        same values and gradients as `lm_loss(logits, tokens, loss_mask, z_loss_weight, image_token_mask)`, computed
+        `loss_chunk_size` supervised positions at a time so the [B, S, vocab] logits never exist. The loss is
+        computed inside `forward` so that a DDP or FSDP wrapper sees the output weight used in its forward (DDP
+        all-reduces its gradient, FSDP gathers and reduce-scatters it) exactly as in the logits path.
         """
         b, s = tokens.shape
         if positions is None:
@@ -239,4 +255,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, positions, mask, cache, start_pos, rope=rope)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if loss_mask is None:
+            return self.output(h)
+        return fused_lm_loss(h, self.output.weight, tokens, loss_mask, z_loss_weight, image_token_mask,
+                             loss_chunk_size)  # fmt: skip

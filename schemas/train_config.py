@@ -64,6 +64,9 @@ class TrainConfig(StrictModel):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     z_loss: float = Field(1e-5, ge=0.0, description="weight of log^2 Z")
+    loss_chunk_size: int = Field(
+        1024, gt=0, description="supervised positions per chunk of the fused output layer + loss (memory vs speed)"
+    )
     precision: Precision = "auto"
     compile: bool = Field(False, description="torch.compile each block")
     parallelism: Parallelism = "auto"

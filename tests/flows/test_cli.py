@@ -1,4 +1,4 @@
-"""The `cham` command line, run in process: help, config check, sample-data, demo."""
+"""The `cham` command line, run in process: help, config check, sample-data (the demo: test_end_to_end_flow)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def test_help_lists_only_working_commands() -> None:
         "train",
         "sft",
         "convert",
+        "generate",
+        "eval",
+        "serve",
     }
     assert set(group.commands["image-tokenizer"].commands) == {"train", "encode", "decode"}
     assert set(group.commands["config"].commands) == {"check"}
@@ -63,27 +66,3 @@ def test_sample_data_command(tmp_path: Path) -> None:
     assert manifest["text"]["records"] == 200 and manifest["sft"]["records"] == 30
     result = runner.invoke(app, ["sample-data", str(tmp_path / "s")])
     assert result.exit_code == 1 and "--force" in result.output
-
-
-def test_demo_runs_every_working_stage(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--vq-steps", "4"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "demo" / "demo-report.json").read_text())
-    assert report["raw"] == {"text": 200, "image_text": 24, "interleaved": 12, "sft": 30}
-    prepared = report["prepared"]
-    assert {k: v["records_in"] for k, v in prepared.items()} == {
-        "prose": 130, "code": 70, "photos": 24, "howto": 12, "instructions": 30,
-    }  # fmt: skip
-    for stats in prepared.values():  # nothing lost: every record is a sample or a reject
-        assert stats["records_in"] == stats["samples"] + stats["rejects"] and stats["rejects"] == 0
-    assert prepared["photos"]["images"] == 24 and prepared["photos"]["tokens"] > 24 * 66
-    assert prepared["howto"]["images"] == 15 and prepared["instructions"]["images"] == 18
-    assert (tmp_path / "demo/prepared/photos/manifest.json").is_file()
-    assert (tmp_path / "demo/prepare.yaml").is_file()
-    assert set(report["mixed"]) == {"stage1", "stage2", "sft"}
-    stage2 = report["mixed"]["stage2"]["sources"]
-    assert stage2["prose"]["weight"] == 1.45 and stage2["code"]["weight"] == 1.2  # stage 1 at half weight + new data
-    assert (tmp_path / "demo/mixed/report.png").is_file() and (tmp_path / "demo/mixture.yaml").is_file()
-    assert (tmp_path / "demo/tokenizers/vq/vqgan.ckpt").is_file()
-    assert (tmp_path / "demo/tokenizers/text/text_tokenizer.model").is_file()
-    assert "cham demo" in result.output

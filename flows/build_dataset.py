@@ -1,0 +1,113 @@
+"""The `build-dataset` flow: the prepare job (and optionally the mix job) as subprocesses, with progress and counts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from pydantic import Field
+
+from flows.artifacts import markdown_table
+from flows.subprocess_task import cham, run_command, run_logger
+from pipelines.shard_writer import STATS_SUFFIX, shard_name
+from pipelines.source_reader import plan_read_tasks
+from schemas import MixtureSpec, PrepareConfig, dump_config, load_config
+
+MANIFEST = "manifest.json"
+
+
+def planned_stats_files(config: PrepareConfig) -> list[Path]:
+    """The stats file of every shard the job will have written when done (one per read task, as the job plans)."""
+    return [
+        Path(config.output_dir) / source.name / f"{shard_name(i)}{STATS_SUFFIX}"
+        for source in config.sources
+        for i, _ in enumerate(plan_read_tasks(source, records_per_task=config.samples_per_shard))
+    ]
+
+
+def reject_rows(manifests: dict[str, dict[str, Any]], written: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per source: records in, samples out, rejects in all and by reason, tokens, shards new/skipped."""
+    rows = []
+    for name, manifest in manifests.items():
+        t = manifest["totals"]
+        shards = len(manifest["shards"])
+        rows.append({
+            "source": name, "kind": manifest["kind"], "records in": t["records_in"], "samples out": t["samples"],
+            "rejects": t["rejects"],
+            "rejects by reason": "; ".join(f"{r}: {n}" for r, n in t["rejects_by_reason"].items()) or "none",
+            "tokens": t["tokens"], "images": t["images"], "faces": t["faces"],
+            "shards new": written.get(name, 0), "shards skipped": shards - written.get(name, 0),
+        })  # fmt: skip
+    return rows
+
+
+@task(name="prepare", retries=2, retry_delay_seconds=5)
+def prepare_task(config: PrepareConfig) -> dict[str, Any]:
+    """`cham prepare` on the config; progress from the shards' stats files; returns per-source manifests."""
+    out = Path(config.output_dir)
+    config_file = dump_config(config, out / "prepare-config.yaml")
+    stats_files = planned_stats_files(config)
+    progress_id = create_progress_artifact(0.0, description=f"prepare: shards written of {len(stats_files)}")
+    launched = time.time()
+
+    def report() -> None:
+        # Complete shards skipped by the job already have their stats file; shards it redoes get a new one.
+        done = sum(1 for f in stats_files if f.exists())
+        update_progress_artifact(progress_id, 100.0 * done / max(1, len(stats_files)))
+
+    run_command(cham("prepare", str(config_file)), poll=report)
+    update_progress_artifact(progress_id, 100.0)
+    manifests = {s.name: json.loads((out / s.name / MANIFEST).read_text()) for s in config.sources}
+    written: dict[str, int] = {}
+    for f in stats_files:
+        if f.stat().st_mtime >= launched - 1:  # rewritten by this run (a retry counts its own attempt only)
+            written[f.parent.name] = written.get(f.parent.name, 0) + 1
+    return {"manifests": manifests, "written": written}
+
+
+@task(name="mix", retries=1, retry_delay_seconds=5)
+def mix_task(spec_file: Path, out: Path) -> dict[str, Any]:
+    """`cham mix` on a MixtureSpec file; returns the stage manifests (small: counts and shares)."""
+    run_command(cham("mix", str(spec_file), "--out", str(out)))
+    spec = load_config(MixtureSpec, spec_file)
+    return {stage: json.loads((out / stage / MANIFEST).read_text()) for stage in spec.stages}
+
+
+def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (stage, source): weight, target and realized token share, samples, repetitions."""
+    rows = []
+    for stage, m in manifests.items():
+        for name, s in m["sources"].items():
+            rows.append({"stage": stage, "source": name, "weight": s["weight"],
+                         "target share": round(s["target_share"], 4), "realized share": round(s["realized_share"], 4),
+                         "realized tokens": s["realized_tokens"], "samples": s["samples"],
+                         "repetitions": round(s["repetitions"], 3)})  # fmt: skip
+    return rows
+
+
+@flow(name="build-dataset")
+def build_dataset(
+    config: PrepareConfig,
+    mixture_file: str | None = Field(None, description="a MixtureSpec YAML to mix once the sources are prepared"),
+    mixed_dir: str | None = Field(None, description="where the mix writes its stages (default: OUTPUT_DIR/mixed)"),
+) -> dict[str, Any]:
+    """Tokenize raw sources into shards (complete shards are skipped), report counts and rejects, optionally mix."""
+    logger = run_logger()
+    prepared = prepare_task(config)
+    rows = reject_rows(prepared["manifests"], prepared["written"])
+    create_table_artifact(rows, key="build-dataset-sources",
+                          description="records in, samples out and rejects by reason, per source")  # fmt: skip
+    summary: dict[str, Any] = {"output_dir": str(config.output_dir), "sources": rows}
+    logger.info("prepared %d sources:\n%s", len(rows), markdown_table(rows))
+    if mixture_file:
+        out = Path(mixed_dir) if mixed_dir else Path(config.output_dir) / "mixed"
+        stages = mix_task(Path(mixture_file), out)
+        create_table_artifact(stage_rows(stages), key="build-dataset-stages",
+                              description=f"stages mixed into {out}: target vs realized token shares")  # fmt: skip
+        summary["mixed_dir"] = str(out)
+        summary["stages"] = {s: {"sequences": m["sequences"], "tokens": m["tokens"]} for s, m in stages.items()}
+    return summary

@@ -1,0 +1,158 @@
+"""The `end-to-end` flow: the whole pipeline on the bundled sample corpus in minutes, ending in an HTML report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
+
+from flows.artifacts import plot_loss_curves, read_metrics
+from flows.build_dataset import build_dataset, mix_task
+from flows.demo import demo_mixture, demo_prepare_config, demo_sft_config, demo_train_config
+from flows.evaluation_flows import evaluate, generate
+from flows.html_report import write_report
+from flows.subprocess_task import cham, run_command
+from flows.training_flows import sft, train
+from pipelines.mix_report import plot_shares
+from schemas import dump_config
+from schemas.vocab import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_PROMPTS = REPO / "sample" / "eval" / "prompts.jsonl"
+SAMPLE_PHOTO = "sample/images"
+
+
+def prefect_console_logging() -> None:
+    """Let Prefect format the console log of a run started from the CLI: Beam's import adds a plain root handler,
+    which Prefect would otherwise defer to; and keep the temporary local API quiet (no telemetry)."""
+    from prefect.logging.configuration import setup_logging
+
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+    setup_logging(incremental=False)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@task(name="sample-data")
+def sample_data_task(raw: Path) -> Path:
+    """`cham sample-data`: the bundled corpus in every raw format the prepare job reads."""
+    run_command(cham("sample-data", str(raw), "--force"))
+    return raw
+
+
+@task(name="train-tokenizers")
+def tokenizers_task(raw: Path, out: Path, vq_steps: int) -> list[dict[str, Any]]:
+    """A SentencePiece text tokenizer (tiny layout) and a tiny VQGAN image tokenizer, trained on the corpus."""
+    run_command(cham("text-tokenizer", "train", "--input", str(raw / "text"), "--layout", "tiny",
+                     "--vocab-size", str(TINY.vocab_size), "--out", str(out / "text")))  # fmt: skip
+    run_command(cham("image-tokenizer", "train", "--images", str(raw / "image_text"), "--preset", "tiny",
+                     "--steps", str(vq_steps), "--batch-size", "8", "--out", str(out / "vq")))  # fmt: skip
+    return [{"tokenizer": "text (SentencePiece BPE)", "vocabulary": TINY.vocab_size, "folder": str(out / "text")},
+            {"tokenizer": f"image (VQGAN, {vq_steps} steps)", "vocabulary": TINY.image_codes,
+             "folder": str(out / "vq")}]  # fmt: skip
+
+
+def _prompt_subset(out: Path, n: int) -> Path:
+    lines = EVAL_PROMPTS.read_text().splitlines()[:n]
+    path = out / "eval-prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_summary(out: Path, report: dict[str, Any], evaluated: dict[str, Any]) -> Path:
+    """OUT/demo-report.json: raw counts, prepared totals and stage manifests by name, runs, evaluation, timing."""
+    raw = json.loads((out / "raw" / "manifest.json").read_text())
+    prepared = {row["source"]: json.loads((out / "prepared" / row["source"] / "manifest.json").read_text())["totals"]
+                for row in report["prepared"]}  # fmt: skip
+    summary = {"out": str(out), "raw": {k: raw[k]["records"] for k in ("text", "image_text", "interleaved", "sft")},
+               "prepared": prepared, "mixed": report["mixed"], "training": report["training"],
+               "evaluation": evaluated, "report": str(out / "report.html"), "seconds": report["seconds"]}  # fmt: skip
+    path = out / "demo-report.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    return path
+
+
+@flow(name="end-to-end")
+def end_to_end(
+    out_dir: str = Field("data/demo", description="folder for everything the run writes"),
+    vq_steps: int = Field(150, ge=1, description="training steps of the tiny VQ image tokenizer"),
+    train_steps: int = Field(30, ge=2, description="pretraining steps on stage 1 (stage 2 gets half)"),
+    sft_steps: int = Field(12, ge=1, description="fine-tuning steps"),
+    max_new_tokens: int = Field(96, ge=8, description="new tokens per generated answer"),
+    eval_prompts: int = Field(3, ge=0, description="prompts of sample/eval/prompts.jsonl to answer"),
+) -> dict[str, Any]:
+    """Sample data -> tokenizers -> prepare -> mix -> pretrain (stage 1, 2) -> SFT -> generate -> evaluate -> report."""
+    started = time.perf_counter()
+    out = Path(out_dir).resolve()
+    raw = sample_data_task(out / "raw")
+    tokenizers = tokenizers_task(raw, out / "tokenizers", vq_steps)
+
+    prepare_config = demo_prepare_config(out)
+    dump_config(prepare_config, out / "prepare.yaml")  # for `cham prepare` by hand
+    built = build_dataset(config=prepare_config)
+    spec = demo_mixture(out / "prepared")
+    stages = mix_task(dump_config(spec, out / "mixture.yaml"), out / "mixed")
+    shares_png = plot_shares(stages, out / "mixed" / "report.png")
+
+    runs = out / "runs"
+    stage1 = train(config=demo_train_config(out / "mixed" / "stage1", runs / "stage1", train_steps))
+    stage2 = train(config=demo_train_config(out / "mixed" / "stage2", runs / "stage2", max(2, train_steps // 2),
+                                            init_from=runs / "stage1" / "checkpoints"))  # fmt: skip
+    tuned = sft(config=demo_sft_config(out / "mixed" / "sft", runs / "sft", sft_steps, runs / "stage2" / "checkpoints"))
+    checkpoint = tuned["out_dir"]
+
+    samples = out / "samples"
+    generations = [
+        generate(checkpoint=checkpoint, prompt="How do I", out_dir=str(samples / "text"), mode="text",
+                 max_new_tokens=max_new_tokens, seed=1),
+        generate(checkpoint=checkpoint, prompt="A photo of a bird", out_dir=str(samples / "image"), mode="image",
+                 max_new_tokens=max_new_tokens, seed=1),
+        generate(checkpoint=checkpoint, prompt="What is in this picture?", out_dir=str(samples / "mixed"),
+                 mode="mixed", images=[str(sorted((REPO / SAMPLE_PHOTO).glob("*.jpg"))[0])],
+                 max_new_tokens=max_new_tokens, seed=1),
+    ]  # fmt: skip
+    evaluated = evaluate(checkpoint=checkpoint, out_dir=str(out / "eval"), stage=str(out / "mixed" / "stage2"),
+                         prompts=str(_prompt_subset(out, eval_prompts)) if eval_prompts else None, max_batches=4,
+                         mode="mixed", max_new_tokens=max_new_tokens)  # fmt: skip
+
+    runs_done = {"stage 1": stage1, "stage 2": stage2, "sft": tuned}
+    curves = {name: [(m["step"], m["loss"]) for m in read_metrics(Path(r["out_dir"]))] for name, r in runs_done.items()}
+    loss_png = plot_loss_curves(curves, out / "loss-curves.png", "loss by step: stage 1, stage 2, SFT")
+    training_rows = [{"run": name, "steps": r["steps"], "final loss": round(r["final"]["loss"], 4),
+                      "text CE": round(r["final"]["ce_text"], 4), "image CE": round(r["final"]["ce_image"], 4),
+                      "checkpoint": r["checkpoint"]} for name, r in runs_done.items()]  # fmt: skip
+    evaluation_rows = [{"data": "stage 2 (seen in training: the sample corpus is small)",
+                        "loss": round(evaluated["loss"], 4), "perplexity": round(evaluated["perplexity"], 2),
+                        "tokens": evaluated["tokens"]}]  # fmt: skip
+    report = {
+        "out_dir": str(out), "tokenizers": tokenizers, "prepared": built["sources"], "mixed": stages,
+        "shares_png": str(shares_png), "loss_png": str(loss_png), "training": training_rows,
+        "evaluation": evaluation_rows, "annotate_page": evaluated.get("annotate_page"),
+        "generations": [(g["out_dir"], json.loads((Path(g["out_dir"]) / "generation.json").read_text()))
+                        for g in generations],
+    }  # fmt: skip
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    page = write_report(out / "report.html", report)
+    create_table_artifact(training_rows, key="end-to-end-training", description="final metrics of every run")
+    create_markdown_artifact(
+        f"# End-to-end run\n\nReport: `{page}` ({report['seconds']} s).\n\n"
+        + "\n".join(f"- **{g['mode']}**: {g['text'][:200]!r}, {len(g['images'])} image(s)" for g in generations),
+        key="end-to-end-summary", description="where the report is, and what was generated",
+    )  # fmt: skip
+    write_summary(out, report, evaluated)
+    return {
+        "report": str(page),
+        "seconds": report["seconds"],
+        "prepared": built["sources"],
+        "training": training_rows,
+        "evaluation": evaluation_rows,
+        "generations": generations,
+        "mixed_dir": str(out / "mixed"),
+    }

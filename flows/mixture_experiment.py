@@ -1,0 +1,175 @@
+"""The `mixture-experiment` flow: mix a spec (or a sweep of its weights), optionally train briefly and evaluate each,
+and name the best mixture by held-out loss."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flows.artifacts import markdown_table, mermaid_bars, mermaid_lines, plot_loss_curves, png_markdown
+from flows.build_dataset import mix_task
+from flows.evaluation_flows import eval_loss_task
+from flows.training_flows import launch_training
+from schemas import MixtureSpec, TrainConfig, dump_config, validate_config
+from schemas.model_config import MODEL_PRESETS, ModelPreset
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class MixtureVariant(BaseModel):
+    """One mixture of the experiment: the spec with some sources' weights changed."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME, description="folder-safe name of this mixture")
+    weights: dict[str, float] = Field(description="source name -> new weight, in every stage that lists the source")
+    stages: list[str] | None = Field(None, description="change only these stages (default: all)")
+
+
+class WeightSweep(BaseModel):
+    """A sweep over one source's weight: one mixture per value."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="the source whose weight is swept")
+    weights: list[float] = Field(min_length=1, description="the weights to try")
+    stages: list[str] | None = Field(None, description="change only these stages (default: all)")
+
+
+class ExperimentTraining(BaseModel):
+    """A short training run on each mixture, and the held-out stage every run is measured on."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: str | None = Field(None, description="the stage to train on (default: the spec's first)")
+    model_preset: ModelPreset = Field("tiny", description="model shape")
+    steps: int = Field(20, gt=0)
+    global_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(2, gt=0)
+    lr: float = Field(3e-3, gt=0.0)
+    warmup_steps: int = Field(2, ge=0)
+    heldout: str | None = Field(None, description="a stage folder (from `cham mix`) to measure held-out loss on")
+    eval_max_batches: int = Field(8, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _batches(self) -> ExperimentTraining:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("global_batch_size must be a multiple of micro_batch_size")
+        if self.warmup_steps >= self.steps:
+            raise ValueError("warmup_steps must be < steps")
+        return self
+
+
+def expand_variants(variants: list[MixtureVariant] | None, sweep: WeightSweep | None) -> list[MixtureVariant]:
+    """The mixtures to run: the explicit ones, then one per swept weight; none given means the spec as it is."""
+    out = list(variants or [])
+    if sweep:
+        out += [MixtureVariant(name=re.sub(r"[^A-Za-z0-9_.-]", "_", f"{sweep.source}-{w:g}"),
+                               weights={sweep.source: w}, stages=sweep.stages) for w in sweep.weights]  # fmt: skip
+    if not out:
+        out = [MixtureVariant(name="base", weights={})]
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mixture names must be unique: {names}")
+    return out
+
+
+def apply_variant(spec: MixtureSpec, variant: MixtureVariant) -> MixtureSpec:
+    """The spec with the variant's weights; a source name that no chosen stage lists is an error."""
+    data = spec.model_dump(mode="json")
+    unknown = set(variant.stages or []) - set(data["stages"])
+    if unknown:
+        raise ValueError(f"mixture {variant.name!r}: unknown stages {sorted(unknown)}; stages: {list(data['stages'])}")
+    used: set[str] = set()
+    for stage_name, stage in data["stages"].items():
+        if variant.stages and stage_name not in variant.stages:
+            continue
+        for source in stage["sources"]:
+            if source["name"] in variant.weights:
+                source["weight"] = variant.weights[source["name"]]
+                used.add(source["name"])
+    missing = set(variant.weights) - used
+    if missing:
+        raise ValueError(f"mixture {variant.name!r}: no stage lists the sources {sorted(missing)}")
+    return validate_config(MixtureSpec, data, f"mixture {variant.name}")
+
+
+def experiment_train_config(training: ExperimentTraining, spec: MixtureSpec, data: Path, out: Path) -> TrainConfig:
+    """The short pretraining run of one mixture."""
+    max_seq_len = max(spec.seq_len, MODEL_PRESETS[training.model_preset]["max_seq_len"])
+    return validate_config(TrainConfig, {
+        "model": {"preset": training.model_preset, "max_seq_len": max_seq_len}, "data": str(data), "out_dir": str(out),
+        "seq_len": spec.seq_len, "steps": training.steps, "global_batch_size": training.global_batch_size,
+        "micro_batch_size": training.micro_batch_size, "optimizer": {"lr": training.lr},
+        "schedule": {"warmup_steps": training.warmup_steps},
+        "checkpoint": {"every_steps": training.steps, "keep_last": 1},
+        "logging": {"every_steps": max(1, training.steps // 5), "tensorboard": False},
+    })  # fmt: skip
+
+
+def _shares(manifest: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {s['realized_share']:.1%}" for n, s in manifest["sources"].items())
+
+
+def _weights(spec: MixtureSpec, stage: str) -> str:
+    return ", ".join(f"{s.name} {s.weight:g}" for s in spec.sources_of(stage))
+
+
+@flow(name="mixture-experiment")
+def mixture_experiment(
+    spec: MixtureSpec,
+    out_dir: str = Field(description="one folder per mixture is written here"),
+    variants: list[MixtureVariant] | None = None,
+    sweep: WeightSweep | None = None,
+    training: ExperimentTraining | None = None,
+) -> dict[str, Any]:
+    """Mix each mixture (minutes: `prepare` is never re-run), train and evaluate each briefly, report the best."""
+    out = Path(out_dir)
+    stage = (training.stage if training else None) or next(iter(spec.stages))
+    if stage not in spec.stages:
+        raise ValueError(f"training stage {stage!r} is not in the spec; stages: {list(spec.stages)}")
+    rows, curves = [], {}
+    for variant in expand_variants(variants, sweep):
+        mixture = apply_variant(spec, variant)
+        folder = out / variant.name
+        manifests = mix_task(dump_config(mixture, folder / "mixture.yaml"), folder / "mixed")
+        m = manifests[stage]
+        row: dict[str, Any] = {"mixture": variant.name, "stage": stage, "weights": _weights(mixture, stage),
+                               "realized shares": _shares(m), "tokens": m["tokens"], "sequences": m["sequences"],
+                               "image share": round(m["modality"]["image_share"], 4)}  # fmt: skip
+        if training:
+            config = experiment_train_config(training, mixture, folder / "mixed" / stage, folder / "run")
+            result = launch_training("train", config, training.nproc_per_node)
+            curves[variant.name] = result["loss_curve"]
+            row["final train loss"] = round(result["final"]["loss"], 4)
+            if training.heldout:
+                evaluated = eval_loss_task(result["checkpoint"], training.heldout, training.eval_max_batches,
+                                           folder / "eval-loss.json")  # fmt: skip
+                row["held-out loss"] = round(evaluated["loss"], 4)
+                row["held-out perplexity"] = round(evaluated["perplexity"], 2)
+        rows.append(row)
+
+    create_table_artifact(rows, key="mixture-experiment", description=f"mixtures of {out}: shares, losses")
+    metric = "held-out loss" if training and training.heldout else "final train loss" if training else None
+    charts = [mermaid_bars(f"{metric} by mixture", {r["mixture"]: r[metric] for r in rows}, metric)] if metric else []
+    charts.append(mermaid_bars(f"image token share of {stage}", {r["mixture"]: r["image share"] for r in rows},
+                               "image share"))  # fmt: skip
+    if curves:
+        charts.append(mermaid_lines("training loss by mixture", curves))
+        charts.append(png_markdown(plot_loss_curves(curves, out / "loss-curves.png", "training loss by mixture"),
+                                   "training loss by mixture"))  # fmt: skip
+    create_markdown_artifact("\n\n".join(charts), key="mixture-experiment-plot",
+                             description="held-out loss, image share and loss curves by mixture")  # fmt: skip
+    best = min(rows, key=lambda r: r[metric]) if metric else None
+    if best:
+        why = "held-out loss" if metric == "held-out loss" else "final training loss (no held-out stage was given)"
+        headline = (f"**Best mixture: `{best['mixture']}`** by {why}: {best[metric]} "
+                    f"(weights of {stage}: {best['weights']}).")  # fmt: skip
+    else:
+        headline = "No training was asked for, so the mixtures are not ranked; their shares are below."
+    create_markdown_artifact(f"# Mixture experiment\n\n{headline}\n\n{markdown_table(rows)}\n\nFolder: `{out}`",
+                             key="mixture-experiment-summary", description="the best mixture")  # fmt: skip
+    return {"best": best["mixture"] if best else None, "metric": metric, "rows": rows}

@@ -1,0 +1,95 @@
+"""Run a job as a subprocess from a Prefect task: stream its output to the run's logger, poll while it runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+
+class CommandError(RuntimeError):
+    """A job exited with a non-zero status; the message names the command and ends with its last lines."""
+
+
+def cham(*args: str) -> list[str]:
+    """The command line of `cham ARGS` run by this interpreter (same venv, no PATH lookup)."""
+    return [sys.executable, "-m", "flows", *args]
+
+
+def torchrun(nproc_per_node: int, kind: str, config_file: Path) -> list[str]:
+    """`torchrun --standalone` on this machine with N processes, each running flows.train_worker."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            "-m", "flows.train_worker", kind, str(config_file)]  # fmt: skip
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task; a plain logger outside one (e.g. in a CLI)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("flows")
+
+
+def _display(command: list[str]) -> str:
+    if command[:3] == [sys.executable, "-m", "flows"]:
+        command = ["cham", *command[3:]]
+    elif command[:1] == [sys.executable]:
+        command = ["python", *command[1:]]
+    return " ".join(command)
+
+
+def run_command(
+    command: list[str],
+    cwd: Path | None = None,
+    poll: Callable[[], None] | None = None,
+    poll_every: float = 1.0,
+    tail_lines: int = 40,
+) -> list[str]:
+    """Run `command`, log each output line as it comes, call `poll()` every `poll_every` s; return the last lines.
+
+    Raises CommandError on a non-zero exit. If this process is interrupted, the job is terminated with it.
+    """
+    logger = run_logger()
+    logger.info("$ %s", _display(command))
+    # Unbuffered, plain output: lines reach the logger as they are printed, without colour codes.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "160"}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, errors="replace", bufsize=1)  # fmt: skip
+    tail: deque[str] = deque(maxlen=tail_lines)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                logger.info(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        while process.poll() is None:
+            if poll:
+                poll()
+            time.sleep(poll_every if poll else 0.2)
+        reader.join()
+    finally:
+        if process.poll() is None:  # interrupted or cancelled: do not leave the job running
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    if process.returncode != 0:
+        last = "\n".join(list(tail)[-12:])
+        raise CommandError(f"`{_display(command)}` exited with status {process.returncode}; last lines:\n{last}")
+    return list(tail)

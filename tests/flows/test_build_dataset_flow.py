@@ -1,0 +1,56 @@
+"""The build-dataset flow under the Prefect test harness: counts per source, rejects by reason, skipped shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.build_dataset import build_dataset
+from schemas import PrepareConfig, validate_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def prepare_config(tmp_path: Path, sample_data, tiny_tokenizers) -> PrepareConfig:
+    raw = sample_data[0]
+    prose = tmp_path / "prose.jsonl"
+    shutil.copy(next((raw / "text").glob("*.jsonl")), prose)
+    with prose.open("a") as f:  # two broken lines: each must come back as a reject with its reason
+        f.write('{"id": "broken-1", "text": \n{"id": "broken-2", "text": "fine"\n')
+    return validate_config(PrepareConfig, {
+        "output_dir": str(tmp_path / "prepared"), "image_size": 64, "samples_per_shard": 40,
+        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "sources": [{"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(prose)]},
+                    {"name": "photos", "kind": "image_text", "format": "webdataset",
+                     "paths": [str(raw / "image_text" / "*.tar")]}],
+    })  # fmt: skip
+
+
+def test_build_dataset_reports_counts_and_skips_complete_shards(prefect_api, prepare_config: PrepareConfig) -> None:
+    state = build_dataset(config=prepare_config, return_state=True)
+    assert state.is_completed(), state.message
+    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
+    rows = {r["source"]: r for r in prefect_api.by_key(artifacts, "build-dataset-sources")["data"]}
+    out = Path(prepare_config.output_dir)
+    for name in ("prose", "photos"):
+        totals = json.loads((out / name / "manifest.json").read_text())["totals"]
+        row = rows[name]
+        assert (row["records in"], row["samples out"], row["rejects"]) == (
+            totals["records_in"], totals["samples"], totals["rejects"])  # fmt: skip
+        assert row["records in"] == row["samples out"] + row["rejects"]  # every record is accounted for
+        assert row["shards skipped"] == 0 and row["shards new"] == len(list((out / name).glob("*.stats.json")))
+    assert rows["prose"]["rejects"] == 2 and "bad_json: 2" in rows["prose"]["rejects by reason"]
+    assert rows["photos"]["images"] == rows["photos"]["samples out"] > 0
+    progress = [a for a in artifacts if a["type"] == "progress"]
+    assert len(progress) == 1 and progress[0]["data"] == 100.0
+
+    again = build_dataset(config=prepare_config, return_state=True)  # what a retry or the next night does
+    assert again.is_completed(), again.message
+    rows2 = {r["source"]: r for r in prefect_api.by_key(
+        prefect_api.artifacts(again.state_details.flow_run_id), "build-dataset-sources")["data"]}  # fmt: skip
+    assert all(r["shards new"] == 0 and r["shards skipped"] == rows[n]["shards new"] for n, r in rows2.items())
+    assert all(rows2[n]["samples out"] == rows[n]["samples out"] for n in rows)

@@ -1,0 +1,57 @@
+"""The mixture-experiment flow under the Prefect test harness: a sweep, short runs, held-out loss, the best named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.mixture_experiment import ExperimentTraining, MixtureVariant, WeightSweep, apply_variant, mixture_experiment
+from schemas import MixtureSpec, validate_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def spec(prepared_sources: Path) -> MixtureSpec:
+    return validate_config(MixtureSpec, {
+        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16, "seed": 3,
+        "stages": {"stage1": {"tokens": 6_000, "sources": [
+            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
+            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]}},
+    })  # fmt: skip
+
+
+def test_variant_changes_only_named_weights(spec: MixtureSpec) -> None:
+    changed = apply_variant(spec, MixtureVariant(name="x", weights={"photos": 3.0}))
+    assert {s.name: s.weight for s in changed.sources_of("stage1")} == {"prose": 1.0, "photos": 3.0}
+    with pytest.raises(ValueError, match="no stage lists the sources"):
+        apply_variant(spec, MixtureVariant(name="y", weights={"nope": 1.0}))
+
+
+def test_sweep_trains_each_mixture_and_names_the_best(prefect_api, spec: MixtureSpec, make_stage, tmp_path) -> None:
+    heldout = make_stage(3_000)
+    training = ExperimentTraining(steps=3, warmup_steps=1, global_batch_size=4, heldout=str(heldout),
+                                  eval_max_batches=2)  # fmt: skip
+    state = mixture_experiment(spec=spec, out_dir=str(tmp_path), sweep=WeightSweep(source="photos", weights=[0.25, 4]),
+                               training=training, return_state=True)  # fmt: skip
+    assert state.is_completed(), state.message
+    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
+    rows = {r["mixture"]: r for r in prefect_api.by_key(artifacts, "mixture-experiment")["data"]}
+    assert set(rows) == {"photos-0.25", "photos-4"}
+    for name, row in rows.items():
+        manifest = json.loads((tmp_path / name / "mixed" / "stage1" / "manifest.json").read_text())
+        assert row["image share"] == pytest.approx(manifest["modality"]["image_share"], abs=1e-4)
+        heldout_loss = json.loads((tmp_path / name / "eval-loss.json").read_text())["loss"]
+        assert row["held-out loss"] == pytest.approx(heldout_loss, abs=1e-4)
+    assert rows["photos-4"]["image share"] > rows["photos-0.25"]["image share"]  # the sweep did change the mix
+
+    best = min(rows, key=lambda n: rows[n]["held-out loss"])
+    assert state.result()["best"] == best
+    summary = prefect_api.by_key(artifacts, "mixture-experiment-summary")["data"]
+    assert f"**Best mixture: `{best}`** by held-out loss: {rows[best]['held-out loss']}" in summary
+    plot = prefect_api.by_key(artifacts, "mixture-experiment-plot")["data"]
+    assert plot.count("xychart-beta") == 3 and '"photos-0.25", "photos-4"' in plot
+    assert f"bar [{rows['photos-0.25']['held-out loss']:.4f}, {rows['photos-4']['held-out loss']:.4f}]" in plot
+    assert "data:image/png;base64," in plot

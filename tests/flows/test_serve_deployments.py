@@ -1,0 +1,148 @@
+"""A real `prefect server` on 127.0.0.1, `cham serve` in a subprocess, and a training started through the API the
+way the UI starts one; plus what the served deployments carry (schedule, forms, the after-build trigger)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.artifacts import read_metrics
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float, procs: list[subprocess.Popen]):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            assert proc.poll() is None, f"{proc.args} exited with {proc.returncode} while waiting for {what}"
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the process group we started (serve runs flow runs in children of its own), then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture()
+def server(tmp_path: Path):
+    """`prefect server start` with its own PREFECT_HOME (SQLite there) on a free port of 127.0.0.1."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}  # fmt: skip
+    log = (tmp_path / "server.log").open("w")
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, "the Prefect server", 120, [proc])
+        yield env
+    finally:
+        stop(proc)
+        log.close()
+
+
+def test_train_deployment_runs_when_started_through_the_api(
+    server: dict, tmp_path: Path, make_stage, sample_data, tiny_tokenizers
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from schemas import TrainConfig, validate_config
+
+    config = validate_config(TrainConfig, {
+        "model": {"preset": "tiny"}, "data": str(make_stage(4_000)), "out_dir": str(tmp_path / "runs"),
+        "seq_len": 128, "steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "schedule": {"warmup_steps": 1},
+    })  # fmt: skip
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    prepare_yaml = tmp_path / "prepare.yaml"
+    prepare_yaml.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "prepared"), "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "sources": [{"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(sample_data[0] / "text")]}],
+    }))  # fmt: skip
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows", "serve", "--train-config", str(train_yaml), "--prepare-config",
+         str(prepare_yaml), "--build-cron", "30 2 * * *", "--train-after-build"],
+        cwd=REPO, env=server | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+
+            def deployment(name: str):
+                try:
+                    return client.read_deployment_by_name(name)
+                except Exception:  # not registered yet
+                    return None
+
+            # The after-build deployment is registered last.
+            after_build = wait_for(lambda: deployment("train/after-build"), "the deployments", 120, [serve])
+            on_demand = client.read_deployment_by_name("train/on-demand")
+            names = {d.name for d in client.read_deployments()}
+            assert {"on-demand", "nightly", "after-build"} <= names
+            nightly = client.read_deployment_by_name("build-dataset/nightly")
+            assert [s.schedule.cron for s in nightly.schedules] == ["30 2 * * *"]
+            assert nightly.parameters["config"]["sources"][0]["name"] == "prose"
+            # The form: the schema the UI draws, with the served config as its default.
+            assert "TrainConfig" in on_demand.parameter_openapi_schema["definitions"]
+            assert on_demand.parameters["config"]["steps"] == 2
+            automations = client.read_automations_by_name("train when build-dataset completes")
+            assert automations, "no automation was created for the after-build trigger"
+            assert "prefect.flow-run.Completed" in automations[0].trigger.model_dump_json()
+            assert str(after_build.id) in automations[0].model_dump_json()  # its action runs train/after-build
+
+            # As the UI's "Run" button does: a flow run of the deployment, with the form's values.
+            parameters = {"config": config.model_dump(mode="json"), "run_name": "from-the-ui"}
+            run = client.create_flow_run_from_deployment(on_demand.id, parameters=parameters)
+
+            def finished():
+                state = client.read_flow_run(run.id).state
+                return state if state and state.is_final() else None
+
+            state = wait_for(finished, "the training flow run", 240, [serve])
+            serve_log = (tmp_path / "serve.log").read_text()
+            assert state.is_completed(), f"{state.type}: {state.message}; serve log:\n{serve_log[-3000:]}"
+            metrics = read_metrics(tmp_path / "runs" / "from-the-ui")
+            assert [m["step"] for m in metrics] == [1, 2]
+            artifacts = client.read_artifacts()
+            final = [a for a in artifacts if a.key == "train-final-metrics" and a.flow_run_id == run.id]
+            assert len(final) == 1 and '"step"' in str(final[0].data)
+    finally:
+        stop(serve)
+        log.close()

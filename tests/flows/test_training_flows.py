@@ -1,0 +1,104 @@
+"""The train and sft flows under the Prefect test harness: logs streamed, loss-curve and metrics artifacts, resume."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flows.artifacts import read_metrics
+from flows.training_flows import sft, train
+from pipelines.mix_job import run_mix
+from schemas import MixtureSpec, SFTConfig, TrainConfig, load_config, validate_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, prepared_sources: Path) -> Path:
+    out = tmp_path_factory.mktemp("flow_stages")
+    spec = validate_config(MixtureSpec, {
+        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16,
+        "stages": {
+            "stage1": {"tokens": 12_000, "sources": [
+                {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
+                {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]},
+            "sft": {"tokens": 4_000, "sft": True, "sources": [
+                {"name": "instructions", "path": str(prepared_sources / "instructions"), "weight": 1}]},
+        },
+    })  # fmt: skip
+    run_mix(spec, out, sequences_per_shard=64)
+    return out
+
+
+def flow_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+@pytest.fixture(scope="module")
+def pretrain(prefect_api, stages: Path, tmp_path_factory) -> tuple:
+    config = validate_config(TrainConfig, {
+        "model": {"preset": "tiny"}, "data": str(stages / "stage1"), "out_dir": str(tmp_path_factory.mktemp("runs")),
+        "seq_len": 128, "steps": 4, "global_batch_size": 8, "micro_batch_size": 2, "optimizer": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 1}, "checkpoint": {"every_steps": 2}, "logging": {"every_steps": 1},
+    })  # fmt: skip
+    state = train(config=config, run_name="first", return_state=True)
+    return state, Path(config.out_dir) / "first"
+
+
+def test_train_flow_reports_loss_curve_and_final_metrics(prefect_api, pretrain) -> None:
+    state, out = pretrain
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["steps"] == 4 and result["checkpoint"] == str((out / "checkpoints" / "step-00000004").resolve())
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
+    final = {r["metric"]: r["value"] for r in prefect_api.by_key(artifacts, "train-final-metrics")["data"]}
+    assert final["step"] == 4 and final["loss"] == pytest.approx(metrics[-1]["loss"])
+    assert final["checkpoint"] == result["checkpoint"]
+    curve = prefect_api.by_key(artifacts, "train-loss-curve")["data"]
+    assert "xychart-beta" in curve and 'x-axis "step" [1, 2, 3, 4]' in curve
+    first_line = re.search(r"line \[([^\]]*)\]", curve).group(1)  # the total loss, step by step
+    assert [float(v) for v in first_line.split(", ")] == pytest.approx([m["loss"] for m in metrics], abs=1e-4)
+    assert "data:image/png;base64," in curve and (out / "loss.png").stat().st_size > 0
+
+    logs = flow_logs(state.state_details.flow_run_id)  # the trainer's own lines, streamed from the subprocess
+    assert any("step 4/4 loss" in line for line in logs), logs[-10:]
+
+
+def test_rerun_resumes_from_latest_checkpoint(prefect_api, pretrain) -> None:
+    """A retry relaunches the same command on the same out_dir: the trainer resumes instead of starting over."""
+    _, out = pretrain
+    again = train(config=load_config(TrainConfig, out / "train-config.yaml"), return_state=True)
+    assert again.is_completed(), again.message
+    logs = flow_logs(again.state_details.flow_run_id)
+    assert any("resumed from" in line and "step-00000004" in line for line in logs), logs
+    assert any("nothing to do: already at step 4" in line for line in logs)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_sft_flow_under_torchrun(prefect_api, pretrain, stages: Path, tmp_path: Path) -> None:
+    _, pretrained = pretrain
+    config = validate_config(SFTConfig, {
+        "model": {"preset": "tiny"}, "data": str(stages / "sft"), "out_dir": str(tmp_path / "sft"), "seq_len": 128,
+        "steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "init_from": str(pretrained / "checkpoints"),
+        "logging": {"every_steps": 1},
+    })  # fmt: skip
+    state = sft(config=config, nproc_per_node=2, return_state=True)
+    assert state.is_completed(), state.message
+    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
+    final = {r["metric"]: r["value"] for r in prefect_api.by_key(artifacts, "sft-final-metrics")["data"]}
+    metrics = read_metrics(tmp_path / "sft")
+    assert final["step"] == 3 == metrics[-1]["step"] and final["lr"] == pytest.approx(metrics[-1]["lr"])
+    assert metrics[0]["lr"] == pytest.approx(1e-5)  # SFT's cosine from 1e-5
+    logs = flow_logs(state.state_details.flow_run_id)
+    assert any("torch.distributed.run" in line and "--nproc_per_node=2" in line for line in logs)
+    assert any("initialised from" in line for line in logs)
