@@ -25,10 +25,10 @@ def loss_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         return {"scope": scope, "loss": round(r["loss"], 4), "perplexity": round(r["perplexity"], 2),
                 "tokens": r["tokens"]}  # fmt: skip
 
-    rows = [row("all", result)]
-    rows += [row(f"source: {name}", r) for name, r in result.get("by_source", {}).items()]
-    rows += [row(f"modality: {name}", r) for name, r in result.get("by_modality", {}).items() if r.get("tokens")]
-    return rows
+    # A scope with no supervised targets (e.g. a source outside the first --max-batches) has no loss to show.
+    scoped = [(f"source: {n}", r) for n, r in result.get("by_source", {}).items()]
+    scoped += [(f"modality: {n}", r) for n, r in result.get("by_modality", {}).items()]
+    return [row("all", result)] + [row(scope, r) for scope, r in scoped if r.get("tokens")]
 
 
 @task(name="eval-loss", retries=1)

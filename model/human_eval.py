@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,23 +38,28 @@ class EvalFileError(ValueError):
     """A prompt, responses, annotation or blinding file that cannot be used; the message names file:line and why."""
 
 
-def read_jsonl(path: str | Path, cls: type[M]) -> list[tuple[int, M]]:
-    """(line number, record) for every non-blank line, each validated as `cls`; EvalFileError on the first bad one."""
-    path = Path(path)
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for every non-blank line; EvalFileError naming file:line on the first bad one."""
     if not path.is_file():
         raise EvalFileError(f"{path}: file not found")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise EvalFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as err:
             raise EvalFileError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def read_jsonl(path: str | Path, cls: type[M]) -> list[tuple[int, M]]:
+    """(line number, record) for every non-blank line, each validated as `cls`; EvalFileError on the first bad one."""
+    path = Path(path)
+    records = []
+    for n, data in _json_lines(path):
         try:
             records.append((n, validate_config(cls, data, f"{path}:{n}", check_paths=False)))
         except ConfigError as err:
@@ -157,16 +162,8 @@ def run_prompts(
 def read_responses(path: str | Path) -> list[dict[str, Any]]:
     """The records of a responses.jsonl written by `run_prompts`; EvalFileError naming file:line if one is not."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalFileError(f"{path}: file not found")
     records, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalFileError(f"{path}:{n}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for n, record in _json_lines(path):
         missing = [k for k in RESPONSE_KEYS if not isinstance(record, dict) or k not in record]
         if missing:
             raise EvalFileError(f"{path}:{n}: missing {', '.join(missing)} (not a `cham eval prompts` responses file?)")

@@ -115,3 +115,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, make_stage) -> Path:
     })  # fmt: skip
     Trainer(config, log=lambda _: None).train()
     return out
+
+
+@pytest.fixture(scope="session")
+def train_and_sft_stages(tmp_path_factory: pytest.TempPathFactory, prepared_sources: Path) -> Path:
+    """A folder with `stage1` (prose + photos, 20,000 tokens of 128) and `sft` (4,000 tokens) stages."""
+    from pipelines.mix_job import run_mix
+    from schemas import MixtureSpec, validate_config
+
+    out = tmp_path_factory.mktemp("train_and_sft_stages")
+    spec = validate_config(MixtureSpec, {
+        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16,
+        "stages": {
+            "stage1": {"tokens": 20_000, "sources": [
+                {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
+                {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]},
+            "sft": {"tokens": 4_000, "sft": True, "sources": [
+                {"name": "instructions", "path": str(prepared_sources / "instructions"), "weight": 1}]},
+        },
+    })  # fmt: skip
+    run_mix(spec, out, sequences_per_shard=64)
+    return out

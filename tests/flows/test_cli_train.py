@@ -11,27 +11,13 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipelines.mix_job import run_mix
-from schemas import MixtureSpec, validate_config
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory, prepared_sources: Path) -> Path:
-    out = tmp_path_factory.mktemp("cli_train_stages")
-    spec = validate_config(MixtureSpec, {
-        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16,
-        "stages": {
-            "stage1": {"tokens": 20_000, "sources": [
-                {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
-                {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]},
-            "sft": {"tokens": 4_000, "sft": True, "sources": [
-                {"name": "instructions", "path": str(prepared_sources / "instructions"), "weight": 1}]},
-        },
-    })  # fmt: skip
-    run_mix(spec, out, sequences_per_shard=64)
-    return out
+def stages(train_and_sft_stages: Path) -> Path:
+    return train_and_sft_stages
 
 
 def write(path: Path, data: dict) -> Path:

@@ -53,3 +53,13 @@ def test_evaluate_flow_reports_heldout_loss_and_responses(prefect_api, tiny_run:
     assert [r["id"] for r in responses] == [json.loads(line)["id"] for line in lines]
     assert (tmp_path / "eval" / "prompts" / "annotate.html").is_file()
     assert state.result()["responses"] == 2
+
+
+def test_loss_rows_leave_out_scopes_without_targets() -> None:
+    from flows.evaluation_flows import loss_rows
+
+    empty = {"loss": None, "perplexity": None, "tokens": 0}
+    result = {"loss": 2.0, "perplexity": 7.389, "tokens": 10,
+              "by_source": {"prose": {"loss": 2.0, "perplexity": 7.389, "tokens": 10}, "photos": empty},
+              "by_modality": {"text": {"loss": 2.0, "perplexity": 7.389, "tokens": 10}, "image": empty}}  # fmt: skip
+    assert [r["scope"] for r in loss_rows(result)] == ["all", "source: prose", "modality: text"]
