@@ -6,11 +6,15 @@ img2dataset way (cv2.imdecode, INTER_AREA short side to 512, center crop). Image
 to 2048x1536 (1536x2048 for portraits) and saved as JPEG q95; the full run adds 4032x3024 phone-size mosaics of
 the photos at native resolution, whose fine detail is the hard case for draft decoding.
 Goal: fast >= 3x exact at PSNR >= 40 dB against the exact path.
+
+`--scale-table` prints, instead, the PSNR of an M/8-scale decode + Lanczos against the exact path for each M and
+ratio of decoded to output pixels, on native-detail mosaics: where `_DRAFT_MIN_RATIO` in the preprocessing comes from.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import tempfile
 import time
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.image_preprocess import preprocess, psnr
+from model.image_preprocess import _decode_scaled, _preprocess_draft, preprocess, psnr
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 512
@@ -59,19 +63,26 @@ def upscaled_photos(photos: list[Path], folder: Path) -> list[Path]:
     return paths
 
 
-def native_mosaics(photos: list[Path], folder: Path, count: int, tile: int = 200) -> list[Path]:
-    """4032x3024 mosaics of native-resolution crops of the photos, saved as JPEG q95."""
+def native_mosaics(
+    photos: list[Path],
+    folder: Path,
+    count: int,
+    tile: int = 200,
+    size: tuple[int, int] = (4032, 3024),
+    prefix: str = "",
+) -> list[Path]:
+    """Mosaics (4032x3024 by default) of native-resolution crops of the photos, saved as JPEG q95."""
     rgbs = [Image.open(photo).convert("RGB") for photo in photos]
     paths = []
     for seed in range(count):
         rng = random.Random(seed)
-        canvas = Image.new("RGB", (4032, 3024))
+        canvas = Image.new("RGB", size)
         for y in range(0, canvas.height, tile):
             for x in range(0, canvas.width, tile):
                 rgb = rng.choice(rgbs)
                 cx, cy = rng.randrange(rgb.width - tile), rng.randrange(rgb.height - tile)
                 canvas.paste(rgb.crop((cx, cy, cx + tile, cy + tile)), (x, y))
-        path = folder / f"mosaic_{seed}.jpg"
+        path = folder / f"mosaic_{prefix}{seed}.jpg"
         canvas.save(path, quality=95)
         paths.append(path)
     return paths
@@ -107,9 +118,31 @@ def report(title: str, paths: list[Path], repeats: int) -> None:
     print(f"fast / exact: {exact_s / fast:.2f}x   fast / opencv: {opencv / fast:.2f}x")
 
 
+def scale_table(photos: list[Path], folder: Path, ratios=(1.0, 1.1, 1.25, 1.5, 1.75, 2.0), count: int = 3) -> None:
+    """PSNR (mean / min over `count` mosaics) of each decode scale M/8 at each decoded / output size ratio."""
+    print(f"{'M/8':>4} {'ratio':>6} {'source':>10} {'PSNR mean / min (dB)':>22}")
+    for eighths in range(1, 8):
+        for ratio in ratios:
+            short = math.ceil(ratio * SIZE * 8 / eighths)
+            if short > 4800:  # 1/8 at 2.0 would need 8,192 px: beyond the phone photos this is for
+                continue
+            paths = native_mosaics(photos, folder, count, size=(short * 4 // 3, short), prefix=f"{eighths}_{ratio}_")
+            scores = []
+            for path in paths:
+                data = path.read_bytes()
+                with Image.open(path) as image:
+                    new_size = (round(image.width * SIZE / short), SIZE)
+                    decoded = _decode_scaled(data, image.size, eighths)
+                    fast = _preprocess_draft(decoded, eighths, image.size, 1, "crop", SIZE, new_size)
+                scores.append(psnr(fast, preprocess(path, SIZE, fast=False).pixels))
+            source = f"{short * 4 // 3}x{short}"
+            print(f"{eighths:>4} {ratio:>6.2f} {source:>10} {np.mean(scores):>12.1f} / {min(scores):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 photos, 2 repeats, no 4032x3024 mosaics")
+    parser.add_argument("--scale-table", action="store_true", help="PSNR of each M/8 decode scale by pixel ratio")
     args = parser.parse_args()
     cv2.setNumThreads(1)  # Pillow decodes and resizes on one thread already
     torch.set_num_threads(1)
@@ -117,6 +150,9 @@ def main() -> None:
     if args.quick:
         photos = photos[:: max(1, len(photos) // 8)][:8]
     with tempfile.TemporaryDirectory() as folder:
+        if args.scale_table:
+            scale_table(photos, Path(folder))
+            return
         report(
             "sample photos upscaled to 2048x1536, JPEG q95",
             upscaled_photos(photos, Path(folder)),

@@ -4,8 +4,9 @@ The exact path reproduces Meta's `ImageTokenizer` (`_whiten_transparency`, `_vqg
 onto white, short side resized to `size` with PIL Lanczos at Meta's rounding, center crop at ((w-size)//2, (h-size)//2),
 pixels x/255*2-1. Before it, EXIF orientation is applied and the header is checked against a pixel limit.
 
-The fast path decodes large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling via `Image.draft`), then resizes
-with Lanczos straight into the crop window. Every other image, and any JPEG too small to gain, takes the exact path.
+The fast path decodes large JPEGs at M/8 scale (libjpeg-turbo's DCT scaling, M = 1..7, through simplejpeg; Pillow's
+`Image.draft` only offers 1/2, 1/4 and 1/8), then resizes with Lanczos straight into the crop window. Every other
+image, and any JPEG too small to gain, takes the exact path.
 
 Every failure is one `ImageError` whose `reason` is a code of `schemas.records.REJECT_REASONS`.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -33,10 +35,11 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # often want more (OBELICS keeps images of 150 px and up): pass a larger `min_side`.
 DEFAULT_MIN_SIDE = 32
 
-# Smallest (decoded size / resize target) each JPEG draft scale may leave before the Lanczos step. Measured on
-# mosaics of the sample photos at native resolution (real detail at every pixel, the hard case for DCT scaling):
-# these ratios keep the fast path at ~43 dB PSNR or more against the exact path; a 1.0 ratio gives 33-38 dB.
-_DRAFT_MIN_RATIO = {8: 2.0, 4: 1.75, 2: 1.5}
+# Smallest (decoded size / resize target) a JPEG decode at M/8 scale may leave before the Lanczos step, by M.
+# Measured on mosaics of the sample photos at native resolution (real detail at every pixel, the hard case for DCT
+# scaling): these ratios keep the fast path at ~42.5 dB PSNR or more against the exact path (see docs/tokenizers.md);
+# a 1.0 ratio gives 33-41 dB. Coarse scales alias more, so they need more pixels left.
+_DRAFT_MIN_RATIO = {1: 2.0, 2: 1.75, 3: 1.5, 4: 1.5, 5: 1.25, 6: 1.15, 7: 1.1}
 _JPEG_FORMATS = ("JPEG", "MPO")
 
 # EXIF orientation -> the transpose that makes the image upright (the table of PIL.ImageOps.exif_transpose).
@@ -85,7 +88,7 @@ class PreprocessedImage:
 
     pixels: np.ndarray
     original_size: tuple[int, int]
-    draft_scale: int = 1  # JPEG decode scale the fast path used; 1 means the exact path
+    draft_scale: float = 1.0  # original / decoded size of the fast path's JPEG decode (8/M); 1 means the exact path
 
 
 ImageSource = bytes | bytearray | memoryview | str | Path
@@ -248,15 +251,16 @@ def resize_pad(image: Image.Image, size: int = DEFAULT_SIZE) -> Image.Image:
     return _pad_white(image.resize(_pad_resize_size(image.size, size), Image.Resampling.LANCZOS), size)
 
 
-def _draft_scale(image: Image.Image, resize_to: tuple[int, int]) -> int:
-    """The largest JPEG decode scale that leaves enough pixels for Lanczos to stay near the exact path; 1 if none."""
-    if image.format not in _JPEG_FORMATS:
-        return 1
+def _draft_eighths(image: Image.Image, resize_to: tuple[int, int]) -> int:
+    """The smallest JPEG decode scale M/8 leaving enough pixels for Lanczos to stay near the exact path; 8 if none."""
+    # simplejpeg's libjpeg-turbo converts YCbCr and grayscale to RGB; CMYK / YCCK JPEGs take Pillow's exact path.
+    if image.format not in _JPEG_FORMATS or image.mode not in ("RGB", "L"):
+        return 8
     reduction = min(image.size) / min(resize_to)  # same factor on both axes
-    for scale, min_ratio in _DRAFT_MIN_RATIO.items():
-        if reduction / scale >= min_ratio:
-            return scale
-    return 1
+    for eighths, min_ratio in _DRAFT_MIN_RATIO.items():
+        if reduction * eighths / 8 >= min_ratio:
+            return eighths
+    return 8
 
 
 def _box_to_raw(box: tuple[float, float, float, float], upright: tuple[int, int], orientation: int) -> tuple:
@@ -277,30 +281,43 @@ def _box_to_raw(box: tuple[float, float, float, float], upright: tuple[int, int]
     return a0, b0, a1, b1
 
 
+def _decode_scaled(data: bytes, size: tuple[int, int], eighths: int) -> np.ndarray | None:
+    """Decode a JPEG at eighths/8 scale with libjpeg-turbo; None if it refuses (Pillow's path then says why)."""
+    width, height = size
+    try:
+        # libjpeg-turbo's output is ceil(side * M / 8); asking for that minimum selects exactly M/8.
+        return simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_width=math.ceil(width * eighths / 8), min_height=math.ceil(height * eighths / 8)
+        )
+    except Exception:  # truncated, corrupt or unusual JPEGs: Pillow decodes or rejects them with a reason
+        return None
+
+
 def _preprocess_draft(
-    image: Image.Image, orientation: int, mode: str, size: int, scale: int, upright_new: tuple[int, int]
-) -> tuple[np.ndarray, int]:
-    """Decode at 1/scale, then one Lanczos resize of just the output window; transpose the small result last."""
-    raw_width, raw_height = image.size
-    drafted = image.draft(None, (raw_width // scale, raw_height // scale))
-    # The decoded pixels cover this box of the (1/scale) grid; its far edge pixels may be partial.
-    covered = drafted[1] if drafted else (0, 0, raw_width, raw_height)
-    _load(image, (raw_width, raw_height))
-    image = whiten_transparency(image)  # JPEGs carry no alpha: this only converts L / CMYK to RGB
+    pixels: np.ndarray,
+    eighths: int,
+    raw_size: tuple[int, int],
+    orientation: int,
+    mode: str,
+    size: int,
+    upright_new: tuple[int, int],
+) -> np.ndarray:
+    """One Lanczos resize of just the output window of the reduced decode; transpose the small result last."""
     if mode == "crop":
         window, out_size = _center_box(upright_new, size), (size, size)
     else:
         window, out_size = (0, 0, *upright_new), upright_new
     raw_new = _upright_size(upright_new, orientation)  # resize target before the transpose
     x0, y0, x1, y1 = _box_to_raw(window, upright_new, orientation)
-    fx = covered[2] / raw_new[0]
-    fy = covered[3] / raw_new[1]
+    # Decoded pixel i covers source pixels [i, i + 1) * 8/M: the source spans side * M/8 decoded pixels (the last
+    # one may be partial), so the window maps through that span rather than the decoded array's size.
+    fx = raw_size[0] * eighths / 8 / raw_new[0]
+    fy = raw_size[1] * eighths / 8 / raw_new[1]
     raw_out = _upright_size(out_size, orientation)
-    out = image.resize(raw_out, Image.Resampling.LANCZOS, box=(x0 * fx, y0 * fy, x1 * fx, y1 * fy))
+    out = Image.fromarray(pixels).resize(raw_out, Image.Resampling.LANCZOS, box=(x0 * fx, y0 * fy, x1 * fx, y1 * fy))
     if orientation != 1:
         out = out.transpose(_ORIENTATION_TRANSPOSE[orientation])
-    pixels = np.asarray(out if mode == "crop" else _pad_white(out, size))
-    return pixels, round(raw_width / covered[2])
+    return np.asarray(out if mode == "crop" else _pad_white(out, size))
 
 
 def preprocess(
@@ -314,22 +331,24 @@ def preprocess(
     """An image file as the VQ tokenizer's size x size RGB uint8 input: Chameleon's crop, or white padding for SFT."""
     if mode not in ("crop", "pad"):
         raise ValueError(f"mode must be 'crop' or 'pad', not {mode!r}")
-    image, orientation = _header(source, max_pixels, min_side)
+    data = _read(source)
+    image, orientation = _header(data, max_pixels, min_side)
     upright = _upright_size(image.size, orientation)
     new_size = _crop_resize_size(upright, size) if mode == "crop" else _pad_resize_size(upright, size)
     # Upscaling a thin sliver is a bomb of its own: 40 x 64,000 px would become 512 x 819,200.
     if new_size[0] * new_size[1] > max(max_pixels, size * size):
         raise ImageError("image_too_large", f"{upright[0]}x{upright[1]} resized to {new_size} exceeds {max_pixels:,}")
-    scale = _draft_scale(image, new_size) if fast else 1
-    if scale > 1:
-        pixels, scale = _preprocess_draft(image, orientation, mode, size, scale, new_size)
-    else:
-        _load(image, image.size)
-        if orientation != 1:
-            image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
-        image = whiten_transparency(image)
-        pixels = np.asarray(resize_center_crop(image, size) if mode == "crop" else resize_pad(image, size))
-    return PreprocessedImage(pixels=pixels, original_size=upright, draft_scale=scale)
+    eighths = _draft_eighths(image, new_size) if fast else 8
+    decoded = _decode_scaled(data, image.size, eighths) if eighths < 8 else None
+    if decoded is not None:
+        pixels = _preprocess_draft(decoded, eighths, image.size, orientation, mode, size, new_size)
+        return PreprocessedImage(pixels=pixels, original_size=upright, draft_scale=8 / eighths)
+    _load(image, image.size)
+    if orientation != 1:
+        image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    image = whiten_transparency(image)
+    pixels = np.asarray(resize_center_crop(image, size) if mode == "crop" else resize_pad(image, size))
+    return PreprocessedImage(pixels=pixels, original_size=upright)
 
 
 def to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:

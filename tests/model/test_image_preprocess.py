@@ -253,9 +253,29 @@ def test_fast_path_follows_exif_orientation(orientation: int, mode: str):
     photo = sample_rgb(2).resize((1103, 800), Image.Resampling.BICUBIC)
     data = encode(photo, "JPEG", quality=95, exif=exif)
     fast, exact = preprocess(data, 256, mode), preprocess(data, 256, mode, fast=False)
-    assert fast.draft_scale == 2
+    assert fast.draft_scale == (8 / 3 if mode == "pad" else 2)  # pad's target is smaller: 3/8 scale still suffices
     assert fast.original_size == exact.original_size == ((800, 1103) if orientation >= 5 else (1103, 800))
     assert psnr(fast.pixels, exact.pixels) >= 40
+
+
+@pytest.mark.parametrize(
+    ("size", "draft_scale"),
+    [((1536, 1152), 8 / 5), ((2400, 1800), 2), ((2800, 2100), 8 / 3), ((4800, 3600), 4)],
+)
+def test_fast_path_picks_the_smallest_eighths_scale_that_keeps_40_db(size: tuple[int, int], draft_scale: float):
+    data = native_detail_jpeg(1, size)
+    fast, exact = preprocess(data), preprocess(data, fast=False)
+    assert fast.draft_scale == pytest.approx(draft_scale)
+    assert psnr(fast.pixels, exact.pixels) >= 40
+
+
+def test_cmyk_and_broken_large_jpegs_fall_back_to_pillow():
+    photo = sample_rgb(0).resize((2048, 1536), Image.Resampling.BICUBIC)
+    cmyk = encode(photo.convert("CMYK"), "JPEG", quality=95)
+    assert preprocess(cmyk).draft_scale == 1  # libjpeg-turbo cannot turn CMYK into RGB; Pillow can
+    with pytest.raises(ImageError) as caught:
+        preprocess(large_jpeg(0)[:200_000])
+    assert caught.value.reason == "image_truncated"
 
 
 def test_jpegs_too_small_to_gain_and_non_jpegs_take_the_exact_path():
