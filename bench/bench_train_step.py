@@ -91,13 +91,17 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def make_step(model: torch.nn.Module, loss_of, tokens: torch.Tensor):
-    """A closure running one full train step and returning its loss (a float: forces the work to finish)."""
+def make_step(model: torch.nn.Module, loss_of, tokens: torch.Tensor, bf16: bool = False):
+    """A closure running one full train step and returning its loss (a float: forces the work to finish).
+
+    `bf16`: forward and loss under `torch.autocast("cpu", torch.bfloat16)`, as the trainer's `precision: bf16` runs.
+    """
     optimizer = make_optimizer(model, OptimizerConfig())
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(tokens)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -117,7 +121,8 @@ def profile(name: str, step, rows: int = 14) -> None:
 
 
 def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq: int, steps: int, warmup: int,
-             do_profile: bool, with_logits_path: bool = False) -> float:  # fmt: skip
+             do_profile: bool, with_logits_path: bool = False, bf16: bool = False,
+             block: int = 1) -> float:  # fmt: skip
     """Time ours and HF's train step, interleaved so drift on a shared machine hits both; returns ours / HF."""
     torch.manual_seed(0)
     ours = Transformer(cfg)
@@ -137,14 +142,14 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq:
         return ours(t, loss_mask=loss_mask, z_loss_weight=1e-5, image_token_mask=image_mask, loss_chunk_size=chunk).loss
 
     steps_by_name = {
-        "ours": make_step(ours, ours_loss, tokens),
-        "hf": make_step(hf, lambda t: next_token_ce(hf(input_ids=t, use_cache=False).logits, t), tokens),
+        "ours": make_step(ours, ours_loss, tokens, bf16),
+        "hf": make_step(hf, lambda t: next_token_ce(hf(input_ids=t, use_cache=False).logits, t), tokens, bf16),
     }
     if with_logits_path:
         torch.manual_seed(0)
         ours_logits = Transformer(cfg).train()
         steps_by_name["ours-logits"] = make_step(
-            ours_logits, lambda t: lm_loss(ours_logits(t), t, loss_mask, 1e-5, image_mask).loss, tokens
+            ours_logits, lambda t: lm_loss(ours_logits(t), t, loss_mask, 1e-5, image_mask).loss, tokens, bf16
         )
     print(
         f"\n[{label}] dim {cfg.dim}, layers {cfg.n_layers}, heads {cfg.n_heads}/{cfg.n_kv_heads} kv, "
@@ -159,11 +164,16 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq:
             step()
     times: dict[str, list[float]] = {name: [] for name in steps_by_name}
     losses: dict[str, float] = {}
-    for _ in range(steps):
+    # Models alternate in blocks of `block` steps, the first of each block untimed: a step straight after the other
+    # model's pays for re-faulting the memory that model just released (~10% at 100M), which no training run sees.
+    for _ in range(max(1, steps // block)):
         for name, step in steps_by_name.items():
-            start = time.perf_counter()
-            losses[name] = step()
-            times[name].append(time.perf_counter() - start)
+            if block > 1:
+                step()
+            for _ in range(block):
+                start = time.perf_counter()
+                losses[name] = step()
+                times[name].append(time.perf_counter() - start)
     tps = {}
     for name, ts in times.items():
         med, best = statistics.median(ts), min(ts)
@@ -193,14 +203,24 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
     parser.add_argument("--logits-path", action="store_true", help="also time ours with full logits + lm_loss")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: both under CPU bf16 autocast"
+    )
+    parser.add_argument("--skip-tiny", action="store_true", help="only the ~100M config")
+    parser.add_argument("--block", type=int, default=1, help="timed steps per model before switching (+1 untimed)")
     args = parser.parse_args()
+    bf16 = args.precision == "bf16"
     # Two threads: the size of the CI / dev machines this runs on, and the same for both models.
     torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, AdamW (model.optim.make_optimizer)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW (model.optim.make_optimizer)"
+    )
 
     tiny = ModelConfig.from_preset("tiny", max_seq_len=max(512, args.seq))
-    run_case("tiny", tiny, TINY, 4, args.seq, args.steps or (5 if args.quick else 10), 2, args.profile and args.quick,
-             args.logits_path)  # fmt: skip
+    if not args.skip_tiny:
+        run_case("tiny", tiny, TINY, 4, args.seq, args.steps or (5 if args.quick else 10), 2,
+                 args.profile and args.quick, args.logits_path, bf16, args.block)  # fmt: skip
     if args.quick:
         return
     # ~100M non-embedding parameters (GPT-2-small widths) with Chameleon's full 65,536-id vocabulary.
@@ -208,7 +228,8 @@ def main() -> None:
         dim=768, n_layers=args.big_layers, n_heads=12, n_kv_heads=12, ffn_dim=2048, vocab_size=65_536,
         max_seq_len=max(512, args.seq),
     )  # fmt: skip
-    run_case("100M", big, CHAMELEON, args.big_batch, args.seq, args.steps or 3, 2, args.profile, args.logits_path)
+    run_case("100M", big, CHAMELEON, args.big_batch, args.seq, args.steps or 3, 2, args.profile, args.logits_path, bf16,
+             args.block)  # fmt: skip
 
 
 if __name__ == "__main__":

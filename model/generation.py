@@ -116,12 +116,37 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Index per row of unnormalised probabilities [R, N] by inverse CDF, one uniform number from each row's own
+    generator: a row's draw does not depend on the other rows of the batch."""
+    cdf = probs.cumsum(-1)
+    uniform = torch.cat([torch.rand(1, generator=g) for g in generators])[:, None]
+    # right=True: the first id whose cumulative mass exceeds u·total, never an id of zero probability.
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+def sample_rows(scores: torch.Tensor, temperature: float, top_p: float,
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:  # fmt: skip
+    """One index per row of scores [R, N]: argmax when temperature is 0, else temperature, top-p and a draw; all
+    rows at once. Equals `sample` of each row (the draw is made in id order, whatever the top-p sort did)."""
+    if temperature == 0:
+        return scores.argmax(-1)
+    probs = (scores.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        # Drop an id when the ids ranked above it already reach top_p; the most likely id always stays.
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (ranked.cumsum(-1) - ranked) >= top_p)
+        probs = probs.masked_fill(drop, 0.0)
+    return _draw(probs, generators)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One id from logits [V]: argmax when temperature is 0, else temperature, top-p, multinomial draw."""
+    """One id from logits [V], the obvious way: argmax at temperature 0, else temperature, `top_p_filter`, softmax
+    and the inverse-CDF draw of `sample_rows` (which the generator uses, on the allowed ids only)."""
     if temperature == 0:
         return int(logits.argmax())
-    filtered = top_p_filter(logits.float() / temperature, top_p)
-    return int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
+    probs = top_p_filter(logits.float() / temperature, top_p).softmax(-1)
+    return int(_draw(probs[None], [generator])[0])
 
 
 def guided_logits(full: torch.Tensor, img: torch.Tensor, unc: torch.Tensor, s_txt: float, s_img: float) -> torch.Tensor:
@@ -139,14 +164,17 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
     (None when every row attends every column: plain causal attention).
     """
     cfg = model.config
-    rope = rotary_angles(positions, cfg.head_dim, cfg.rope_theta)  # once per step, shared by every layer
-    h = model.tok_embeddings(tokens)
-    attn_mask = None if mask is None else mask[:, None]
-    for layer in model.layers:
-        h = layer(h, positions, attn_mask, cache, start_pos, rope=rope)
+    if cache is not None and tokens.shape[1] == 1:  # one new token per row: the lean decode path
+        h = model.decode_step(tokens[:, 0], positions[:, 0], cache, start_pos, None if mask is None else mask[:, 0])
+    else:
+        rope = rotary_angles(positions, cfg.head_dim, cfg.rope_theta, complex_rotation=True)  # once for all layers
+        h = model.tok_embeddings(tokens)
+        attn_mask = None if mask is None else mask[:, None]
+        for layer in model.layers:
+            h = layer(h, positions, attn_mask, cache, start_pos, rope=rope)
+        h = model.norm(h[:, -1])
     if plan == ():
         return None
-    h = model.norm(h[:, -1])
     out = model.output
     if plan is None or not isinstance(out, nn.Linear):
         return out(h).float().cpu()
@@ -167,29 +195,50 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
     return logits
 
 
-def _sample_allowed(scores: torch.Tensor, allowed_ids: torch.Tensor, temperature: float, top_p: float,
-                    generator: torch.Generator | None) -> int:  # fmt: skip
-    """`sample` for logits that are -inf outside `allowed_ids`: top-p sorts only the allowed ids, not all V.
+def _sample_group(logits: torch.Tensor, rows: list[int], allowed_ids: torch.Tensor, temperature: float,
+                  top_p: float, generators: Sequence[torch.Generator | None], guidance: tuple | None = None,
+                  seen: Sequence[_SeenIds] = (), penalty: float = 1.0) -> list[int]:  # fmt: skip
+    """Ids for `rows` of logits [R, V] that share one allowed set: penalty, guidance and sampling over the allowed
+    ids only (the same as `sample` of the masked full rows), every row at once.
 
-    The same filter and the same multinomial draw over all V (so the same generator state and ids as `sample`);
-    only the rounding of top-p's softmax can differ (it normalises over the allowed ids).
+    `guidance` = (b, s_txt, s_img): row r is guided by rows r + b (image-only) and r + 2b (unconditional).
     """
-    if temperature == 0:
-        return int(scores.argmax())
-    scaled = scores.float() / temperature
-    if top_p < 1.0 and len(allowed_ids) < len(scaled):
-        scaled[allowed_ids] = top_p_filter(scaled[allowed_ids], top_p)
-    elif top_p < 1.0:
-        scaled = top_p_filter(scaled, top_p)
-    return int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+    index = _row_index(tuple(rows))
+    full = allowed_ids is None or len(allowed_ids) == logits.shape[1]
+    if seen and penalty != 1.0:
+        scores = logits[index]
+        seen_flat = [s.array() + r * scores.shape[1] for r, s in enumerate(seen) if s.ids]
+        if seen_flat:
+            flat = torch.from_numpy(np.concatenate(seen_flat))
+            vals = scores.view(-1)[flat]
+            scores.view(-1)[flat] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        if not full:
+            scores = scores[:, allowed_ids]
+    else:
+        take = (lambda r: logits[r]) if full else (lambda r: logits[r[:, None], allowed_ids[None, :]])
+        scores = take(index)
+        if guidance is not None:
+            b, s_txt, s_img = guidance
+            scores = guided_logits(scores, take(index + b), take(index + 2 * b), s_txt, s_img)
+    picked = sample_rows(scores, temperature, top_p, generators)
+    return (picked if full else allowed_ids[picked]).tolist()
 
 
 def _attention_mask(valid: torch.Tensor, start_pos: int, n_new: int) -> torch.Tensor:
     """[R, n_new, start_pos + n_new]: causal over valid columns; every query also sees itself (no empty rows)."""
     end = start_pos + n_new
+    if n_new == 1:  # decoding: every earlier column is in the causal past, so only validity and the diagonal
+        mask = valid[:, None, :end].clone()
+        mask[:, :, -1] = True
+        return mask
     q = torch.arange(start_pos, end, device=valid.device)[:, None]
     k = torch.arange(end, device=valid.device)[None, :]
     return (valid[:, None, :end] & (k <= q)) | (k == q)
+
+
+@lru_cache(maxsize=256)
+def _row_index(rows: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(rows)
 
 
 @dataclass
@@ -224,9 +273,10 @@ class _Decode:
         self.n_valid = [n + v for n, v in zip(self.n_valid, self.col_valid, strict=True)]
         self.dense = self.dense and all(self.col_valid)
         column = torch.tensor([self.col_tokens, self.col_valid, pos]).to(self.tokens.device)
-        self.tokens[:, col] = column[0]
-        self.valid[:, col] = column[1].bool()
-        self.positions[:, col] = column[2]
+        tokens, valid, positions = column.unbind()
+        self.tokens.select(1, col).copy_(tokens)
+        self.valid.select(1, col).copy_(valid)  # copy_ casts 0/1 to bool
+        self.positions.select(1, col).copy_(positions)
 
 
 class _SeenIds:
@@ -234,23 +284,21 @@ class _SeenIds:
 
     def __init__(self, ids):
         self.ids = set(ids)
-        self._tensor: torch.Tensor | None = None
+        self._buffer = np.array(sorted(self.ids), dtype=np.int64)  # numpy: an append is no torch op per token
+        self._count = len(self.ids)
 
     def add(self, token: int) -> None:
-        if token not in self.ids:
-            self.ids.add(token)
-            self._tensor = None
+        if token in self.ids:
+            return
+        self.ids.add(token)
+        if self._count == len(self._buffer):  # grow by doubling: appends stay amortised O(1)
+            self._buffer = np.concatenate([self._buffer, np.empty(max(16, self._count), dtype=np.int64)])
+        self._buffer[self._count] = token
+        self._count += 1
 
-    def penalize(self, logits: torch.Tensor, penalty: float) -> torch.Tensor:
-        """`apply_repetition_penalty` with `seen` = these ids, computed on the seen ids only."""
-        if penalty == 1.0 or not self.ids:
-            return logits
-        if self._tensor is None:
-            self._tensor = torch.tensor(sorted(self.ids), dtype=torch.long)
-        vals = logits[self._tensor]
-        out = logits.clone()
-        out[self._tensor] = torch.where(vals > 0, vals / penalty, vals * penalty)
-        return out
+    def array(self) -> np.ndarray:
+        """The seen ids (each once, in no particular order)."""
+        return self._buffer[: self._count]
 
 
 class Generator:
@@ -367,31 +415,33 @@ class Generator:
         logits = run(0, plen, parts)
         for step in range(max_new_tokens):
             col = plen + step
-            new: list[int | None] = []
+            new: list[int | None] = [None] * b
             dec.begin_column(rows, vocab.pad_id)
+            groups: dict[tuple, list[int]] = {}  # rows to sample, by allowed set: each group samples at once
             for i, st in enumerate(states):
                 if st.done:
-                    new.append(None)
                     continue
-                forced, allowed_ids = _allowed_ids(vocab, parts[i])
+                forced, _ = _allowed_ids(vocab, parts[i])
                 if forced is not None:  # BOI in image mode, EOI after the last code: inserted, not sampled
-                    token = forced
+                    new[i] = forced
                 else:
-                    allowed = _kind_mask(vocab, *parts[i])
-                    if st.in_image:
-                        scores = logits[i]
-                        if n_groups == 3:
-                            scores = guided_logits(
-                                scores, logits[b + i], logits[2 * b + i], image_cfg.cfg_text, image_cfg.cfg_image
-                            )
-                        scores = scores.masked_fill(~allowed, float("-inf"))
-                        token = _sample_allowed(scores, allowed_ids, image_cfg.temperature, image_cfg.top_p, gens[i])
-                    else:
-                        scores = seen[i].penalize(logits[i], text_cfg.repetition_penalty)
-                        scores = scores.masked_fill(~allowed, float("-inf"))
-                        token = _sample_allowed(scores, allowed_ids, text_cfg.temperature, text_cfg.top_p, gens[i])
-                self._advance(st, i, token, col, mode, b, n_groups, dec, seen)
-                new.append(token)
+                    groups.setdefault(parts[i], []).append(i)
+            for key, group in groups.items():
+                allowed_ids = _allowed_ids(vocab, key)[1]
+                gen_rows = [gens[i] for i in group]
+                if states[group[0]].in_image:  # an allowed set is either inside an image or outside one
+                    guide = (b, image_cfg.cfg_text, image_cfg.cfg_image) if n_groups == 3 else None
+                    picked = _sample_group(logits, group, allowed_ids, image_cfg.temperature, image_cfg.top_p,
+                                           gen_rows, guidance=guide)  # fmt: skip
+                else:
+                    picked = _sample_group(logits, group, allowed_ids, text_cfg.temperature, text_cfg.top_p,
+                                           gen_rows, seen=[seen[i] for i in group],
+                                           penalty=text_cfg.repetition_penalty)  # fmt: skip
+                for i, token in zip(group, picked, strict=True):
+                    new[i] = token
+            for i, token in enumerate(new):
+                if token is not None:
+                    self._advance(states[i], i, token, col, mode, b, n_groups, dec, seen)
             dec.end_column(col)
             yield new
             if all(st.done for st in states) or step == max_new_tokens - 1:

@@ -7,6 +7,9 @@ pairs (0, 1), (2, 3), ... are rotated together, not HF's rotate_half halves.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +17,14 @@ from torch import nn
 from model.losses import DEFAULT_CHUNK_SIZE, LossOutput, fused_lm_loss
 from schemas.model_config import ModelConfig
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin of the rotary angles, from `rotary_angles`
+
+class Rope(NamedTuple):
+    """The rotary angles of some positions, from `rotary_angles`: cos and sin [B, S, head_dim // 2], and for
+    decoding the complex exp(i·angle) [B, S, 1, head_dim // 2] made once for all layers."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotation: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -26,20 +36,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # Inference: the same formula as one op (fewer kernel launches per decoded token).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Computed in fp32: the mean of squares loses precision in bf16.
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
 
-def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each [B, S, head_dim // 2], for integer `positions` [B, S]."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+@lru_cache(maxsize=16)
+def _inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float, complex_rotation: bool = False) -> Rope:
+    """cos and sin of the rotary angles, each [B, S, head_dim // 2], for integer `positions` [B, S]; with
+    `complex_rotation` also exp(i·angle) for `apply_rotary` (decoding: made once instead of once per layer)."""
+    angles = positions.to(torch.float32)[..., None] * _inverse_frequencies(head_dim, theta, positions.device)
+    cos, sin = angles.cos(), angles.sin()
+    return Rope(cos, sin, torch.complex(cos, sin)[:, :, None, :] if complex_rotation else None)
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate adjacent pairs (x[..., 2i], x[..., 2i+1]) of `x` [B, S, H, hd] by the angles (Meta's layout).
 
     As Meta does it: each pair is a complex number times exp(i·angle), one fused complex multiply (and one in
@@ -51,7 +72,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rotation = torch.complex(cos, sin)[:, :, None, :]  # broadcast over heads
+    if rotation is None:
+        rotation = torch.complex(cos, sin)[:, :, None, :]  # broadcast over heads
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
@@ -72,6 +94,15 @@ class KVCache:
         self.keys[layer][:, :, start_pos:end] = k
         self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def update_one(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for one position: k, v [B, n_kv, hd] stored at column `pos`; keys and values up to it."""
+        if pos >= self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write position {pos}")
+        keys, values = self.keys[layer], self.values[layer]
+        keys.select(2, pos).copy_(k)  # select + copy: fewer ops than slice indexing, on every decoded token
+        values.select(2, pos).copy_(v)
+        return keys.narrow(2, 0, pos + 1), values.narrow(2, 0, pos + 1)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -117,8 +148,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         if self.q_normalization is not None:
             q, k = self.q_normalization(q), self.k_normalization(k)
-        cos, sin = rope if rope is not None else rotary_angles(positions, self.head_dim, self.rope_theta)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        rope = rope if rope is not None else rotary_angles(positions, self.head_dim, self.rope_theta)
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
@@ -146,6 +177,33 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+    def decode(self, x: torch.Tensor, rope: Rope, cache: KVCache, layer: int, pos: int,
+               mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """`forward` for one new token per row, x [B, dim] -> [B, dim]: its k and v go to cache column `pos`.
+
+        2-D activations and direct F.linear calls: decoding a small model is bound by the number of ops per token.
+        `mask` [B, 1, 1, pos + 1] says which cached columns each row attends (None: all of them).
+        """
+        b, hd = x.shape[0], self.head_dim
+        q = F.linear(x, self.wq.weight).view(b, self.n_heads, hd)
+        k = F.linear(x, self.wk.weight).view(b, self.n_kv_heads, hd)
+        v = F.linear(x, self.wv.weight).view(b, self.n_kv_heads, hd)
+        if self.q_normalization is not None:
+            q, k = self.q_normalization(q), self.k_normalization(k)
+        if rope.rotation is None or q.dtype != torch.float32:
+            q, k = apply_rotary(q[:, None], *rope)[:, 0], apply_rotary(k[:, None], *rope)[:, 0]
+        else:  # fp32: rotate in place of the complex view, rotation [B, 1, hd / 2] broadcast over heads
+            rotation = rope.rotation[:, 0]
+            q = torch.view_as_real(torch.view_as_complex(q.view(b, self.n_heads, hd // 2, 2)) * rotation).view(
+                b, -1, hd
+            )
+            k = torch.view_as_real(torch.view_as_complex(k.view(b, self.n_kv_heads, hd // 2, 2)) * rotation)
+            k = k.view(b, -1, hd)
+        keys, values = cache.update_one(layer, pos, k, v)
+        gqa = self.n_heads != self.n_kv_heads
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=gqa)
+        return F.linear(out.view(b, -1), self.wo.weight)
 
 
 class FeedForward(nn.Module):
@@ -186,6 +244,23 @@ class TransformerBlock(nn.Module):
         h = x + self.attn_dropout(self.attention(self.attention_norm(x), *attn_args))
         return h + self.ffn_dropout(self.feed_forward(self.ffn_norm(h)))
 
+    def decode(self, x: torch.Tensor, rope: Rope, cache: KVCache, pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """`forward` for one new token per row, x [B, dim] (see `Attention.decode`)."""
+        attention = self.attention.decode
+        if self.training:  # dropout as in `forward` (generation normally runs in eval mode, where it is identity)
+            attn_dropout, ffn_dropout = self.attn_dropout, self.ffn_dropout
+        else:
+            attn_dropout = ffn_dropout = _identity
+        if self.swin_norm:
+            h = x + attn_dropout(self.attention_norm(attention(x, rope, cache, self.layer_id, pos, mask)))
+            return h + ffn_dropout(self.ffn_norm(self.feed_forward(h)))
+        h = x + attn_dropout(attention(self.attention_norm(x), rope, cache, self.layer_id, pos, mask))
+        return h + ffn_dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
 
 class Transformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, vocab]; untied embeddings and output, final RMSNorm."""
@@ -223,6 +298,21 @@ class Transformer(nn.Module):
         """An empty KV cache on the model's device and dtype, for up to `max_len` (default max_seq_len) tokens."""
         p = self.output.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=p.device, dtype=p.dtype)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, pos: int,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Final normed hidden states [B, dim] of one new token per row, tokens and positions [B], written to
+        `cache` column `pos`; `mask` [B, pos + 1] (bool) marks the columns each row attends (None: every one).
+
+        The same function as `forward(tokens[:, None], positions[:, None], cache=cache, start_pos=pos)` before the
+        output layer, with fewer ops per token.
+        """
+        rope = rotary_angles(positions[:, None], self.config.head_dim, self.config.rope_theta, complex_rotation=True)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer.decode(h, rope, cache, pos, attn_mask)
+        return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, *, loss_mask: torch.Tensor | None = None,

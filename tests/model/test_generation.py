@@ -322,21 +322,63 @@ def test_restricted_output_logits_equal_full_logits():
 
 
 def test_sampling_fast_paths_equal_reference_functions():
-    from model.generation import _sample_allowed, _SeenIds
+    # The generator samples a whole group of rows at once over the allowed ids only; row by row over all V with
+    # the obvious functions (penalty over a seen mask, top_p_filter, softmax) must give the same ids.
+    from model.generation import _sample_group, _SeenIds
 
     torch.manual_seed(0)
     image = VOCAB.mask(Modality.IMAGE)
-    allowed_ids = image.nonzero().flatten()
-    for seed in range(20):
-        logits = torch.randn(VOCAB.size) * 3
-        scores = logits.masked_fill(~image, float("-inf"))
-        reference = sample(scores, 0.7, 0.9, torch.Generator().manual_seed(seed))
-        assert _sample_allowed(scores, allowed_ids, 0.7, 0.9, torch.Generator().manual_seed(seed)) == reference
-    assert _sample_allowed(scores, allowed_ids, 0.0, 0.9, None) == int(scores.argmax())
-    seen_ids = [300, 301, 999, 2047]
-    seen = torch.zeros(VOCAB.size, dtype=torch.bool)
-    seen[seen_ids] = True
-    assert torch.equal(_SeenIds(seen_ids).penalize(logits, 1.3), apply_repetition_penalty(logits, seen, 1.3))
+    image_ids = image.nonzero().flatten()
+    text = VOCAB.mask(Modality.TEXT)
+    text_ids = text.nonzero().flatten()
+    logits = torch.randn(6, VOCAB.size) * 3
+    gens = [torch.Generator().manual_seed(seed) for seed in range(3)]
+    for draw in range(20):
+        rows = [0, 2, 5]
+        picked = _sample_group(logits, rows, image_ids, 0.7, 0.9, gens)
+        refs = [torch.Generator().manual_seed(seed) for seed in range(3)]
+        for _ in range(draw):  # the reference generators catch up with the draws already made
+            for g in refs:
+                torch.rand(1, generator=g)
+        expected = [
+            sample(logits[r].masked_fill(~image, float("-inf")), 0.7, 0.9, g) for r, g in zip(rows, refs, strict=True)
+        ]
+        assert picked == expected
+    seen_ids = [[300, 301, 999, 2000], [], [5, 300]]
+    seen = [_SeenIds(ids) for ids in seen_ids]
+    greedy = _sample_group(logits, [0, 1, 2], text_ids, 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
+    for r, ids in enumerate(seen_ids):
+        mask = torch.zeros(VOCAB.size, dtype=torch.bool)
+        mask[ids] = True
+        reference = apply_repetition_penalty(logits[r], mask, 1.3).masked_fill(~text, float("-inf"))
+        assert greedy[r] == int(reference.argmax())
+    unchanged = logits.clone()
+    _sample_group(logits, [0, 1, 2], text_ids, 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
+    assert torch.equal(logits, unchanged)  # the penalty works on a copy
+
+
+def test_a_rows_draws_do_not_depend_on_its_batch_mates():
+    from model.generation import sample_rows
+
+    scores = torch.randn(4, 50)
+    together = sample_rows(scores, 0.9, 0.8, [torch.Generator().manual_seed(s) for s in range(4)])
+    alone = [int(sample_rows(scores[r : r + 1], 0.9, 0.8, [torch.Generator().manual_seed(r)])[0]) for r in range(4)]
+    assert together.tolist() == alone
+
+
+def test_sample_rows_follows_the_top_p_distribution():
+    # 40,000 draws of one row: each kept id's frequency is its renormalised probability; dropped ids never appear.
+    from model.generation import sample_rows
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    probs = logits.softmax(-1)
+    kept = torch.isfinite(top_p_filter(logits, 0.9))
+    expected = torch.where(kept, probs, 0.0) / probs[kept].sum()
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_rows(logits.expand(40_000, -1), 1.0, 0.9, [gen] * 40_000)
+    freq = torch.bincount(draws, minlength=len(logits)).float() / len(draws)
+    assert (freq[~kept] == 0).all()
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["text", "mixed"])

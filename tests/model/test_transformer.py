@@ -144,8 +144,9 @@ def rotate_half_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -
 def test_rotary_uses_metas_adjacent_pair_layout() -> None:
     x = torch.randn(2, 9, 3, 16)
     positions = torch.tensor([list(range(9)), [4, 5, 6, 0, 1, 2, 3, 100, 2000]])
-    cos, sin = rotary_angles(positions, 16, 10_000.0)
+    cos, sin, _ = rotary_angles(positions, 16, 10_000.0)
     ours = apply_rotary(x, cos, sin)
+    torch.testing.assert_close(apply_rotary(x, *rotary_angles(positions, 16, 10_000.0, complex_rotation=True)), ours)
     torch.testing.assert_close(ours, reference_rotary(x, positions, 10_000.0), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(ours, rotate_half_rotary(x, positions, 10_000.0), atol=1e-2)
     torch.testing.assert_close(ours[0, 0], x[0, 0])  # position 0 is the identity
@@ -214,6 +215,34 @@ def test_kv_cache_decoding_matches_full_forward() -> None:
     torch.testing.assert_close(chunk, full[:, 5:13], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="16 positions"):
         model(tokens[:, :5], cache=cache, start_pos=13)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"swin_norm": True}, {"qk_norm": False}])
+def test_decode_step_equals_forward_with_a_cache(overrides: dict) -> None:
+    # The lean one-token path (2-D activations, direct F.linear) must be the same function as `forward` with a
+    # cache, with GQA or not, either norm order, and with a mask that hides some cached columns of one row.
+    config = tiny(**overrides)
+    model = model_of(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 12))
+    positions = torch.tensor([list(range(12)), [0, 0, 0, *range(9)]])  # row 1: three padding columns first
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False
+    mask = valid[:, None, None, :] & torch.ones(12, 12, dtype=torch.bool).tril()[None, None]
+    cache_a, cache_b = model.make_cache(2, 12), model.make_cache(2, 12)
+    with torch.no_grad():
+        model(tokens[:, :8], positions[:, :8], cache=cache_a)
+        model(tokens[:, :8], positions[:, :8], cache=cache_b)
+        for p in range(8, 12):
+            rope = rotary_angles(positions[:, p : p + 1], config.head_dim, config.rope_theta)
+            h = model.tok_embeddings(tokens[:, p : p + 1])
+            for layer in model.layers:
+                h = layer(h, positions[:, p : p + 1], mask[:, :, p : p + 1, : p + 1], cache_a, p, rope=rope)
+            expected = model.norm(h)[:, 0]
+            got = model.decode_step(tokens[:, p], positions[:, p], cache_b, p, valid[:, : p + 1])
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache_b.keys[0][:, :, p], cache_a.keys[0][:, :, p])
+    with pytest.raises(ValueError, match="12 positions"):
+        model.decode_step(tokens[:, 0], positions[:, 0], cache_b, 12)
 
 
 def test_tiny_model_overfits_one_batch() -> None:
