@@ -156,8 +156,9 @@ def guided_logits(full: torch.Tensor, img: torch.Tensor, unc: torch.Tensor, s_tx
 
 def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                   cache: KVCache | None, start_pos: int, plan=None) -> torch.Tensor | None:  # fmt: skip
-    """Float logits [R, V] of the last position, on the CPU; only the ids of `plan` (see `_logit_plan`) are computed
-    when given (the rest are -inf); `plan=()` runs the layers (filling the cache) and returns None.
+    """Float logits of the last position, on the CPU: [R, V], or with `plan` (see `_logit_plan`) only the planned
+    ids' columns, in ascending id order (`_plan_columns`); `plan=()` runs the layers (filling the cache) and
+    returns None.
 
     Transformer.forward builds its own causal mask with a cache, which would let rows attend padding; the layers
     take an explicit mask, so the same embedding -> layers -> norm -> output path runs with the validity mask
@@ -184,44 +185,62 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
     if extra:
         idx = torch.tensor(extra, device=h.device)
         parts.append(F.linear(h, w[idx], None if bias is None else bias[idx]))
-    compact = torch.cat(parts, -1).float().cpu()  # only the needed columns cross to the CPU
-    logits = torch.full((h.shape[0], cfg.vocab_size), float("-inf"))
-    at = 0
-    for lo, hi in runs:
-        logits[:, lo:hi] = compact[:, at : at + hi - lo]
-        at += hi - lo
-    if extra:
-        logits[:, list(extra)] = compact[:, at:]
-    return logits
+    compact = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]).float().cpu()  # only these cross to the CPU
+    order = _plan_columns(plan)[0]
+    return compact if order is None else compact[:, order]
 
 
-def _sample_group(logits: torch.Tensor, rows: list[int], allowed_ids: torch.Tensor, temperature: float,
-                  top_p: float, generators: Sequence[torch.Generator | None], guidance: tuple | None = None,
-                  seen: Sequence[_SeenIds] = (), penalty: float = 1.0) -> list[int]:  # fmt: skip
-    """Ids for `rows` of logits [R, V] that share one allowed set: penalty, guidance and sampling over the allowed
+@lru_cache(maxsize=64)
+def _plan_columns(plan: tuple) -> tuple[torch.Tensor | None, np.ndarray]:
+    """(the permutation that puts a plan's computed logits in ascending id order, None if they already are;
+    those ids, ascending)."""
+    runs, extra = plan
+    ids = np.concatenate([np.arange(lo, hi) for lo, hi in runs] + [np.asarray(extra, dtype=np.int64)])
+    order = np.argsort(ids, kind="stable")
+    same = bool((order == np.arange(len(ids))).all())
+    return (None if same else torch.from_numpy(order)), ids[order]
+
+
+@lru_cache(maxsize=256)
+def _group_columns(vocab: Vocabulary, plan: tuple | None, parts: tuple) -> torch.Tensor | None:
+    """The columns of a step's logits (see `_forward_last`) that hold `parts`' allowed ids, ascending; None when
+    they are every column (no gather needed)."""
+    allowed = _allowed_ids(vocab, parts)[1].numpy()
+    ids = np.arange(vocab.size) if plan is None else _plan_columns(plan)[1]
+    if len(ids) == len(allowed) and (ids == allowed).all():
+        return None
+    return torch.from_numpy(np.searchsorted(ids, allowed))
+
+
+def _sample_group(logits: torch.Tensor, rows: list[int], columns: torch.Tensor | None, allowed_ids: torch.Tensor,
+                  temperature: float, top_p: float, generators: Sequence[torch.Generator | None],
+                  guidance: tuple | None = None, seen: Sequence[_SeenIds] = (),
+                  penalty: float = 1.0) -> list[int]:  # fmt: skip
+    """Ids for `rows` of a step's logits that share one allowed set: penalty, guidance and sampling over the allowed
     ids only (the same as `sample` of the masked full rows), every row at once.
 
-    `guidance` = (b, s_txt, s_img): row r is guided by rows r + b (image-only) and r + 2b (unconditional).
+    `columns`: where the allowed ids (`allowed_ids`, ascending) are among the logits' columns (None: all of them,
+    in order). `guidance` = (b, s_txt, s_img): row r is guided by rows r + b (image-only) and r + 2b (unconditional).
     """
     index = _row_index(tuple(rows))
-    full = allowed_ids is None or len(allowed_ids) == logits.shape[1]
+    take = (lambda r: logits[r]) if columns is None else (lambda r: logits[r[:, None], columns[None, :]])
+    scores = take(index)  # a copy: the penalty below may write into it
+    if guidance is not None:
+        b, s_txt, s_img = guidance
+        scores = guided_logits(scores, take(index + b), take(index + 2 * b), s_txt, s_img)
     if seen and penalty != 1.0:
-        scores = logits[index]
-        seen_flat = [s.array() + r * scores.shape[1] for r, s in enumerate(seen) if s.ids]
-        if seen_flat:
-            flat = torch.from_numpy(np.concatenate(seen_flat))
+        allowed = allowed_ids.numpy()
+        flat = []
+        for r, s in enumerate(seen):
+            if s.ids:  # the seen ids' places among the allowed ids (an id never allowed here cannot be sampled)
+                where = np.searchsorted(allowed, s.array()).clip(max=len(allowed) - 1)
+                flat.append(where[allowed[where] == s.array()] + r * len(allowed))
+        if flat:
+            flat = torch.from_numpy(np.concatenate(flat))
             vals = scores.view(-1)[flat]
             scores.view(-1)[flat] = torch.where(vals > 0, vals / penalty, vals * penalty)
-        if not full:
-            scores = scores[:, allowed_ids]
-    else:
-        take = (lambda r: logits[r]) if full else (lambda r: logits[r[:, None], allowed_ids[None, :]])
-        scores = take(index)
-        if guidance is not None:
-            b, s_txt, s_img = guidance
-            scores = guided_logits(scores, take(index + b), take(index + 2 * b), s_txt, s_img)
     picked = sample_rows(scores, temperature, top_p, generators)
-    return (picked if full else allowed_ids[picked]).tolist()
+    return allowed_ids[picked].tolist()
 
 
 def _attention_mask(valid: torch.Tensor, start_pos: int, n_new: int) -> torch.Tensor:
@@ -397,7 +416,7 @@ class Generator:
             left = max_new_tokens - step
             return [None if st.done else _allowed_parts(vocab, mode, st.in_image, st.codes_left, left) for st in states]
 
-        def run(start: int, end: int, parts: list[tuple | None]) -> torch.Tensor | None:
+        def run(start: int, end: int, parts: list[tuple | None]) -> tuple[torch.Tensor | None, tuple | None]:
             if cache is None:  # recompute everything: the reference the cached path must match
                 start = 0
             # Logits only for ids some row may sample next (forced ids, e.g. EOI, need none).
@@ -407,12 +426,13 @@ class Generator:
             # no_grad here, not around the loop: a context held across `yield` would leak into the caller.
             with torch.no_grad():
                 # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.
-                return _forward_last(
+                logits = _forward_last(
                     model, dec.tokens[:, start:end], dec.positions[:, start:end], mask, cache, start, plan
                 )
+            return logits, plan
 
         parts = parts_at(0)
-        logits = run(0, plen, parts)
+        logits, plan = run(0, plen, parts)
         for step in range(max_new_tokens):
             col = plen + step
             new: list[int | None] = [None] * b
@@ -427,14 +447,14 @@ class Generator:
                 else:
                     groups.setdefault(parts[i], []).append(i)
             for key, group in groups.items():
-                allowed_ids = _allowed_ids(vocab, key)[1]
+                where = (_group_columns(vocab, plan, key), _allowed_ids(vocab, key)[1])
                 gen_rows = [gens[i] for i in group]
                 if states[group[0]].in_image:  # an allowed set is either inside an image or outside one
                     guide = (b, image_cfg.cfg_text, image_cfg.cfg_image) if n_groups == 3 else None
-                    picked = _sample_group(logits, group, allowed_ids, image_cfg.temperature, image_cfg.top_p,
+                    picked = _sample_group(logits, group, *where, image_cfg.temperature, image_cfg.top_p,
                                            gen_rows, guidance=guide)  # fmt: skip
                 else:
-                    picked = _sample_group(logits, group, allowed_ids, text_cfg.temperature, text_cfg.top_p,
+                    picked = _sample_group(logits, group, *where, text_cfg.temperature, text_cfg.top_p,
                                            gen_rows, seen=[seen[i] for i in group],
                                            penalty=text_cfg.repetition_penalty)  # fmt: skip
                 for i, token in zip(group, picked, strict=True):
@@ -449,7 +469,7 @@ class Generator:
             parts = parts_at(step + 1)
             if mode == "image" and all(p is None or p == ((), (vocab.eoi_id,)) for p in parts):
                 continue  # every open image gets its EOI and then ends: no model step is needed for it
-            logits = run(col, col + 1, parts)
+            logits, plan = run(col, col + 1, parts)
 
     def _advance(self, st: _Stream, i: int, token: int, col: int, mode: str, b: int, n_groups: int, dec: _Decode,
                  seen: list[_SeenIds]) -> None:  # fmt: skip

@@ -296,7 +296,7 @@ def test_guided_greedy_matches_slow_reference(tmp_path, mode):
 def test_restricted_output_logits_equal_full_logits():
     # The fast path computes only the output rows a step may sample (runs + gathered ids); the rest must be -inf
     # and the computed ones must equal the full output layer's.
-    from model.generation import _forward_last, _kind_mask, _logit_plan
+    from model.generation import _forward_last, _kind_mask, _logit_plan, _plan_columns
 
     model = tiny_model(2, boi_bias=3.0, init_std=0.2)
     tokens = torch.tensor([text_prompt(4, 9)])
@@ -316,8 +316,11 @@ def test_restricted_output_logits_equal_full_logits():
             need = torch.zeros(VOCAB.size, dtype=torch.bool)
             for k in keys:
                 need |= _kind_mask(VOCAB, *k)
-            torch.testing.assert_close(part[:, need], full[:, need], atol=1e-5, rtol=1e-5)
-            assert plan is None or torch.isinf(part[:, ~need]).all()
+            if plan is None:
+                torch.testing.assert_close(part, full)
+            else:  # exactly the needed ids' logits, in ascending id order
+                torch.testing.assert_close(part, full[:, need], atol=1e-5, rtol=1e-5)
+                assert torch.equal(torch.from_numpy(_plan_columns(plan)[1]), need.nonzero().flatten())
         assert _forward_last(model, tokens, positions, None, model.make_cache(1, 20), 0, ()) is None
 
 
@@ -335,7 +338,7 @@ def test_sampling_fast_paths_equal_reference_functions():
     gens = [torch.Generator().manual_seed(seed) for seed in range(3)]
     for draw in range(20):
         rows = [0, 2, 5]
-        picked = _sample_group(logits, rows, image_ids, 0.7, 0.9, gens)
+        picked = _sample_group(logits, rows, image_ids, image_ids, 0.7, 0.9, gens)
         refs = [torch.Generator().manual_seed(seed) for seed in range(3)]
         for _ in range(draw):  # the reference generators catch up with the draws already made
             for g in refs:
@@ -346,14 +349,14 @@ def test_sampling_fast_paths_equal_reference_functions():
         assert picked == expected
     seen_ids = [[300, 301, 999, 2000], [], [5, 300]]
     seen = [_SeenIds(ids) for ids in seen_ids]
-    greedy = _sample_group(logits, [0, 1, 2], text_ids, 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
+    greedy = _sample_group(logits, [0, 1, 2], text_ids, text_ids, 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
     for r, ids in enumerate(seen_ids):
         mask = torch.zeros(VOCAB.size, dtype=torch.bool)
         mask[ids] = True
         reference = apply_repetition_penalty(logits[r], mask, 1.3).masked_fill(~text, float("-inf"))
         assert greedy[r] == int(reference.argmax())
     unchanged = logits.clone()
-    _sample_group(logits, [0, 1, 2], text_ids, 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
+    _sample_group(logits, [0, 1, 2], None, torch.arange(VOCAB.size), 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
     assert torch.equal(logits, unchanged)  # the penalty works on a copy
 
 

@@ -95,3 +95,28 @@ def test_step_with_groups_decays_only_matrices():
     # zero gradient: only decoupled weight decay moves anything (w <- w * (1 - lr * wd))
     torch.testing.assert_close(lin.weight.detach(), w0 * (1 - 0.1 * 0.5))
     torch.testing.assert_close(lin.bias.detach(), b0)
+
+
+def test_fused_adamw_on_plain_tensors_matches_the_foreach_update():
+    # make_optimizer picks torch's fused kernel for plain CPU tensors; over a few steps it must give the foreach
+    # implementation's parameters (to float rounding), decay groups included.
+    torch.manual_seed(0)
+    fused_model = Transformer(ModelConfig.from_preset("tiny"))
+    reference = Transformer(ModelConfig.from_preset("tiny"))
+    reference.load_state_dict(fused_model.state_dict())
+    config = OptimizerConfig(lr=1e-2)
+    fused = make_optimizer(fused_model, config)
+    assert all(group["fused"] for group in fused.param_groups)
+    from model.optim import param_groups
+
+    foreach = torch.optim.AdamW(
+        param_groups(reference, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps, foreach=True
+    )
+    tokens = torch.randint(0, 2048, (2, 16))
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (reference, foreach)):
+            opt.zero_grad()
+            model(tokens).float().logsumexp(-1).mean().backward()
+            opt.step()
+    for (name, a), b in zip(fused_model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
