@@ -245,6 +245,22 @@ def test_decode_step_equals_forward_with_a_cache(overrides: dict) -> None:
         model.decode_step(tokens[:, 0], positions[:, 0], cache_b, 12)
 
 
+def test_decode_step_in_bf16_follows_forward() -> None:
+    # bf16 weights take apply_rotary's general form instead of the fp32 in-place complex view.
+    config = tiny()
+    model = model_of(config).to(torch.bfloat16)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    cache_a, cache_b = model.make_cache(2, 9), model.make_cache(2, 9)
+    with torch.no_grad():
+        model(tokens[:, :8], cache=cache_a)
+        model(tokens[:, :8], cache=cache_b)
+        expected = model(tokens[:, 8:], cache=cache_a, start_pos=8)[:, 0]
+        hidden = model.decode_step(tokens[:, 8], torch.full((2,), 8), cache_b, 8)
+        got = model.output(hidden)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_tiny_model_overfits_one_batch() -> None:
     config = tiny(n_layers=1)
     model = Transformer.from_config(config).train()
