@@ -1,13 +1,16 @@
 """GPU train-step throughput and MFU of our Chameleon `Transformer` at ~1B parameters (bf16 autocast, compiled blocks).
 
-One step = forward under bf16 autocast + cross-entropy over every next-token target + backward + AdamW step
-(`model.optim.make_optimizer`); weights, grads and optimizer state stay fp32, as in `model/trainer.py`. Each
+One step = forward under bf16 autocast + the trainer's loss over every next-token target (the output layer fused
+with CE + z-loss, `Transformer.forward(..., loss_mask=...)`; `--logits-path` times full logits + plain CE instead)
++ backward + AdamW step (`model.optim.make_optimizer`, fused); weights, grads and optimizer state stay fp32, as in
+`model/trainer.py`. Each
 `model.layers[i]` is compiled in place with `torch.compile` (the trainer's `compile: true`). The batch starts at
 `--batch` and halves on out-of-memory. Warm-up (compilation included) and the timed loop are both bounded in seconds
 so the whole run ends within ~5 minutes.
 
 MFU = tokens/s * (6 N + 12 L d S) / peak, N = parameters that do matmuls (all but the input embedding table),
-peak = 989e12 (H100 SXM bf16 dense). Prints the figures and writes them to $OUT/gpu_train.json when $OUT is set.
+peak = the device's dense bf16 peak from `model.mfu` (989e12 for H100 SXM and H200). Prints the figures and writes
+them to $OUT/gpu_train.json when $OUT is set.
 `--cpu-smoke` runs the same code on CPU with a tiny config (fp32, blocks compiled unless `--no-compile`) to check
 the script itself.
 """
@@ -24,22 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.losses import DEFAULT_CHUNK_SIZE
+from model.mfu import PEAK_FLOPS, device_peak_flops, flops_per_token
 from model.optim import make_optimizer
 from model.transformer import Transformer
 from schemas.model_config import ModelConfig
 from schemas.train_config import OptimizerConfig
 
-H100_BF16_DENSE_FLOPS = 989e12
-
 
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of position t's logits against token t+1 (in fp32: autocast upcasts cross_entropy)."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
-def flops_per_token(cfg: ModelConfig, matmul_params: int, seq: int) -> float:
-    """Training FLOPs per token: 6N for weights, 12 L d S for attention scores and values (causal not halved)."""
-    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq
 
 
 def main() -> None:
@@ -53,6 +51,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="time budget of the timed loop")
     parser.add_argument("--max-steps", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--logits-path", action="store_true", help="full logits + plain CE instead of the fused loss")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -87,15 +86,19 @@ def main() -> None:
     optimizer = make_optimizer(model, OptimizerConfig())
     n_params = model.num_params()
     matmul_params = n_params - model.tok_embeddings.weight.numel()
-    fpt = flops_per_token(cfg, matmul_params, seq)
+    fpt = flops_per_token(matmul_params, cfg.n_layers, cfg.dim, seq)
+    peak = device_peak_flops(device) or PEAK_FLOPS["H100"]  # an unknown GPU is reported against an H100
+
+    def loss_of(tokens: torch.Tensor) -> torch.Tensor:
+        if args.logits_path:
+            return next_token_ce(model(tokens), tokens)
+        mask = torch.ones_like(tokens, dtype=torch.bool)  # what Trainer._step runs: no [B, S, vocab] logits
+        return model(tokens, loss_mask=mask, z_loss_weight=1e-5, loss_chunk_size=DEFAULT_CHUNK_SIZE).loss
 
     def step(tokens: torch.Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
-        if autocast_dtype is None:
-            loss = next_token_ce(model(tokens), tokens)
-        else:
-            with torch.autocast(device.type, dtype=autocast_dtype):
-                loss = next_token_ce(model(tokens), tokens)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = loss_of(tokens)
         loss.backward()
         optimizer.step()
         return loss.item()  # .item() synchronises, so wall time per step is the device's time
@@ -144,6 +147,8 @@ def main() -> None:
         "tokens_per_step": tokens_per_step,
         "compiled_blocks": compile_blocks,
         "precision": "bf16 autocast, fp32 master weights" if autocast_dtype else "fp32",
+        "loss_path": "logits + CE" if args.logits_path else "fused output layer + CE + z-loss (the trainer's)",
+        "peak_flops": peak,
         "warmup_steps": args.warmup_steps,
         "warmup_s": round(warmup_s, 2),
         "timed_steps": len(times),
@@ -152,8 +157,8 @@ def main() -> None:
         "tokens_per_s": tps,
         "tokens_per_s_best": tokens_per_step / min(times),
         "flops_per_token": fpt,
-        "mfu": tps * fpt / H100_BF16_DENSE_FLOPS,
-        "mfu_all_params_6N": tps * (6 * n_params + 12 * cfg.n_layers * cfg.dim * seq) / H100_BF16_DENSE_FLOPS,
+        "mfu": tps * fpt / peak,
+        "mfu_all_params_6N": tps * flops_per_token(n_params, cfg.n_layers, cfg.dim, seq) / peak,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "last_loss": loss,
         "total_s": round(time.perf_counter() - start_all, 2),

@@ -29,6 +29,7 @@ from model.checkpointing import (
     save_checkpoint,
 )
 from model.lr_schedule import make_scheduler
+from model.mfu import device_peak_flops, flops_per_token
 from model.optim import clip_and_check, make_optimizer
 from model.stage_loader import StageLoader
 from model.transformer import Transformer
@@ -36,8 +37,6 @@ from model.vocabulary import Modality, Vocabulary
 from schemas.train_config import SFTConfig, TrainConfig
 from schemas.vocab import VocabLayout
 
-# Dense bf16 peak FLOP/s of accelerators we know, for MFU; unknown devices (CPUs) report no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -56,18 +55,6 @@ class StepMetrics:
     data_wait_share: float
     mfu: float | None
     skipped_steps: int
-
-
-def flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12·L·d·S for attention (PaLM's accounting)."""
-    return 6 * n_params + 12 * n_layers * dim * seq_len
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
 class Trainer:
