@@ -120,9 +120,12 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     """Index per row of unnormalised probabilities [R, N] by inverse CDF, one uniform number from each row's own
     generator: a row's draw does not depend on the other rows of the batch."""
     cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("cannot sample: the model's logits are not finite (NaN or inf weights or activations?)")
     uniform = torch.cat([torch.rand(1, generator=g) for g in generators])[:, None]
     # right=True: the first id whose cumulative mass exceeds u·total, never an id of zero probability.
-    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    return torch.searchsorted(cdf, uniform * total, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def sample_rows(scores: torch.Tensor, temperature: float, top_p: float,

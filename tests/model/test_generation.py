@@ -395,3 +395,12 @@ def test_padded_batch_equals_each_prompt_alone_greedy(tmp_path, mode):
     assert batch == [gen.generate([p], mode, 90, 0)[0] for p in prompts]
     if mode == "mixed":
         assert VOCAB.boi_id in batch[0] + batch[1]
+
+
+def test_sampling_non_finite_logits_is_a_clear_error():
+    from model.generation import sample_rows
+
+    scores = torch.randn(2, 10)
+    scores[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        sample_rows(scores, 0.7, 0.9, [torch.Generator(), torch.Generator()])
