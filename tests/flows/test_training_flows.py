@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,25 @@ def stages(train_and_sft_stages: Path) -> Path:
     return train_and_sft_stages
 
 
-def flow_logs(flow_run_id) -> list[str]:
+def flow_logs(flow_run_id, until: str) -> list[str]:
+    """The run's log messages in the API, once one of them contains `until` (or after ~15 s, for the assertion).
+
+    Prefect ships logs from a background worker in batches: right after a flow returns, its last lines may still
+    be queued, so drain the worker and poll instead of reading once.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
 
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return [log.message for log in logs]
+    APILogWorker.drain_all(timeout=5)
+    deadline = time.monotonic() + 15
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        messages = [log.message for log in logs]
+        if any(until in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +70,7 @@ def test_train_flow_reports_loss_curve_and_final_metrics(prefect_api, pretrain) 
     assert [float(v) for v in first_line.split(", ")] == pytest.approx([m["loss"] for m in metrics], abs=1e-4)
     assert "data:image/png;base64," in curve and (out / "loss.png").stat().st_size > 0
 
-    logs = flow_logs(state.state_details.flow_run_id)  # the trainer's own lines, streamed from the subprocess
+    logs = flow_logs(state.state_details.flow_run_id, "step 4/4 loss")  # the trainer's own lines, streamed
     assert any("step 4/4 loss" in line for line in logs), logs[-10:]
 
 
@@ -66,7 +79,7 @@ def test_rerun_resumes_from_latest_checkpoint(prefect_api, pretrain) -> None:
     _, out = pretrain
     again = train(config=load_config(TrainConfig, out / "train-config.yaml"), return_state=True)
     assert again.is_completed(), again.message
-    logs = flow_logs(again.state_details.flow_run_id)
+    logs = flow_logs(again.state_details.flow_run_id, "nothing to do")
     assert any("resumed from" in line and "step-00000004" in line for line in logs), logs
     assert any("nothing to do: already at step 4" in line for line in logs)
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
@@ -86,6 +99,6 @@ def test_sft_flow_under_torchrun(prefect_api, pretrain, stages: Path, tmp_path: 
     metrics = read_metrics(tmp_path / "sft")
     assert final["step"] == 3 == metrics[-1]["step"] and final["lr"] == pytest.approx(metrics[-1]["lr"])
     assert metrics[0]["lr"] == pytest.approx(1e-5)  # SFT's cosine from 1e-5
-    logs = flow_logs(state.state_details.flow_run_id)
+    logs = flow_logs(state.state_details.flow_run_id, "initialised from")
     assert any("torch.distributed.run" in line and "--nproc_per_node=2" in line for line in logs)
     assert any("initialised from" in line for line in logs)
