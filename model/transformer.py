@@ -190,17 +190,18 @@ class Attention(nn.Module):
             q, k = self.q_normalization(q), self.k_normalization(k)
         if rope.rotation is None or q.dtype != torch.float32:
             q, k = apply_rotary(q[:, None], *rope)[:, 0], apply_rotary(k[:, None], *rope)[:, 0]
-        else:  # fp32: rotate in place of the complex view, rotation [B, 1, hd / 2] broadcast over heads
-            rotation = rope.rotation[:, 0]
-            q = torch.view_as_real(torch.view_as_complex(q.view(b, self.n_heads, hd // 2, 2)) * rotation).view(
-                b, -1, hd
-            )
-            k = torch.view_as_real(torch.view_as_complex(k.view(b, self.n_kv_heads, hd // 2, 2)) * rotation)
-            k = k.view(b, -1, hd)
+        else:
+            q, k = _rotate_heads(q, rope.rotation[:, 0]), _rotate_heads(k, rope.rotation[:, 0])
         keys, values = cache.update_one(layer, pos, k, v)
         gqa = self.n_heads != self.n_kv_heads
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=gqa)
         return F.linear(out.view(b, -1), self.wo.weight)
+
+
+def _rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` for one fp32 token, x [B, H, hd] and rotation [B, 1, hd / 2]: through a complex view of x."""
+    b, h, hd = x.shape
+    return torch.view_as_real(torch.view_as_complex(x.view(b, h, hd // 2, 2)) * rotation).view(b, h, hd)
 
 
 class FeedForward(nn.Module):
