@@ -5,8 +5,9 @@ onto white, short side resized to `size` with PIL Lanczos at Meta's rounding, ce
 pixels x/255*2-1. Before it, EXIF orientation is applied and the header is checked against a pixel limit.
 
 The fast path decodes large JPEGs at M/8 scale (libjpeg-turbo's DCT scaling, M = 1..7, through simplejpeg; Pillow's
-`Image.draft` only offers 1/2, 1/4 and 1/8), then resizes with Lanczos straight into the crop window. Every other
-image, and any JPEG too small to gain, takes the exact path.
+`Image.draft` only offers 1/2, 1/4 and 1/8), then reduces with libvips' Lanczos-3 (the same kernel and pixel-centre
+mapping as Pillow's, in SIMD) and keeps only the output window. Every other image, and any JPEG too small to gain,
+takes the exact path.
 
 Every failure is one `ImageError` whose `reason` is a code of `schemas.records.REJECT_REASONS`.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyvips
 import simplejpeg
 import torch
 from PIL import Image
@@ -37,10 +39,15 @@ DEFAULT_MIN_SIDE = 32
 
 # Smallest (decoded size / resize target) a JPEG decode at M/8 scale may leave before the Lanczos step, by M.
 # Measured on mosaics of the sample photos at native resolution (real detail at every pixel, the hard case for DCT
-# scaling): these ratios keep the fast path at ~42.5 dB PSNR or more against the exact path (see docs/tokenizers.md);
+# scaling): these ratios keep the fast path at ~42.4 dB PSNR or more against the exact path (docs/performance.md);
 # a 1.0 ratio gives 33-41 dB. Coarse scales alias more, so they need more pixels left.
 _DRAFT_MIN_RATIO = {1: 2.0, 2: 1.75, 3: 1.5, 4: 1.5, 5: 1.25, 6: 1.15, 7: 1.1}
 _JPEG_FORMATS = ("JPEG", "MPO")
+
+# One image at a time per worker process: the pipelines parallelise across processes, so libvips' own threads would
+# only contend for the same cores. Its operation cache would keep each decoded array alive until evicted.
+pyvips.concurrency_set(1)
+pyvips.cache_set_max(0)
 
 # EXIF orientation -> the transpose that makes the image upright (the table of PIL.ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
@@ -293,6 +300,55 @@ def _decode_scaled(data: bytes, size: tuple[int, int], eighths: int) -> np.ndarr
         return None
 
 
+# Output pixels kept beyond the window on each side of libvips' input region: Lanczos-3 reaches 3 output pixels out,
+# so the window never sees the edge copies libvips makes past the region.
+_VIPS_MARGIN = 4
+
+
+def _vips_span(scale: float, lo: int, hi: int) -> tuple[int, int, int, int]:
+    """libvips' input span (start a, length n) and output span (start k, count o) for output pixels [lo, hi).
+
+    Pillow maps output pixel j to input centre (j + 0.5) * scale - 0.5. libvips reduces n input pixels to
+    o = round(n / scale) outputs centred on the input: output i to a + (i + 0.5) * scale - 0.5 + (n - o * scale) / 2.
+    Spans symmetric about 0 (n = -2a, o = -2k) make the two agree exactly. The half before 0 is edge copies that
+    libvips never computes: it evaluates only the window.
+    """
+    k = -(hi + _VIPS_MARGIN)
+    # n must round to o: |n / scale - o| = 2 |scale * k - a| / scale < 0.49.
+    while abs(scale * k - round(scale * k)) >= 0.24 * scale:
+        k -= 1
+    a = round(scale * k)
+    return a, -2 * a, k, -2 * k
+
+
+def lanczos_window(pixels: np.ndarray, scale: tuple[float, float], window: tuple[int, int, int, int]) -> np.ndarray:
+    """Lanczos-3 reduce of uint8 HxWx3 `pixels` by `scale` (input / output pixels), cut to `window` (x0, y0,
+    x1, y1 in output pixels), through libvips: Pillow's `resize(..., LANCZOS, box=window * scale)` to within
+    rounding, except at the image's own borders (libvips copies edge pixels outward, Pillow renormalises)."""
+    if min(scale) < 1:  # libvips' reduce only shrinks; the fast path never enlarges, but stay correct if asked
+        return lanczos_window_pillow(pixels, scale, window)
+    height, width = pixels.shape[:2]
+    x0, y0, x1, y1 = window
+    ax, nx, kx, ox = _vips_span(scale[0], x0, x1)
+    ay, ny, ky, oy = _vips_span(scale[1], y0, y1)
+    image = pyvips.Image.new_from_memory(np.ascontiguousarray(pixels).data, width, height, 3, "uchar")
+    region = image.embed(-ax, -ay, nx, ny, extend="copy")
+    reduced = region.reduce(scale[0], scale[1], kernel="lanczos3")
+    if (reduced.width, reduced.height) != (ox, oy):
+        raise RuntimeError(f"libvips reduced {nx}x{ny} by {scale} to {reduced.width}x{reduced.height}, not {ox}x{oy}")
+    out = reduced.crop(x0 - kx, y0 - ky, x1 - x0, y1 - y0)
+    return np.ndarray(buffer=out.write_to_memory(), dtype=np.uint8, shape=(y1 - y0, x1 - x0, 3))
+
+
+def lanczos_window_pillow(
+    pixels: np.ndarray, scale: tuple[float, float], window: tuple[int, int, int, int]
+) -> np.ndarray:
+    """`lanczos_window` with Pillow's Lanczos: the reference it is tested and benchmarked against."""
+    x0, y0, x1, y1 = window
+    box = (x0 * scale[0], y0 * scale[1], x1 * scale[0], y1 * scale[1])
+    return np.asarray(Image.fromarray(pixels).resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS, box=box))
+
+
 def _preprocess_draft(
     pixels: np.ndarray,
     eighths: int,
@@ -301,20 +357,19 @@ def _preprocess_draft(
     mode: str,
     size: int,
     upright_new: tuple[int, int],
+    resample=None,
 ) -> np.ndarray:
-    """One Lanczos resize of just the output window of the reduced decode; transpose the small result last."""
-    if mode == "crop":
-        window, out_size = _center_box(upright_new, size), (size, size)
-    else:
-        window, out_size = (0, 0, *upright_new), upright_new
+    """One Lanczos reduce of the reduced decode, keeping just the output window; transpose the small result last.
+
+    `resample` defaults to `lanczos_window` (libvips); the benchmark passes `lanczos_window_pillow` to compare.
+    """
+    window = _center_box(upright_new, size) if mode == "crop" else (0, 0, *upright_new)
     raw_new = _upright_size(upright_new, orientation)  # resize target before the transpose
-    x0, y0, x1, y1 = _box_to_raw(window, upright_new, orientation)
+    raw_window = _box_to_raw(window, upright_new, orientation)
     # Decoded pixel i covers source pixels [i, i + 1) * 8/M: the source spans side * M/8 decoded pixels (the last
-    # one may be partial), so the window maps through that span rather than the decoded array's size.
-    fx = raw_size[0] * eighths / 8 / raw_new[0]
-    fy = raw_size[1] * eighths / 8 / raw_new[1]
-    raw_out = _upright_size(out_size, orientation)
-    out = Image.fromarray(pixels).resize(raw_out, Image.Resampling.LANCZOS, box=(x0 * fx, y0 * fy, x1 * fx, y1 * fy))
+    # one may be partial), so the scale maps through that span rather than the decoded array's size.
+    scale = (raw_size[0] * eighths / 8 / raw_new[0], raw_size[1] * eighths / 8 / raw_new[1])
+    out = Image.fromarray((resample or lanczos_window)(pixels, scale, raw_window))
     if orientation != 1:
         out = out.transpose(_ORIENTATION_TRANSPOSE[orientation])
     return np.asarray(out if mode == "crop" else _pad_white(out, size))
