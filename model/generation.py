@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.decode_step import DecodeWeights, decode_step, decode_weights
 from model.mixed_tokenizer import MixedModalTokenizer, Segment
 from model.transformer import KVCache, Transformer, rotary_angles
 from model.vocabulary import Modality, Vocabulary
@@ -158,10 +159,11 @@ def guided_logits(full: torch.Tensor, img: torch.Tensor, unc: torch.Tensor, s_tx
 
 
 def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                  cache: KVCache | None, start_pos: int, plan=None) -> torch.Tensor | None:  # fmt: skip
+                  cache: KVCache | None, start_pos: int, plan=None,
+                  weights: DecodeWeights | None = None) -> torch.Tensor | None:  # fmt: skip
     """Float logits of the last position, on the CPU: [R, V], or with `plan` (see `_logit_plan`) only the planned
     ids' columns, in ascending id order (`_plan_columns`); `plan=()` runs the layers (filling the cache) and
-    returns None.
+    returns None. One new token per row with a cache takes `decode_step` (with `weights`, gathered if None).
 
     Transformer.forward builds its own causal mask with a cache, which would let rows attend padding; the layers
     take an explicit mask, so the same embedding -> layers -> norm -> output path runs with the validity mask
@@ -169,7 +171,10 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
     """
     cfg = model.config
     if cache is not None and tokens.shape[1] == 1:  # one new token per row: the lean decode path
-        h = model.decode_step(tokens[:, 0], positions[:, 0], cache, start_pos, None if mask is None else mask[:, 0])
+        h = decode_step(
+            weights or decode_weights(model), tokens[:, 0], positions[:, 0], cache, start_pos,
+            None if mask is None else mask[:, 0],
+        )  # fmt: skip
     else:
         rope = rotary_angles(positions, cfg.head_dim, cfg.rope_theta, complex_rotation=True)  # once for all layers
         h = model.tok_embeddings(tokens)
@@ -186,11 +191,16 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
     w, bias = out.weight, out.bias
     parts = [F.linear(h, w[lo:hi], None if bias is None else bias[lo:hi]) for lo, hi in runs]
     if extra:
-        idx = torch.tensor(extra, device=h.device)
+        idx = _id_tensor(extra, h.device)
         parts.append(F.linear(h, w[idx], None if bias is None else bias[idx]))
     compact = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]).float().cpu()  # only these cross to the CPU
     order = _plan_columns(plan)[0]
     return compact if order is None else compact[:, order]
+
+
+@lru_cache(maxsize=64)
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, device=device)
 
 
 @lru_cache(maxsize=64)
@@ -232,18 +242,24 @@ def _sample_group(logits: torch.Tensor, rows: list[int], columns: torch.Tensor |
         b, s_txt, s_img = guidance
         scores = guided_logits(scores, take(index + b), take(index + 2 * b), s_txt, s_img)
     if seen and penalty != 1.0:
-        allowed = allowed_ids.numpy()
-        flat = []
-        for r, s in enumerate(seen):
-            if s.ids:  # the seen ids' places among the allowed ids (an id never allowed here cannot be sampled)
-                where = np.searchsorted(allowed, s.array()).clip(max=len(allowed) - 1)
-                flat.append(where[allowed[where] == s.array()] + r * len(allowed))
-        if flat:
-            flat = torch.from_numpy(np.concatenate(flat))
-            vals = scores.view(-1)[flat]
-            scores.view(-1)[flat] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        flat = _seen_places(allowed_ids.numpy(), [s.array() for s in seen])
+        if len(flat):
+            flat = torch.from_numpy(flat)
+            scores_flat = scores.view(-1)
+            vals = scores_flat.index_select(0, flat)
+            scores_flat.index_copy_(0, flat, torch.where(vals > 0, vals / penalty, vals * penalty))
     picked = sample_rows(scores, temperature, top_p, generators)
     return allowed_ids[picked].tolist()
+
+
+def _seen_places(allowed: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
+    """Flat indices into [rows, len(allowed)] of each row's seen ids among the (ascending) allowed ids, all rows in
+    one search; seen ids that are not allowed here are left out (they cannot be sampled)."""
+    ids = np.concatenate(seen)
+    rows = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
+    where = np.searchsorted(allowed, ids).clip(max=len(allowed) - 1)
+    hit = allowed[where] == ids
+    return where[hit] + rows[hit] * len(allowed)
 
 
 def _attention_mask(valid: torch.Tensor, start_pos: int, n_new: int) -> torch.Tensor:
@@ -414,6 +430,7 @@ class Generator:
         seen = [_SeenIds(t for t in set(p) if vocab.modality(t) == Modality.TEXT) for p in prompts]
 
         cache = model.make_cache(rows, total) if self.use_cache else None
+        weights = decode_weights(model)  # once per generation: the decode steps read plain tensors
 
         def parts_at(step: int) -> list[tuple | None]:
             left = max_new_tokens - step
@@ -430,7 +447,7 @@ class Generator:
             with torch.no_grad():
                 # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.
                 logits = _forward_last(
-                    model, dec.tokens[:, start:end], dec.positions[:, start:end], mask, cache, start, plan
+                    model, dec.tokens[:, start:end], dec.positions[:, start:end], mask, cache, start, plan, weights
                 )
             return logits, plan
 

@@ -36,10 +36,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in fp32: the mean of squares loses precision in bf16.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension, computed in fp32 (the mean of squares loses
+    precision in bf16). Written out: torch's own rms_norm is slower on CPU for decoding's small inputs."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 @lru_cache(maxsize=16)
@@ -175,34 +179,6 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
-    def decode(self, x: torch.Tensor, rope: Rope, cache: KVCache, layer: int, pos: int,
-               mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        """`forward` for one new token per row, x [B, dim] -> [B, dim]: its k and v go to cache column `pos`.
-
-        2-D activations and direct F.linear calls: decoding a small model is bound by the number of ops per token.
-        `mask` [B, 1, 1, pos + 1] says which cached columns each row attends (None: all of them).
-        """
-        b, hd = x.shape[0], self.head_dim
-        q = F.linear(x, self.wq.weight).view(b, self.n_heads, hd)
-        k = F.linear(x, self.wk.weight).view(b, self.n_kv_heads, hd)
-        v = F.linear(x, self.wv.weight).view(b, self.n_kv_heads, hd)
-        if self.q_normalization is not None:
-            q, k = self.q_normalization(q), self.k_normalization(k)
-        if rope.rotation is None or q.dtype != torch.float32:
-            q, k = apply_rotary(q[:, None], *rope)[:, 0], apply_rotary(k[:, None], *rope)[:, 0]
-        else:
-            q, k = _rotate_heads(q, rope.rotation[:, 0]), _rotate_heads(k, rope.rotation[:, 0])
-        keys, values = cache.update_one(layer, pos, k, v)
-        gqa = self.n_heads != self.n_kv_heads
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=gqa)
-        return F.linear(out.view(b, -1), self.wo.weight)
-
-
-def _rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """`apply_rotary` for one fp32 token, x [B, H, hd] and rotation [B, 1, hd / 2]: through a complex view of x."""
-    b, h, hd = x.shape
-    return torch.view_as_real(torch.view_as_complex(x.view(b, h, hd // 2, 2)) * rotation).view(b, h, hd)
-
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
@@ -242,23 +218,6 @@ class TransformerBlock(nn.Module):
         h = x + self.attn_dropout(self.attention(self.attention_norm(x), *attn_args))
         return h + self.ffn_dropout(self.feed_forward(self.ffn_norm(h)))
 
-    def decode(self, x: torch.Tensor, rope: Rope, cache: KVCache, pos: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """`forward` for one new token per row, x [B, dim] (see `Attention.decode`)."""
-        attention = self.attention.decode
-        if self.training:  # dropout as in `forward` (generation normally runs in eval mode, where it is identity)
-            attn_dropout, ffn_dropout = self.attn_dropout, self.ffn_dropout
-        else:
-            attn_dropout = ffn_dropout = _identity
-        if self.swin_norm:
-            h = x + attn_dropout(self.attention_norm(attention(x, rope, cache, self.layer_id, pos, mask)))
-            return h + ffn_dropout(self.ffn_norm(self.feed_forward(h)))
-        h = x + attn_dropout(attention(self.attention_norm(x), rope, cache, self.layer_id, pos, mask))
-        return h + ffn_dropout(self.feed_forward(self.ffn_norm(h)))
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
 
 class Transformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, vocab]; untied embeddings and output, final RMSNorm."""
@@ -296,21 +255,6 @@ class Transformer(nn.Module):
         """An empty KV cache on the model's device and dtype, for up to `max_len` (default max_seq_len) tokens."""
         p = self.output.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=p.device, dtype=p.dtype)
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, pos: int,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """Final normed hidden states [B, dim] of one new token per row, tokens and positions [B], written to
-        `cache` column `pos`; `mask` [B, pos + 1] (bool) marks the columns each row attends (None: every one).
-
-        The same function as `forward(tokens[:, None], positions[:, None], cache=cache, start_pos=pos)` before the
-        output layer, with fewer ops per token.
-        """
-        rope = rotary_angles(positions[:, None], self.config.head_dim, self.config.rope_theta, complex_rotation=True)
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer.decode(h, rope, cache, pos, attn_mask)
-        return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, *, loss_mask: torch.Tensor | None = None,

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.decode_step import decode_step, decode_weights
 from model.transformer import Transformer, apply_rotary, document_mask, rotary_angles
 from schemas.model_config import ModelConfig
 
@@ -238,11 +239,36 @@ def test_decode_step_equals_forward_with_a_cache(overrides: dict) -> None:
             for layer in model.layers:
                 h = layer(h, positions[:, p : p + 1], mask[:, :, p : p + 1, : p + 1], cache_a, p, rope=rope)
             expected = model.norm(h)[:, 0]
-            got = model.decode_step(tokens[:, p], positions[:, p], cache_b, p, valid[:, : p + 1])
+            got = decode_step(decode_weights(model), tokens[:, p], positions[:, p], cache_b, p, valid[:, : p + 1])
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache_b.keys[0][:, :, p], cache_a.keys[0][:, :, p])
     with pytest.raises(ValueError, match="12 positions"):
-        model.decode_step(tokens[:, 0], positions[:, 0], cache_b, 12)
+        decode_step(decode_weights(model), tokens[:, 0], positions[:, 0], cache_b, 12)
+
+
+def test_decode_step_applies_dropout_like_forward_in_training_mode() -> None:
+    # SFT-style dropout: in training mode both paths drop the same activations for the same seed; in eval none.
+    config = tiny(dropout=0.5)
+    model = Transformer.from_config(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    assert decode_weights(model.eval()).dropout == 0.0 and decode_weights(model.train()).dropout == 0.5
+    cache_a, cache_b = model.make_cache(2, 9), model.make_cache(2, 9)
+    with torch.no_grad():
+        model.eval()
+        model(tokens[:, :8], cache=cache_a)
+        model(tokens[:, :8], cache=cache_b)
+        model.train()
+        torch.manual_seed(3)
+        h = model.tok_embeddings(tokens[:, 8:])
+        for layer in model.layers:
+            h = layer(h, torch.full((2, 1), 8), None, cache_a, 8)
+        expected = model.norm(h)[:, 0]
+        torch.manual_seed(3)
+        got = decode_step(decode_weights(model), tokens[:, 8], torch.full((2,), 8), cache_b, 8)
+        torch.manual_seed(4)
+        other = decode_step(decode_weights(model), tokens[:, 8], torch.full((2,), 8), cache_b, 8)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(other, expected, atol=1e-3)
 
 
 def test_decode_step_in_bf16_follows_forward() -> None:
@@ -255,7 +281,7 @@ def test_decode_step_in_bf16_follows_forward() -> None:
         model(tokens[:, :8], cache=cache_a)
         model(tokens[:, :8], cache=cache_b)
         expected = model(tokens[:, 8:], cache=cache_a, start_pos=8)[:, 0]
-        hidden = model.decode_step(tokens[:, 8], torch.full((2,), 8), cache_b, 8)
+        hidden = decode_step(decode_weights(model), tokens[:, 8], torch.full((2,), 8), cache_b, 8)
         got = model.output(hidden)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
