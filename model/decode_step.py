@@ -1,10 +1,11 @@
 """The one-token decoding path of `Transformer`: the same function as `forward` with a cache, with fewer ops.
 
 Decoding a small model is bound by the work per op, not by arithmetic: each step runs every layer on [B, dim]. So
-the step works on 2-D activations, calls `F.linear` and `F.layer_norm` on plain weight tensors, rotates q and k
+the step works on 2-D activations, calls `decode_linear` and `F.layer_norm` on plain weight tensors, rotates q and k
 with one complex multiply made once for all layers, writes the cache with `select().copy_()`, and builds no
 causal mask (one new token sees every cached column). The weights are gathered once per generation
-(`decode_weights`): module calls and attribute lookups were a quarter of the tiny model's step.
+(`decode_weights`): module calls and attribute lookups were a quarter of the tiny model's step. Large fp32 weights
+on the CPU go through `decode_linear`, which picks BLAS's matrix-matrix kernel over its matrix-vector one.
 """
 
 from __future__ import annotations
@@ -95,6 +96,29 @@ def decode_weights(model: Transformer) -> DecodeWeights:
     )
 
 
+# `decode_linear` takes the matrix-matrix path for fp32 CPU weights at least this big (elements and input width).
+# Measured (docs/performance.md): MKL's sgemv streams a 768x768 weight at 2.3x the time of sgemm with two
+# right-hand columns, 2.6x at 2048x768 and 2.7x at 8192x768; below 256x256, and for input width 64, the extra
+# ops cost more than they save. bf16 weights go to oneDNN, whose F.linear is already the faster one.
+_MM_MIN_ELEMENTS = 1 << 16
+_MM_MIN_IN_FEATURES = 256
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for decoding's few rows, x [B, in] -> [B, out]; large fp32 CPU weights take W @ x.T
+    (x doubled when B = 1), which BLAS streams at memory speed where its matrix-vector kernel does not."""
+    if (  # cheapest test first: small models call this ~10 times per token
+        weight.numel() < _MM_MIN_ELEMENTS
+        or weight.shape[1] < _MM_MIN_IN_FEATURES
+        or weight.dtype != torch.float32
+        or weight.device.type != "cpu"
+    ):
+        return F.linear(x, weight)
+    if x.shape[0] == 1:
+        return torch.mm(weight, x.expand(2, -1).contiguous().t())[:, 0].unsqueeze(0)
+    return torch.mm(weight, x.t()).t().contiguous()
+
+
 def _rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """`apply_rotary` for one fp32 token, x [B, H, hd] and rotation [B, 1, hd / 2]: through a complex view of x."""
     b, h, hd = x.shape
@@ -104,9 +128,9 @@ def _rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 def _attention(x: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int,
                mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     b, hd = x.shape[0], w.head_dim
-    q = F.linear(x, layer.wq).view(b, w.n_heads, hd)
-    k = F.linear(x, layer.wk).view(b, w.n_kv_heads, hd)
-    v = F.linear(x, layer.wv).view(b, w.n_kv_heads, hd)
+    q = decode_linear(x, layer.wq).view(b, w.n_heads, hd)
+    k = decode_linear(x, layer.wk).view(b, w.n_kv_heads, hd)
+    v = decode_linear(x, layer.wv).view(b, w.n_kv_heads, hd)
     if layer.q_norm is not None:
         q = F.layer_norm(q, (hd,), *layer.q_norm)
         k = F.layer_norm(k, (hd,), *layer.k_norm)
@@ -118,11 +142,11 @@ def _attention(x: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cac
     keys, values = cache.update_one(layer.layer_id, pos, k, v)
     gqa = w.n_heads != w.n_kv_heads
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, enable_gqa=gqa)
-    return F.linear(out.view(b, -1), layer.wo)
+    return decode_linear(out.view(b, -1), layer.wo)
 
 
 def _feed_forward(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, layer.w1)) * F.linear(x, layer.w3), layer.w2)
+    return decode_linear(F.silu(decode_linear(x, layer.w1)) * decode_linear(x, layer.w3), layer.w2)
 
 
 def _block(h: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.decode_step import DecodeWeights, decode_step, decode_weights
+from model.decode_step import DecodeWeights, decode_linear, decode_step, decode_weights
 from model.mixed_tokenizer import MixedModalTokenizer, Segment
 from model.transformer import KVCache, Transformer, rotary_angles
 from model.vocabulary import Modality, Vocabulary
@@ -189,7 +189,10 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
         return out(h).float().cpu()
     runs, extra = plan
     w, bias = out.weight, out.bias
-    parts = [F.linear(h, w[lo:hi], None if bias is None else bias[lo:hi]) for lo, hi in runs]
+    if bias is None:  # the output layer is the largest weight a step reads: decode_linear's fast path matters most
+        parts = [decode_linear(h, w[lo:hi]) for lo, hi in runs]
+    else:
+        parts = [F.linear(h, w[lo:hi], bias[lo:hi]) for lo, hi in runs]
     if extra:
         idx = _id_tensor(extra, h.device)
         parts.append(F.linear(h, w[idx], None if bias is None else bias[idx]))

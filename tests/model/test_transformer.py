@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.decode_step import decode_step, decode_weights
+from model.decode_step import decode_linear, decode_step, decode_weights
 from model.transformer import Transformer, apply_rotary, document_mask, rotary_angles
 from schemas.model_config import ModelConfig
 
@@ -218,7 +218,22 @@ def test_kv_cache_decoding_matches_full_forward() -> None:
         model(tokens[:, :5], cache=cache, start_pos=13)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"swin_norm": True}, {"qk_norm": False}])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (512, 256), (300, 512)])
+def test_decode_linear_equals_f_linear(rows: int, out_features: int, in_features: int) -> None:
+    # Small weights take F.linear itself; 256-wide and larger take W @ x.T (x doubled for one row).
+    x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
+    got = decode_linear(x, weight)
+    assert got.shape == (rows, out_features)
+    torch.testing.assert_close(got, F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    half = decode_linear(x.bfloat16(), weight.bfloat16())  # bf16 keeps F.linear
+    torch.testing.assert_close(half, F.linear(x.bfloat16(), weight.bfloat16()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_kv_heads": 4}, {"swin_norm": True}, {"qk_norm": False}, {"dim": 256, "n_heads": 4, "n_kv_heads": 4}],
+)
 def test_decode_step_equals_forward_with_a_cache(overrides: dict) -> None:
     # The lean one-token path (2-D activations, direct F.linear) must be the same function as `forward` with a
     # cache, with GQA or not, either norm order, and with a mask that hides some cached columns of one row.
