@@ -187,18 +187,31 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
     out = model.output
     if plan is None or not isinstance(out, nn.Linear):
         return out(h).float().cpu()
-    runs, extra = plan
     w, bias = out.weight, out.bias
-    if bias is None:  # the output layer is the largest weight a step reads: decode_linear's fast path matters most
-        parts = [decode_linear(h, w[lo:hi]) for lo, hi in runs]
-    else:
-        parts = [F.linear(h, w[lo:hi], bias[lo:hi]) for lo, hi in runs]
-    if extra:
-        idx = _id_tensor(extra, h.device)
-        parts.append(F.linear(h, w[idx], None if bias is None else bias[idx]))
-    compact = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]).float().cpu()  # only these cross to the CPU
-    order = _plan_columns(plan)[0]
-    return compact if order is None else compact[:, order]
+    parts = []
+    for segment in _plan_segments(plan):  # ascending ids: the concatenation needs no reordering
+        if isinstance(segment, tuple):  # a few ids between runs: gather their rows
+            idx = _id_tensor(segment, h.device)
+            rows, b = w.index_select(0, idx), None if bias is None else bias.index_select(0, idx)
+        else:
+            rows, b = w[segment.start : segment.stop], None if bias is None else bias[segment.start : segment.stop]
+        # The output layer is the largest weight a step reads: decode_linear's fast path matters most here.
+        parts.append(decode_linear(h, rows) if b is None else F.linear(h, rows, b))
+    return (torch.cat(parts, -1) if len(parts) > 1 else parts[0]).float().cpu()  # only these cross to the CPU
+
+
+@lru_cache(maxsize=64)
+def _plan_segments(plan: tuple) -> tuple[range | tuple[int, ...], ...]:
+    """A plan's output rows in ascending id order: each run as a range, and the gathered ids between two runs as
+    one tuple."""
+    runs, extra = plan
+    extra = sorted(extra)
+    segments: list[range | tuple[int, ...]] = []
+    for lo, hi in sorted(runs):
+        before = tuple(i for i in extra if i < lo)
+        extra = extra[len(before) :]
+        segments += [before, range(lo, hi)] if before else [range(lo, hi)]
+    return tuple(segments + ([tuple(extra)] if extra else []))
 
 
 @lru_cache(maxsize=64)
@@ -207,14 +220,10 @@ def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _plan_columns(plan: tuple) -> tuple[torch.Tensor | None, np.ndarray]:
-    """(the permutation that puts a plan's computed logits in ascending id order, None if they already are;
-    those ids, ascending)."""
+def _plan_columns(plan: tuple) -> np.ndarray:
+    """The ids whose logits a plan computes, ascending: the columns of `_forward_last`'s output."""
     runs, extra = plan
-    ids = np.concatenate([np.arange(lo, hi) for lo, hi in runs] + [np.asarray(extra, dtype=np.int64)])
-    order = np.argsort(ids, kind="stable")
-    same = bool((order == np.arange(len(ids))).all())
-    return (None if same else torch.from_numpy(order)), ids[order]
+    return np.sort(np.concatenate([np.arange(lo, hi) for lo, hi in runs] + [np.asarray(extra, dtype=np.int64)]))
 
 
 @lru_cache(maxsize=256)
@@ -222,7 +231,7 @@ def _group_columns(vocab: Vocabulary, plan: tuple | None, parts: tuple) -> torch
     """The columns of a step's logits (see `_forward_last`) that hold `parts`' allowed ids, ascending; None when
     they are every column (no gather needed)."""
     allowed = _allowed_ids(vocab, parts)[1].numpy()
-    ids = np.arange(vocab.size) if plan is None else _plan_columns(plan)[1]
+    ids = np.arange(vocab.size) if plan is None else _plan_columns(plan)
     if len(ids) == len(allowed) and (ids == allowed).all():
         return None
     return torch.from_numpy(np.searchsorted(ids, allowed))

@@ -293,6 +293,19 @@ def test_guided_greedy_matches_slow_reference(tmp_path, mode):
         assert Generator(model, VOCAB, config).generate([text_prompt(1, 9), prompt], mode, 180, 0)[1] == expected
 
 
+def test_plan_segments_are_in_ascending_id_order():
+    # Runs and the gathered ids between them, in id order, so the logits need no reordering after the concat.
+    from model.generation import _plan_columns, _plan_segments
+
+    plan = (((10, 80), (100, 200)), (250, 2, 90, 3))
+    assert _plan_segments(plan) == ((2, 3), range(10, 80), (90,), range(100, 200), (250,))
+    assert _plan_segments((((4, 260),), ())) == (range(4, 260),)
+    ids = np.concatenate(
+        [np.array(s) if isinstance(s, tuple) else np.arange(s.start, s.stop) for s in _plan_segments(plan)]
+    )
+    assert np.array_equal(ids, _plan_columns(plan))
+
+
 def test_restricted_output_logits_equal_full_logits():
     # The fast path computes only the output rows a step may sample (runs + gathered ids); the rest must be -inf
     # and the computed ones must equal the full output layer's.
@@ -320,7 +333,7 @@ def test_restricted_output_logits_equal_full_logits():
                 torch.testing.assert_close(part, full)
             else:  # exactly the needed ids' logits, in ascending id order
                 torch.testing.assert_close(part, full[:, need], atol=1e-5, rtol=1e-5)
-                assert torch.equal(torch.from_numpy(_plan_columns(plan)[1]), need.nonzero().flatten())
+                assert torch.equal(torch.from_numpy(_plan_columns(plan)), need.nonzero().flatten())
         assert _forward_last(model, tokens, positions, None, model.make_cache(1, 20), 0, ()) is None
 
 
