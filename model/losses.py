@@ -108,20 +108,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty(n_rows, dtype=torch.float32, device=device)
         ce_per = torch.empty(n_rows, dtype=torch.float32, device=device)
         grad_hidden = torch.empty_like(hidden) if want_grad_h else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_w else None
+        grad_weight = None  # fp32; the first chunk's product initialises it (no zero fill of a [V, D] buffer)
         scale = 1.0 / denom.to(torch.float32)
         with torch.autocast(device.type, enabled=False):
             w = weight.to(compute)
-            block = None  # one [chunk, V] buffer reused by every chunk (fp32 inputs): no fresh pages per chunk
+            # Buffers reused by every chunk: a fresh [chunk, V] block costs its page faults again each time. `low`
+            # holds the compute-dtype logits and d_logits when that is not fp32 (bf16 autocast).
+            rows = min(chunk_size, n_rows)
+            block = torch.empty(rows, w.shape[0], dtype=torch.float32, device=device)
+            low = None if compute == torch.float32 else torch.empty(rows, w.shape[0], dtype=compute, device=device)
+            low_grad_w = None  # [V, D] in the compute dtype, reused: one chunk's contribution before the fp32 sum
             for start in range(0, n_rows, chunk_size):
                 end = min(start + chunk_size, n_rows)
                 h, t = hidden[start:end].to(compute), targets[start:end]
-                if compute == torch.float32:
-                    if block is None:
-                        block = torch.empty(min(chunk_size, n_rows), w.shape[0], dtype=torch.float32, device=device)
-                    logits = torch.mm(h, w.t(), out=block[: end - start])  # [chunk, V]
+                logits = block[: end - start]  # [chunk, V], fp32
+                if low is None:
+                    torch.mm(h, w.t(), out=logits)
                 else:
-                    logits = (h @ w.t()).float()
+                    logits.copy_(torch.mm(h, w.t(), out=low[: end - start]))
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 row_max = logits.amax(dim=1, keepdim=True)
                 logits.sub_(row_max).exp_()  # in place: exp(logit - max)
@@ -134,13 +138,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits, in place over the exp block: softmax·(1 + 2z·lse)/denom, minus onehot/denom.
                 logits.mul_((1.0 + 2.0 * z_loss_weight * chunk_lse[:, None]) * scale / sum_exp)
                 logits.scatter_add_(1, t[:, None], (-scale).expand(end - start, 1))
-                d_logits = logits.to(compute)
+                d_logits = logits if low is None else low[: end - start].copy_(logits)
                 if want_grad_h:
                     grad_hidden[start:end] = d_logits @ w
-                if want_grad_w and compute == torch.float32:
-                    grad_weight.addmm_(d_logits.t(), h)
-                elif want_grad_w:
-                    grad_weight += (d_logits.t() @ h).float()
+                if not want_grad_w:
+                    continue
+                if low is None:
+                    if grad_weight is None:
+                        grad_weight = torch.mm(d_logits.t(), h)
+                    else:
+                        grad_weight.addmm_(d_logits.t(), h)
+                else:
+                    if low_grad_w is None:
+                        low_grad_w = torch.empty_like(w)
+                    torch.mm(d_logits.t(), h, out=low_grad_w)
+                    if grad_weight is None:
+                        grad_weight = low_grad_w.float()
+                    else:
+                        grad_weight.add_(low_grad_w)
+        if want_grad_w and grad_weight is None:  # no supervised rows
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         loss = (ce_per.sum() + z_loss_weight * lse.square().sum()) * scale
         if want_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_grad_w else None)

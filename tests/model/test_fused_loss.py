@@ -74,6 +74,36 @@ def test_fused_fp32_matches_within_1e5():
     _assert_same(ref, fused)
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_fused_under_bf16_autocast_follows_the_bf16_logits_path(chunk):
+    # The trainer's `precision: bf16`: matmuls in bf16, softmax in fp32; chunking must not change the result beyond
+    # fp32 summation order, and the values must track lm_loss on autocast's bf16 logits within bf16 rounding.
+    hidden, weight, tokens, mask = _inputs(seed=3)
+    hidden, weight = hidden.float(), weight.float()
+    results = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                out = fused_lm_loss(h, w, tokens, mask, 1e-4, IMAGE_MASK, chunk_size=chunk)
+            else:
+                out = lm_loss((h @ w.t()).float(), tokens, mask, 1e-4, IMAGE_MASK)
+        results.append((out, torch.autograd.grad(out.loss, (h, w))))
+    (ref, (gh_ref, gw_ref)), (got, (gh, gw)) = results
+    assert gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gh, gh_ref, rtol=0, atol=2e-2 * float(gh_ref.abs().max()))
+    torch.testing.assert_close(gw, gw_ref, rtol=0, atol=2e-2 * float(gw_ref.abs().max()))
+    if chunk == 7:  # the same rows in one chunk: equal up to the fp32 sum of the chunks' bf16 products
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            whole = fused_lm_loss(h, w, tokens, mask, 1e-4, IMAGE_MASK, chunk_size=4096)
+        gh_whole, gw_whole = torch.autograd.grad(whole.loss, (h, w))
+        torch.testing.assert_close(got.loss, whole.loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gh, gh_whole, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gw, gw_whole, rtol=1e-2, atol=1e-2 * float(gw_whole.abs().max()))
+
+
 def test_masked_positions_get_zero_gradient_and_empty_mask_is_zero():
     hidden, weight, tokens, mask = _inputs(seed=3)
     h = hidden.clone().requires_grad_()
