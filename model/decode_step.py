@@ -30,6 +30,7 @@ class LayerWeights(NamedTuple):
     layer_id: int
     swin_norm: bool
     attention_norm: torch.Tensor
+    attention_norm_eps: float
     wq: torch.Tensor
     wk: torch.Tensor
     wv: torch.Tensor
@@ -37,6 +38,7 @@ class LayerWeights(NamedTuple):
     q_norm: LayerNormWeights | None
     k_norm: LayerNormWeights | None
     ffn_norm: torch.Tensor
+    ffn_norm_eps: float
     w1: torch.Tensor
     w3: torch.Tensor
     w2: torch.Tensor
@@ -71,6 +73,7 @@ def decode_weights(model: Transformer) -> DecodeWeights:
                 layer_id=block.layer_id,
                 swin_norm=block.swin_norm,
                 attention_norm=block.attention_norm.weight,
+                attention_norm_eps=block.attention_norm.eps,
                 wq=attention.wq.weight,
                 wk=attention.wk.weight,
                 wv=attention.wv.weight,
@@ -78,6 +81,7 @@ def decode_weights(model: Transformer) -> DecodeWeights:
                 q_norm=_layer_norm(attention.q_normalization),
                 k_norm=_layer_norm(attention.k_normalization),
                 ffn_norm=block.ffn_norm.weight,
+                ffn_norm_eps=block.ffn_norm.eps,
                 w1=ffn.w1.weight,
                 w3=ffn.w3.weight,
                 w2=ffn.w2.weight,
@@ -105,8 +109,8 @@ _MM_MIN_IN_FEATURES = 256
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) for decoding's few rows, x [B, in] -> [B, out]; large fp32 CPU weights take W @ x.T
-    (x doubled when B = 1), which BLAS streams at memory speed where its matrix-vector kernel does not."""
+    """F.linear(x, weight) for decoding's few rows, x [B, in] -> [B, out] (contiguous); large fp32 CPU weights take
+    W @ x.T (x doubled when B = 1), which BLAS streams at memory speed where its matrix-vector kernel does not."""
     if (  # cheapest test first: small models call this ~10 times per token
         weight.numel() < _MM_MIN_ELEMENTS
         or weight.shape[1] < _MM_MIN_IN_FEATURES
@@ -114,8 +118,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         or weight.device.type != "cpu"
     ):
         return F.linear(x, weight)
-    if x.shape[0] == 1:
-        return torch.mm(weight, x.expand(2, -1).contiguous().t())[:, 0].unsqueeze(0)
+    if x.shape[0] == 1:  # column 0 of [out, 2] has stride 2: copy it (view_as_complex needs stride 1 later)
+        return torch.mm(weight, x.expand(2, -1).contiguous().t())[:, 0].unsqueeze(0).contiguous()
     return torch.mm(weight, x.t()).t().contiguous()
 
 
@@ -152,12 +156,13 @@ def _feed_forward(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
 def _block(h: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int,
            mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """`TransformerBlock.forward` for one token per row: pre-norm, or the swin order (norms after sub-layers)."""
-    eps, p = w.norm_eps, w.dropout
+    p = w.dropout
+    attn_eps, ffn_eps = layer.attention_norm_eps, layer.ffn_norm_eps
     if layer.swin_norm:
-        h = h + _drop(rms_norm(_attention(h, w, layer, rope, cache, pos, mask), layer.attention_norm, eps), p)
-        return h + _drop(rms_norm(_feed_forward(h, layer), layer.ffn_norm, eps), p)
-    h = h + _drop(_attention(rms_norm(h, layer.attention_norm, eps), w, layer, rope, cache, pos, mask), p)
-    return h + _drop(_feed_forward(rms_norm(h, layer.ffn_norm, eps), layer), p)
+        h = h + _drop(rms_norm(_attention(h, w, layer, rope, cache, pos, mask), layer.attention_norm, attn_eps), p)
+        return h + _drop(rms_norm(_feed_forward(h, layer), layer.ffn_norm, ffn_eps), p)
+    h = h + _drop(_attention(rms_norm(h, layer.attention_norm, attn_eps), w, layer, rope, cache, pos, mask), p)
+    return h + _drop(_feed_forward(rms_norm(h, layer.ffn_norm, ffn_eps), layer), p)
 
 
 def _drop(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -5,9 +5,9 @@ onto white, short side resized to `size` with PIL Lanczos at Meta's rounding, ce
 pixels x/255*2-1. Before it, EXIF orientation is applied and the header is checked against a pixel limit.
 
 The fast path decodes large JPEGs at M/8 scale (libjpeg-turbo's DCT scaling, M = 1..7, through simplejpeg; Pillow's
-`Image.draft` only offers 1/2, 1/4 and 1/8), then reduces with libvips' Lanczos-3 (the same kernel and pixel-centre
-mapping as Pillow's, in SIMD) and keeps only the output window. Every other image, and any JPEG too small to gain,
-takes the exact path.
+`Image.draft` only offers 1/2, 1/4 and 1/8), then reduces with libvips' SIMD Lanczos-3 (Pillow's pixel-centre
+mapping exactly, its kernel weights nearly: >= 50 dB from Pillow's output on photos) and keeps only the output
+window. Every other image, and any JPEG too small to gain, takes the exact path.
 
 Every failure is one `ImageError` whose `reason` is a code of `schemas.records.REJECT_REASONS`.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,10 +45,24 @@ DEFAULT_MIN_SIDE = 32
 _DRAFT_MIN_RATIO = {1: 2.0, 2: 1.75, 3: 1.5, 4: 1.5, 5: 1.25, 6: 1.15, 7: 1.1}
 _JPEG_FORMATS = ("JPEG", "MPO")
 
-# One image at a time per worker process: the pipelines parallelise across processes, so libvips' own threads would
-# only contend for the same cores. Its operation cache would keep each decoded array alive until evicted.
+# Process-wide settings, made on import: one image at a time per worker process (the pipelines parallelise across
+# processes, so libvips' own threads would only contend for the same cores), and no operation cache (it would keep
+# the libvips images of past calls, and so their pixel buffers, alive until evicted).
 pyvips.concurrency_set(1)
 pyvips.cache_set_max(0)
+# libvips' thread state does not survive fork(): a child forked after this process used libvips hangs in its first
+# libvips call. Such a child resizes with Pillow instead (same pixels within ~50 dB, slower); spawned processes and
+# children forked before any libvips call are unaffected.
+_VIPS_MAX_SCALE = 300  # libvips refuses reduce factors above ~333 ("reduce factor too large")
+_vips_state = {"used": False, "usable": True}
+
+
+def _after_fork_in_child() -> None:
+    if _vips_state["used"]:
+        _vips_state["usable"] = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # EXIF orientation -> the transpose that makes the image upright (the table of PIL.ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE = {
@@ -323,10 +338,14 @@ def _vips_span(scale: float, lo: int, hi: int) -> tuple[int, int, int, int]:
 
 def lanczos_window(pixels: np.ndarray, scale: tuple[float, float], window: tuple[int, int, int, int]) -> np.ndarray:
     """Lanczos-3 reduce of uint8 HxWx3 `pixels` by `scale` (input / output pixels), cut to `window` (x0, y0,
-    x1, y1 in output pixels), through libvips: Pillow's `resize(..., LANCZOS, box=window * scale)` to within
-    rounding, except at the image's own borders (libvips copies edge pixels outward, Pillow renormalises)."""
-    if min(scale) < 1:  # libvips' reduce only shrinks; the fast path never enlarges, but stay correct if asked
+    x1, y1 in output pixels), through libvips: Pillow's `resize(..., LANCZOS, box=window * scale)` with the same
+    sampling positions; the kernel weights differ slightly (>= 50 dB apart on photos; up to ~40 grey levels on
+    white noise) and so do the image's own borders (libvips copies edge pixels outward, Pillow renormalises)."""
+    # Pillow where libvips cannot: enlargements (the fast path never makes them), extreme reductions, and a child
+    # forked after this process used libvips.
+    if min(scale) < 1 or max(scale) > _VIPS_MAX_SCALE or not _vips_state["usable"]:
         return lanczos_window_pillow(pixels, scale, window)
+    _vips_state["used"] = True
     height, width = pixels.shape[:2]
     x0, y0, x1, y1 = window
     ax, nx, kx, ox = _vips_span(scale[0], x0, x1)

@@ -301,6 +301,36 @@ def test_lanczos_window_equals_pillows_lanczos(seed: int):
     assert psnr(ours, reference) >= 50
 
 
+def test_lanczos_window_leaves_extreme_reductions_to_pillow():
+    # libvips refuses reduce factors above ~333: a 60,000 x 40 strip padded to 16 px needs ~470.
+    strip = encode(sample_rgb(0).resize((60_000, 40)), "JPEG", quality=90)
+    out = preprocess(strip, 16, "pad")
+    assert out.pixels.shape == (16, 16, 3) and out.draft_scale > 1
+    pixels = np.asarray(sample_rgb(0).resize((4000, 40)))
+    window = (0, 0, 10, 1)
+    assert np.array_equal(
+        lanczos_window(pixels, (400.0, 40.0), window), lanczos_window_pillow(pixels, (400.0, 40.0), window)
+    )
+
+
+def _preprocess_in_child(data: bytes) -> tuple[np.ndarray, bool]:
+    from model import image_preprocess
+
+    return preprocess(data).pixels, image_preprocess._vips_state["usable"]
+
+
+def test_a_child_forked_after_libvips_ran_resizes_with_pillow():
+    # libvips' thread state does not survive fork(): a forked child that called it would hang. It must fall back.
+    import multiprocessing
+
+    data = large_jpeg(1)
+    in_parent = preprocess(data).pixels  # libvips has now run in this process
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        in_child, usable = pool.apply_async(_preprocess_in_child, (data,)).get(timeout=60)
+    assert usable is False
+    assert psnr(in_child, in_parent) >= 50  # Pillow's Lanczos in the child, libvips' here
+
+
 @pytest.mark.parametrize(
     ("size", "draft_scale"),
     [((1536, 1152), 8 / 5), ((2400, 1800), 2), ((2800, 2100), 8 / 3), ((4800, 3600), 4)],

@@ -224,7 +224,7 @@ def test_decode_linear_equals_f_linear(rows: int, out_features: int, in_features
     # Small weights take F.linear itself; 256-wide and larger take W @ x.T (x doubled for one row).
     x, weight = torch.randn(rows, in_features), torch.randn(out_features, in_features)
     got = decode_linear(x, weight)
-    assert got.shape == (rows, out_features)
+    assert got.shape == (rows, out_features) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, weight), atol=1e-4, rtol=1e-5)
     half = decode_linear(x.bfloat16(), weight.bfloat16())  # bf16 keeps F.linear
     torch.testing.assert_close(half, F.linear(x.bfloat16(), weight.bfloat16()), atol=0, rtol=0)
@@ -232,9 +232,17 @@ def test_decode_linear_equals_f_linear(rows: int, out_features: int, in_features
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"n_kv_heads": 4}, {"swin_norm": True}, {"qk_norm": False}, {"dim": 256, "n_heads": 4, "n_kv_heads": 4}],
+    [
+        {},
+        {"n_kv_heads": 4},
+        {"swin_norm": True},
+        {"qk_norm": False},
+        {"dim": 256, "n_heads": 4, "n_kv_heads": 4},  # wide enough for decode_linear's matrix-matrix path
+        {"dim": 256, "n_heads": 4, "n_kv_heads": 4, "qk_norm": False},  # ... straight into the rotation
+    ],
 )
-def test_decode_step_equals_forward_with_a_cache(overrides: dict) -> None:
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_step_equals_forward_with_a_cache(overrides: dict, rows: int) -> None:
     # The lean one-token path (2-D activations, direct F.linear) must be the same function as `forward` with a
     # cache, with GQA or not, either norm order, and with a mask that hides some cached columns of one row.
     config = tiny(**overrides)
@@ -244,7 +252,9 @@ def test_decode_step_equals_forward_with_a_cache(overrides: dict) -> None:
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :3] = False
     mask = valid[:, None, None, :] & torch.ones(12, 12, dtype=torch.bool).tril()[None, None]
-    cache_a, cache_b = model.make_cache(2, 12), model.make_cache(2, 12)
+    # One row: decode_linear's single-row path (and no padding); two rows: its batched path, one row padded.
+    tokens, positions, valid, mask = tokens[:rows], positions[:rows], valid[:rows], mask[:rows]
+    cache_a, cache_b = model.make_cache(rows, 12), model.make_cache(rows, 12)
     with torch.no_grad():
         model(tokens[:, :8], positions[:, :8], cache=cache_a)
         model(tokens[:, :8], positions[:, :8], cache=cache_b)
