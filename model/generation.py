@@ -214,8 +214,9 @@ def _plan_segments(plan: tuple) -> tuple[range | tuple[int, ...], ...]:
     return tuple(segments + ([tuple(extra)] if extra else []))
 
 
-@lru_cache(maxsize=64)
-def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+@lru_cache(maxsize=256)
+def _id_tensor(ids: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """A cached index tensor of `ids`: the same few id and row lists recur every decoding step."""
     return torch.tensor(ids, device=device)
 
 
@@ -247,7 +248,7 @@ def _sample_group(logits: torch.Tensor, rows: list[int], columns: torch.Tensor |
     `columns`: where the allowed ids (`allowed_ids`, ascending) are among the logits' columns (None: all of them,
     in order). `guidance` = (b, s_txt, s_img): row r is guided by rows r + b (image-only) and r + 2b (unconditional).
     """
-    index = _row_index(tuple(rows))
+    index = _id_tensor(tuple(rows))
     take = (lambda r: logits[r]) if columns is None else (lambda r: logits[r[:, None], columns[None, :]])
     scores = take(index)  # a copy: the penalty below may write into it
     if guidance is not None:
@@ -284,11 +285,6 @@ def _attention_mask(valid: torch.Tensor, start_pos: int, n_new: int) -> torch.Te
     q = torch.arange(start_pos, end, device=valid.device)[:, None]
     k = torch.arange(end, device=valid.device)[None, :]
     return (valid[:, None, :end] & (k <= q)) | (k == q)
-
-
-@lru_cache(maxsize=256)
-def _row_index(rows: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor(rows)
 
 
 @dataclass
