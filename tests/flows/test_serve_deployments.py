@@ -122,8 +122,11 @@ def test_train_deployment_runs_when_started_through_the_api(
             # The form: the schema the UI draws, with the served config as its default.
             assert "TrainConfig" in on_demand.parameter_openapi_schema["definitions"]
             assert on_demand.parameters["config"]["steps"] == 2
-            automations = client.read_automations_by_name("train when build-dataset completes")
-            assert automations, "no automation was created for the after-build trigger"
+            # serve() creates a deployment's trigger automation just after the deployment itself: wait for it.
+            automations = wait_for(
+                lambda: client.read_automations_by_name("train when build-dataset completes"),
+                "the automation of the after-build trigger", 60, [serve],
+            )  # fmt: skip
             assert "prefect.flow-run.Completed" in automations[0].trigger.model_dump_json()
             assert str(after_build.id) in automations[0].model_dump_json()  # its action runs train/after-build
 
