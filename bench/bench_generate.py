@@ -336,22 +336,28 @@ def main() -> None:
     cases = [("tiny", tiny, TINY)] + ([] if args.quick else [("100M", big, CHAMELEON)])
     if args.only:
         cases = [c for c in [("tiny", tiny, TINY), ("100M", big, CHAMELEON)] if c[0] == args.only]
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as config_dir:  # GenerateConfig.checkpoint must exist; nothing is read
-        for label, cfg, layout in cases:
-            rows += run_case(label, cfg, layout, args, device, dtype, config_dir)
-    print_table(rows)
-    result = {
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "device": str(device), "device_name": where, "threads": torch.get_num_threads(), "dtype": args.dtype,
-        "quick": args.quick, "rows": rows,
-    }  # fmt: skip
     targets = [Path(args.json)] if args.json else []
     if os.environ.get("OUT"):
         targets.append(Path(os.environ["OUT"]) / "bench_generate.json")
+    rows: list[dict] = []
+
+    def write_json() -> None:
+        # After every config, so a run cut short by its time limit still leaves what it measured.
+        result = {
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": str(device), "device_name": where, "threads": torch.get_num_threads(), "dtype": args.dtype,
+            "quick": args.quick, "rows": rows,
+        }  # fmt: skip
+        for path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory() as config_dir:  # GenerateConfig.checkpoint must exist; nothing is read
+        for label, cfg, layout in cases:
+            rows += run_case(label, cfg, layout, args, device, dtype, config_dir)
+            write_json()
+    print_table(rows)
     for path in targets:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
 
 
