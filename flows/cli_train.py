@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from flows.cli_output import console, fail
 from model.checkpointing import CheckpointError
+from model.cpu_memory import keep_freed_memory
 from model.stage_loader import CorruptShardError, ResumeMismatchError
 from model.trainer import Trainer
 from schemas import ConfigError, SFTConfig, TrainConfig, load_config
@@ -27,6 +29,8 @@ def _run(kind: str, config_file: Path, nproc: int) -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "flows.train_worker", kind, str(config_file)]  # fmt: skip
         raise typer.Exit(subprocess.call(command))
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # this process only trains: no fresh page faults for each step's large temporaries
     try:
         trainer = Trainer(config, log=lambda line: console.print(line, markup=False, highlight=False))
         history = trainer.train()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
+from model.cpu_memory import keep_freed_memory
 from model.trainer import Trainer
 from schemas import SFTConfig, TrainConfig, load_config
 
@@ -14,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     kind, path = (argv or sys.argv[1:])[:2]
     config = load_config(SFTConfig if kind == "sft" else TrainConfig, path)
     rank = int(os.environ.get("RANK", 0))
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # as `cham train` does in one process
     trainer = Trainer(config, log=lambda line: print(line, flush=True) if rank == 0 else None)
     trainer.train()
 

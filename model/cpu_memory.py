@@ -1,0 +1,41 @@
+"""glibc malloc tuning for training on CPU: keep freed memory in the process instead of handing it back.
+
+By default glibc maps every block over 32 MB afresh and unmaps it on free, so each training step faults in new pages
+for its large temporaries (activations, the output layer's chunks, gradients): about 0.7 GB and 4% of a ~100M fp32
+step on the development VM. The price is a resident size that stays at its peak, which a training process reaches
+every step anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_MAX = -4
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def user_chose_allocator(environ: dict[str, str] | None = None) -> bool:
+    """True when the environment already tunes glibc (MALLOC_* variables) or preloads another allocator."""
+    env = os.environ if environ is None else environ
+    preload = env.get("LD_PRELOAD", "")
+    return any(key.startswith("MALLOC_") for key in env) or any(name in preload for name in _OTHER_ALLOCATORS)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large blocks from its heap and never trim it; True if glibc took both settings.
+
+    A no-op (False) off Linux, without glibc, or when the user chose the allocator's settings themselves.
+    """
+    if not sys.platform.startswith("linux") or user_chose_allocator():
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: glibc's when it is the C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # No mmap'd blocks: large ones come from the heap and are reused after free. The largest int as the trim
+    # threshold: the heap's free top is kept (mallopt takes an int; 2 GB of free top is trimmed, which is rare).
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
