@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 LATEST = "latest"
+WEIGHTS = "model.pt"  # also the weights file of our `convert` format
 PREFIX = "step-"
 
 
@@ -74,7 +75,7 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(model if isinstance(model, dict) else model.state_dict(), tmp / "model.pt")
+    torch.save(model if isinstance(model, dict) else model.state_dict(), tmp / WEIGHTS)
     trainer = {"rng": _rng_state(), "step": state.step}
     if optimizer is not None:
         trainer["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -114,11 +115,31 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The folder holding the weights for `path`, or a CheckpointError saying why not.
+
+    `path` may be a training run's `out_dir`, its `checkpoints/` folder or the `latest` file there (the newest step
+    is used), one `step-NNNNNNNN` folder, or any folder with a `model.pt` (our `convert` format).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if path.is_file() and path.name == LATEST:
+        path = path.parent
+    if (path / WEIGHTS).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path}: no checkpoint here (expected {WEIGHTS}, step-NNNNNNNN folders or checkpoints/)")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], TrainState]:
     """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder."""
     path = Path(path)
     try:
-        model = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        model = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "state.json").read_text())
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
@@ -157,6 +178,6 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Only the model's weights of a checkpoint folder (to start SFT from a pretrained run)."""
     path = Path(path)
     try:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
     except (OSError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot load its weights ({err})") from None

@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.checkpointing import WEIGHTS
 from model.transformer import Transformer
 from schemas.model_config import ModelConfig
 from schemas.vocab import IMAGE_CODE_OFFSET, VOCAB_PRESETS, VocabLayout
 
 StateDict = dict[str, torch.Tensor]
 
-OURS_WEIGHTS, OURS_CONFIG = "model.pt", "model_config.json"
+OURS_WEIGHTS, OURS_CONFIG = WEIGHTS, "model_config.json"
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 
 # A stale buffer in Meta's checkpoints; Meta's own loader expects and ignores it.

@@ -1,8 +1,9 @@
 """A trained model ready to prompt: weights, config, vocabulary and tokenizers found from one checkpoint path.
 
-A path may be a training run's `out_dir`, its `checkpoints/` folder (the `latest` one is used), one `step-NNNNNNNN`
-folder, or a folder in our `convert` format. The trainer writes `model_config.json` and `tokenizers.json` into every
-step folder; folders without `tokenizers.json` (e.g. converted Meta weights) need the tokenizer paths given.
+A path is resolved by `model.checkpointing.resolve_checkpoint`: a training run's `out_dir`, its `checkpoints/` folder
+or `latest` file, one `step-NNNNNNNN` folder, or a folder in our `convert` format. The trainer writes
+`model_config.json` and `tokenizers.json` into every step folder; folders without `tokenizers.json` (e.g. converted
+Meta weights) need the tokenizer paths given.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from model.checkpointing import CheckpointError, latest_checkpoint
-from model.convert import OURS_CONFIG, OURS_WEIGHTS, ConversionError, load_ours
+from model.checkpointing import CheckpointError, resolve_checkpoint
+from model.convert import OURS_CONFIG, ConversionError, load_ours
 from model.image_tokenizer import ImageTokenizer
 from model.mixed_tokenizer import MixedModalTokenizer
 from model.text_tokenizer import load_text_tokenizer
@@ -37,22 +38,6 @@ class InferenceModel:
     checkpoint: Path
     step: int | None
     sft: bool = False  # fine-tuned on `<s> prompt <sep> answer </s>`: prompts should end with the separator
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The folder holding the weights for `path` (see the module docstring), or a CheckpointError saying why not."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    if (path / OURS_WEIGHTS).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise CheckpointError(
-        f"{path}: no checkpoint here (expected {OURS_WEIGHTS}, step-NNNNNNNN folders or checkpoints/)"
-    )
 
 
 def load_inference_model(

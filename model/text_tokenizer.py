@@ -56,6 +56,14 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
 
+def _in_vocabulary(vocab: Vocabulary, token_id: int) -> int:
+    """`token_id` as an int, or a ValueError when no id of `vocab` has that number."""
+    token_id = int(token_id)
+    if not 0 <= token_id < vocab.size:
+        raise ValueError(f"id {token_id} is outside this tokenizer's vocabulary (ids 0..{vocab.size - 1})")
+    return token_id
+
+
 class SentencePieceTokenizer:
     """Our SentencePiece BPE: text id = first text id + piece id - 1 (piece 0 is SentencePiece's <unk>)."""
 
@@ -128,7 +136,7 @@ class SentencePieceTokenizer:
         """Text of a run of ids; `<s>`, `<pad>`, `</s>` are skipped, any non-text id is an error."""
         pieces = []
         for token_id in ids:
-            token_id = int(token_id)
+            token_id = _in_vocabulary(self.vocab, token_id)
             if token_id >= self.vocab.first_text_id:
                 pieces.append(token_id - self._offset)
             elif token_id == UNK_ID:
@@ -171,7 +179,7 @@ class HFTextTokenizer:
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
+        ids = [_in_vocabulary(self.vocab, i) for i in ids]
         for token_id in ids:
             if token_id < self._text_start and self.vocab.modality(token_id) != Modality.SPECIAL:
                 raise ValueError(f"id {token_id} ({self.vocab.special_name(token_id)}) is not text")

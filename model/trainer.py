@@ -26,6 +26,7 @@ from model.checkpointing import (
     load_checkpoint,
     load_weights,
     read_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from model.lr_schedule import make_scheduler
@@ -78,7 +79,7 @@ class Trainer:
             model_config = model_config.model_copy(update={"dropout": config.dropout})
         self.model = Transformer(model_config).to(self.device)
         if config.init_from is not None:
-            start = latest_checkpoint(config.init_from) or config.init_from
+            start = resolve_checkpoint(config.init_from)
             load_weights(start, self.model)
             log(f"initialised from {start}")
         self.module = self.model

@@ -31,6 +31,8 @@ def test_train_encode_decode(tmp_path: Path) -> None:
     assert ids == tokenizer.encode(text)
     result = runner.invoke(app, ["text-tokenizer", "decode", "--tokenizer", str(out), *map(str, ids)])
     assert result.output == text + "\n"
+    result = runner.invoke(app, ["text-tokenizer", "decode", "--tokenizer", str(out), str(tokenizer.vocab.size)])
+    assert result.exit_code == 1 and "error: id 2100 is outside this tokenizer's vocabulary" in result.output
 
     result = runner.invoke(app, ["text-tokenizer", "encode", "--tokenizer", str(out)], input="from stdin")
     assert [int(i) for i in result.output.split()] == tokenizer.encode("from stdin")

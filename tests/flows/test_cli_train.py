@@ -41,7 +41,7 @@ def test_train_then_sft(stages: Path, tmp_path: Path) -> None:
 
     sft = {"model": {"preset": "tiny"}, "data": str(stages / "sft"), "out_dir": str(tmp_path / "sft"), "seq_len": 128,
            "steps": 3, "global_batch_size": 4, "micro_batch_size": 2,
-           "init_from": str(tmp_path / "pretrain/checkpoints")}  # fmt: skip
+           "init_from": str(tmp_path / "pretrain/checkpoints/latest")}  # fmt: skip
     result = runner.invoke(app, ["sft", str(write(tmp_path / "sft.yaml", sft))])
     assert result.exit_code == 0, result.output
     assert "initialised from" in result.output and "step-00000004" in result.output

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpointing import CheckpointError
-from model.inference import load_inference_model, resolve_checkpoint
+from model.checkpointing import CheckpointError, resolve_checkpoint
+from model.inference import load_inference_model
 
 
 def test_every_path_of_a_run_resolves_to_its_latest_step(tiny_run: Path) -> None:
@@ -18,6 +18,7 @@ def test_every_path_of_a_run_resolves_to_its_latest_step(tiny_run: Path) -> None
     assert resolve_checkpoint(tiny_run) == step
     assert resolve_checkpoint(tiny_run / "checkpoints") == step
     assert resolve_checkpoint(step) == step
+    assert resolve_checkpoint(tiny_run / "checkpoints" / "latest") == step  # the pointer file itself
 
 
 def test_loads_model_and_tokenizers_recorded_with_the_checkpoint(tiny_run: Path, tiny_tokenizers) -> None:

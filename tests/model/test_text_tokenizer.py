@@ -100,6 +100,9 @@ def test_decode_refuses_image_ids_and_skips_specials(tokenizer: SentencePieceTok
     assert tokenizer.decode([0, *ids, 2]) == "cat"
     with pytest.raises(ValueError, match=r"id 4 \(IMGIMGAZ\) is not text"):
         tokenizer.decode([4, *ids])
+    for outside in (tokenizer.vocab.size, -1):
+        with pytest.raises(ValueError, match=rf"id {outside} is outside this tokenizer's vocabulary \(ids 0..2047\)"):
+            tokenizer.decode([*ids, outside])
 
 
 def test_vocab_too_large_for_the_text_fails_clearly() -> None:
@@ -153,6 +156,8 @@ def test_meta_style_tokenizer_json_behind_the_same_interface(tmp_path: Path) -> 
     assert [a.tolist() for a in hf.encode_batch([text, "ok"])] == [ids, hf.encode("ok")]
     with pytest.raises(ValueError, match="is not text"):
         hf.decode([hf.vocab.boi_id, *ids])
+    with pytest.raises(ValueError, match=f"id {hf.vocab.size} is outside"):
+        hf.decode([*ids, hf.vocab.size])
 
 
 def test_tokenizer_json_with_wrong_layout_is_refused(tmp_path: Path) -> None:
