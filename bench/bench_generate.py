@@ -26,6 +26,9 @@ How the comparison is kept fair:
   `guidance=False` and the same sampling settings, so it too samples exactly `tokens_per_image` codes (it then
   appends EOI without sampling). Ours with classifier-free guidance (3 streams per prompt, Chameleon's default) is
   reported for information: HF has no counterpart.
+* On CUDA ours decodes one-token steps by replaying a CUDA graph (`model/decode_graph.py`, Generator's default
+  there); its text rows also time ours without the graph (`ours_eager`, information). `--static-steps off` times
+  ours without graphs throughout.
 * Timing: one untimed warm-up call of each (the text calls; the image calls then run on the warmed models), then
   the two alternate call by call (drift on a shared machine hits both); each figure is the median of `--repeats`
   (`--image-repeats`) calls; on CUDA the device is synchronised before and after each.
@@ -178,8 +181,11 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: to
             "image": {"temperature": IMAGE_TEMPERATURE, "top_p": IMAGE_TOP_P},
         }
     )
-    ours_plain = Generator(ours_model, vocab, gen_config, guidance=False)
-    ours_cfg = Generator(ours_model, vocab, gen_config, guidance=True)
+    static = {"auto": None, "on": True, "off": False}[args.static_steps]
+    ours_plain = Generator(ours_model, vocab, gen_config, guidance=False, static_steps=static)
+    ours_cfg = Generator(ours_model, vocab, gen_config, guidance=True, static_steps=static)
+    # On a GPU, ours without the CUDA graph too (information: what the graph is worth).
+    ours_eager = Generator(ours_model, vocab, gen_config, guidance=False, static_steps=False)
     text_allowed = allowed_mask(vocab, "text", False, 0, text_tokens)
     image_allowed = vocab.mask(Modality.IMAGE)
 
@@ -212,6 +218,7 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: to
             "text": {
                 "ours": lambda p=text_prompts: ours_plain.generate(p, "text", text_tokens, 0),
                 "hf": lambda i=t_ids, m=t_mask, q=text_proc: hf_generate(i, m, text_tokens, q, False),
+                "ours_eager": lambda p=text_prompts: ours_eager.generate(p, "text", text_tokens, 0),
             },
             "image": {
                 "ours": lambda p=image_prompts: ours_plain.generate(p, "image", tpi + 1, 0),
@@ -221,6 +228,8 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: to
         }
         if args.cfg == "none" or (args.cfg == "batch1" and batch > 1):
             del tasks["image"]["ours_cfg"]
+        if device.type != "cuda" or static is False:  # off CUDA the default path is the eager one already
+            del tasks["text"]["ours_eager"]
         for what, fns in tasks.items():
             if what not in args.what.split(","):
                 continue
@@ -256,11 +265,14 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: to
             ratio = rate["ours"] / rate["hf"] if what == "text" else rate["hf"] / rate["ours"]
             row = {
                 "config": label, "what": what, "batch": batch, "unit": unit, "ours": rate["ours"], "hf": rate["hf"],
-                "ours_cfg": rate.get("ours_cfg"), "ratio": ratio, "repeats": repeats,
-                "new_tokens": text_tokens if what == "text" else tpi, "check": check, "max_logit_diff": max_diff,
+                "ours_cfg": rate.get("ours_cfg"), "ours_eager": rate.get("ours_eager"), "ratio": ratio,
+                "repeats": repeats, "new_tokens": text_tokens if what == "text" else tpi, "check": check,
+                "max_logit_diff": max_diff,
             }  # fmt: skip
             rows.append(row)
             cfg_part = f"  ours CFG(3 streams) {rate['ours_cfg']:.4g} {unit}" if "ours_cfg" in rate else ""
+            if "ours_eager" in rate:
+                cfg_part += f"  ours without CUDA graph {rate['ours_eager']:.4g} {unit}"
             print(
                 f"  {what:5s} batch {batch}: ours {rate['ours']:.4g} {unit}  HF {rate['hf']:.4g} {unit}  "
                 f"-> ours / HF {ratio:.2f}x{cfg_part}   ({check})",
@@ -315,6 +327,12 @@ def main() -> None:
     parser.add_argument("--big-layers", type=int, default=12, help="layers of the ~100M config")
     parser.add_argument("--only", choices=("tiny", "100M"), default=None, help="run one config")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument(
+        "--static-steps",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ours' fixed-shape decode steps (a CUDA graph on GPU): auto = on CUDA only (Generator's default)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -129,7 +129,7 @@ def _rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(x.view(b, h, hd // 2, 2)) * rotation).view(b, h, hd)
 
 
-def _attention(x: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int,
+def _attention(x: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int | torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     b, hd = x.shape[0], w.head_dim
     q = decode_linear(x, layer.wq).view(b, w.n_heads, hd)
@@ -153,7 +153,7 @@ def _feed_forward(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
     return decode_linear(F.silu(decode_linear(x, layer.w1)) * decode_linear(x, layer.w3), layer.w2)
 
 
-def _block(h: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int,
+def _block(h: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int | torch.Tensor,
            mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """`TransformerBlock.forward` for one token per row: pre-norm, or the swin order (norms after sub-layers)."""
     p = w.dropout
@@ -169,13 +169,17 @@ def _drop(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(x, p, training=True) if p > 0 else x
 
 
-def decode_step(weights: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, pos: int,
-                mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def decode_step(weights: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                pos: int | torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Final normed hidden states [B, dim] of one new token per row (tokens and positions [B]), written to `cache`
     column `pos`; `mask` [B, pos + 1] (bool) marks the columns each row attends (None: every one).
 
     Equals `forward(tokens[:, None], positions[:, None], cache=cache, start_pos=pos)` before the output layer.
+    With `pos` a one-element long tensor (fixed shapes, for a CUDA graph) every cache column is attended and `mask`
+    [B, max_len] is required: it must leave out the columns after `pos`.
     """
+    if isinstance(pos, torch.Tensor) and mask is None:
+        raise ValueError("decode_step over the whole cache (tensor pos) needs a mask hiding the columns after pos")
     rope = rotary_angles(positions[:, None], weights.head_dim, weights.rope_theta, complex_rotation=True)
     attn_mask = None if mask is None else mask[:, None, None, :]
     h = F.embedding(tokens, weights.embedding)

@@ -13,6 +13,7 @@ positions over its valid columns, so every row sees exactly the sequence Meta wo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.decode_graph import GraphedDecode
 from model.decode_step import DecodeWeights, decode_linear, decode_step, decode_weights
 from model.mixed_tokenizer import MixedModalTokenizer, Segment
 from model.transformer import KVCache, Transformer, rotary_angles
@@ -182,8 +184,11 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
         for layer in model.layers:
             h = layer(h, positions, attn_mask, cache, start_pos, rope=rope)
         h = model.norm(h[:, -1])
-    if plan == ():
-        return None
+    return None if plan == () else _output_logits(model, h, plan)
+
+
+def _output_logits(model: Transformer, h: torch.Tensor, plan) -> torch.Tensor:
+    """Float logits on the CPU of the final hidden states h [R, dim]: all [R, V], or only the columns of `plan`."""
     out = model.output
     if plan is None or not isinstance(out, nn.Linear):
         return out(h).float().cpu()
@@ -307,6 +312,8 @@ class _Decode:
                  dense: bool):  # fmt: skip
         self.tokens, self.valid, self.positions = tokens, valid, positions
         self.n_valid, self.dense = n_valid, dense
+        # The newest column (tokens, validity, positions, its index), kept at one address for a CUDA graph to read.
+        self.column = torch.zeros((4, tokens.shape[0]), dtype=torch.long, device=tokens.device)
         self.col_tokens: list[int] = []
         self.col_valid: list[bool] = []
 
@@ -318,8 +325,8 @@ class _Decode:
         pos = list(self.n_valid)
         self.n_valid = [n + v for n, v in zip(self.n_valid, self.col_valid, strict=True)]
         self.dense = self.dense and all(self.col_valid)
-        column = torch.tensor([self.col_tokens, self.col_valid, pos]).to(self.tokens.device)
-        tokens, valid, positions = column.unbind()
+        self.column.copy_(torch.tensor([self.col_tokens, self.col_valid, pos, [col] * len(pos)]))  # one copy
+        tokens, valid, positions, _ = self.column.unbind()
         self.tokens.select(1, col).copy_(tokens)
         self.valid.select(1, col).copy_(valid)  # copy_ casts 0/1 to bool
         self.positions.select(1, col).copy_(positions)
@@ -353,15 +360,21 @@ class Generator:
     `guidance=False` samples image codes from the full prompt alone (no guidance rows); `use_cache=False`
     recomputes the whole sequence every step (a reference for tests; same masks and positions). The model is used
     as given: put it in eval mode first, or dropout stays on.
+
+    `static_steps`: the one-token steps with fixed shapes (`model/decode_graph.py`), captured in a CUDA graph and
+    replayed on a CUDA device. None (the default): on CUDA, for a model in eval mode; True: on any device (eagerly
+    off CUDA: the tests' check of the same computation); False: never. If capturing the graph fails, generation
+    goes on without it, with a warning.
     """
 
     def __init__(self, model: Transformer, vocab: Vocabulary, config: GenerateConfig, guidance: bool = True,
-                 use_cache: bool = True):  # fmt: skip
+                 use_cache: bool = True, static_steps: bool | None = None):  # fmt: skip
         if model.config.vocab_size != vocab.size:
             raise ValueError(f"model has {model.config.vocab_size} ids but the vocabulary {vocab.size}")
         self.model, self.vocab, self.config = model, vocab, config
         self.guidance = guidance
         self.use_cache = use_cache
+        self.static_steps = static_steps
         self._text_ids = vocab.mask(Modality.TEXT)
 
     def _prompts(self, prompt_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
@@ -439,6 +452,11 @@ class Generator:
 
         cache = model.make_cache(rows, total) if self.use_cache else None
         weights = decode_weights(model)  # once per generation: the decode steps read plain tensors
+        static = self.static_steps
+        if static is None:
+            static = device.type == "cuda" and weights.dropout == 0  # graphs replay no fresh dropout masks
+        static = static and cache is not None
+        graphed: list[GraphedDecode | None] = [None]  # built (on CUDA: captured) at the first one-token step
 
         def parts_at(step: int) -> list[tuple | None]:
             left = max_new_tokens - step
@@ -451,6 +469,18 @@ class Generator:
             keys = frozenset(p for p in parts if p is not None and _allowed_ids(vocab, p)[0] is None)
             plan = _logit_plan(vocab, keys) if keys else ()
             mask = None if dec.dense else _attention_mask(dec.valid[:, :end], start, end - start)
+            nonlocal static
+            if static and end - start == 1:
+                with torch.no_grad():
+                    if graphed[0] is None:
+                        try:  # on CUDA, also runs this step once (the same cache column the replay writes)
+                            graphed[0] = GraphedDecode(weights, dec.column, dec.valid, cache)
+                        except RuntimeError as err:
+                            warnings.warn(f"CUDA graph capture failed, decoding without it: {err}", stacklevel=2)
+                            static = False
+                    if static:
+                        h = graphed[0]()
+                        return (None if plan == () else _output_logits(model, h, plan)), plan
             # no_grad here, not around the loop: a context held across `yield` would leak into the caller.
             with torch.no_grad():
                 # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.

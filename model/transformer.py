@@ -96,11 +96,19 @@ class KVCache:
         self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def update_one(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`update` for one position: k, v [B, n_kv, hd] stored at column `pos`; keys and values up to it."""
+    def update_one(self, layer: int, pos: int | torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """`update` for one position: k, v [B, n_kv, hd] stored at column `pos`; keys and values up to it.
+
+        `pos` as a one-element long tensor on the cache's device (CUDA graphs: no host value) returns every column.
+        """
+        keys, values = self.keys[layer], self.values[layer]
+        if isinstance(pos, torch.Tensor):
+            keys.index_copy_(2, pos, k[:, :, None].to(keys.dtype))  # index_copy_ does not cast, copy_ does
+            values.index_copy_(2, pos, v[:, :, None].to(values.dtype))
+            return keys, values
         if pos >= self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write position {pos}")
-        keys, values = self.keys[layer], self.values[layer]
         keys.select(2, pos).copy_(k)  # select + copy: fewer ops than slice indexing, on every decoded token
         values.select(2, pos).copy_(v)
         return keys.narrow(2, 0, pos + 1), values.narrow(2, 0, pos + 1)

@@ -181,6 +181,28 @@ def test_cache_equals_full_recompute_greedy(tmp_path, mode):
         assert VOCAB.boi_id in cached[0] + cached[1]
 
 
+@pytest.mark.parametrize("mode", ["text", "mixed", "image"])
+def test_static_steps_equal_the_eager_path(tmp_path, mode):
+    # The fixed-shape steps CUDA graphs replay (run eagerly here), with padding and guidance rows: same samples.
+    config = make_config(tmp_path)
+    model = tiny_model(4, boi_bias=4.0, init_std=0.2)
+    prompts = [text_prompt(5, 1), image_prompt(6)]
+    eager = Generator(model, VOCAB, config).generate(prompts, mode, 100, 3)
+    assert Generator(model, VOCAB, config, static_steps=True).generate(prompts, mode, 100, 3) == eager
+    if mode != "text":
+        assert VOCAB.boi_id in eager[0] + eager[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["text", "mixed"])
+def test_cuda_graph_decoding_equals_eager_decoding(tmp_path, mode):
+    config = make_config(tmp_path, text={"temperature": 0.0}, image={"temperature": 0.0})
+    model = tiny_model(4, boi_bias=4.0, init_std=0.2).cuda()
+    prompts = [text_prompt(5, 1), image_prompt(6)]
+    graphed = Generator(model, VOCAB, config).generate(prompts, mode, 100, 0)
+    assert graphed == Generator(model, VOCAB, config, static_steps=False).generate(prompts, mode, 100, 0)
+
+
 def test_text_greedy_matches_plain_forward(tmp_path):
     # The generator's own masked forward must agree with Transformer.forward on an unpadded sequence.
     model = tiny_model(5, init_std=0.2)

@@ -271,6 +271,41 @@ def test_decode_step_equals_forward_with_a_cache(overrides: dict, rows: int) -> 
         decode_step(decode_weights(model), tokens[:, 0], positions[:, 0], cache_b, 12)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"swin_norm": True}, {"qk_norm": False}])
+def test_static_decode_step_equals_decode_step(overrides: dict) -> None:
+    # The fixed-shape step a CUDA graph captures: the column read from one buffer, the cache written through a
+    # device index, every cache column attended under the validity mask. Same function as decode_step.
+    from model.decode_graph import GraphedDecode, static_decode_step
+
+    config = tiny(**overrides)
+    model = model_of(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 12))
+    positions = torch.tensor([list(range(12)), [0, 0, 0, *range(9)]])
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False
+    valid[0, 9] = False  # a column row 0 does not attend (a dropped token): still attended by itself when new
+    weights = decode_weights(model)
+    cache_a, cache_b = model.make_cache(2, 12), model.make_cache(2, 12)
+    grid = valid.clone()
+    grid[:, 8:] = False  # not written yet: the static step must not see them
+    column = torch.zeros(4, 2, dtype=torch.long)
+    static = GraphedDecode(weights, column, grid, cache_b)  # on the CPU: static_decode_step, eagerly
+    with torch.no_grad():
+        model(tokens[:, :8], positions[:, :8], cache=cache_a)
+        model(tokens[:, :8], positions[:, :8], cache=cache_b)
+        for p in range(8, 12):
+            grid[:, p] = valid[:, p]
+            column.copy_(torch.stack([tokens[:, p], valid[:, p].long(), positions[:, p], torch.full((2,), p)]))
+            mask = valid[:, : p + 1].clone()
+            mask[:, p] = True
+            expected = decode_step(weights, tokens[:, p], positions[:, p], cache_a, p, mask)
+            torch.testing.assert_close(static(), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache_b.keys[-1][:, :, : p + 1], cache_a.keys[-1][:, :, : p + 1])
+        with pytest.raises(ValueError, match="needs a mask"):
+            decode_step(weights, tokens[:, 0], positions[:, 0], cache_b, torch.tensor([3]))
+        assert static_decode_step(weights, column, grid, cache_b, torch.arange(12)).shape == (2, config.dim)
+
+
 def test_decode_step_applies_dropout_like_forward_in_training_mode() -> None:
     # SFT-style dropout: in training mode both paths drop the same activations for the same seed; in eval none.
     config = tiny(dropout=0.5)
