@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 source bench/gpu_env.sh || exit 1
 status=0
 echo "== train step =="
-timeout 240 "$PY" bench/gpu_train.py --seconds 40 || { echo "gpu_train.py failed ($?)"; status=1; }
+timeout -k 15 240 "$PY" bench/gpu_train.py --seconds 40 || { echo "gpu_train.py failed ($?)"; status=1; }
 echo "== generation =="
 json=()
 [ -n "${OUT:-}" ] && json=(--json "$OUT/gpu_generate.json")
-timeout 270 "$PY" bench/bench_generate.py --device cuda --cfg batch1 "${json[@]}" || {
+timeout -k 15 270 "$PY" bench/bench_generate.py --device cuda --cfg batch1 ${json[@]+"${json[@]}"} || {
     echo "bench_generate.py failed ($?)"
     status=1
 }

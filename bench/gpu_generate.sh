@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 json=()
 [ -n "${OUT:-}" ] && json=(--json "$OUT/gpu_generate.json")
-timeout 420 "$PY" bench/bench_generate.py --device cuda "${json[@]}" "$@"
+timeout -k 15 420 "$PY" bench/bench_generate.py --device cuda ${json[@]+"${json[@]}"} "$@"

@@ -14,4 +14,4 @@ source bench/gpu_env.sh
 
 # gpu_train.py bounds warm-up and the timed loop itself; timeout is the backstop if compilation stalls.
 # Defaults: seq 4096, batch 4 (halved on OOM), 60 s of timed steps.
-timeout 300 "$PY" bench/gpu_train.py "$@"
+timeout -k 15 300 "$PY" bench/gpu_train.py "$@"

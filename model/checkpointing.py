@@ -119,12 +119,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The folder holding the weights for `path`, or a CheckpointError saying why not.
 
     `path` may be a training run's `out_dir`, its `checkpoints/` folder or the `latest` file there (the newest step
-    is used), one `step-NNNNNNNN` folder, or any folder with a `model.pt` (our `convert` format).
+    is used), one `step-NNNNNNNN` folder, or any folder with a `model.pt` (our `convert` format), or that file.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint folder")
-    if path.is_file() and path.name == LATEST:
+    if path.is_file() and path.name in (LATEST, WEIGHTS):  # a file of the folder meant
         path = path.parent
     if (path / WEIGHTS).is_file():
         return path

@@ -18,10 +18,15 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def user_chose_allocator(environ: dict[str, str] | None = None) -> bool:
-    """True when the environment already tunes glibc (MALLOC_* variables) or preloads another allocator."""
+    """True when the environment already tunes glibc's malloc (MALLOC_* variables, glibc.malloc tunables) or
+    preloads another allocator."""
     env = os.environ if environ is None else environ
     preload = env.get("LD_PRELOAD", "")
-    return any(key.startswith("MALLOC_") for key in env) or any(name in preload for name in _OTHER_ALLOCATORS)
+    return (
+        any(key.startswith("MALLOC_") for key in env)
+        or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+        or any(name in preload for name in _OTHER_ALLOCATORS)
+    )
 
 
 def keep_freed_memory() -> bool:

@@ -5,7 +5,9 @@ the kernels themselves. A CUDA graph records them once and replays them with one
 addresses, so the captured step reads everything from buffers that live for the whole generation: the new column
 (token, position and the column index, written by one host-to-device copy per step), the validity grid, and the
 KV cache; it writes the cache column through a device index and attends over every cache column with the validity
-mask (plus the new column itself), which hides the columns not yet written.
+mask (plus the new column itself), which hides the columns not yet written. The Generator keeps these buffers and
+the graph for its next generation of the same shape (batch rows, length, weights), so capturing (which synchronises
+the device and empties PyTorch's allocator cache) happens once, not per call.
 """
 
 from __future__ import annotations
@@ -46,20 +48,23 @@ class GraphedDecode:
         def step() -> torch.Tensor:
             return static_decode_step(weights, column, valid, cache, columns)
 
-        self.step, self.graph = step, None
+        self.step, self.graph, self.device = step, None, valid.device
         if valid.device.type != "cuda":
             return
-        side = torch.cuda.Stream(device=valid.device)
-        side.wait_stream(torch.cuda.current_stream(valid.device))
-        with torch.cuda.stream(side):  # warm-up: lazy initialisation (cuBLAS handles, workspaces) outside capture
-            step()
-        torch.cuda.current_stream(valid.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.hidden = step()
+        # The model's device made current: capture records the current device's stream (cuda:1 would record nothing).
+        with torch.cuda.device(valid.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy initialisation (cuBLAS handles, workspaces) outside capture
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.hidden = step()
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
             return self.step()
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.hidden

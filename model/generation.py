@@ -309,11 +309,13 @@ class _Decode:
     """
 
     def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, n_valid: list[int],
-                 dense: bool):  # fmt: skip
+                 dense: bool, column: torch.Tensor | None = None):  # fmt: skip
         self.tokens, self.valid, self.positions = tokens, valid, positions
         self.n_valid, self.dense = n_valid, dense
         # The newest column (tokens, validity, positions, its index), kept at one address for a CUDA graph to read.
-        self.column = torch.zeros((4, tokens.shape[0]), dtype=torch.long, device=tokens.device)
+        if column is None:
+            column = torch.zeros((4, tokens.shape[0]), dtype=torch.long, device=tokens.device)
+        self.column = column
         self.col_tokens: list[int] = []
         self.col_valid: list[bool] = []
 
@@ -330,6 +332,29 @@ class _Decode:
         self.tokens.select(1, col).copy_(tokens)
         self.valid.select(1, col).copy_(valid)  # copy_ casts 0/1 to bool
         self.positions.select(1, col).copy_(positions)
+
+
+@dataclass
+class _StaticWorkspace:
+    """Device buffers of one generation shape for the static steps, kept by the Generator between generations: the
+    CUDA graph captured over them is replayed again by the next generation of the same shape and weights."""
+
+    key: tuple
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    column: torch.Tensor
+    cache: KVCache
+    graphed: GraphedDecode | None = None
+
+
+def _weights_key(weights: DecodeWeights) -> tuple[int, ...]:
+    """Addresses of every tensor the decode step reads: a graph captured over them is valid while they stay."""
+    tensors = [weights.embedding, weights.norm]
+    for layer in weights.layers:
+        tensors += [t for t in layer if isinstance(t, torch.Tensor)]
+        tensors += [t for norm in (layer.q_norm, layer.k_norm) if norm is not None for t in norm[:2] if t is not None]
+    return tuple(t.data_ptr() for t in tensors)
 
 
 class _SeenIds:
@@ -375,6 +400,7 @@ class Generator:
         self.guidance = guidance
         self.use_cache = use_cache
         self.static_steps = static_steps
+        self._workspace: _StaticWorkspace | None = None  # out while a generation uses it (streams may interleave)
         self._text_ids = vocab.mask(Modality.TEXT)
 
     def _prompts(self, prompt_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
@@ -442,21 +468,24 @@ class Generator:
                     valid[2 * b + i, states[i].boi_col : plen] = True
         # Each row numbers only the tokens it attends: left padding and dropped text do not shift positions.
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        # Bookkeeping lives in Python and on the CPU; the device gets one new column per step (no per-row syncs).
-        dec = _Decode(
-            tokens=tokens.to(device), valid=valid.to(device), positions=positions.to(device),
-            n_valid=valid.sum(1).tolist(), dense=bool(valid[:, :plen].all()),
-        )  # fmt: skip
-        # Meta penalizes the whole context; only text ids can repeat in text.
-        seen = [_SeenIds(t for t in set(p) if vocab.modality(t) == Modality.TEXT) for p in prompts]
-
-        cache = model.make_cache(rows, total) if self.use_cache else None
         weights = decode_weights(model)  # once per generation: the decode steps read plain tensors
         static = self.static_steps
         if static is None:
             static = device.type == "cuda" and weights.dropout == 0  # graphs replay no fresh dropout masks
-        static = static and cache is not None
-        graphed: list[GraphedDecode | None] = [None]  # built (on CUDA: captured) at the first one-token step
+        static = bool(static) and self.use_cache
+        n_valid, dense = valid.sum(1).tolist(), bool(valid[:, :plen].all())
+        # Bookkeeping lives in Python and on the CPU; the device gets one new column per step (no per-row syncs).
+        if static:
+            ws = self._take_workspace(rows, total, device, weights)
+            dec = _Decode(ws.tokens.copy_(tokens), ws.valid.copy_(valid), ws.positions.copy_(positions), n_valid,
+                          dense, ws.column)  # fmt: skip
+            cache = ws.cache
+        else:
+            ws = None
+            dec = _Decode(tokens.to(device), valid.to(device), positions.to(device), n_valid, dense)
+            cache = model.make_cache(rows, total) if self.use_cache else None
+        # Meta penalizes the whole context; only text ids can repeat in text.
+        seen = [_SeenIds(t for t in set(p) if vocab.modality(t) == Modality.TEXT) for p in prompts]
 
         def parts_at(step: int) -> list[tuple | None]:
             left = max_new_tokens - step
@@ -468,19 +497,19 @@ class Generator:
             # Logits only for ids some row may sample next (forced ids, e.g. EOI, need none).
             keys = frozenset(p for p in parts if p is not None and _allowed_ids(vocab, p)[0] is None)
             plan = _logit_plan(vocab, keys) if keys else ()
-            mask = None if dec.dense else _attention_mask(dec.valid[:, :end], start, end - start)
             nonlocal static
-            if static and end - start == 1:
+            if static and end - start == 1 and start > 0:  # a one-token step after the prefill wrote `column`
                 with torch.no_grad():
-                    if graphed[0] is None:
+                    if ws.graphed is None:
                         try:  # on CUDA, also runs this step once (the same cache column the replay writes)
-                            graphed[0] = GraphedDecode(weights, dec.column, dec.valid, cache)
+                            ws.graphed = GraphedDecode(weights, dec.column, dec.valid, cache)
                         except RuntimeError as err:
                             warnings.warn(f"CUDA graph capture failed, decoding without it: {err}", stacklevel=2)
-                            static = False
+                            static = self.static_steps = False  # and for this Generator's later generations
                     if static:
-                        h = graphed[0]()
+                        h = ws.graphed()
                         return (None if plan == () else _output_logits(model, h, plan)), plan
+            mask = None if dec.dense else _attention_mask(dec.valid[:, :end], start, end - start)
             # no_grad here, not around the loop: a context held across `yield` would leak into the caller.
             with torch.no_grad():
                 # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.
@@ -528,6 +557,24 @@ class Generator:
             if mode == "image" and all(p is None or p == ((), (vocab.eoi_id,)) for p in parts):
                 continue  # every open image gets its EOI and then ends: no model step is needed for it
             logits, plan = run(col, col + 1, parts)
+        if ws is not None and static:  # back for the next generation (an abandoned stream keeps its own)
+            self._workspace = ws
+
+    def _take_workspace(self, rows: int, total: int, device: torch.device, weights: DecodeWeights) -> _StaticWorkspace:
+        """The kept workspace if it fits this generation (its cache zeroed), else new buffers; taken out while used."""
+        key = (rows, total, str(device), _weights_key(weights))
+        ws, self._workspace = self._workspace, None
+        if ws is not None and ws.key == key:
+            for t in ws.cache.keys + ws.cache.values:
+                t.zero_()  # unwritten columns are masked; zeros keep them finite
+            return ws
+        del ws  # free the old one's device memory before making the new
+        long = {"dtype": torch.long, "device": device}
+        return _StaticWorkspace(
+            key=key, tokens=torch.empty((rows, total), **long), valid=torch.empty((rows, total), dtype=torch.bool,
+            device=device), positions=torch.empty((rows, total), **long), column=torch.zeros((4, rows), **long),
+            cache=self.model.make_cache(rows, total),
+        )  # fmt: skip
 
     def _advance(self, st: _Stream, i: int, token: int, col: int, mode: str, b: int, n_groups: int, dec: _Decode,
                  seen: list[_SeenIds]) -> None:  # fmt: skip

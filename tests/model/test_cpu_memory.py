@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_memory_is_reused_without_new_page_faults() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "."}  # no MALLOC_* from the caller's environment
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True).stdout
@@ -42,4 +43,6 @@ def test_freed_memory_is_reused_without_new_page_faults() -> None:
 def test_a_users_own_allocator_settings_are_left_alone() -> None:
     assert not user_chose_allocator({"PATH": "/usr/bin"})
     assert user_chose_allocator({"MALLOC_ARENA_MAX": "2"})
+    assert user_chose_allocator({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"})
+    assert not user_chose_allocator({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"})
     assert user_chose_allocator({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})

@@ -188,9 +188,19 @@ def test_static_steps_equal_the_eager_path(tmp_path, mode):
     model = tiny_model(4, boi_bias=4.0, init_std=0.2)
     prompts = [text_prompt(5, 1), image_prompt(6)]
     eager = Generator(model, VOCAB, config).generate(prompts, mode, 100, 3)
-    assert Generator(model, VOCAB, config, static_steps=True).generate(prompts, mode, 100, 3) == eager
+    static = Generator(model, VOCAB, config, static_steps=True)
+    assert static.generate(prompts, mode, 100, 3) == eager
     if mode != "text":
         assert VOCAB.boi_id in eager[0] + eager[1]
+    # The buffers (on CUDA, the captured graph) are kept for the next generation of the same shape, and replaced
+    # for another shape; a stream left open keeps its own while other generations run.
+    kept = static._workspace
+    assert kept is not None and static.generate(prompts, mode, 100, 3) == eager and static._workspace is kept
+    other = Generator(model, VOCAB, config).generate(prompts[:1], mode, 80, 5)
+    open_stream = static.stream(prompts[1], mode, 100, 4)
+    first = next(open_stream)
+    assert static.generate(prompts[:1], mode, 80, 5) == other
+    assert [first, *open_stream] == Generator(model, VOCAB, config).generate([prompts[1]], mode, 100, 4)[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

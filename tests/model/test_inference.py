@@ -19,6 +19,7 @@ def test_every_path_of_a_run_resolves_to_its_latest_step(tiny_run: Path) -> None
     assert resolve_checkpoint(tiny_run / "checkpoints") == step
     assert resolve_checkpoint(step) == step
     assert resolve_checkpoint(tiny_run / "checkpoints" / "latest") == step  # the pointer file itself
+    assert resolve_checkpoint(step / "model.pt") == step
 
 
 def test_loads_model_and_tokenizers_recorded_with_the_checkpoint(tiny_run: Path, tiny_tokenizers) -> None:
