@@ -11,6 +11,9 @@ so the whole run ends within ~5 minutes.
 MFU = tokens/s * (6 N + 12 L d S) / peak, N = parameters that do matmuls (all but the input embedding table),
 peak = the device's dense bf16 peak from `model.mfu` (989e12 for H100 SXM and H200). Prints the figures and writes
 them to $OUT/gpu_train.json when $OUT is set.
+`--documents` then times the same step on packed documents (seq/16 to seq/2 tokens each: 256-2,048 at 4,096;
+positions restart per document; `doc_ids` masking as the trainer does by default: FlexAttention on CUDA), reported
+under "documents" with MFU by the same formula (it counts full causal attention: the figure to compare).
 `--cpu-smoke` runs the same code on CPU with a tiny config (fp32, blocks compiled unless `--no-compile`) to check
 the script itself.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.document_attention import resolve_document_attention
 from model.losses import DEFAULT_CHUNK_SIZE
 from model.mfu import PEAK_FLOPS, device_peak_flops, flops_per_token
 from model.optim import make_optimizer
@@ -52,6 +56,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--logits-path", action="store_true", help="full logits + plain CE instead of the fused loss")
+    parser.add_argument("--documents", action="store_true", help="also time packed documents (document masking)")
+    parser.add_argument("--doc-seconds", type=float, default=20.0, help="time budget of the documents' timed loop")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -61,7 +67,7 @@ def main() -> None:
         cfg = ModelConfig.from_preset("tiny", max_seq_len=128)
         # Compiles too (inductor's CPU backend) unless --no-compile: the GPU run relies on the per-block compile.
         seq, batch, compile_blocks, autocast_dtype = 128, 2, not args.no_compile, None
-        args.seconds, args.warmup_steps = min(args.seconds, 5.0), 1
+        args.seconds, args.doc_seconds, args.warmup_steps = min(args.seconds, 5.0), min(args.doc_seconds, 5.0), 1
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device visible to torch (use --cpu-smoke to check the script on CPU)")
@@ -89,16 +95,16 @@ def main() -> None:
     fpt = flops_per_token(matmul_params, cfg.n_layers, cfg.dim, seq)
     peak = device_peak_flops(device) or PEAK_FLOPS["H100"]  # an unknown GPU is reported against an H100
 
-    def loss_of(tokens: torch.Tensor) -> torch.Tensor:
+    def loss_of(tokens: torch.Tensor, docs: dict[str, torch.Tensor]) -> torch.Tensor:
         if args.logits_path:
-            return next_token_ce(model(tokens), tokens)
+            return next_token_ce(model(tokens, **docs), tokens)
         mask = torch.ones_like(tokens, dtype=torch.bool)  # what Trainer._step runs: no [B, S, vocab] logits
-        return model(tokens, loss_mask=mask, z_loss_weight=1e-5, loss_chunk_size=DEFAULT_CHUNK_SIZE).loss
+        return model(tokens, loss_mask=mask, z_loss_weight=1e-5, loss_chunk_size=DEFAULT_CHUNK_SIZE, **docs).loss
 
-    def step(tokens: torch.Tensor) -> float:
+    def step(tokens: torch.Tensor, docs: dict[str, torch.Tensor] | None = None) -> float:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = loss_of(tokens)
+            loss = loss_of(tokens, docs or {})
         loss.backward()
         optimizer.step()
         return loss.item()  # .item() synchronises, so wall time per step is the device's time
@@ -126,13 +132,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    times, loss = [], float("nan")
-    loop_start = time.perf_counter()
-    while len(times) < args.max_steps and time.perf_counter() - loop_start < args.seconds:
-        t0 = time.perf_counter()
-        loss = step(tokens)
-        times.append(time.perf_counter() - t0)
-
+    times, loss = timed_steps(lambda: step(tokens), args.seconds, args.max_steps)
     tokens_per_step = batch * seq
     med = statistics.median(times)
     tps = tokens_per_step / med
@@ -172,6 +172,65 @@ def main() -> None:
     )
     if result["peak_mem_gib"] is not None:
         print(f"  peak memory {result['peak_mem_gib']:.1f} GiB")
+    write_result(result)
+    if not args.documents:
+        return
+
+    # Packed documents: the blocks recompile for the document mask (their warm-up), then the same timed loop.
+    docs = packed_documents(batch, seq, device)
+    warm_start = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        step(tokens, docs)
+    doc_warmup_s = time.perf_counter() - warm_start
+    doc_times, doc_loss = timed_steps(lambda: step(tokens, docs), args.doc_seconds, args.max_steps)
+    doc_med = statistics.median(doc_times)
+    result["documents"] = {
+        "attention": resolve_document_attention(model.document_attention, device),
+        "documents_per_sequence": (docs["doc_ids"].amax(dim=1) + 1).float().mean().item(),
+        "warmup_s": round(doc_warmup_s, 2),
+        "timed_steps": len(doc_times),
+        "step_s_median": doc_med,
+        "tokens_per_s": tokens_per_step / doc_med,
+        "mfu": tokens_per_step / doc_med * fpt / peak,
+        "last_loss": doc_loss,
+    }
+    result["total_s"] = round(time.perf_counter() - start_all, 2)
+    d = result["documents"]
+    print(
+        f"  packed documents ({d['documents_per_sequence']:.1f} per sequence, {d['attention']} attention): "
+        f"warm-up {doc_warmup_s:.1f}s; {len(doc_times)} timed steps, median {doc_med * 1e3:.1f} ms/step, "
+        f"tokens/s {d['tokens_per_s']:,.0f}  MFU {d['mfu'] * 100:.1f}%"
+    )
+    write_result(result)
+
+
+def timed_steps(run_step, seconds: float, max_steps: int) -> tuple[list[float], float]:
+    """Wall seconds of each step run within `seconds` (at most `max_steps`), and the last step's loss."""
+    times, loss = [], float("nan")
+    loop_start = time.perf_counter()
+    while len(times) < max_steps and time.perf_counter() - loop_start < seconds:
+        t0 = time.perf_counter()
+        loss = run_step()
+        times.append(time.perf_counter() - t0)
+    return times, loss
+
+
+def packed_documents(batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """doc_ids and positions of sequences packed with documents of seq/16 to seq/2 tokens (the last cut at `seq`)."""
+    generator = torch.Generator().manual_seed(0)
+    doc_ids, positions = torch.empty(batch, seq, dtype=torch.long), torch.empty(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        start, doc = 0, 0
+        while start < seq:
+            length = min(int(torch.randint(seq // 16, seq // 2 + 1, (1,), generator=generator)), seq - start)
+            doc_ids[row, start : start + length] = doc
+            positions[row, start : start + length] = torch.arange(length)
+            start, doc = start + length, doc + 1
+    return {"doc_ids": doc_ids.to(device), "positions": positions.to(device)}
+
+
+def write_result(result: dict) -> None:
+    """Write the figures to $OUT/gpu_train.json when $OUT is set (again after each measure, so a cut run keeps some)."""
     out = os.environ.get("OUT")
     if out:
         path = Path(out) / "gpu_train.json"

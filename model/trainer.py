@@ -78,6 +78,11 @@ class Trainer:
         if isinstance(config, SFTConfig):
             model_config = model_config.model_copy(update={"dropout": config.dropout})
         self.model = Transformer(model_config).to(self.device)
+        if config.document_masking:
+            if config.document_attention == "flex" and self.device.type != "cuda":
+                raise ValueError("document_attention 'flex' needs a CUDA device (FlexAttention has no CPU backward); "
+                                 "use 'auto' or 'sdpa'")  # fmt: skip
+            self.model.document_attention = config.document_attention
         if config.init_from is not None:
             start = resolve_checkpoint(config.init_from)
             load_weights(start, self.model)

@@ -14,6 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.document_attention import (
+    BlockMask,
+    DocumentAttention,
+    document_block_mask,
+    document_mask,
+    flex_document_attention,
+    resolve_document_attention,
+)
 from model.losses import DEFAULT_CHUNK_SIZE, LossOutput, fused_lm_loss
 from schemas.model_config import ModelConfig
 
@@ -114,18 +122,6 @@ class KVCache:
         return keys.narrow(2, 0, pos + 1), values.narrow(2, 0, pos + 1)
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask [B, 1, S, S]: causal, within one document; padding (-1) attends only to itself."""
-    s = doc_ids.shape[1]
-    idx = torch.arange(s, device=doc_ids.device)
-    causal = idx[None, :] <= idx[:, None]
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    not_pad = (doc_ids != -1)[:, :, None]
-    diagonal = torch.eye(s, dtype=torch.bool, device=doc_ids.device)
-    # The diagonal keeps every row non-empty, so padding rows softmax to a finite value instead of NaN.
-    return ((causal & same_doc & not_pad) | diagonal)[:, None]
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with QK-norm (LayerNorm per head, before rotary) and rotary embeddings."""
 
@@ -160,15 +156,19 @@ class Attention(nn.Module):
         rope = rope if rope is not None else rotary_angles(positions, self.head_dim, self.rope_theta)
         return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | BlockMask | None = None,
                 cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
                 rope: Rope | None = None) -> torch.Tensor:  # fmt: skip
-        """Attention output [B, S, dim]; `mask` is a boolean SDPA mask, or None for plain causal attention."""
+        """Attention output [B, S, dim]; `mask` is a boolean SDPA mask, a FlexAttention block mask (packed documents),
+        or None for plain causal attention."""
         b, s, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project(x, positions, rope))  # -> [B, heads, S, hd]
+        n_rep = self.n_heads // self.n_kv_heads
+        if isinstance(mask, BlockMask):
+            out = flex_document_attention(q, k, v, mask, enable_gqa=n_rep > 1)
+            return self.wo(out.transpose(1, 2).reshape(b, s, -1))
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)
-        n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1 and cache is not None:
             # Decoding: SDPA reads each KV head for its group of q heads; no copy of the whole cache per step.
             total = k.shape[2]
@@ -215,7 +215,7 @@ class TransformerBlock(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | BlockMask | None = None,
                 cache: KVCache | None = None, start_pos: int = 0,
                 rope: Rope | None = None) -> torch.Tensor:  # fmt: skip
         """Block output [B, S, dim]; `rope`: the rotary cos/sin of `positions` when computed once for all layers."""
@@ -237,6 +237,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # The kernel for `doc_ids` masking (`model.document_attention`); the trainer sets it from its config.
+        self.document_attention: DocumentAttention = "auto"
         self.reset_parameters()
 
     @classmethod
@@ -286,7 +288,8 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids (document masking) is for training; decoding with a cache takes none")
-            mask = document_mask(doc_ids)
+            kernel = resolve_document_attention(self.document_attention, tokens.device)
+            mask = document_block_mask(doc_ids) if kernel == "flex" else document_mask(doc_ids)
         elif cache is not None and s > 1 and start_pos > 0:
             # New tokens see every cached one and are causal among themselves.
             q_idx = torch.arange(start_pos, start_pos + s, device=tokens.device)

@@ -12,6 +12,8 @@ from schemas.model_config import ModelConfig
 LrSchedule = Literal["warmup_exponential", "cosine", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
 Parallelism = Literal["auto", "ddp", "fsdp"]
+# auto: FlexAttention on CUDA (fused, skips blocks outside documents), SDPA with a dense mask elsewhere.
+DocumentAttention = Literal["auto", "sdpa", "flex"]
 
 
 class OptimizerConfig(StrictModel):
@@ -71,6 +73,9 @@ class TrainConfig(StrictModel):
     compile: bool = Field(False, description="torch.compile each block")
     parallelism: Parallelism = "auto"
     document_masking: bool = Field(True, description="no attention across packed documents")
+    document_attention: DocumentAttention = Field(
+        "auto", description="kernel for document masking: auto = FlexAttention on CUDA, SDPA + dense mask elsewhere"
+    )
     init_from: ExistingPath | None = Field(None, description="a checkpoint to start from (weights only)")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

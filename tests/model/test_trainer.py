@@ -69,3 +69,7 @@ def test_non_finite_step_is_not_applied(stage: Path, tmp_path: Path) -> None:
 def test_config_mismatches_are_clear(stage: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"has sequences of 128, config\.seq_len is 256"):
         Trainer(config(stage, tmp_path, 10, seq_len=256), log=lambda _: None)
+    # FlexAttention has no CPU backward: asking for it on CPU fails before any step.
+    with pytest.raises(ValueError, match="document_attention 'flex' needs a CUDA device"):
+        Trainer(config(stage, tmp_path, 10, document_attention="flex"), log=lambda _: None)
+    assert Trainer(config(stage, tmp_path, 10, document_attention="sdpa"), log=print).model.document_attention == "sdpa"
