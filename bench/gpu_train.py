@@ -185,7 +185,7 @@ def main() -> None:
     doc_times, doc_loss = timed_steps(lambda: step(tokens, docs), args.doc_seconds, args.max_steps)
     doc_med = statistics.median(doc_times)
     result["documents"] = {
-        "attention": resolve_document_attention(model.document_attention, device),
+        "attention": resolve_document_attention(model.document_attention, device, cfg.head_dim),
         "documents_per_sequence": (docs["doc_ids"].amax(dim=1) + 1).float().mean().item(),
         "warmup_s": round(doc_warmup_s, 2),
         "timed_steps": len(doc_times),

@@ -39,10 +39,19 @@ def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     return create_block_mask(within_document, b, None, s, s, device=doc_ids.device)
 
 
-def resolve_document_attention(choice: DocumentAttention, device: torch.device) -> Literal["sdpa", "flex"]:
-    """`auto` is FlexAttention on CUDA and SDPA with a dense mask elsewhere; explicit choices are kept."""
+# FlexAttention's Triton kernel needs head_dim >= 16 (tl.dot); smaller heads keep SDPA on CUDA too.
+FLEX_MIN_HEAD_DIM = 16
+
+
+def resolve_document_attention(
+    choice: DocumentAttention, device: torch.device, head_dim: int
+) -> Literal["sdpa", "flex"]:
+    """`auto` is FlexAttention on CUDA (heads of 16+ dims) and SDPA with a dense mask elsewhere."""
     if choice == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        return "flex" if device.type == "cuda" and head_dim >= FLEX_MIN_HEAD_DIM else "sdpa"
+    if choice == "flex" and device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"FlexAttention on CUDA needs head_dim >= {FLEX_MIN_HEAD_DIM}, this model's is {head_dim}: "
+                         "use document_attention 'sdpa'")  # fmt: skip
     return choice
 
 
@@ -60,4 +69,6 @@ def flex_document_attention(
         raise ValueError(
             "FlexAttention has no backward on CPU: train on CPU with document_attention 'sdpa' (or 'auto')"
         )
+    if q.device.type == "cpu":  # inductor's CPU flex template takes plain buffers, not views (torch 2.13)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)

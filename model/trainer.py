@@ -29,6 +29,7 @@ from model.checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from model.document_attention import resolve_document_attention
 from model.lr_schedule import make_scheduler
 from model.mfu import device_peak_flops, flops_per_token
 from model.optim import clip_and_check, make_optimizer
@@ -82,6 +83,7 @@ class Trainer:
             if config.document_attention == "flex" and self.device.type != "cuda":
                 raise ValueError("document_attention 'flex' needs a CUDA device (FlexAttention has no CPU backward); "
                                  "use 'auto' or 'sdpa'")  # fmt: skip
+            resolve_document_attention(config.document_attention, self.device, model_config.head_dim)  # fails early
             self.model.document_attention = config.document_attention
         if config.init_from is not None:
             start = resolve_checkpoint(config.init_from)

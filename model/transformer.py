@@ -288,7 +288,7 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids (document masking) is for training; decoding with a cache takes none")
-            kernel = resolve_document_attention(self.document_attention, tokens.device)
+            kernel = resolve_document_attention(self.document_attention, tokens.device, self.config.head_dim)
             mask = document_block_mask(doc_ids) if kernel == "flex" else document_mask(doc_ids)
         elif cache is not None and s > 1 and start_pos > 0:
             # New tokens see every cached one and are causal among themselves.

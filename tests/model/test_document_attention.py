@@ -23,10 +23,14 @@ def packed_doc_ids() -> torch.Tensor:
 
 
 def test_auto_picks_flex_on_cuda_only() -> None:
-    assert resolve_document_attention("auto", torch.device("cpu")) == "sdpa"
-    assert resolve_document_attention("auto", torch.device("cuda", 0)) == "flex"
-    assert resolve_document_attention("flex", torch.device("cpu")) == "flex"
-    assert resolve_document_attention("sdpa", torch.device("cuda")) == "sdpa"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_document_attention("auto", cpu, 64) == "sdpa"
+    assert resolve_document_attention("auto", cuda, 64) == "flex"
+    assert resolve_document_attention("auto", cuda, 8) == "sdpa"  # Triton's kernel needs 16+ dims per head
+    assert resolve_document_attention("flex", cpu, 64) == "flex"
+    assert resolve_document_attention("sdpa", cuda, 64) == "sdpa"
+    with pytest.raises(ValueError, match="head_dim >= 16, this model's is 8"):
+        resolve_document_attention("flex", cuda, 8)
 
 
 def test_block_mask_skips_blocks_outside_documents() -> None:
@@ -55,6 +59,23 @@ def test_flex_model_forward_equals_dense_mask(n_kv_heads: int) -> None:
         other = model(changed, doc_ids=doc_ids)
     torch.testing.assert_close(other[0, 70:160], flex[0, 70:160], atol=2e-5, rtol=1e-4)
     assert not torch.allclose(other[0, :70], flex[0, :70])
+
+
+@pytest.mark.slow
+def test_flex_inside_compiled_blocks_equals_dense_mask() -> None:
+    # The trainer's `compile: true` on CUDA: each block compiled, the block mask an input of every block's graph.
+    config = ModelConfig.from_preset("tiny", n_heads=4, n_kv_heads=2)
+    model = Transformer.from_config(config).eval()
+    doc_ids = packed_doc_ids()
+    tokens = torch.randint(0, config.vocab_size, doc_ids.shape, generator=torch.Generator().manual_seed(1))
+    other_ids = torch.tensor([[0] * 100 + [1] * 100, [0] * 200])
+    with torch.no_grad():
+        dense = [model(tokens, doc_ids=ids) for ids in (doc_ids, other_ids)]
+        for block in model.layers:
+            block.compile()
+        model.document_attention = "flex"
+        for ids, expected in zip((doc_ids, other_ids), dense, strict=True):  # a new mask reuses the compiled graphs
+            torch.testing.assert_close(model(tokens, doc_ids=ids), expected, atol=2e-5, rtol=1e-4)
 
 
 def test_flex_attention_equals_sdpa_with_dense_mask() -> None:
