@@ -83,8 +83,10 @@ class Trainer:
             if config.document_attention == "flex" and self.device.type != "cuda":
                 raise ValueError("document_attention 'flex' needs a CUDA device (FlexAttention has no CPU backward); "
                                  "use 'auto' or 'sdpa'")  # fmt: skip
-            resolve_document_attention(config.document_attention, self.device, model_config.head_dim)  # fails early
+            kernel = resolve_document_attention(config.document_attention, self.device, model_config.head_dim)
             self.model.document_attention = config.document_attention
+            if kernel == "flex":  # the first step is slow while it compiles: say so
+                log("document masking through FlexAttention (compiled on the first step)")
         if config.init_from is not None:
             start = resolve_checkpoint(config.init_from)
             load_weights(start, self.model)
