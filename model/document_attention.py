@@ -71,6 +71,9 @@ def flex_document_attention(
         raise ValueError(
             "FlexAttention has no backward on CPU: train on CPU with document_attention 'sdpa' (or 'auto')"
         )
+    # Under autocast QK-norm's LayerNorm gives fp32 q and k while v is bf16. SDPA is on autocast's cast list, flex
+    # is not in every torch version (mixed dtypes then fail to lower, or run as fp32 kernels): cast as SDPA would.
+    q, k = q.to(v.dtype), k.to(v.dtype)
     if q.device.type == "cpu":  # inductor's CPU flex template takes plain buffers, not views (torch 2.13)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)

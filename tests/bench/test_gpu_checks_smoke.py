@@ -17,8 +17,10 @@ def test_gpu_checks_cpu_smoke_passes_and_reports(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_checks.json").read_text())
-    flex, graph = report["flex_attention"], report["graph_decoding"]
-    assert flex["passed"] and not flex["backward"] and flex["max_relative_diff"] < 1e-3
+    flex, graph, loss = report["flex_attention"], report["graph_decoding"], report["fused_loss"]
+    assert flex["passed"] and not flex["backward"] and flex["fp32"]["max_relative_diff"] < 1e-3
+    assert flex["bf16"]["max_relative_diff"] < flex["bf16"]["tolerance"]
+    assert loss["passed"] and loss["fp32"]["max_relative_diff"] < 1e-4 and loss["bf16"]["max_relative_diff"] < 3e-2
     # Mixed mode must start images, or the check would not cover the image steps.
     assert graph["passed"] and graph["text"]["equal"] and graph["mixed"]["equal"] and graph["mixed"]["images"] > 0
     assert graph["graphed"] is False  # no graph on CPU: the fixed-shape step ran eagerly

@@ -107,3 +107,17 @@ def test_flex_training_gradients_equal_dense_mask_on_cuda() -> None:
         grads[kernel] = {name: p.grad for name, p in model.named_parameters()}
     for name, grad in grads["sdpa"].items():
         torch.testing.assert_close(grads["flex"][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_flex_under_autocast_takes_values_dtype() -> None:
+    # QK-norm's LayerNorm keeps q and k in fp32 under autocast while v is bf16; flex gets one dtype, as SDPA would.
+    config = ModelConfig.from_preset("tiny", n_heads=4, n_kv_heads=2)
+    model = Transformer.from_config(config).eval()
+    doc_ids = packed_doc_ids()
+    tokens = torch.randint(0, config.vocab_size, doc_ids.shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = model(tokens, doc_ids=doc_ids)
+        model.document_attention = "flex"
+        flex = model(tokens, doc_ids=doc_ids)
+    assert flex.dtype == dense.dtype == torch.bfloat16
+    torch.testing.assert_close(flex.float(), dense.float(), atol=0.05, rtol=0.05)
