@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # All GPU work in one device call, sized for a 15-minute device budget (machine start included):
 #   1. bench/gpu_checks.py: the CUDA code paths are right (fused loss, CUDA-graph decoding, FlexAttention gradients in
-#      fp32 and bf16), capped at 150 s (written after each check);
+#      fp32, bf16 and bf16 with compiled blocks), capped at 150 s (written after each check);
 #   2. bench/gpu_train.py: train-step tokens/s and MFU, causal then packed documents with FlexAttention, capped at
 #      200 s (the causal figures are written first, so a cut run keeps them);
 #   3. bench/bench_generate.py --device cuda --cfg batch1: generation vs HF, capped at 200 s (written per config).

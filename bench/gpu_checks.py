@@ -3,8 +3,8 @@
 1. The trainer's fused output layer + loss (`model/losses.py`, its CUDA layout) equals `lm_loss` on full logits, in
    fp32 and under bf16 autocast, values and gradients.
 2. Document masking through FlexAttention (`model/document_attention.py`): the loss and every parameter's gradient
-   of a tiny grouped-query model on packed documents equal those of the dense-mask SDPA path, in fp32 and under bf16
-   autocast (as the trainer runs on GPUs).
+   of a tiny grouped-query model on packed documents equal those of the dense-mask SDPA path, in fp32, under bf16
+   autocast (as the trainer runs on GPUs), and under bf16 autocast with compiled blocks.
 3. CUDA-graph decoding (`model/decode_graph.py`): greedy generations in text and mixed mode, with a padded prompt and
    guidance rows, equal the eager decode's, and a second call (the kept graph, replayed) gives the same again.
 
@@ -52,32 +52,36 @@ def worst_relative_difference(reference: dict[str, torch.Tensor], other: dict[st
 
 
 def check_flex_attention(device: torch.device) -> dict:
-    """FlexAttention against the dense-mask path: loss and every gradient in fp32 and under bf16 autocast (CUDA)."""
+    """FlexAttention against the dense-mask path: loss and every gradient (CUDA) in fp32, under bf16 autocast, and
+    under bf16 autocast with each block compiled (the trainer's `compile: true`)."""
     # head_dim 16 (Triton's minimum); larger weights than the default init, so that a wrong mask shows plainly.
     config = ModelConfig.from_preset("tiny", n_heads=4, n_kv_heads=2, init_std=0.2)
     doc_ids = packed_doc_ids(device)
     tokens = torch.randint(0, config.vocab_size, doc_ids.shape, device=device)
     backward = device.type == "cuda"
+
+    def run(kernel: str, precision: str, compiled: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Transformer.from_config(config).to(device).train(backward)
+        model.document_attention = kernel
+        if compiled:
+            for block in model.layers:
+                block.compile()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with torch.set_grad_enabled(backward), autocast:
+            if not backward:
+                return {"logits": model(tokens, doc_ids=doc_ids)}
+            out = model(tokens, doc_ids=doc_ids, loss_mask=doc_ids != -1)
+            out.loss.backward()
+            return {"loss": out.loss.detach(), **{name: p.grad for name, p in model.named_parameters()}}
+
     outcome = {"passed": True, "backward": backward}
-    # bf16 as the trainer runs on GPUs; its tolerance allows bf16's rounding (forward: 0.013 on CPU) and stays far
-    # below what a wrong mask gives (about 1).
-    for precision, tolerance in (("fp32", 1e-3), ("bf16", 0.1)):
-        results = {}
-        for kernel in ("sdpa", "flex"):
-            torch.manual_seed(0)
-            model = Transformer.from_config(config).to(device).train(backward)
-            model.document_attention = kernel
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-            with torch.set_grad_enabled(backward), autocast:
-                if backward:
-                    out = model(tokens, doc_ids=doc_ids, loss_mask=doc_ids != -1)
-                    out.loss.backward()
-                    grads = {name: p.grad for name, p in model.named_parameters()}
-                    results[kernel] = {"loss": out.loss.detach(), **grads}
-                else:
-                    results[kernel] = {"logits": model(tokens, doc_ids=doc_ids)}
-        found = worst_relative_difference(results["sdpa"], results["flex"])
-        outcome[precision] = {**found, "tolerance": tolerance}
+    reference = {precision: run("sdpa", precision, False) for precision in ("fp32", "bf16")}
+    # bf16's tolerance allows its rounding (forward: 0.013 on CPU) and stays far below a wrong mask's (about 1.3).
+    for variant, precision, compiled, tolerance in (("fp32", "fp32", False, 1e-3), ("bf16", "bf16", False, 0.1),
+                                                    ("bf16_compiled", "bf16", True, 0.1)):  # fmt: skip
+        found = worst_relative_difference(reference[precision], run("flex", precision, compiled))
+        outcome[variant] = {**found, "tolerance": tolerance}
         outcome["passed"] &= found["max_relative_diff"] <= tolerance
     return outcome
 
