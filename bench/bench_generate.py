@@ -29,7 +29,8 @@ How the comparison is kept fair:
 * On CUDA ours decodes one-token steps by replaying a CUDA graph (`model/decode_graph.py`, Generator's default
   there); its text rows also time ours without the graph (`ours_eager`, information). `--static-steps off` times
   ours without graphs throughout.
-* Timing: one untimed warm-up call of each (the text calls; the image calls then run on the warmed models), then
+* Timing: one untimed warm-up call of each (the text calls; on CPU the image calls then run on the warmed models,
+  on CUDA they have their own warm-up call, which holds the image shape's graph capture), then
   the two alternate call by call (drift on a shared machine hits both); each figure is the median of `--repeats`
   (`--image-repeats`) calls; on CUDA the device is synchronised before and after each.
   HF runs its default generation path (dynamic KV cache, `logits_to_keep=1`).
@@ -237,8 +238,9 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: to
                 repeats = args.repeats or (2 if args.quick else 3)
             else:
                 repeats = args.image_repeats or (2 if cfg.dim < 256 or device.type == "cuda" else 1)
-            # Text calls begin with an untimed warm-up round; the image calls use the models the text calls warmed.
-            warmup = 1 if what == "text" or "text" not in args.what else 0
+            # Text calls begin with an untimed warm-up round; on CPU the image calls use the models the text calls
+            # warmed. On CUDA they warm up too: their new shape means a new CUDA graph capture for ours.
+            warmup = 1 if what == "text" or "text" not in args.what or device.type == "cuda" else 0
             times: dict[str, list[float]] = {name: [] for name in fns}
             outs: dict[str, object] = {}
             with NoImageMask(hf) if what == "image" else _null():

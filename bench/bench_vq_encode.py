@@ -38,9 +38,9 @@ def bench_preset(preset: str, batches: list[int], reps: int) -> list[tuple[str, 
     rows = []
     for batch in batches:
         pixels = torch.rand(batch, 3, cfg.resolution, cfg.resolution) * 2 - 1
-        # Warm-up (oneDNN builds its kernels per shape and layout) doubles as the equality check.
-        if not torch.equal(contiguous.encode(pixels), fast.encode(pixels)):
-            print(f"  note: {preset} batch {batch}: channels_last codes differ (near-ties of a random codebook)")
+        # Warm-up (oneDNN builds its kernels per shape and layout) doubles as the check that both give the same
+        # codes (a few may differ: near-ties of a random codebook under a different summation order).
+        agree = (contiguous.encode(pixels) == fast.encode(pixels)).float().mean().item()
         times: dict[str, list[float]] = {"contiguous": [], "channels_last": []}
         for _ in range(reps):
             times["contiguous"].append(_time_encode(contiguous, pixels))
@@ -49,7 +49,7 @@ def bench_preset(preset: str, batches: list[int], reps: int) -> list[tuple[str, 
         rows.append((preset, batch, cont, cl))
         print(
             f"{preset:>9} {cfg.resolution:>4}px  batch {batch:>2}: contiguous {cont:8.2f} img/s   "
-            f"channels_last {cl:8.2f} img/s   ratio {cl / cont:.2f}x",
+            f"channels_last {cl:8.2f} img/s   ratio {cl / cont:.2f}x   codes agree {agree:.1%}",
             flush=True,
         )
     return rows

@@ -1,8 +1,10 @@
-"""Quick modes of the generation and image-preprocessing benchmarks: the scripts behind docs/performance.md must run.
+"""Quick modes of the generation, image-preprocessing, text-encode and VQ-encode benchmarks: the scripts behind
+docs/performance.md must run.
 
 Figures are not asserted (no timing in tests); what is asserted is what the benchmarks check about themselves:
-the two models are the same function, every run made the tokens it was asked for, and the fast image path stays
-within 40 dB of the exact one.
+the two models are the same function, every run made the tokens it was asked for, the fast image path stays
+within 40 dB of the exact one, our text ids are SentencePiece's shifted into Chameleon's id space, and both VQ
+memory layouts give the same codes.
 """
 
 from __future__ import annotations
@@ -51,3 +53,22 @@ def test_image_preprocess_benchmark_quick_mode(tmp_path: Path):
     for mean, worst in rows.values():
         assert worst >= 40 and mean >= worst
     assert "fast / exact:" in out
+
+
+@pytest.mark.slow
+def test_text_encode_benchmark_quick_mode(tmp_path: Path):
+    out = _run(["bench/bench_text_encode.py", "--quick"], tmp_path)
+    rows = re.findall(r"^\s+([12])\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["1", "2"], out
+    assert all(float(sp) > 0 and float(ours) > 0 for _, sp, ours, _ in rows)
+    same = re.search(r"round trip exact, in (\d+)/(\d+) documents", out)
+    assert same and same.group(1) == same.group(2) and int(same.group(2)) > 100, out
+
+
+@pytest.mark.slow
+def test_vq_encode_benchmark_quick_mode(tmp_path: Path):
+    out = _run(["bench/bench_vq_encode.py", "--quick", "--threads", "2"], tmp_path)
+    rows = re.findall(r"^\s*(\w+)\s+(\d+)px\s+batch\s+(\d+):.*codes agree ([\d.]+)%$", out, re.MULTILINE)
+    assert [(p, int(b)) for p, _, b, _ in rows] == [("tiny", 1), ("tiny", 16), ("chameleon", 1)], out
+    assert all(float(agree) >= 99.0 for *_, agree in rows), out
+    assert "geometric mean" in out

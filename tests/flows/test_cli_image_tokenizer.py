@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,8 @@ def test_train_encode_decode(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "held-out PSNR" in result.output and (out / "vqgan.ckpt").is_file()
+    # The progress line carries the step's loss, PSNR and codebook usage.
+    assert re.search(r"4/4 .*loss \d+\.\d{4}  PSNR \d+\.\d{2} dB  codebook \d+%", result.output), result.output
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
     # A second run with more steps resumes from step 4.
     result = runner.invoke(app, [*args[:-4], "--steps", "6", "--batch-size", "4", "--out", str(out)])
@@ -45,6 +49,20 @@ def test_train_encode_decode(tmp_path: Path) -> None:
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert [p.name for p in pngs] == ["image-0000.png", "image-0001.png"]
     assert Image.open(pngs[0]).size == (64, 64)
+
+
+def test_train_on_webdataset_shards(tmp_path: Path, sample_data) -> None:
+    shards = sample_data[0] / "image_text"  # img2dataset-style tars of jpg + txt
+    args = ["image-tokenizer", "train", "--images", str(shards), "--steps", "2", "--batch-size", "2"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "vq")])
+    assert result.exit_code == 0, result.output
+    counts = re.search(r"(\d+) train / (\d+) held-out images", result.output)
+    assert counts, result.output
+    n_jpgs = 0
+    for path in shards.glob("*.tar"):
+        with tarfile.open(path) as tar:
+            n_jpgs += sum(name.endswith(".jpg") for name in tar.getnames())
+    assert int(counts.group(1)) + int(counts.group(2)) == n_jpgs > 0
 
 
 def test_errors(tmp_path: Path) -> None:

@@ -75,6 +75,33 @@ def test_decode_inverts_encode(segments: list) -> None:
     assert decoded == merged
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.text(min_size=1), st.integers(0, 10_000).map(codes)),
+        max_size=5,
+    )
+)
+def test_streaming_gives_what_decode_gives(segments: list) -> None:
+    ids = TOK.encode(segments)
+    stream = TOK.stream(decode_images=False)
+    out: list = []
+    source_has_fffd = any(isinstance(s, str) and "\ufffd" in s for s in segments)
+    for token_id in ids.tolist():
+        emitted = stream.push(token_id)
+        # Never half a character: U+FFFD only where the text itself has one.
+        assert source_has_fffd or not any(isinstance(s, str) and "\ufffd" in s for s in emitted)
+        out += emitted
+    out += stream.finish()
+    merged: list = []
+    for seg in out:  # text may come out in several pieces; images are whole
+        if isinstance(seg, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += seg
+        else:
+            merged.append(seg)
+    assert merged == TOK.decode(ids)
+
+
 @pytest.mark.parametrize(
     ("ids", "message"),
     [

@@ -74,6 +74,32 @@ def test_codebook_init_and_dead_code_restart(images) -> None:
     assert torch.equal(after[:200], before[:200]) and not torch.equal(after[200:], before[200:])
 
 
+def test_train_step_loss_is_l1_l2_codebook_and_quarter_commitment(images, tmp_path: Path) -> None:
+    import torch.nn.functional as F
+
+    trainer = VQTrainer(TINY, images, tmp_path, replace(FAST, restart_every=1000))
+    assert trainer.settings.beta == 0.25 and TINY.dropout == 0
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    crops = torch.Generator().set_state(trainer.generator.get_state())
+    metrics = trainer.train_step()
+    # The same batch through the weights before the step, loss terms recomputed by hand.
+    reference = VQGAN(TINY)
+    reference.load_state_dict(before)
+    reference.train()
+    batch = random_crops(trainer.pool, TINY.resolution, FAST.batch_size, crops)
+    out = reference(batch)
+    l1, l2 = F.l1_loss(out.reconstruction, batch), F.mse_loss(out.reconstruction, batch)
+    expected = l1 + l2 + out.codebook_loss + 0.25 * out.commitment_loss
+    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["l1"] == pytest.approx(l1.item(), rel=1e-5)
+    # The codebook term and the commitment term have equal values; the codebook's gradient tells them apart:
+    # only the codebook term reaches the codebook, at weight 1.
+    out.codebook_loss.backward()
+    got = trainer.model.quantize.embedding.weight.grad
+    assert torch.allclose(got, reference.quantize.embedding.weight.grad, rtol=1e-4, atol=1e-9)
+    assert got.abs().sum() > 0
+
+
 @pytest.mark.slow
 def test_training_halves_heldout_error_and_saves_metas_format(images, tmp_path: Path) -> None:
     settings = VQTrainSettings(steps=120, batch_size=8, log_every=20, save_every=60)
