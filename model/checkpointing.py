@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no checkpoint here (expected {WEIGHTS}, step-NNNNNNNN folders or checkpoints/)")
 
 
+def state_dict_mismatch(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor]) -> str | None:
+    """Why `state` does not fit a model of `expected` names and shapes, naming the tensor and both shapes; or None."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        return (f"state dict does not match the model: missing {_first(missing)}, "
+                f"unexpected {_first(unexpected)}")  # fmt: skip
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            return f"tensor {name}: checkpoint shape {tuple(state[name].shape)} != model shape {tuple(shape)}"
+    return None
+
+
+def _first(names: list[str], most: int = 8) -> list[str]:
+    return names[:most] + ([f"... {len(names) - most} more"] if len(names) > most else [])
+
+
+def _load_model_state(path: Path, model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    problem = state_dict_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
+    if problem:
+        raise CheckpointError(f"{path}: cannot load {what}: {problem}")
+    model.load_state_dict(state)
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], TrainState]:
     """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder."""
     path = Path(path)
@@ -161,10 +185,7 @@ def load_checkpoint(
 ) -> TrainState:
     """Load a checkpoint folder into the given objects (weights only) and return its TrainState."""
     model_state, trainer, state = read_checkpoint(path)
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
+    _load_model_state(Path(path), model, model_state, "this checkpoint")
     if optimizer is not None:
         optimizer.load_state_dict(trainer["optimizer"])
     if scheduler is not None:
@@ -178,6 +199,7 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Only the model's weights of a checkpoint folder (to start SFT from a pretrained run)."""
     path = Path(path)
     try:
-        model.load_state_dict(torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: cannot load its weights ({err})") from None
+        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: cannot load its weights ({str(err).splitlines()[0]})") from None
+    _load_model_state(path, model, state, "its weights")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.checkpointing import WEIGHTS
+from model.checkpointing import WEIGHTS, state_dict_mismatch
 from model.transformer import Transformer
 from schemas.model_config import ModelConfig
 from schemas.vocab import IMAGE_CODE_OFFSET, VOCAB_PRESETS, VocabLayout
@@ -88,16 +88,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
     """Fail naming the tensor if `state` lacks, adds, or mis-shapes any tensor of our model for `config`."""
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ConversionError(
-            f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ConversionError(f"tensor {name}: checkpoint shape {tuple(state[name].shape)} != model shape {shape}")
+    problem = state_dict_mismatch(expected_shapes(config), state)
+    if problem:
+        raise ConversionError(problem)
 
 
 def load_into(model: Transformer, state: Mapping[str, torch.Tensor]) -> Transformer:

@@ -1,8 +1,9 @@
 """The trainer for pretraining and SFT: Chameleon's recipe on stage shards, resumable exactly, DDP under torchrun.
 
 One optimizer step = `global_batch_size` sequences: each rank runs `accumulation` micro-batches of
-`micro_batch_size`. A step whose gradients are not finite is not applied (and counted). Checkpoints hold the
-model, optimizer, schedule, step, loader position and RNG; a run resumes from the latest one by itself.
+`micro_batch_size`, and the step's loss is the mean over all its supervised targets, on all ranks. A step whose
+gradients are not finite is not applied (and counted). Checkpoints hold the model, optimizer, schedule, step, loader
+position and RNG; a run resumes from the latest one by itself.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class StepMetrics:
     z_loss: float
     grad_norm: float
     lr: float
-    tokens: int
+    tokens: int  # positions the model ran over, all ranks (padding included: it costs compute too)
+    supervised_tokens: int  # targets the loss counted, all ranks
     tokens_per_s: float
     data_wait_share: float
     mfu: float | None
@@ -128,8 +130,9 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step, self.skipped = 0, 0
-        self.flops_per_token = flops_per_token(self.model.num_params(), model_config.n_layers, model_config.dim,
-                                               config.seq_len)  # fmt: skip
+        # N counts the parameters that multiply: all but the input embedding table, a lookup (the output is untied).
+        matmul_params = sum(p.numel() for n, p in self.model.named_parameters() if n != "tok_embeddings.weight")
+        self.flops_per_token = flops_per_token(matmul_params, model_config.n_layers, model_config.dim, config.seq_len)
         self.peak = device_peak_flops(self.device)
         self._resume()
 
@@ -174,7 +177,7 @@ class Trainer:
         last = min(config.steps, stop_at) if stop_at is not None else config.steps
         batches = self._batches()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = (self.out_dir / METRICS_FILE).open("a") if self.rank == 0 else None
+        metrics_file = (self.out_dir / METRICS_FILE).open("a") if self.rank == 0 and config.logging.jsonl else None
         self.tensorboard = None
         if self.rank == 0 and config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -194,12 +197,24 @@ class Trainer:
         config = self.config
         self.module.train()
         started = time.perf_counter()
-        waited, tokens = 0.0, 0
-        sums = {"loss": 0.0, "ce": 0.0, "z": 0.0, "text": 0.0, "image": 0.0, "n_text": 0, "n_image": 0}
-        for micro in range(self.accumulation):
+        waited, micro_batches = 0.0, []
+        for _ in range(self.accumulation):
             t = time.perf_counter()
-            batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            micro_batches.append({k: v.to(self.device) for k, v in next(batches).items()})
             waited += time.perf_counter() - t
+        # Every supervised target of the global batch weighs the same. Each micro-batch's loss is a mean over its
+        # own targets, so it is scaled by its share of the step's targets on all ranks; 1/accumulation would make a
+        # mean of means, over-weighting micro-batches with few targets (short SFT answers, padding). DDP and FSDP
+        # average gradients over ranks, hence the factor world_size.
+        counts = torch.stack([b["loss_mask"][:, 1:].sum() for b in micro_batches]).double()
+        total = counts.sum()
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        scales = (counts * self.world_size / total.clamp(min=1)).float()
+        # Sums over the step's targets, kept on the device (one host sync per step): loss, ce, z, ce_text * n_text,
+        # ce_image * n_image, n_text, n_image.
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        for micro, batch in enumerate(micro_batches):
             sync = micro == self.accumulation - 1 or self.world_size == 1 or self.fsdp
             context = nullcontext() if sync else self.module.no_sync()  # DDP: all-reduce once per step
             with context, self._autocast():
@@ -208,15 +223,15 @@ class Trainer:
                                   doc_ids=batch["doc_ids"] if config.document_masking else None,
                                   loss_mask=batch["loss_mask"], z_loss_weight=config.z_loss,
                                   image_token_mask=self.image_mask, loss_chunk_size=config.loss_chunk_size)  # fmt: skip
-            (out.loss / self.accumulation).backward()
-            tokens += int(batch["loss_mask"].sum())
-            sums["loss"] += float(out.loss.detach()) / self.accumulation
-            sums["ce"] += float(out.ce) / self.accumulation
-            sums["z"] += float(out.z_loss) / self.accumulation
-            sums["text"] += float(out.ce_text) * int(out.n_text)
-            sums["image"] += float(out.ce_image) * int(out.n_image)
-            sums["n_text"] += int(out.n_text)
-            sums["n_image"] += int(out.n_image)
+            (out.loss * scales[micro]).backward()
+            n = counts[micro]
+            sums += torch.stack([out.loss.detach() * n, out.ce * n, out.z_loss * n, out.ce_text * out.n_text,
+                                 out.ce_image * out.n_image, out.n_text, out.n_image]).double()  # fmt: skip
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        loss, ce, z, text, image, n_text, n_image = sums.tolist()
+        supervised = int(total)
+        positions = sum(b["tokens"].numel() for b in micro_batches)
         grad_norm, finite = self._clip()
         if finite:
             self.optimizer.step()
@@ -228,13 +243,14 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         seconds = time.perf_counter() - started
-        tokens_all = tokens * self.world_size
+        per_target = max(1, supervised)
         metrics = StepMetrics(
-            step=self.step, loss=sums["loss"], ce=sums["ce"],
-            ce_text=sums["text"] / max(1, sums["n_text"]), ce_image=sums["image"] / max(1, sums["n_image"]),
-            z_loss=sums["z"], grad_norm=float(grad_norm), lr=lr, tokens=tokens_all,
-            tokens_per_s=tokens_all / seconds, data_wait_share=waited / seconds,
-            mfu=(tokens / seconds * self.flops_per_token / self.peak) if self.peak else None,
+            step=self.step, loss=loss / per_target, ce=ce / per_target,
+            ce_text=text / max(1, n_text), ce_image=image / max(1, n_image), z_loss=z / per_target,
+            grad_norm=float(grad_norm), lr=lr, tokens=positions * self.world_size, supervised_tokens=supervised,
+            tokens_per_s=positions * self.world_size / seconds, data_wait_share=waited / seconds,
+            # Per device: this rank's positions against this device's peak.
+            mfu=(positions / seconds * self.flops_per_token / self.peak) if self.peak else None,
             skipped_steps=self.skipped,
         )  # fmt: skip
         if metrics_file is not None:

@@ -82,5 +82,17 @@ def test_weights_only_and_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(path, other)
     wrong = Transformer(ModelConfig.from_preset("tiny", n_layers=2))
-    with pytest.raises(CheckpointError, match="cannot load its weights"):
+    missing = r"cannot load its weights: .*missing \['layers\.1\..*'... 5 more'\], unexpected \[\]"
+    with pytest.raises(CheckpointError, match=missing):
         load_weights(path, wrong)
+    # A shape that does not fit names the tensor and both shapes, on resume and on init_from alike.
+    path = save_checkpoint(tmp_path / "again", TrainState(1), model, optimizer)
+    wider = Transformer(CONFIG.model_copy(update={"ffn_dim": CONFIG.ffn_dim + 16}))
+    shapes = (
+        rf"layers\.0\.feed_forward\.w1\.weight: checkpoint shape \({CONFIG.ffn_dim}, 64\) != model shape "
+        rf"\({CONFIG.ffn_dim + 16}, 64\)"
+    )
+    with pytest.raises(CheckpointError, match=shapes):
+        load_checkpoint(path, wider)
+    with pytest.raises(CheckpointError, match=shapes):
+        load_weights(path, wider)

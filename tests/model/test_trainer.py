@@ -1,15 +1,21 @@
-"""The trainer on the sample stage: losses fall, resume is exact, non-finite steps are not applied."""
+"""The trainer on the sample stages: losses fall, resume is exact, non-finite steps are not applied, the global
+batch's targets weigh alike, SFT's dropout, and every logged metric by value."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from model.lr_schedule import lr_at
+from model.stage_loader import StageLoader
 from model.trainer import Trainer
-from schemas import TrainConfig, validate_config
+from schemas import SFTConfig, TrainConfig, validate_config
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +32,138 @@ def config(stage: Path, out: Path, steps: int, **changes) -> TrainConfig:
 
 
 def test_text_and_image_losses_fall(stage: Path, tmp_path: Path) -> None:
-    history = Trainer(config(stage, tmp_path, 40), log=lambda _: None).train()
+    logged: list[str] = []
+    cfg = config(stage, tmp_path, 40)
+    history = Trainer(cfg, log=logged.append).train()
     first, last = history[0], history[-1]
     # From about ln(2048) = 7.6 nats, 40 tiny steps take both modalities well down.
     assert last.ce_text < first.ce_text - 0.7 and last.ce_image < first.ce_image - 0.5
     assert first.loss > first.ce and abs(first.z_loss - (first.loss - first.ce)) < 1e-4  # z-loss is in the loss
-    assert history[-1].lr == 0.0 or history[-1].lr < history[5].lr  # exponential decay to 0 at the last step
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 40 and json.loads(lines[-1])["step"] == 40
+    # The lr of each step is the schedule's: linear warm-up, then exponential decay to 0 at the last step.
+    assert [m.lr for m in history] == pytest.approx([lr_at(s, 40, 3e-3, cfg.schedule) for s in range(40)], rel=1e-9)
+    assert history[2].lr == pytest.approx(3e-3) and history[-1].lr == 0.0
+    # 8 sequences of 128 positions a step; the supervised ones are the loader's loss mask (targets: positions 1..).
+    assert all(m.tokens == 8 * 128 and 0 < m.supervised_tokens <= 8 * 127 for m in history)
+    assert all(m.grad_norm > 0 and 0 <= m.data_wait_share < 1 and m.mfu is None for m in history)  # no peak on CPU
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert records[-1]["loss"] == last.loss and records[-1]["grad_norm"] == last.grad_norm
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000040"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert len(events.Scalars("train/ce_image")) == 40 and "train/tokens_per_s" in events.Tags()["scalars"]
+    for name in ("loss", "ce_text", "ce_image", "z_loss", "grad_norm", "lr", "tokens_per_s", "data_wait_share"):
+        scalars = events.Scalars(f"train/{name}")
+        assert [e.step for e in scalars] == list(range(1, 41)), name
+        assert [e.value for e in scalars] == pytest.approx([r[name] for r in records], rel=1e-6, abs=1e-12), name
+    # The console line every `logging.every_steps` (5) steps carries every figure.
+    lines = [line for line in logged if line.startswith("step ")]
+    assert len(lines) == 8
+    pattern = (
+        r"step 40/40 loss \d+\.\d{4} \(text \d+\.\d{3}, image \d+\.\d{3}, z \d\.\d{2}e[-+]\d+\) "
+        r"grad \d+\.\d{2} lr 0\.00e\+00 [\d,]+ tok/s data wait \d+%"
+    )
+    assert re.fullmatch(pattern, lines[-1]), lines[-1]
+
+
+def test_metrics_jsonl_and_tensorboard_can_be_off(stage: Path, tmp_path: Path) -> None:
+    cfg = config(stage, tmp_path, 4, logging={"every_steps": 1, "jsonl": False, "tensorboard": False})
+    assert len(Trainer(cfg, log=lambda _: None).train()) == 4
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tensorboard").exists()
+    assert (tmp_path / "checkpoints" / "latest").is_file()
+
+
+def test_mfu_and_data_wait_by_value(stage: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config(stage, tmp_path, 4), log=lambda _: None)
+    trainer.peak = 1e12  # as on an accelerator whose peak we know
+    batches = trainer._batches
+
+    def slow_batches():
+        for batch in batches():
+            time.sleep(0.2)
+            yield batch
+
+    trainer._batches = slow_batches
+    history = trainer.train()
+    cfg = trainer.config.model
+    # 6N + 12·L·d·S, N = every parameter but the input embedding table (a lookup, not a matmul).
+    n = trainer.model.num_params() - cfg.vocab_size * cfg.dim
+    fpt = 6 * n + 12 * cfg.n_layers * cfg.dim * 128
+    assert trainer.flops_per_token == fpt
+    for m in history:
+        assert m.mfu == pytest.approx(m.tokens_per_s * fpt / 1e12, rel=1e-9)
+        assert m.data_wait_share > 0.3  # 2 micro-batches x 0.2 s of waiting for data, a tiny model's step beside it
+
+
+def sft_config(stages: Path, init: Path, out: Path, steps: int, **changes) -> SFTConfig:
+    data = {"model": {"preset": "tiny"}, "data": str(stages / "sft"), "out_dir": str(out), "seq_len": 128,
+            "steps": steps, "global_batch_size": 8, "micro_batch_size": 8, "init_from": str(init),
+            "optimizer": {"lr": 1e-3}, "logging": {"every_steps": 1, "tensorboard": False}} | changes  # fmt: skip
+    return validate_config(SFTConfig, data)
+
+
+def test_accumulation_weighs_every_target_of_the_global_batch_alike(train_and_sft_stages, tiny_run, tmp_path):
+    # The SFT stage's micro-batches hold different numbers of answer targets: a mean of the micro-batch means
+    # would differ from the mean over the global batch.
+    loader = StageLoader(train_and_sft_stages / "sft", batch_size=2)
+    counts = [int(b["loss_mask"][:, 1:].sum()) for b in itertools.islice(iter(loader), 4)]
+    assert len(set(counts)) > 1, counts
+    runs = {}
+    for micro in (8, 2):
+        cfg = sft_config(train_and_sft_stages, tiny_run, tmp_path / str(micro), 1, micro_batch_size=micro, dropout=0.0)
+        trainer = Trainer(cfg, log=lambda _: None)
+        assert trainer.accumulation == 8 // micro
+        runs[micro] = (trainer.train()[0], trainer.model.state_dict())
+    (whole, whole_state), (parts, parts_state) = runs[8], runs[2]
+    assert parts.supervised_tokens == whole.supervised_tokens == sum(counts)
+    for name in ("loss", "ce", "ce_text", "z_loss", "grad_norm"):
+        assert getattr(parts, name) == pytest.approx(getattr(whole, name), rel=2e-5), name
+    for name, tensor in whole_state.items():
+        assert torch.allclose(parts_state[name], tensor, atol=1e-6), name
+
+
+def test_sft_uses_dropout_and_pretraining_none(train_and_sft_stages, tiny_run, stage, tmp_path) -> None:
+    sft = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path / "sft", 1), log=lambda _: None)
+    rates = {m.p for m in sft.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.05}
+    pretrain = Trainer(config(stage, tmp_path / "pre", 4), log=lambda _: None)
+    assert {m.p for m in pretrain.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    # Dropout is live in SFT: the same batch twice in train mode gives two losses.
+    batch = next(iter(sft.loader))
+    losses = [float(sft.model(batch["tokens"], loss_mask=batch["loss_mask"]).loss.detach()) for _ in range(2)]
+    assert losses[0] != losses[1]
+    # Saved checkpoints describe the model for inference: no dropout.
+    sft.save()
+    saved = json.loads((tmp_path / "sft" / "checkpoints" / "step-00000000" / "model_config.json").read_text())
+    assert saved["dropout"] == 0.0
+
+
+def test_sft_resume_with_dropout_is_exact(train_and_sft_stages, tiny_run, tmp_path) -> None:
+    straight = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path / "a", 4, micro_batch_size=4),
+                       log=lambda _: None)  # fmt: skip
+    expected = straight.train()
+    first = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path / "b", 4, micro_batch_size=4,
+                               checkpoint={"every_steps": 2}), log=lambda _: None)  # fmt: skip
+    first.train(stop_at=2)
+    resumed = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path / "b", 4, micro_batch_size=4),
+                      log=lambda _: None)  # fmt: skip
+    assert resumed.step == 2
+    got = resumed.train()
+    # The dropout masks of steps 3-4 come from the restored RNG: the same losses and weights, bit for bit.
+    assert [m.loss for m in got] == [m.loss for m in expected[2:]]
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_autocast_runs_the_blocks_in_bf16(stage: Path, tmp_path: Path) -> None:
+    trainer = Trainer(config(stage, tmp_path, 4, precision="bf16"), log=lambda _: None)
+    seen: list[torch.dtype] = []
+    trainer.model.layers[0].attention.wq.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    metrics = trainer.train(stop_at=1)[0]
+    assert seen == [torch.bfloat16, torch.bfloat16]  # two micro-batches
+    assert trainer.model.layers[0].attention.wq.weight.dtype == torch.float32  # fp32 master weights
+    assert torch.isfinite(torch.tensor(metrics.loss)) and 6 < metrics.ce < 9  # about ln(2048) at the start
 
 
 def test_resume_is_exact(stage: Path, tmp_path: Path) -> None:

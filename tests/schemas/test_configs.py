@@ -281,16 +281,15 @@ def test_bad_model_shapes(tmp_path: Path, overrides: dict, expected: str) -> Non
 
 def test_sft_defaults_follow_the_recipe(example_base: Path) -> None:
     data = {
-        "model": {"preset": "tiny"},
+        "model": {"preset": "tiny", "max_seq_len": 4096},  # room for SFT's default sequences
         "data": "data/mixed/sft",
         "out_dir": "out",
         "steps": 10,
-        "seq_len": 512,
         "init_from": "data/runs/pretrain/checkpoints/latest",
     }
     sft = validate_config(SFTConfig, data, base_dir=example_base)
     assert sft.optimizer.lr == 1e-5 and sft.schedule.kind == "cosine" and sft.schedule.warmup_steps == 0
-    assert sft.dropout == 0.05 and sft.global_batch_size == 128
+    assert sft.dropout == 0.05 and sft.global_batch_size == 128 and sft.seq_len == 4096
     assert sft.optimizer.betas == (0.9, 0.95) and sft.optimizer.eps == 1e-5 and sft.optimizer.weight_decay == 0.1
     del data["init_from"]
     with pytest.raises(ConfigError, match="init_from: Field required"):
