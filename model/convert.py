@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,9 @@ def _meta_params(folder: Path) -> dict[str, Any]:
     return merged
 
 
-def meta_config(params: Mapping[str, Any], has_qk_norm: bool | None = None) -> ModelConfig:
-    """ModelConfig from Meta's merged params.json; qk_norm defaults to whether the checkpoint has QK-norm tensors."""
+def meta_config(params: Mapping[str, Any], has_qk_norm: bool | None = None, qk_norm_groups: int = 1) -> ModelConfig:
+    """ModelConfig from Meta's merged params.json; qk_norm defaults to whether the checkpoint has QK-norm tensors,
+    qk_norm_groups is what the merged shards hold (see `merge_meta_shards`)."""
     try:
         dim, n_heads = int(params["dim"]), int(params["n_heads"])
         fields: dict[str, Any] = {
@@ -172,6 +174,7 @@ def meta_config(params: Mapping[str, Any], has_qk_norm: bool | None = None) -> M
         fields["max_seq_len"] = int(params["max_seq_len"])
     qk = params.get("qk_normalization")
     fields["qk_norm"] = bool(qk) if qk is not None else bool(has_qk_norm)
+    fields["qk_norm_groups"] = qk_norm_groups
     return ModelConfig.model_validate(fields)
 
 
@@ -192,9 +195,37 @@ def _split_dim(name: str) -> int | None:
     return _SPLIT_DIM.get(".".join(name.split(".")[-2:]))
 
 
+def _is_qk_norm(name: str) -> bool:
+    return any(q in name for q in _QK_NORM)
+
+
+def _constant_within(rows: torch.Tensor, groups: int) -> bool:
+    blocks = rows.view(groups, -1, rows.shape[-1])
+    return bool((blocks == blocks[:, :1]).all())
+
+
+def fewest_qk_groups(tensors: list[torch.Tensor], limit: int) -> int:
+    """The fewest groups g (a divisor of `limit`) such that every [rows, head_dim] tensor is constant within each of
+    its g equal runs of rows; `limit` if none fewer (rows of per-head QK-norm beyond that are refused later)."""
+    for groups in (g for g in range(1, limit + 1) if limit % g == 0):
+        if all(_constant_within(t, groups) for t in tensors):
+            return groups
+    return limit
+
+
 def merge_meta_shards(shards: list[Mapping[str, torch.Tensor]]) -> StateDict:
-    """One state dict from model-parallel shards, each tensor merged by its split rule; rope.freqs dropped."""
+    """One state dict from model-parallel shards, each tensor merged by its split rule; rope.freqs dropped.
+
+    QK-norm: Meta's 34B normalised each shard's heads with that shard's own affine. Each QK-norm tensor becomes
+    [groups, head_dim], one row per run of shards that share it (our `qk_norm_groups`, the fewest that hold every
+    layer's), or the one [head_dim] vector where all shards share it. Other replicated tensors (the RMSNorm gains)
+    that differ are averaged, as Hugging Face's converter does, with a warning.
+    """
+    qk_names = [name for name in shards[0] if _is_qk_norm(name)]
+    per_shard = {name: torch.stack([s[name] for s in shards]) for name in qk_names}
+    groups = fewest_qk_groups(list(per_shard.values()), len(shards))
     merged: StateDict = {}
+    averaged: list[tuple[str, float]] = []
     for name in shards[0]:
         if name in _META_IGNORED_KEYS:
             continue
@@ -202,15 +233,22 @@ def merge_meta_shards(shards: list[Mapping[str, torch.Tensor]]) -> StateDict:
         dim = _split_dim(name)
         if dim is not None:
             merged[name] = torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+        elif _is_qk_norm(name):  # one row per group of shards that share it
+            rows = per_shard[name].view(groups, -1, per_shard[name].shape[-1])[:, 0]
+            merged[name] = rows[0].clone() if groups == 1 else rows.clone()
         elif all(torch.equal(parts[0], p) for p in parts[1:]):
             merged[name] = parts[0]
-        elif any(q in name for q in _QK_NORM):
-            raise ConversionError(
-                f"{name} differs between the {len(parts)} model-parallel shards: per-shard QK-norm (one affine per "
-                "group of heads, as in the 30B release) is not supported yet; our model shares one across all heads"
-            )
         else:
-            raise ConversionError(f"{name} should be replicated across model-parallel shards but differs")
+            stacked = torch.stack([p.float() for p in parts])
+            averaged.append((name, float((stacked - stacked.mean(0)).abs().max())))
+            merged[name] = stacked.mean(0).to(parts[0].dtype)
+    if averaged:
+        worst = max(averaged, key=lambda item: item[1])
+        warnings.warn(
+            f"{len(averaged)} replicated tensors differ between the {len(shards)} model-parallel shards (largest "
+            f"deviation from the mean {worst[1]:.3g}, in {worst[0]}); using their mean",
+            stacklevel=2,
+        )
     return merged
 
 
@@ -224,7 +262,9 @@ def load_meta(folder: str | Path) -> tuple[ModelConfig, StateDict]:
         if set(shard) != keys:
             raise ConversionError(f"shard {i:02d} has different tensor names from shard 00")
     state = merge_meta_shards(shards)
-    config = meta_config(params, has_qk_norm=any(q in k for k in state for q in _QK_NORM))
+    qk = [t for k, t in state.items() if _is_qk_norm(k)]
+    groups = qk[0].shape[0] if qk and qk[0].dim() == 2 else 1
+    config = meta_config(params, has_qk_norm=bool(qk), qk_norm_groups=groups)
     check_state_dict(config, state)
     return config, state
 
@@ -240,18 +280,28 @@ def _meta_ffn_params(config: ModelConfig) -> tuple[int, float]:
 
 
 def split_meta_state(state: Mapping[str, torch.Tensor], config: ModelConfig, model_parallel: int) -> list[StateDict]:
-    """Split a merged state dict into `model_parallel` shards by Meta's rules (norms and QK-norm replicated)."""
+    """Split a merged state dict into `model_parallel` shards by Meta's rules: norms replicated, QK-norm replicated
+    or, with `qk_norm_groups` > 1, each shard given its heads' group."""
     if model_parallel < 1:
         raise ConversionError(f"model_parallel must be >= 1, got {model_parallel}")
     for what, n in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads), ("dim", config.dim)):
         if n % model_parallel:
             raise ConversionError(f"{what} {n} is not divisible by model_parallel {model_parallel}")
+    groups = config.qk_norm_groups if config.qk_norm else 1
+    if model_parallel % groups:
+        raise ConversionError(f"qk_norm_groups {groups}: Meta's format holds one QK-norm per shard, so model_parallel "
+                              f"must be a multiple of {groups} (got {model_parallel})")  # fmt: skip
     shards: list[StateDict] = [{} for _ in range(model_parallel)]
     for name, tensor in state.items():
         dim = _split_dim(name)
         if dim is not None and tensor.shape[dim] % model_parallel:
             raise ConversionError(f"{name} dim {dim} ({tensor.shape[dim]}) is not divisible by {model_parallel}")
-        pieces = tensor.chunk(model_parallel, dim=dim) if dim is not None else [tensor] * model_parallel
+        if _is_qk_norm(name) and groups > 1:  # shard i's heads all lie in group i // (shards per group)
+            pieces = [tensor[i * groups // model_parallel] for i in range(model_parallel)]
+        elif dim is not None:
+            pieces = list(tensor.chunk(model_parallel, dim=dim))
+        else:
+            pieces = [tensor] * model_parallel
         for shard, piece in zip(shards, pieces, strict=True):
             shard[name] = piece.clone().contiguous()  # a view would save the whole tensor into every shard
     return shards
@@ -364,20 +414,28 @@ def _read_safetensors(folder: Path) -> StateDict:
     return state
 
 
-def _qk_from_hf(name: str, t: torch.Tensor, head_dim: int) -> torch.Tensor:
-    # HF stores (heads, hd) (older HF: (model_parallel_size, hd)); our model has one [hd] vector for all heads.
+def _qk_from_hf(name: str, t: torch.Tensor, head_dim: int, groups: int) -> torch.Tensor:
+    # HF stores (heads, hd) (older HF: (model_parallel_size, hd)); ours holds one [hd] vector for every head, or
+    # [groups, hd] for equal runs of heads.
     rows = t.reshape(-1, head_dim)
-    vectors = [unpermute_vector(r) for r in rows]
-    if not all(torch.equal(vectors[0], v) for v in vectors[1:]):
+    if rows.shape[0] % groups or not _constant_within(rows, groups):
         raise ConversionError(
-            f"{name}: QK-norm params differ between heads (shape {tuple(t.shape)}); per-head or per-shard QK-norm "
-            "is not supported yet, our model shares one [head_dim] affine across heads"
+            f"{name}: QK-norm params differ within runs of heads (shape {tuple(t.shape)}, {groups} groups); "
+            "our model holds one affine per equal run of heads (qk_norm_groups)"
         )
-    return vectors[0].clone()
+    vectors = [unpermute_vector(block[0]) for block in rows.view(groups, -1, head_dim)]
+    return vectors[0].clone() if groups == 1 else torch.stack(vectors)
+
+
+def hf_qk_norm_groups(hf_state: Mapping[str, torch.Tensor], config: ModelConfig) -> int:
+    """The fewest QK-norm groups that HF's per-head QK-norm tensors hold (1 for the 7B, 4 for the 30B/34B)."""
+    tensors = [t.reshape(-1, config.head_dim) for k, t in hf_state.items() if "q_norm" in k or "k_norm" in k]
+    return fewest_qk_groups(tensors, math.gcd(config.n_heads, config.n_kv_heads, *(t.shape[0] for t in tensors)))
 
 
 def state_from_hf(hf_state: Mapping[str, torch.Tensor], config: ModelConfig) -> StateDict:
-    """Our state dict from HF tensors: renamed, q/k rows and QK-norm un-permuted, QK-norm reduced to one vector."""
+    """Our state dict from HF tensors: renamed, q/k rows and QK-norm un-permuted, QK-norm reduced to one vector per
+    `config.qk_norm_groups` group of heads."""
     reverse = {_hf_name(k): k for k in expected_shapes(config)}
     unknown = sorted(set(hf_state) - set(reverse))
     if unknown:
@@ -389,15 +447,16 @@ def state_from_hf(hf_state: Mapping[str, torch.Tensor], config: ModelConfig) -> 
             t = unpermute_rows(t, config.n_heads)
         elif ours.endswith("attention.wk.weight"):
             t = unpermute_rows(t, config.n_kv_heads)
-        elif any(q in ours for q in _QK_NORM):
-            t = _qk_from_hf(hf_name, t, config.head_dim)
+        elif _is_qk_norm(ours):
+            t = _qk_from_hf(hf_name, t, config.head_dim, config.qk_norm_groups)
         state[ours] = t
     check_state_dict(config, state)
     return state
 
 
 def state_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig) -> StateDict:
-    """HF tensors from our state dict: renamed, q/k rows and QK-norm permuted, QK-norm repeated per head."""
+    """HF tensors from our state dict: renamed, q/k rows and QK-norm permuted, QK-norm repeated for each head of
+    its group."""
     check_state_dict(config, state)
     out: StateDict = {}
     for ours, t in state.items():
@@ -405,9 +464,10 @@ def state_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig) -> State
             t = permute_rows(t, config.n_heads)
         elif ours.endswith("attention.wk.weight"):
             t = permute_rows(t, config.n_kv_heads)
-        elif any(q in ours for q in _QK_NORM):
+        elif _is_qk_norm(ours):
             heads = config.n_heads if "q_normalization" in ours else config.n_kv_heads
-            t = permute_vector(t).unsqueeze(0).repeat(heads, 1)
+            groups = t.reshape(-1, config.head_dim)
+            t = torch.stack([permute_vector(v) for v in groups]).repeat_interleave(heads // groups.shape[0], 0)
         out[_hf_name(ours)] = t.contiguous()
     return out
 
@@ -418,7 +478,9 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder} has no config.json (HF format)")
     config = hf_config(json.loads((folder / "config.json").read_text()))
-    return config, state_from_hf(_read_safetensors(folder), config)
+    hf_state = _read_safetensors(folder)
+    config = ModelConfig.model_validate({**config.model_dump(), "qk_norm_groups": hf_qk_norm_groups(hf_state, config)})
+    return config, state_from_hf(hf_state, config)
 
 
 def _layout_for(vocab_size: int) -> VocabLayout | None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from model.transformer import KVCache, Transformer, apply_rotary, rms_norm, rotary_angles
+from model.transformer import KVCache, Transformer, apply_rotary, head_layer_norm, rms_norm, rotary_angles
 
 
 class LayerNormWeights(NamedTuple):
@@ -136,8 +136,7 @@ def _attention(x: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cac
     k = decode_linear(x, layer.wk).view(b, w.n_kv_heads, hd)
     v = decode_linear(x, layer.wv).view(b, w.n_kv_heads, hd)
     if layer.q_norm is not None:
-        q = F.layer_norm(q, (hd,), *layer.q_norm)
-        k = F.layer_norm(k, (hd,), *layer.k_norm)
+        q, k = head_layer_norm(q, *layer.q_norm), head_layer_norm(k, *layer.k_norm)
     if rope.rotation is None or q.dtype != torch.float32:
         q, k = apply_rotary(q[:, None], *rope)[:, 0], apply_rotary(k[:, None], *rope)[:, 0]
     else:

@@ -11,13 +11,15 @@ from schemas.train_config import OptimizerConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: every ≥2-D parameter (Linear / Embedding weights) decayed; norms, biases, QK-norm not."""
+    """Two AdamW groups: the weights of Linear and Embedding layers decayed; norms (QK-norm too), biases not."""
+    # Decay shrinks matrices toward 0; on a norm's gain or a bias it would only pull toward a worse init. By layer
+    # type, not by shape: a per-group QK-norm gain is 2-D too.
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear | nn.Embedding)}
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # Decay shrinks matrices toward 0; on a norm's gain or a bias it would only pull toward a worse init.
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if id(p) in matrices else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},

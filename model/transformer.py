@@ -122,6 +122,29 @@ class KVCache:
         return keys.narrow(2, 0, pos + 1), values.narrow(2, 0, pos + 1)
 
 
+def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over head_dim of x [..., heads, head_dim]; weight and bias [head_dim] (every head), or
+    [groups, head_dim], group g applying to the g-th equal run of heads."""
+    if weight.dim() == 1:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    per_group = x.shape[-2] // weight.shape[0]
+    normed = F.layer_norm(x, (x.shape[-1],), None, None, eps)
+    return normed * weight.repeat_interleave(per_group, 0) + bias.repeat_interleave(per_group, 0)
+
+
+class GroupedLayerNorm(nn.Module):
+    """QK-norm with one [head_dim] affine per group of heads (Meta's 34B: one per model-parallel shard)."""
+
+    def __init__(self, groups: int, head_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(groups, head_dim))
+        self.bias = nn.Parameter(torch.zeros(groups, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return head_layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with QK-norm (LayerNorm per head, before rotary) and rotary embeddings."""
 
@@ -133,7 +156,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
-        if config.qk_norm:
+        if config.qk_norm and config.qk_norm_groups > 1:
+            self.q_normalization = GroupedLayerNorm(config.qk_norm_groups, self.head_dim, config.norm_eps)
+            self.k_normalization = GroupedLayerNorm(config.qk_norm_groups, self.head_dim, config.norm_eps)
+        elif config.qk_norm:
             # One [head_dim] affine shared by all heads, as in Meta's single-shard checkpoint.
             self.q_normalization = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
             self.k_normalization = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
@@ -253,7 +279,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, nn.LayerNorm | GroupedLayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 

@@ -40,6 +40,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": CHAMELEON_VOCAB_SIZE,
         "max_seq_len": 4096,
         "swin_norm": True,
+        "qk_norm_groups": 4,  # Meta's 30B/34B release: 4 model-parallel shards, each with its own QK-norm
     },
 }
 
@@ -58,6 +59,10 @@ class ModelConfig(StrictModel):
     norm_eps: float = Field(1e-5, gt=0.0)
     rope_theta: float = Field(10_000.0, gt=0.0)
     qk_norm: bool = True
+    qk_norm_groups: int = Field(
+        1, ge=1, description="distinct QK-norm affines, each for an equal run of heads: 1 (7B), or one per "
+        "model-parallel shard of Meta's release, which normalised each shard's heads with that shard's own (34B: 4)"
+    )  # fmt: skip
     swin_norm: bool = Field(False, description="h = x + norm(attn(x)); out = h + norm(ffn(h)) (34B)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="0 in pretraining; SFT sets 0.05")
     init_std: float = Field(0.02, gt=0.0)
@@ -75,6 +80,9 @@ class ModelConfig(StrictModel):
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.qk_norm and (self.n_heads % self.qk_norm_groups or self.n_kv_heads % self.qk_norm_groups):
+            raise ValueError(f"qk_norm_groups {self.qk_norm_groups} must divide n_heads {self.n_heads} and n_kv_heads "
+                             f"{self.n_kv_heads}")  # fmt: skip
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} (dim / n_heads) must be even for rotary embeddings")
         return self
@@ -93,5 +101,5 @@ class ModelConfig(StrictModel):
         kv_dim = self.n_kv_heads * self.head_dim
         attn = self.dim * self.dim * 2 + self.dim * kv_dim * 2
         ffn = 3 * self.dim * self.ffn_dim
-        norms = 2 * self.dim + (4 * self.head_dim if self.qk_norm else 0)
+        norms = 2 * self.dim + (4 * self.head_dim * self.qk_norm_groups if self.qk_norm else 0)
         return 2 * self.vocab_size * self.dim + self.n_layers * (attn + ffn + norms) + self.dim

@@ -116,14 +116,31 @@ def test_hf_logits_match_ours_after_load_hf(tmp_path: Path, swin_norm: bool) -> 
     torch.testing.assert_close(our_logits[..., cols], hf_logits[..., cols], atol=1e-4, rtol=1e-4)
 
 
-def test_hf_per_head_qk_norm_is_refused(tmp_path: Path) -> None:
-    config = tiny()
+def test_hf_per_group_qk_norm_loads_as_groups_and_per_head_beyond_is_refused(tmp_path: Path) -> None:
+    # HF's 30B conversion repeats each Meta shard's QK-norm over that shard's heads: rows equal within runs of heads.
+    config = tiny()  # 4 q heads, 2 kv heads: at most 2 groups
     hf = hf_model(config)
     with torch.no_grad():
-        hf.model.layers[1].self_attn.k_norm.bias[1] += 0.5
-    hf.save_pretrained(tmp_path)
-    with pytest.raises(ConversionError, match=r"layers\.1\.self_attn\.k_norm\.bias.*differ between heads"):
-        load_hf(tmp_path)
+        for layer in hf.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                half = norm.weight.shape[0] // 2
+                norm.weight[half:] += 0.4 * torch.randn(norm.weight.shape[1])
+                norm.bias[half:] -= 0.3 * torch.randn(norm.bias.shape[1])
+    hf.save_pretrained(tmp_path / "groups")
+    loaded_config, state = load_hf(tmp_path / "groups")
+    assert loaded_config.qk_norm_groups == 2 and state["layers.0.attention.q_normalization.weight"].shape == (2, 16)
+    ours = load_into(Transformer(loaded_config).eval(), state)
+    tokens = text_tokens(config)
+    with torch.no_grad():
+        hf_logits, our_logits = hf(input_ids=tokens).logits, ours(tokens)
+    cols = text_columns(hf, config.vocab_size)
+    torch.testing.assert_close(our_logits[..., cols], hf_logits[..., cols], atol=1e-4, rtol=1e-4)
+
+    with torch.no_grad():  # q head 1 alone differs from head 0: not a run of heads our model can hold
+        hf.model.layers[1].self_attn.q_norm.bias[1] += 0.5
+    hf.save_pretrained(tmp_path / "heads")
+    with pytest.raises(ConversionError, match=r"layers\.1\.self_attn\.q_norm\.bias.*differ within runs of heads"):
+        load_hf(tmp_path / "heads")
 
 
 def test_save_hf_round_trips_and_transformers_loads_it(tmp_path: Path) -> None:
@@ -188,14 +205,54 @@ def test_meta_rope_freqs_is_ignored_and_flat_params_work(tmp_path: Path) -> None
     load_into(Transformer(loaded_config), state)
 
 
-def test_meta_per_shard_qk_norm_is_refused(tmp_path: Path) -> None:
+def test_meta_per_shard_qk_norm_loads_as_groups_and_matches_hf(tmp_path: Path) -> None:
+    # Meta's 34B: each model-parallel shard holds its own [head_dim] QK-norm for its own heads.
+    config = tiny(qk_norm_groups=2)
+    original = randomized(config)
+    save_meta(original.state_dict(), config, tmp_path / "meta", model_parallel=2)
+    shards = [torch.load(tmp_path / "meta" / f"consolidated.0{i}.pth", weights_only=True) for i in range(2)]
+    name = "layers.0.attention.q_normalization.weight"
+    assert all(shard[name].shape == (config.head_dim,) for shard in shards)  # Meta's per-shard layout
+    for i, shard in enumerate(shards):
+        assert torch.equal(shard[name], original.state_dict()[name][i])
+    loaded_config, state = load_meta(tmp_path / "meta")
+    assert same_shape(loaded_config, config)
+    for key, tensor in original.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    # Against transformers' own per-head QK-norm: each shard's affine on that shard's heads.
+    save_hf(state, loaded_config, tmp_path / "hf", vq_config=TINY_VQ)
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(hf.model.layers[0].self_attn.q_norm.weight[0], hf.model.layers[0].self_attn.q_norm.weight[1])
+    assert not torch.equal(hf.model.layers[0].self_attn.q_norm.weight[1], hf.model.layers[0].self_attn.q_norm.weight[2])
+    tokens = text_tokens(config)
+    with torch.no_grad():
+        hf_logits, our_logits = hf(input_ids=tokens).logits, original(tokens)
+    cols = text_columns(hf, config.vocab_size)
+    torch.testing.assert_close(our_logits[..., cols], hf_logits[..., cols], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConversionError, match="model_parallel must be a multiple of 2"):
+        save_meta(original.state_dict(), config, tmp_path / "one", model_parallel=1)
+    # 4 shards of 2 groups: shards 0-1 carry group 0, shards 2-3 group 1, and load back as the same 2 groups.
+    mha = tiny(qk_norm_groups=2, n_kv_heads=4)
+    original = randomized(mha).state_dict()
+    save_meta(original, mha, tmp_path / "meta4", model_parallel=4)
+    shards = [torch.load(tmp_path / "meta4" / f"consolidated.0{i}.pth", weights_only=True) for i in range(4)]
+    assert [torch.equal(shards[i][name], original[name][i // 2]) for i in range(4)] == [True] * 4
+    loaded_config, state = load_meta(tmp_path / "meta4")
+    assert same_shape(loaded_config, mha)
+    assert all(torch.equal(state[key], tensor) for key, tensor in original.items())
+
+
+def test_meta_norms_that_differ_between_shards_are_averaged(tmp_path: Path) -> None:
     config = tiny()
-    save_meta(randomized(config).state_dict(), config, tmp_path, model_parallel=2)
+    original = randomized(config).state_dict()
+    save_meta(original, config, tmp_path, model_parallel=2)
     shard = torch.load(tmp_path / "consolidated.01.pth", weights_only=True)
-    shard["layers.0.attention.q_normalization.bias"] += 1.0
+    shard["layers.1.ffn_norm.weight"] += 2e-3
     torch.save(shard, tmp_path / "consolidated.01.pth")
-    with pytest.raises(ConversionError, match=r"per-shard QK-norm .* not supported"):
-        load_meta(tmp_path)
+    with pytest.warns(UserWarning, match=r"1 replicated tensors differ .*mean 0\.001, in layers\.1\.ffn_norm\.weight"):
+        loaded_config, state = load_meta(tmp_path)
+    torch.testing.assert_close(state["layers.1.ffn_norm.weight"], original["layers.1.ffn_norm.weight"] + 1e-3)
+    assert loaded_config.qk_norm_groups == 1  # the QK-norms were all equal: one shared affine
 
 
 def test_ffn_dim_follows_llamas_rule() -> None:

@@ -38,17 +38,25 @@ def test_decay_on_matrices_only_and_every_param_in_exactly_one_group(model):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(all_params)
     for name, p in all_params.items():
         is_norm_or_bias = "norm" in name or name.endswith(".bias")
-        if p.ndim >= 2:
-            assert id(p) in decayed, name
-            assert not is_norm_or_bias, name
-        else:
-            assert id(p) in not_decayed, name
+        assert (id(p) in decayed) == (not is_norm_or_bias), name
+        assert (id(p) in decayed) == (p.ndim >= 2), name  # here every matrix is a Linear or Embedding weight
     # the layers the brief names explicitly
     assert id(all_params["tok_embeddings.weight"]) in decayed
     assert id(all_params["output.weight"]) in decayed
     assert id(all_params["layers.0.attention.q_normalization.bias"]) in not_decayed
     assert id(all_params["layers.1.attention.k_normalization.weight"]) in not_decayed
     assert id(all_params["norm.weight"]) in not_decayed
+
+
+def test_grouped_qk_norm_gains_are_not_decayed_though_2d():
+    model = Transformer(ModelConfig.from_preset("tiny", qk_norm_groups=2))
+    opt = make_optimizer(model, OptimizerConfig(weight_decay=0.1))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    gain = model.layers[0].attention.q_normalization.weight
+    assert gain.ndim == 2 and id(gain) not in decayed
+    assert {n for n, p in model.named_parameters() if id(p) in decayed} == {
+        n for n, p in model.named_parameters() if "norm" not in n and not n.endswith(".bias")
+    }
 
 
 def _fill_grads(model, seed=0, scale=1.0):

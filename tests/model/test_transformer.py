@@ -24,6 +24,41 @@ def model_of(config: ModelConfig) -> Transformer:
     return Transformer.from_config(config).eval()
 
 
+def jitter_qk_norms(model: Transformer) -> Transformer:
+    """QK-norm affines away from 1 / 0 (and different per group), so a mix-up of heads and groups shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "normalization" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_grouped_qk_norm_gives_each_run_of_heads_its_groups_affine() -> None:
+    config = tiny(qk_norm_groups=2)  # 4 q heads, 2 kv heads: q heads 0-1 and kv head 0 in group 0
+    model = jitter_qk_norms(model_of(config))
+    attn, hd = model.layers[0].attention, config.head_dim
+    assert attn.q_normalization.weight.shape == (2, hd) and attn.k_normalization.bias.shape == (2, hd)
+    assert model_of(tiny()).layers[0].attention.q_normalization.weight.shape == (hd,)
+    x, positions = torch.randn(2, 6, config.dim), torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        q, k, _ = attn.project(x, positions)
+        q_raw = attn.wq(x).view(2, 6, 4, hd)
+        k_raw = attn.wk(x).view(2, 6, 2, hd)
+    for head, group in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        norm = attn.q_normalization
+        qn = F.layer_norm(q_raw[:, :, head], (hd,), norm.weight[group], norm.bias[group], config.norm_eps)
+        expected = reference_rotary(qn[:, :, None], positions, config.rope_theta)[:, :, 0]
+        torch.testing.assert_close(q[:, :, head], expected, atol=1e-5, rtol=1e-4)
+    for head in (0, 1):
+        norm = attn.k_normalization
+        kn = F.layer_norm(k_raw[:, :, head], (hd,), norm.weight[head], norm.bias[head], config.norm_eps)
+        expected = reference_rotary(kn[:, :, None], positions, config.rope_theta)[:, :, 0]
+        torch.testing.assert_close(k[:, :, head], expected, atol=1e-5, rtol=1e-4)
+    assert model.num_params() == config.n_params()
+    with pytest.raises(ValueError, match="qk_norm_groups 4 must divide n_heads 4 and n_kv_heads 2"):
+        tiny(qk_norm_groups=4)
+
+
 def test_output_shape_and_dtype_follows_parameters() -> None:
     config = tiny()
     model = model_of(config)
@@ -237,6 +272,7 @@ def test_decode_linear_equals_f_linear(rows: int, out_features: int, in_features
         {"n_kv_heads": 4},
         {"swin_norm": True},
         {"qk_norm": False},
+        {"qk_norm_groups": 2},
         {"dim": 256, "n_heads": 4, "n_kv_heads": 4},  # wide enough for decode_linear's matrix-matrix path
         {"dim": 256, "n_heads": 4, "n_kv_heads": 4, "qk_norm": False},  # ... straight into the rotation
     ],
@@ -246,7 +282,7 @@ def test_decode_step_equals_forward_with_a_cache(overrides: dict, rows: int) -> 
     # The lean one-token path (2-D activations, direct F.linear) must be the same function as `forward` with a
     # cache, with GQA or not, either norm order, and with a mask that hides some cached columns of one row.
     config = tiny(**overrides)
-    model = model_of(config)
+    model = jitter_qk_norms(model_of(config))
     tokens = torch.randint(0, config.vocab_size, (2, 12))
     positions = torch.tensor([list(range(12)), [0, 0, 0, *range(9)]])  # row 1: three padding columns first
     valid = torch.ones(2, 12, dtype=torch.bool)
@@ -271,14 +307,16 @@ def test_decode_step_equals_forward_with_a_cache(overrides: dict, rows: int) -> 
         decode_step(decode_weights(model), tokens[:, 0], positions[:, 0], cache_b, 12)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 4}, {"swin_norm": True}, {"qk_norm": False}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"n_kv_heads": 4}, {"swin_norm": True}, {"qk_norm": False}, {"qk_norm_groups": 2}]
+)
 def test_static_decode_step_equals_decode_step(overrides: dict) -> None:
     # The fixed-shape step a CUDA graph captures: the column read from one buffer, the cache written through a
     # device index, every cache column attended under the validity mask. Same function as decode_step.
     from model.decode_graph import GraphedDecode, static_decode_step
 
     config = tiny(**overrides)
-    model = model_of(config)
+    model = jitter_qk_norms(model_of(config))
     tokens = torch.randint(0, config.vocab_size, (2, 12))
     positions = torch.tensor([list(range(12)), [0, 0, 0, *range(9)]])
     valid = torch.ones(2, 12, dtype=torch.bool)
