@@ -197,3 +197,29 @@ def test_config_mismatches_are_clear(stage: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="document_attention 'flex' needs a CUDA device"):
         Trainer(config(stage, tmp_path, 10, document_attention="flex"), log=lambda _: None)
     assert Trainer(config(stage, tmp_path, 10, document_attention="sdpa"), log=print).model.document_attention == "sdpa"
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_and_keep_metas_names(stage: Path, tmp_path: Path) -> None:
+    eager = Trainer(config(stage, tmp_path / "eager", 4), log=lambda _: None)
+    compiled = Trainer(config(stage, tmp_path / "compiled", 4, compile=True), log=lambda _: None)
+    expected, got = eager.train(stop_at=2), compiled.train(stop_at=2)
+    assert [m.loss for m in got] == pytest.approx([m.loss for m in expected], rel=1e-4)
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # no `_orig_mod.` in the names
+    for name, tensor in eager.model.state_dict().items():
+        assert torch.allclose(compiled.model.state_dict()[name], tensor, atol=1e-4), name
+
+
+def test_sft_loss_counts_answer_targets_only(train_and_sft_stages, tiny_run, tmp_path) -> None:
+    from model.losses import lm_loss
+
+    trainer = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path, 1, dropout=0.0), log=lambda _: None)
+    batch = next(iter(StageLoader(train_and_sft_stages / "sft", batch_size=8)))  # the trainer's first batch
+    with torch.no_grad():
+        logits = trainer.model(batch["tokens"], positions=batch["positions"], doc_ids=batch["doc_ids"])
+    answers = lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    everything = lm_loss(logits, batch["tokens"], torch.ones_like(batch["loss_mask"]))
+    metrics = trainer.train()[0]
+    assert metrics.supervised_tokens == int(batch["loss_mask"][:, 1:].sum()) < 8 * 127  # prompts are masked out
+    assert metrics.ce == pytest.approx(float(answers.ce), rel=1e-5)
+    assert abs(float(everything.ce) - float(answers.ce)) > 0.05  # counting the prompts would show
