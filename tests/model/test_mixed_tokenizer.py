@@ -21,6 +21,10 @@ def codes(seed: int) -> ImageSegment:
     return ImageSegment(np.random.default_rng(seed).integers(0, TINY.image_codes, TINY.tokens_per_image))
 
 
+# Up to 5 segments: any text, or an image of random codes.
+DOCUMENTS = st.lists(st.one_of(st.text(min_size=1), st.integers(0, 10_000).map(codes)), max_size=5)
+
+
 def test_document_layout() -> None:
     image = codes(0)
     ids = TOK.encode(["A cat:", image, "done."])
@@ -58,12 +62,7 @@ def test_streaming_emits_text_early_and_images_at_eoi() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    st.lists(
-        st.one_of(st.text(min_size=1), st.integers(0, 10_000).map(codes)),
-        max_size=5,
-    )
-)
+@given(DOCUMENTS)
 def test_decode_inverts_encode(segments: list) -> None:
     decoded = TOK.decode(TOK.encode(segments))
     merged: list = []
@@ -76,12 +75,7 @@ def test_decode_inverts_encode(segments: list) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    st.lists(
-        st.one_of(st.text(min_size=1), st.integers(0, 10_000).map(codes)),
-        max_size=5,
-    )
-)
+@given(DOCUMENTS)
 def test_streaming_gives_what_decode_gives(segments: list) -> None:
     ids = TOK.encode(segments)
     stream = TOK.stream(decode_images=False)
