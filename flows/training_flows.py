@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
@@ -59,6 +59,9 @@ def report_training(kind: str, result: dict[str, Any]) -> None:
 def _train(kind: str, config: TrainConfig, nproc_per_node: int, run_name: str | None, retries: int) -> dict:
     if run_name:
         config = config.model_copy(update={"out_dir": Path(config.out_dir) / run_name})
+    if not config.logging.jsonl:  # the flow's result and artifacts are read from metrics.jsonl
+        get_run_logger().warning("logging.jsonl is off in the config; the flow turns it on for its loss curves")
+        config = config.model_copy(update={"logging": config.logging.model_copy(update={"jsonl": True})})
     result = launch_training.with_options(retries=retries)(kind, config, nproc_per_node)
     report_training(kind, result)
     return {k: v for k, v in result.items() if k != "loss_curve"}

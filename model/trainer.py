@@ -2,8 +2,8 @@
 
 One optimizer step = `global_batch_size` sequences: each rank runs `accumulation` micro-batches of
 `micro_batch_size`, and the step's loss is the mean over all its supervised targets, on all ranks. A step whose
-gradients are not finite is not applied (and counted). Checkpoints hold the model, optimizer, schedule, step, loader
-position and RNG; a run resumes from the latest one by itself.
+gradients are not finite, or that has no supervised target, is not applied (and counted). Checkpoints hold the
+model, optimizer, schedule, step, loader position and RNG; a run resumes from the latest one by itself.
 """
 
 from __future__ import annotations
@@ -233,11 +233,12 @@ class Trainer:
         supervised = int(total)
         positions = sum(b["tokens"].numel() for b in micro_batches)
         grad_norm, finite = self._clip()
-        if finite:
+        if finite and supervised:
             self.optimizer.step()
-        else:
+        else:  # AdamW would still move the weights (momentum, decay) on a batch with nothing to learn from
             self.skipped += 1
-            self.log(f"step {self.step + 1}: non-finite gradients (norm {grad_norm}); update skipped")
+            why = f"non-finite gradients (norm {grad_norm})" if not finite else "no supervised targets in the batch"
+            self.log(f"step {self.step + 1}: {why}; update skipped")
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()

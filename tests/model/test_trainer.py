@@ -190,6 +190,19 @@ def test_non_finite_step_is_not_applied(stage: Path, tmp_path: Path) -> None:
     assert trainer.train()[-1].skipped_steps == 1  # later steps apply again
 
 
+def test_step_without_supervised_targets_is_not_applied(stage: Path, tmp_path: Path) -> None:
+    logged: list[str] = []
+    trainer = Trainer(config(stage, tmp_path, 6), log=logged.append)
+    trainer.train(stop_at=1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batches = trainer._batches
+    trainer._batches = lambda: ({**b, "loss_mask": torch.zeros_like(b["loss_mask"])} for b in batches())
+    metrics = trainer.train(stop_at=2)[-1]
+    assert metrics.supervised_tokens == 0 and metrics.loss == 0.0 and metrics.skipped_steps == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert "step 2: no supervised targets in the batch; update skipped" in logged
+
+
 def test_config_mismatches_are_clear(stage: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"has sequences of 128, config\.seq_len is 256"):
         Trainer(config(stage, tmp_path, 10, seq_len=256), log=lambda _: None)
