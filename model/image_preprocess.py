@@ -124,8 +124,8 @@ def _read(source: ImageSource) -> bytes:
             data = Path(source).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ImageError("image_missing", f"no image file at {source}") from exc
-        except OSError as exc:
-            raise ImageError("image_missing", f"cannot read {source}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise ImageError("image_missing", f"cannot read {source!r}: {exc}") from exc
     elif source is None:
         raise ImageError("image_missing", "no image bytes or path given")
     else:

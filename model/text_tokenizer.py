@@ -165,6 +165,15 @@ class HFTextTokenizer:
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab = Vocabulary(_layout_from_names(vocab, self.path, image_grid))
         self._text_start = self.vocab.first_text_id
+        # Document text must never become control ids: "</s>" or "<racm3:break>" typed in a document would end it
+        # or open an image. Every added token below the text range is made special, and special tokens are then
+        # tokenized as plain text.
+        data = json.loads(self.path.read_text(encoding="utf-8"))
+        for token in data.get("added_tokens", []):
+            if token["id"] < self._text_start:
+                token["special"] = True
+        self._tok = Tokenizer.from_str(json.dumps(data))
+        self._tok.encode_special_tokens = True
 
     @property
     def fingerprint(self) -> str:

@@ -48,6 +48,7 @@ def settings_for(config: PrepareConfig, source: SourceConfig) -> PrepareSettings
     return PrepareSettings(
         image_size=config.image_size,
         detect_faces=config.detect_faces,
+        fast_image_decode=config.fast_image_decode,
         write_images=config.write_images,
         caption_first_ratio=config.caption_first_ratio,
         **{k: opts[k] for k in ("min_chars", "max_chars", "max_pixels", "min_side", "max_tokens") if k in opts},
@@ -215,6 +216,15 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
     return plans
 
 
+def remove_stale_shards(out_dir: Path, n_shards: int) -> list[Path]:
+    """Delete the files of shards numbered n_shards and up: left by an earlier run that planned more tasks (a smaller
+    samples_per_shard, fewer input files), they would hold samples twice for anything that globs the folder."""
+    stale = [p for p in out_dir.glob("shard-*") if p.name[6:11].isdigit() and int(p.name[6:11]) >= n_shards]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, Any], fps: dict[str, str]) -> dict:
     """manifest.json of one source: its shards with counts, tokenizer fingerprints and the config."""
     out_dir = Path(config.output_dir) / source.name
@@ -236,6 +246,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
             f"{k}_fingerprint": v for k, v in fps.items()}},
         "config": {"source": source.model_dump(mode="json"), "image_size": config.image_size,
                    "samples_per_shard": config.samples_per_shard, "detect_faces": config.detect_faces,
+                   "fast_image_decode": config.fast_image_decode,
                    "write_images": config.write_images, "caption_first_ratio": config.caption_first_ratio},
         "totals": totals | {"rejects_by_reason": dict(sorted(by_reason.items()))},
         "shards": [{k: s[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects", "records_in")}
@@ -308,6 +319,8 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
             if watcher:
                 watcher.stop.set()
                 watcher.join()
+    for source in config.sources:
+        remove_stale_shards(Path(config.output_dir) / source.name, len(plans[source.name]["tasks"]))
     manifests = {s.name: write_manifest(config, s, plans[s.name], fps) for s in config.sources}
     return {
         "manifests": manifests,

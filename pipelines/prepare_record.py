@@ -29,6 +29,7 @@ class PrepareSettings:
 
     image_size: int = 512
     detect_faces: bool = True
+    fast_image_decode: bool = True
     write_images: bool = False
     caption_first_ratio: float = 0.5
     min_chars: int = DEFAULT_MIN_CHARS
@@ -74,7 +75,7 @@ def _face_view(source: Any, pixels: np.ndarray, mode: str, settings: PrepareSett
     if settings.image_size >= FACE_SIDE:
         return pixels  # the detector itself scales it down to FACE_SIDE
     return preprocess(source, size=FACE_SIDE, mode=mode, max_pixels=settings.max_pixels,
-                      min_side=settings.min_side).pixels  # fmt: skip
+                      min_side=settings.min_side, fast=settings.fast_image_decode).pixels  # fmt: skip
 
 
 def prepare_record(
@@ -101,7 +102,7 @@ def prepare_record(
                 converted.append(clean_text(seg, settings.min_chars if kind == "text" else 1, settings.max_chars))
                 continue
             image = preprocess(seg, size=settings.image_size, mode=mode, max_pixels=settings.max_pixels,
-                               min_side=settings.min_side)  # fmt: skip
+                               min_side=settings.min_side, fast=settings.fast_image_decode)  # fmt: skip
             converted.append(len(out.images))
             out.images.append(image.pixels)
             out.image_sizes.append(image.original_size)
@@ -118,6 +119,8 @@ def prepare_record(
         return Reject(source, record["id"], "clean", err.reason, err.detail)
     except ImageError as err:
         return Reject(source, record["id"], "image", err.reason, err.detail)
+    except Exception as err:  # counted with its reason rather than failing the whole job on one record
+        return Reject(source, record["id"], "clean", "unexpected_error", f"{type(err).__name__}: {err}"[:500])
     return out
 
 

@@ -8,6 +8,8 @@ starts), a parquet file into groups of row groups. Record ids say where a record
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import os
 import tarfile
@@ -72,7 +74,9 @@ def plan_read_tasks(
 
     tasks = []
     for path in files:
-        if source.format == "jsonl":
+        if source.format == "jsonl" and path.name.endswith(".gz"):
+            tasks.append(task(path))  # a gzip stream cannot be entered mid-way: one task per file
+        elif source.format == "jsonl":
             size = path.stat().st_size
             step = jsonl_split_bytes if records_per_task is None else _bytes_per_records(path, records_per_task)
             tasks += [task(path, s, min(s + step, size)) for s in range(0, max(size, 1), step)]
@@ -140,10 +144,13 @@ def _to_record(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Rej
         return sft_record(row, record_id, base_dir)
     except RecordError as err:
         return Reject(task.source, record_id, READ_STAGE, err.reason, err.detail)
+    except Exception as err:  # one odd record is one counted reject; it must not end the file's other records
+        return Reject(task.source, record_id, READ_STAGE, "unexpected_error", f"{type(err).__name__}: {err}"[:500])
 
 
 def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
-    with open(task.path, "rb") as f:
+    # .jsonl.gz: decompressed as it streams (record ids then hold offsets into the decompressed text).
+    with gzip.open(task.path, "rb") if task.path.endswith(".gz") else open(task.path, "rb") as f:
         offset = task.start
         if offset:
             # The line that straddles our start belongs to the previous range.
@@ -158,6 +165,8 @@ def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
             offset += len(line)
             if not line.strip():
                 continue
+            if record_id.endswith(":0") and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :]  # a UTF-8 byte-order mark before the first record
             try:
                 row = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as err:
@@ -165,6 +174,9 @@ def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
                 continue
             except json.JSONDecodeError as err:
                 yield Reject(task.source, record_id, READ_STAGE, "bad_json", f"{err.msg} at column {err.colno}")
+                continue
+            except (ValueError, RecursionError) as err:  # e.g. an integer of over 4,300 digits, nesting too deep
+                yield Reject(task.source, record_id, READ_STAGE, "bad_json", f"{type(err).__name__}: {err}"[:500])
                 continue
             yield _to_record(task, row, record_id)
 

@@ -122,4 +122,5 @@ REJECT_REASONS: dict[str, str] = {
     "image_unsupported_mode": "the image's colour mode cannot be converted to RGB",
     "too_many_images": "the document has more images than fit one sequence",
     "too_long": "the tokenized sample is longer than the configured maximum",
+    "unexpected_error": "handling the record raised an error no other reason covers (the detail names it)",
 }

@@ -160,6 +160,14 @@ def test_meta_style_tokenizer_json_behind_the_same_interface(tmp_path: Path) -> 
         hf.decode([*ids, hf.vocab.size])
 
 
+def test_meta_style_tokenizer_keeps_control_token_names_in_text_as_text(tmp_path: Path) -> None:
+    hf = load_text_tokenizer(_meta_style_tokenizer_json(tmp_path / "text_tokenizer.json"))
+    text = "quoting <racm3:break> then </s> and <pad> and " + image_token_name(3) + " and <reserved00270>"
+    for ids in (hf.encode(text), hf.encode_batch([text])[0].tolist()):
+        assert min(ids) >= hf.vocab.first_text_id  # no BOI, EOS, pad, image code or reserved id from typed text
+        assert hf.decode(ids) == text
+
+
 def test_tokenizer_json_with_wrong_layout_is_refused(tmp_path: Path) -> None:
     path = _meta_style_tokenizer_json(tmp_path / "t.json")
     data = json.loads(path.read_text())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import struct
 import tarfile
 import zlib
@@ -129,3 +131,62 @@ def test_broken_input_is_counted_not_lost(broken_corpus: Path, tiny_tokenizers, 
     unreadable = [r for r in rejects if r["reason"] == "file_unreadable"]
     assert unreadable and str(broken_corpus / "pairs/00001.tar") in unreadable[0]["detail"]
     assert all(r["detail"] for r in rejects)
+
+
+def test_one_odd_record_is_one_reject_and_the_rest_of_its_file_goes_on(tiny_tokenizers, tmp_path: Path) -> None:
+    good = b'{"text": "A good document about lists and maps."}\n'
+    lines = [
+        b"\xef\xbb\xbf" + good,  # a UTF-8 byte-order mark before the first record
+        b'{"text": "x", "n": ' + b"1" * 5000 + b"}\n",  # int too long for Python's str -> int conversion
+        b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",  # nesting too deep for the JSON decoder
+        *[good] * 5,
+    ]
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.jsonl").write_bytes(b"".join(lines))
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(PHOTO)
+    sft = [
+        {"prompt": "What is it?", "answer": "A cat."},
+        {"prompt": [{"image": {"bytes": "abc"}}, "What is it?"], "answer": "?"},  # bytes given as a str
+        {"prompt": [{"image": "cat\u0000.jpg"}, "What is it?"], "answer": "?"},  # a NUL in the path
+        {"prompt": [{"image": "cat.jpg"}, "What is it?"], "answer": "A cat."},
+    ]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    with gzip.open(tmp_path / "text" / "b.jsonl.gz", "wb") as f:  # read as it decompresses
+        f.write(good * 3 + b"not json\n")
+    config = validate_config(PrepareConfig, {
+        "output_dir": str(tmp_path / "out"), "image_size": 64, "runner": {"kind": "embedded"},
+        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "sources": [
+            {"name": "text", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "text")]},
+            {"name": "sft", "kind": "sft", "format": "jsonl", "paths": [str(tmp_path / "sft.jsonl")]},
+        ],
+    })  # fmt: skip
+    result = run_prepare(config)  # finishes: no record can fail the job
+    text, sft_totals = (result["manifests"][name]["totals"] for name in ("text", "sft"))
+    # Every line is a sample or a reject; each file's good lines all came through.
+    assert (text["samples"], text["rejects"]) == (6 + 3, 2 + 1)
+    assert text["rejects_by_reason"] == {"bad_json": 3}
+    assert (sft_totals["samples"], sft_totals["rejects"]) == (2, 2)
+    assert sft_totals["rejects_by_reason"] == {"image_missing": 1, "unexpected_error": 1}
+
+
+def test_a_rerun_with_fewer_shards_leaves_no_stale_ones(tiny_tokenizers, tmp_path: Path) -> None:
+    docs = [
+        json.dumps({"text": f"Document number {i}, about the lists and maps of everyday code."}) for i in range(400)
+    ]
+    (tmp_path / "a.jsonl").write_text("\n".join(docs) + "\n")  # 30 KB: jsonl tasks hold at least 4 KB each
+
+    def run(samples_per_shard: int) -> dict:
+        return run_prepare(validate_config(PrepareConfig, {
+            "output_dir": str(tmp_path / "out"), "image_size": 64, "runner": {"kind": "embedded"},
+            "samples_per_shard": samples_per_shard, "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+            "sources": [{"name": "t", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "a.jsonl")]}],
+        }))  # fmt: skip
+
+    assert len(run(5)["manifests"]["t"]["shards"]) > 2
+    manifest = run(1000)["manifests"]["t"]
+    assert len(manifest["shards"]) == 1 and manifest["totals"]["samples"] == 400
+    assert sorted(p.name for p in (tmp_path / "out" / "t").glob("shard-*")) == [
+        "shard-00000.rejects.parquet", "shard-00000.stats.json", "shard-00000.tar"
+    ]  # fmt: skip
