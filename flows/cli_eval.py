@@ -102,6 +102,9 @@ def prompts(
     max_new_tokens: Annotated[int, typer.Option(help="at most this many new tokens per response")] = 1024,
     seed: Annotated[int, typer.Option(help="base seed; each prompt samples with a seed derived from its id")] = 0,
     guidance: Annotated[bool, typer.Option("--cfg/--no-cfg", help="classifier-free guidance for images")] = True,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="prompts decoded together (the responses are the same for any batch size)")
+    ] = 8,
     text_tokenizer: Annotated[Path | None, typer.Option(help="override the text tokenizer the run recorded")] = None,
     image_tokenizer: Annotated[Path | None, typer.Option(help="override the image tokenizer the run recorded")] = None,
 ) -> None:
@@ -119,7 +122,7 @@ def prompts(
 
     try:
         run_prompts(loaded, items, out, mode=mode, max_new_tokens=max_new_tokens, seed=seed, guidance=guidance,
-                    on_response=show)  # fmt: skip
+                    on_response=show, batch_size=batch_size)  # fmt: skip
     except (PromptError, EvalFileError) as err:
         raise fail(str(err)) from None
     console.print(f"wrote {out / RESPONSES_FILE}; annotators open {out / ANNOTATE_PAGE}")

@@ -406,11 +406,12 @@ class Generator:
     def _prompts(self, prompt_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
         rows = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else [list(map(int, p)) for p in prompt_ids]
         prompts = []
-        for row in rows:
+        for n, row in enumerate(rows):
             start = 0
             while start < len(row) and row[start] == self.vocab.pad_id:  # left padding of a batched tensor
                 start += 1
             ids = row[start:]
+            check_prompt(self.vocab, ids, n)
             # Meta prepends <s> to every prompt; the guidance rows are `<s> ...` so they need it too.
             prompts.append(ids if ids and ids[0] == self.vocab.bos_id else [self.vocab.bos_id, *ids])
         if not prompts:
@@ -433,7 +434,8 @@ class Generator:
             raise ValueError(f"image mode needs max_new_tokens >= {self.vocab.tokens_per_image + 2}")
         return state
 
-    def _steps(self, prompt_ids, mode: GenerationMode, max_new_tokens: int, seed: int) -> Iterator[list[int | None]]:
+    def _steps(self, prompt_ids, mode: GenerationMode, max_new_tokens: int, seed: int,
+               seeds: Sequence[int] | None = None) -> Iterator[list[int | None]]:  # fmt: skip
         """Yields, per step, the new id of every prompt (None once it has finished)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -447,8 +449,12 @@ class Generator:
             raise ValueError(f"prompt ({plen}) + max_new_tokens ({max_new_tokens}) > max_seq_len")
         device = model.output.weight.device
         states = [self._start_state(p, mode, plen - len(p), max_new_tokens) for p in prompts]
-        # Row i samples with its own generator (seed + i): a prompt's output does not depend on its batch-mates.
-        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(b)]
+        # Row i samples with its own generator (seeds[i], else seed + i): its output does not depend on its batch-mates.
+        if seeds is not None and len(seeds) != b:
+            raise ValueError(f"{len(seeds)} seeds for {b} prompts")
+        gens = [
+            torch.Generator(device="cpu").manual_seed(seeds[i] if seeds is not None else seed + i) for i in range(b)
+        ]
         n_groups = 3 if self.guidance and mode != "text" else 1
         rows = b * n_groups
 
@@ -607,14 +613,16 @@ class Generator:
             dec.col_valid[2 * b + i] = True
 
     def generate(self, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, mode: GenerationMode | None = None,
-                 max_new_tokens: int | None = None, seed: int | None = None) -> list[list[int]]:  # fmt: skip
+                 max_new_tokens: int | None = None, seed: int | None = None,
+                 seeds: Sequence[int] | None = None) -> list[list[int]]:  # fmt: skip
         """New ids for each prompt (a list of id lists, or a left-padded tensor), `</s>` included when sampled.
 
-        `mode`, `max_new_tokens` and `seed` default to the config's. Image mode yields BOI, the codes and EOI.
+        `mode`, `max_new_tokens` and `seed` default to the config's. Row i samples with `seed + i`, or with
+        `seeds[i]`: a prompt then gives the same ids in any batch as alone. Image mode yields BOI, codes and EOI.
         """
         mode = mode or self.config.mode
         outs: list[list[int]] = [[] for _ in range(len(prompt_ids))]
-        for new in self._steps(prompt_ids, mode, max_new_tokens or self.config.max_new_tokens, _seed(seed, self)):
+        for new in self._steps(prompt_ids, mode, _max_new(max_new_tokens, self), _seed(seed, self), seeds):
             for i, token in enumerate(new):
                 if token is not None:
                     outs[i].append(token)
@@ -623,26 +631,72 @@ class Generator:
     def stream(self, prompt_ids: Sequence[int] | torch.Tensor, mode: GenerationMode | None = None,
                max_new_tokens: int | None = None, seed: int | None = None) -> Iterator[int]:  # fmt: skip
         """The new ids of ONE prompt, one at a time as they are decoded (same ids as `generate` for that seed)."""
+        if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() > 1 and prompt_ids.shape[0] != 1:
+            raise ValueError(f"stream takes one prompt; got a tensor of {prompt_ids.shape[0]} rows (use generate)")
         ids = prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
         mode = mode or self.config.mode
-        for new in self._steps([ids], mode, max_new_tokens or self.config.max_new_tokens, _seed(seed, self)):
+        for new in self._steps([ids], mode, _max_new(max_new_tokens, self), _seed(seed, self)):
             if new[0] is not None:
                 yield new[0]
 
     def stream_segments(self, tokenizer: MixedModalTokenizer, prompt_ids: Sequence[int] | torch.Tensor,
                         mode: GenerationMode | None = None, max_new_tokens: int | None = None,
                         seed: int | None = None) -> Iterator[Segment]:  # fmt: skip
-        """`stream` turned into segments: text pieces as soon as they decode, each image when its EOI arrives."""
-        return stream_segments(tokenizer, self.stream(prompt_ids, mode, max_new_tokens, seed))
+        """`stream` turned into segments: text pieces as soon as they decode, each image when its EOI arrives (an
+        image the prompt left open included: its BOI and codes so far start the detokenizer)."""
+        ids = prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+        new = self.stream(prompt_ids, mode, max_new_tokens, seed)
+        return stream_segments(tokenizer, new, prefix=_open_image(self.vocab, ids))
+
+
+def check_prompt(vocab: Vocabulary, ids: Sequence[int], row: int = 0) -> None:
+    """A ValueError naming the position if `ids` is not a well-formed prompt: ids in the vocabulary, no <pad> inside,
+    images as BOI + codes + EOI (the last one may be left open: generation then finishes it)."""
+    codes = None  # codes so far of the open image, if any
+    for pos, token in enumerate(ids):
+        where = f"prompt {row}, position {pos}: id {token}"
+        if not 0 <= token < vocab.size:
+            raise ValueError(f"{where} is outside the vocabulary of {vocab.size}")
+        kind = vocab.modality(token)
+        if codes is not None:
+            if kind == Modality.IMAGE and codes < vocab.tokens_per_image:
+                codes += 1
+            elif kind == Modality.EOI and codes == vocab.tokens_per_image:
+                codes = None
+            else:
+                raise ValueError(f"{where} ({kind.name}) after {codes} of an image's {vocab.tokens_per_image} codes")
+        elif kind == Modality.BOI:
+            codes = 0
+        elif token == vocab.pad_id:
+            raise ValueError(f"{where}: <pad> inside a prompt (only left padding)")
+        elif kind in (Modality.IMAGE, Modality.EOI):
+            raise ValueError(f"{where} ({kind.name}) outside an image")
+
+
+def _open_image(vocab: Vocabulary, ids: Sequence[int]) -> list[int]:
+    """The prompt's trailing open image (BOI and the codes after it), or [] if it ends outside an image."""
+    bois = [i for i, t in enumerate(ids) if t == vocab.boi_id]
+    if bois and vocab.eoi_id not in ids[bois[-1] :]:
+        return list(ids[bois[-1] :])
+    return []
 
 
 def _seed(seed: int | None, gen: Generator) -> int:
     return gen.config.seed if seed is None else seed
 
 
-def stream_segments(tokenizer: MixedModalTokenizer, ids: Iterator[int]) -> Iterator[Segment]:
-    """Segments of an id stream through `tokenizer.stream()`; pending text is flushed when the stream ends."""
+def _max_new(max_new_tokens: int | None, gen: Generator) -> int:
+    return gen.config.max_new_tokens if max_new_tokens is None else max_new_tokens  # 0 is an error, not the default
+
+
+def stream_segments(
+    tokenizer: MixedModalTokenizer, ids: Iterator[int], prefix: Sequence[int] = ()
+) -> Iterator[Segment]:
+    """Segments of an id stream through `tokenizer.stream()`; pending text is flushed when the stream ends.
+    `prefix` (an open image's BOI and codes) is fed first and yields nothing."""
     detok = tokenizer.stream()
+    for token in prefix:
+        detok.push(token)
     for token in ids:
         yield from detok.push(token)
     yield from detok.finish()

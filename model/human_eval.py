@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from model.annotation_page import absolute_page, comparison_page
 from model.generation import Generator
 from model.inference import InferenceModel
-from model.prompting import PromptError, respond
+from model.prompting import PromptError, Response, respond, respond_batch
 from model.segment_output import save_segments
 from schemas.config_base import ConfigError, validate_config
 from schemas.eval_prompts import EvalPrompt
@@ -127,34 +127,62 @@ def run_prompts(
     guidance: bool = True,
     chat: bool | None = None,
     on_response: Callable[[dict[str, Any]], None] | None = None,
+    batch_size: int = 1,
 ) -> list[dict[str, Any]]:
-    """Answer every prompt; writes out/responses.jsonl, out/images/ and out/annotate.html, returns the records."""
+    """Answer every prompt; writes out/responses.jsonl, out/images/ and out/annotate.html, returns the records.
+
+    `batch_size` prompts are decoded together; each samples with its own seed (from its id), so the responses are
+    the same for any batch size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {"checkpoint": str(loaded.checkpoint), "mode": mode, "max_new_tokens": max_new_tokens, "seed": seed}
     config = validate_config(GenerateConfig, options, "generation options")
     generator = Generator(loaded.model, loaded.vocab, config, guidance=guidance)
-    records = []
-    for prompt in prompts:
-        segments: list[Any] = [Path(p) for p in prompt.images] + ([prompt.prompt] if prompt.prompt else [])
-        this_seed = prompt_seed(seed, prompt.id)
-        try:
-            response = respond(loaded, generator, segments, mode, max_new_tokens, this_seed, chat)
-        except (PromptError, ValueError) as err:
-            raise PromptError(f"prompt {prompt.id!r}: {err}") from None
+    records: list[dict[str, Any]] = []
+
+    def answer(chunk: Sequence[EvalPrompt]) -> list[Response]:
+        segments = [[Path(p) for p in q.images] + ([q.prompt] if q.prompt else []) for q in chunk]
+        seeds = [prompt_seed(seed, q.id) for q in chunk]
+        if len(chunk) > 1:
+            try:
+                return respond_batch(loaded, generator, segments, mode, max_new_tokens, seeds, chat)
+            except (PromptError, ValueError):
+                pass  # one of them cannot be answered: one at a time, so the error names it and the rest are kept
+        responses = []
+        for q, s, this_seed in zip(chunk, segments, seeds, strict=True):
+            try:
+                responses.append(respond(loaded, generator, s, mode, max_new_tokens, this_seed, chat))
+            except (PromptError, ValueError) as err:
+                done = len(records) + len(responses)
+                for prompt, response in zip(chunk, responses, strict=False):
+                    keep(prompt, response)
+                kept = f"; the {done} responses before it are in {out / RESPONSES_FILE}" if done else ""
+                raise PromptError(f"prompt {q.id!r}: {err}{kept}") from None
+        return responses
+
+    def keep(prompt: EvalPrompt, response: Response) -> None:
         record = {
             "id": prompt.id, "category": prompt.category, "prompt": prompt.prompt,
             "prompt_images": [_copy_image(Path(p), out, f"images/prompts/{prompt.id}-{k}.png", thumb=True)
                               for k, p in enumerate(prompt.images)],
             "response": save_segments(response.segments, out, prompt.id),
             "new_tokens": response.new_tokens, "prompt_tokens": response.prompt_tokens,
-            "seconds": round(response.seconds, 3), "seed": this_seed, "mode": mode,
+            "seconds": round(response.seconds, 3), "seed": prompt_seed(seed, prompt.id), "mode": mode,
             "checkpoint": str(loaded.checkpoint), "step": loaded.step,
         }  # fmt: skip
         records.append(record)
+        # Written after every prompt: hours of generation survive a later prompt's failure or a kill.
+        _write_atomic(out / RESPONSES_FILE, "".join(json.dumps(r) + "\n" for r in records))
         if on_response is not None:
             on_response(record)
-    _write_atomic(out / RESPONSES_FILE, "".join(json.dumps(r) + "\n" for r in records))
+
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first : first + batch_size]
+        for prompt, response in zip(chunk, answer(chunk), strict=True):
+            keep(prompt, response)
     _write_atomic(out / ANNOTATE_PAGE, absolute_page(records, title=f"Task fulfillment: {loaded.checkpoint.name}"))
     return records
 

@@ -46,6 +46,37 @@ def room_for(loaded: InferenceModel, prompt_len: int, mode: GenerationMode, max_
     return min(max_new_tokens, room)
 
 
+def respond_batch(
+    loaded: InferenceModel,
+    generator: Generator,
+    prompts: Sequence[Sequence[Any]],
+    mode: GenerationMode,
+    max_new_tokens: int,
+    seeds: Sequence[int],
+    chat: bool | None = None,
+) -> list[Response]:
+    """Answer several prompts decoded together, each with its own seed: the same responses as `respond` one by one.
+
+    A prompt whose context leaves fewer than `max_new_tokens` is answered alone (a shared budget would cut the
+    others short). Each response's `seconds` is its share of its batch's time.
+    """
+    chat = loaded.sft if chat is None else chat
+    ids = [encode_prompt(loaded.tokenizer, segments, chat) for segments in prompts]
+    budgets = [room_for(loaded, len(p), mode, max_new_tokens) for p in ids]
+    together = [i for i, budget in enumerate(budgets) if budget == max_new_tokens]
+    batches = [together] if together else []
+    batches += [[i] for i, budget in enumerate(budgets) if budget < max_new_tokens]
+    responses: list[Response | None] = [None] * len(ids)
+    for batch in batches:
+        started = time.perf_counter()
+        new = generator.generate([ids[i] for i in batch], mode, budgets[batch[0]], seeds=[seeds[i] for i in batch])
+        share = (time.perf_counter() - started) / len(batch)
+        for i, out in zip(batch, new, strict=True):
+            segments = list(stream_segments(loaded.tokenizer, iter(out)))
+            responses[i] = Response(segments, len(ids[i]), len(out), share)
+    return [r for r in responses if r is not None]
+
+
 def respond(
     loaded: InferenceModel,
     generator: Generator,

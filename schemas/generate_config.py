@@ -30,7 +30,6 @@ class GenerateConfig(StrictModel):
     checkpoint: ExistingPath
     mode: GenerationMode = "mixed"
     max_new_tokens: int = Field(1024, gt=0)
-    batch_size: int = Field(1, gt=0)
     text: TextSampling = Field(default_factory=TextSampling)
     image: ImageSampling = Field(default_factory=ImageSampling)
     seed: int = 0

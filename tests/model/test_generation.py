@@ -259,6 +259,40 @@ def test_bad_requests_raise(tmp_path):
         gen.generate([text_prompt(0, 2)], "text", 1000, 0)
 
 
+def test_malformed_prompts_are_refused_naming_the_position(tmp_path):
+    gen = Generator(tiny_model(0), VOCAB, make_config(tmp_path))
+    text = text_prompt(0, 3)
+    cases = [  # the second prompt of a batch is the bad one
+        ([*text, VOCAB.boi_id, text[1], text[2]], r"prompt 1, position 5: id \d+ \(TEXT\) after 0 of an image's 64"),
+        ([*text, VOCAB.eoi_id], r"prompt 1, position 4: id \d+ \(EOI\) outside an image"),
+        ([*text, 5], r"prompt 1, position 4: id 5 \(IMAGE\) outside an image"),
+        ([*text, VOCAB.pad_id, text[1]], r"prompt 1, position 4: id 1: <pad> inside a prompt"),
+        ([*text, VOCAB.size], rf"prompt 1, position 4: id {VOCAB.size} is outside the vocabulary"),
+        ([*text, VOCAB.boi_id, *range(4, 4 + TPI), 4], r"prompt 1, position \d+: id 4 \(IMAGE\) after 64 of"),
+    ]
+    for prompt, message in cases:
+        with pytest.raises(ValueError, match=message):
+            gen.generate([text, prompt], "mixed", 70, 0)
+    with pytest.raises(ValueError, match="stream takes one prompt; got a tensor of 2 rows"):
+        next(gen.stream(torch.tensor([text, text]), "text", 4, 0))
+    with pytest.raises(ValueError, match="max_new_tokens must be > 0, got 0"):  # 0 is not "the config's default"
+        gen.generate([text], "text", 0, 0)
+    # Left padding, whole images and an image left open at the end are all fine.
+    padded = [VOCAB.pad_id, VOCAB.pad_id, *image_prompt(1), VOCAB.boi_id, 4, 5]
+    assert len(gen.generate([padded], "mixed", 70, 0)[0]) > 0
+
+
+def test_stream_segments_of_a_prompt_that_leaves_an_image_open(tmp_path, tiny_tokenizers):
+    tokenizer = MixedModalTokenizer(load_text_tokenizer(tiny_tokenizers["text"]))
+    gen = Generator(tiny_model(0), VOCAB, make_config(tmp_path))
+    prompt = [*text_prompt(0, 3), VOCAB.boi_id, *range(4, 4 + 10)]  # 10 of the image's 64 codes given
+    ids = gen.generate([prompt], "mixed", 70, 0)[0]
+    segments = list(gen.stream_segments(tokenizer, prompt, "mixed", 70, 0))
+    image = segments[0]
+    assert isinstance(image, ImageSegment)  # the prompt's 10 codes and the 54 generated, whole at its EOI
+    assert image.codes.tolist() == [c - 4 for c in [*range(4, 14), *ids[: TPI - 10]]]
+
+
 def test_stream_segments_yields_text_and_images(tmp_path, tiny_tokenizers):
     tokenizer = MixedModalTokenizer(load_text_tokenizer(tiny_tokenizers["text"]))
     gen = Generator(tiny_model(0, boi_bias=50.0), VOCAB, make_config(tmp_path))

@@ -23,6 +23,7 @@ from model.human_eval import (
     run_prompts,
 )
 from model.inference import load_inference_model
+from model.prompting import PromptError
 from schemas.eval_prompts import ABSOLUTE_LABELS, EvalPrompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,6 +187,38 @@ def test_run_prompts_writes_responses_images_and_the_page(loaded, tmp_path: Path
     # The same seed gives the same responses.
     again = run_prompts(loaded, prompts[1:], tmp_path / "b", mode="image", max_new_tokens=tpi + 2, seed=3)
     assert again[0]["response"][0]["codes"] == records[1]["response"][0]["codes"]
+
+
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_batched_prompts_give_the_responses_of_one_at_a_time(loaded, tmp_path: Path, mode: str) -> None:
+    photo = REPO / "sample" / "images" / "tabby_cat_chelsea.jpg"
+    prompts = [EvalPrompt(id="a", prompt="The function", category="how-to"),
+               EvalPrompt(id="b", prompt="Lists are mutable sequences, typically used to", category="report"),
+               EvalPrompt(id="c", prompt="What is this?", images=[str(photo)], category="story")]  # fmt: skip
+    budget = loaded.vocab.tokens_per_image + 2 if mode == "image" else 12
+    alone = run_prompts(loaded, prompts, tmp_path / "one", mode=mode, max_new_tokens=budget, seed=5)
+    batched = run_prompts(loaded, prompts, tmp_path / "two", mode=mode, max_new_tokens=budget, seed=5, batch_size=2)
+    assert [r["id"] for r in batched] == ["a", "b", "c"]
+    for one, two in zip(alone, batched, strict=True):
+        assert one["seed"] == two["seed"] and one["new_tokens"] == two["new_tokens"] > 0
+        if mode == "text":
+            assert one["response"] == two["response"]
+        else:
+            assert one["response"][0]["codes"] == two["response"][0]["codes"]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run_prompts(loaded, prompts, tmp_path / "zero", batch_size=0)
+
+
+def test_a_failing_prompt_keeps_the_responses_before_it(loaded, tmp_path: Path) -> None:
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a picture")
+    prompts = [EvalPrompt(id="p1", prompt="The function", category="how-to"),
+               EvalPrompt(id="p2", prompt="What is this?", images=[str(not_an_image)], category="report")]  # fmt: skip
+    for batch_size in (1, 2):  # decoded together, the batch falls back to one at a time to name the bad prompt
+        out = tmp_path / f"out{batch_size}"
+        with pytest.raises(PromptError, match=r"prompt 'p2': .*the 1 responses before it are in .*responses\.jsonl"):
+            run_prompts(loaded, prompts, out, mode="text", max_new_tokens=4, seed=0, batch_size=batch_size)
+        assert [r["id"] for r in read_responses(out / "responses.jsonl")] == ["p1"]
 
 
 def _fake_responses(folder: Path, system: str, ids: list[str]) -> Path:
