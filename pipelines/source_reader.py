@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.raw_records import (
@@ -186,7 +187,18 @@ def _read_parquet(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
     stop = parquet.metadata.num_row_groups if task.stop < 0 else task.stop
     row_index = sum(parquet.metadata.row_group(i).num_rows for i in range(task.start))
     for group in range(task.start, stop):
-        for row in parquet.read_row_group(group).to_pylist():
+        try:
+            rows = parquet.read_row_group(group).to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as err:
+            # A corrupt row group: each of its rows (their count is in the footer) is one reject, and the file's
+            # other row groups are still read.
+            n_rows = parquet.metadata.row_group(group).num_rows
+            detail = f"{task.path}: row group {group} unreadable: {err}"[:500]
+            for k in range(n_rows):
+                yield Reject(task.source, f"{task.location()}#{row_index + k}", READ_STAGE, "file_unreadable", detail)
+            row_index += n_rows
+            continue
+        for row in rows:
             yield _to_record(task, row, f"{task.location()}#{row_index}")
             row_index += 1
 

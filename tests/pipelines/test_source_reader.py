@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -126,6 +127,23 @@ def test_broken_parquet_files(broken: Path) -> None:
         ("image_not_local", "image given only as a URL: https://example.com/cat.jpg"),
         ("bad_record", "position 0: exactly one of texts/images must be set"),
     ]
+
+
+def test_a_corrupt_row_group_is_one_reject_per_row_and_the_others_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefgh ") for _ in range(400)) for _ in range(300)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=100)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    first_page = column.dictionary_page_offset or column.data_page_offset
+    data[first_page : first_page + 16] = b"\xff" * 16  # the second row group's first page header
+    path.write_bytes(bytes(data))
+    records, rejects = read_all(source("t", "text", "parquet", path))
+    assert [r["text"] for r in records] == texts[:100] + texts[200:]
+    assert reasons(rejects) == ["file_unreadable"] * 100  # rows = records + rejects, as the file's footer says
+    assert [r.record_id.rsplit("#", 1)[1] for r in rejects] == [str(i) for i in range(100, 200)]
+    assert "row group 1 unreadable" in rejects[0].detail
 
 
 def test_truncated_tar_keeps_what_it_read_and_reports_the_file(broken: Path) -> None:
