@@ -60,7 +60,11 @@ def read_index(name: str, path: Path) -> SourceIndex:
     samples = []
     for shard in manifest["shards"]:
         shard_id = int(shard["shard"].rsplit("-", 1)[1])
-        with tarfile.open(Path(path) / f"{shard['shard']}.tar") as tar:
+        tar_path = Path(path) / f"{shard['shard']}.tar"
+        if not tar_path.is_file():
+            raise MixPlanError(f"source {name!r}: {tar_path} is listed in {MANIFEST} but missing; re-run `cham "
+                               "prepare` for this source")  # fmt: skip
+        with tarfile.open(tar_path) as tar:
             for member in tar:
                 if member.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
@@ -100,6 +104,7 @@ class StagePlan:
     docs_per_shard: int
     real_source: dict[str, str]  # planned source -> prepared source (they differ for SFT categories)
     weights: dict[str, float]  # planned source -> its weight in the stage
+    excluded_too_long: dict[str, int]  # prepared source -> SFT samples longer than seq_len, never drawn
 
 
 def split_by_category(name: str, samples: list[SampleRef], weight: float,
@@ -119,16 +124,20 @@ def plan_mixture(
     """Plans of every stage, and the indexes of every source (read once even when stages share a source)."""
     indexes: dict[str, SourceIndex] = {}
     stages = {}
+    next_draw: dict[str, int] = {}  # per planned source: where the last stage that drew from it stopped
     for stage_name in spec.stages:
         sources = spec.sources_of(stage_name)
         for src in sources:
             if src.name not in indexes:
                 indexes[src.name] = read_index(src.name, Path(src.path))
         planned: dict[str, tuple[list[SampleRef], float]] = {}
-        real, reps = {}, {}
+        real, reps, excluded = {}, {}, {}
         category_weights = spec.stages[stage_name].category_weights
         for src in sources:
             samples = indexes[src.name].samples
+            if spec.stages[stage_name].sft:  # an SFT sample longer than a sequence cannot be packed: not drawn
+                fitting = [s for s in samples if s.n_tokens <= spec.seq_len]
+                excluded[src.name], samples = len(samples) - len(fitting), fitting
             parts = (
                 {src.name: (samples, src.weight)}
                 if category_weights is None
@@ -143,11 +152,14 @@ def plan_mixture(
             spec.face_weight,
             reps,
             spec.seed,
+            next_draw,
         )
+        next_draw.update({name: plan.next_draw for name, plan in plans.items()})
         mean_tokens = max(1.0, sum(r.n_tokens for _, r in sequence) / max(1, len(sequence)))
         docs_per_shard = max(1, round(sequences_per_shard * spec.seq_len / mean_tokens))
         weights = {name: weight for name, (_, weight) in planned.items()}
-        stages[stage_name] = StagePlan(stage_name, sorted(plans), plans, sequence, docs_per_shard, real, weights)
+        stages[stage_name] = StagePlan(stage_name, sorted(plans), plans, sequence, docs_per_shard, real, weights,
+                                       excluded)  # fmt: skip
     return stages, indexes
 
 
@@ -245,7 +257,9 @@ def write_stage_shard(
 def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, SourceIndex], folder: Path,
                    fingerprint: str, vocab: Vocabulary) -> dict[str, Any]:  # fmt: skip
     """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
-    shards = [json.loads(p.read_text()) for p in sorted(folder.glob(f"*{STATS_SUFFIX}"))]
+    # By shard number, not name: shard-100000 sorts before shard-10001 as text.
+    stats_files = sorted(folder.glob(f"*{STATS_SUFFIX}"), key=lambda p: int(p.name.split(".")[0].rsplit("-", 1)[1]))
+    shards = [json.loads(p.read_text()) for p in stats_files]
     weights = stage.weights
     total_weight = sum(weights.values())
     totals = {"tokens": sum(s["tokens"] for s in shards), "padding": sum(s["padding"] for s in shards),
@@ -282,6 +296,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
         "modality": {"text_tokens": totals["tokens"] - image_tokens, "image_tokens": image_tokens,
                      "image_share": image_tokens / max(1, totals["tokens"])},
         "sources": sources, "source_ids": stage.sources, "vocab_layout": vocab.layout.model_dump(),
+        "excluded_too_long": stage.excluded_too_long,
         # The tokenizers travel with the data, so a model trained on it can be prompted and its output decoded.
         "tokenizers": next(iter(indexes.values())).manifest["tokenizers"],
         "shards": [{k: s[k] for k in ("shard", "sequences", "tokens", "padding")} for s in shards],

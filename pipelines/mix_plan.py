@@ -37,6 +37,7 @@ class SourcePlan:
     name: str
     target_tokens: int
     samples: list[SampleRef]  # in draw order, repeats included
+    next_draw: int = 0  # position in the source's endless draw order where a later stage goes on
 
     @property
     def realized_tokens(self) -> int:
@@ -72,16 +73,24 @@ def weighted_pool(samples: Sequence[SampleRef], face_weight: float, rng: np.rand
 
 
 def draw_source(
-    name: str, samples: Sequence[SampleRef], target_tokens: int, face_weight: float, max_repetitions: float, seed: int
+    name: str,
+    samples: Sequence[SampleRef],
+    target_tokens: int,
+    face_weight: float,
+    max_repetitions: float,
+    seed: int,
+    start: int = 0,
 ) -> SourcePlan:
     """Samples of one source, in draw order, until `target_tokens` are reached (the last one may overshoot).
 
-    Each pass over the source is a fresh shuffle of the face-weighted pool, so faces come `face_weight` times as
-    often; more than `max_repetitions` passes' worth of tokens is an error naming the shortfall.
+    The draw order is endless: pass after pass over the source, each a fresh shuffle of the face-weighted pool, so
+    faces come `face_weight` times as often. A stage draws from position `start` on, where the previous stage that
+    used the source stopped, so a later stage sees the samples an earlier one left out before any repeat. More than
+    `max_repetitions` passes' worth of tokens in one stage is an error naming the shortfall.
     """
     available = sum(s.n_tokens for s in samples)
     if target_tokens <= 0:
-        return SourcePlan(name, target_tokens, [])
+        return SourcePlan(name, target_tokens, [], start)
     if available == 0:
         raise MixPlanError(f"source {name!r} has no tokens, but the stage needs {target_tokens:,} from it")
     # Repetitions are tokens drawn over the source's own tokens (faces, drawn more often, repeat sooner).
@@ -93,18 +102,19 @@ def draw_source(
             f"its weight or raise max_repetitions"
         )
     pool = weighted_pool(samples, face_weight, _rng(seed, name, "pool"))
+    if not any(samples[i].n_tokens for i in pool):  # face_weight < 1 can drop every (face) sample
+        raise MixPlanError(f"source {name!r}: face_weight {face_weight:g} left no samples to draw from")
     drawn: list[SampleRef] = []
-    tokens, epoch = 0, 0
+    tokens, position, epoch, order = 0, start, -1, np.empty(0, dtype=np.int64)
     while tokens < target_tokens:
-        order = _rng(seed, name, "epoch", epoch).permutation(len(pool))
-        for j in order:
-            sample = samples[pool[j]]
-            drawn.append(sample)
-            tokens += sample.n_tokens
-            if tokens >= target_tokens:
-                break
-        epoch += 1
-    return SourcePlan(name, target_tokens, drawn)
+        pass_number, j = divmod(position, len(pool))
+        if pass_number != epoch:
+            epoch, order = pass_number, _rng(seed, name, "epoch", pass_number).permutation(len(pool))
+        sample = samples[pool[order[j]]]
+        drawn.append(sample)
+        tokens += sample.n_tokens
+        position += 1
+    return SourcePlan(name, target_tokens, drawn, position)
 
 
 def interleave(counts: Mapping[str, int]) -> list[str]:
@@ -141,14 +151,18 @@ def plan_stage(
     face_weight: float,
     max_repetitions: Mapping[str, float],
     seed: int,
+    starts: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, SourcePlan], list[tuple[str, SampleRef]]]:
-    """Per-source plans and the stage's interleaved sequence of (source, sample)."""
+    """Per-source plans and the stage's interleaved sequence of (source, sample); `starts` are where earlier
+    stages left each source's draw order (see `draw_source`)."""
     missing = sorted(set(weights) - set(sources))
     if missing:
         raise MixPlanError(f"no samples were read for sources {missing}")
     targets = apportion(stage_tokens, weights)
     plans = {
-        name: draw_source(name, sources[name], targets[name], face_weight, max_repetitions[name], seed)
+        name: draw_source(
+            name, sources[name], targets[name], face_weight, max_repetitions[name], seed, (starts or {}).get(name, 0)
+        )
         for name in sorted(weights)
     }
     order = interleave({name: len(p.samples) for name, p in plans.items()})

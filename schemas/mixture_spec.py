@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -92,6 +93,8 @@ class MixtureSpec(StrictModel):
     @classmethod
     def _check_stages(cls, stages: dict[str, StageSpec], info: ValidationInfo) -> dict[str, StageSpec]:
         for name, stage in stages.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):  # a folder name, and the loader's shard names
+                raise ValueError(f"stage name {name!r}: use letters, digits, '_' and '-' (no dots or slashes)")
             if stage.fraction is not None and info.data.get("total_tokens") is None:
                 raise ValueError(f"stage {name!r} gives a fraction: set total_tokens")
             if stage.inherit is not None and stage.inherit.stage not in stages:

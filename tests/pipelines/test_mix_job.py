@@ -150,3 +150,37 @@ def test_category_weights_need_an_sft_stage(prepared_sources: Path) -> None:
         spec_for(prepared_sources, stages={"s": {"tokens": 10, "category_weights": {"code": 1},
                                                  "sources": [{"name": "p", "path": str(prepared_sources / "prose"),
                                                               "weight": 1}]}})  # fmt: skip
+
+
+def test_stage_two_draws_what_stage_one_left_and_sft_skips_what_cannot_fit(prepared_sources: Path) -> None:
+    from pipelines.mix_job import plan_mixture, read_index
+
+    stages, indexes = plan_mixture(spec_for(prepared_sources, seq_len=200, max_repetitions=40))
+    one, two = stages["stage1"].plans["prose"], stages["stage2"].plans["prose"]
+    # Stage 2 goes on in prose's draw order where stage 1 stopped: not stage 1's first samples again.
+    assert two.next_draw == one.next_draw + len(two.samples)
+    assert one.next_draw + len(two.samples) <= len(indexes["prose"].samples)  # both within prose's first pass ...
+    assert not {s.key for s in two.samples} & {s.key for s in one.samples}  # ... so no sample comes twice
+    # SFT samples longer than seq_len are never drawn, and the manifest will say how many were left out.
+    sft = stages["sft"]
+    long = [s for s in read_index("instructions", prepared_sources / "instructions").samples if s.n_tokens > 200]
+    assert long and sft.excluded_too_long == {"instructions": len(long)}
+    assert all(s.n_tokens <= 200 for plan in sft.plans.values() for s in plan.samples)
+
+
+def test_a_missing_shard_and_a_bad_stage_name_are_clear_errors(prepared_sources: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from schemas import ConfigError
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared_sources, copy)
+    (copy / "howto" / "shard-00000.tar").unlink()
+    with pytest.raises(
+        MixPlanError, match=r"source 'howto': .*shard-00000\.tar is listed in manifest\.json but missing"
+    ):
+        run_mix(spec_for(copy), tmp_path / "out")
+    data = spec_for(prepared_sources).model_dump(mode="json")
+    data["stages"]["hq_0.5"] = data["stages"].pop("stage2")
+    with pytest.raises(ConfigError, match=r"stage name 'hq_0\.5': use letters, digits"):
+        validate_config(MixtureSpec, data)

@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipelines.mix_plan import MixPlanError, SampleRef, apportion, draw_source, interleave, plan_stage
+from pipelines.mix_plan import (
+    MixPlanError,
+    SampleRef,
+    _rng,
+    apportion,
+    draw_source,
+    interleave,
+    plan_stage,
+    weighted_pool,
+)
 
 
 def source(n: int, tokens: int | list[int], face_share: float = 0.0, name: str = "s") -> list[SampleRef]:
@@ -105,3 +114,22 @@ def test_stage_two_inherits_stage_one_at_half_weight(tmp_path) -> None:
     weights = {s.name: s.weight for s in spec.sources_of("stage2")}
     assert weights == {"a": 1.0, "b": 0.5, "hq": 1.5}
     assert apportion(spec.stage_tokens("stage2"), weights) == {"a": 66_667, "b": 33_333, "hq": 100_000}
+
+
+def test_a_later_stage_goes_on_where_the_earlier_one_stopped() -> None:
+    samples = [SampleRef(0, f"k{i}", 10, False) for i in range(50)]
+    first = draw_source("prose", samples, target_tokens=200, face_weight=2.0, max_repetitions=4, seed=1)
+    second = draw_source("prose", samples, 150, 2.0, 4, seed=1, start=first.next_draw)
+    assert first.next_draw == 20 and second.next_draw == 35
+    # Together they are the one endless draw order: stage 2 sees samples stage 1 left out before any repeat.
+    whole = draw_source("prose", samples, 350, 2.0, 4, seed=1)
+    assert first.samples + second.samples == whole.samples
+    assert not {s.key for s in first.samples} & {s.key for s in second.samples}
+
+
+def test_face_weight_below_one_that_leaves_nothing_is_an_error_not_a_hang() -> None:
+    samples = [SampleRef(0, f"f{i}", 10, True) for i in range(3)]  # every sample has a face
+    # A seed whose coin flips keep none of the three (each kept with probability 0.3).
+    seed = next(s for s in range(500) if not weighted_pool(samples, 0.3, _rng(s, "faces", "pool")))
+    with pytest.raises(MixPlanError, match=r"face_weight 0\.3 left no samples to draw from"):
+        draw_source("faces", samples, 20, face_weight=0.3, max_repetitions=4, seed=seed)
