@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -82,11 +82,13 @@ def write_summary(out: Path, report: dict[str, Any], evaluated: dict[str, Any]) 
 @flow(name="end-to-end")
 def end_to_end(
     out_dir: str = Field("data/demo", description="folder for everything the run writes"),
-    vq_steps: int = Field(150, ge=1, description="training steps of the tiny VQ image tokenizer"),
-    train_steps: int = Field(30, ge=2, description="pretraining steps on stage 1 (stage 2 gets half)"),
-    sft_steps: int = Field(12, ge=1, description="fine-tuning steps"),
-    max_new_tokens: int = Field(96, ge=8, description="new tokens per generated answer"),
-    eval_prompts: int = Field(3, ge=0, description="prompts of sample/eval/prompts.jsonl to answer"),
+    vq_steps: Annotated[int, Field(ge=1)] = Field(150, description="training steps of the tiny VQ image tokenizer"),
+    train_steps: Annotated[int, Field(ge=2)] = Field(
+        30, description="pretraining steps on stage 1 (stage 2 gets half)"
+    ),
+    sft_steps: Annotated[int, Field(ge=1)] = Field(12, description="fine-tuning steps"),
+    max_new_tokens: Annotated[int, Field(ge=8)] = Field(96, description="new tokens per generated answer"),
+    eval_prompts: Annotated[int, Field(ge=0)] = Field(3, description="prompts of sample/eval/prompts.jsonl to answer"),
 ) -> dict[str, Any]:
     """Sample data -> tokenizers -> prepare -> mix -> pretrain (stage 1, 2) -> SFT -> generate -> evaluate -> report."""
     started = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -63,9 +63,9 @@ def evaluate(
     out_dir: str = Field(description="folder for eval-loss.json and prompts/"),
     stage: str | None = Field(None, description="a held-out stage folder (from `cham mix`) to measure loss on"),
     prompts: str | None = Field(None, description="a prompt set (jsonl) to answer, for people to annotate"),
-    max_batches: int = Field(8, ge=1, description="batches of the stage to evaluate"),
+    max_batches: Annotated[int, Field(ge=1)] = Field(8, description="batches of the stage to evaluate"),
     mode: Literal["text", "image", "mixed"] = Field("mixed", description="what the model may answer with"),
-    max_new_tokens: int = Field(256, ge=1, description="at most this many new tokens per response"),
+    max_new_tokens: Annotated[int, Field(ge=1)] = Field(256, description="at most this many new tokens per response"),
 ) -> dict[str, Any]:
     """Held-out loss and perplexity (by source and modality) and answers to a prompt set, as artifacts."""
     out = Path(out_dir)
@@ -124,7 +124,7 @@ def generate(
     out_dir: str = Field(description="folder for generation.html, generation.json and images/"),
     mode: Literal["text", "image", "mixed"] = Field("mixed", description="what the model may produce"),
     images: list[str] | None = PROMPT_IMAGES,
-    max_new_tokens: int = Field(256, ge=1, description="at most this many new tokens"),
+    max_new_tokens: Annotated[int, Field(ge=1)] = Field(256, description="at most this many new tokens"),
     seed: int = Field(0, description="sampling seed"),
 ) -> dict[str, Any]:
     """Prompt a checkpoint for text, an image or both; the answer is shown as an artifact (images inline)."""

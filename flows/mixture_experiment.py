@@ -131,9 +131,13 @@ def mixture_experiment(
     stage = (training.stage if training else None) or next(iter(spec.stages))
     if stage not in spec.stages:
         raise ValueError(f"training stage {stage!r} is not in the spec; stages: {list(spec.stages)}")
+    # Every input is checked before the first mixture is mixed or trained: a typo in the last variant, or a wrong
+    # held-out stage, must not surface after the first ones took their minutes (or hours).
+    mixtures = [(variant, apply_variant(spec, variant)) for variant in expand_variants(variants, sweep)]
+    if training and training.heldout and not (Path(training.heldout) / "manifest.json").is_file():
+        raise ValueError(f"heldout {training.heldout!r} is not a stage folder (no manifest.json; run `cham mix`)")
     rows, curves = [], {}
-    for variant in expand_variants(variants, sweep):
-        mixture = apply_variant(spec, variant)
+    for variant, mixture in mixtures:
         folder = out / variant.name
         manifests = mix_task(dump_config(mixture, folder / "mixture.yaml"), folder / "mixed")
         m = manifests[stage]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -39,6 +40,10 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("flows")
 
 
+# A Python exception's last line or our CLI's `error: ...`, possibly behind torchrun's `[rank0]:` prefix.
+_ERROR_LINE = re.compile(r"^(\[(default)?rank\d+\]:\s*)?(error: |([A-Za-z_][\w.]*)?(Error|Exception): )")
+
+
 def _display(command: list[str]) -> str:
     if command[:3] == [sys.executable, "-m", "flows"]:
         command = ["cham", *command[3:]]
@@ -65,6 +70,7 @@ def run_command(
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, errors="replace", bufsize=1)  # fmt: skip
     tail: deque[str] = deque(maxlen=tail_lines)
+    errors: list[str] = []  # the first error lines: under torchrun the last lines are its own summary, not the cause
 
     def pump() -> None:
         assert process.stdout is not None
@@ -73,6 +79,8 @@ def run_command(
             if line:
                 tail.append(line)
                 logger.info(line)
+                if len(errors) < 3 and _ERROR_LINE.match(line) and line not in errors:
+                    errors.append(line)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -91,5 +99,7 @@ def run_command(
                 process.kill()
     if process.returncode != 0:
         last = "\n".join(list(tail)[-12:])
-        raise CommandError(f"`{_display(command)}` exited with status {process.returncode}; last lines:\n{last}")
+        cause = "".join(f"\n  {e}" for e in errors if e not in last)
+        raise CommandError(f"`{_display(command)}` exited with status {process.returncode}"
+                           f"{'; error:' + cause if cause else ''}; last lines:\n{last}")  # fmt: skip
     return list(tail)

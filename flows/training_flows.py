@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -14,9 +14,9 @@ from flows.subprocess_task import cham, run_command, torchrun
 from model.checkpointing import latest_checkpoint
 from schemas import SFTConfig, TrainConfig, dump_config
 
-NPROC = Field(1, ge=1, description="processes (ranks) on this machine; more than 1 launches torchrun (DDP or FSDP)")
+NPROC = Field(1, description="processes (ranks) on this machine; more than 1 launches torchrun (DDP or FSDP)")
 RUN_NAME = Field(None, description="train into OUT_DIR/RUN_NAME (e.g. one folder per dataset build)")
-RETRIES = Field(2, ge=0, description="relaunches after a failure; each resumes from the latest checkpoint")
+RETRIES = Field(2, description="relaunches after a failure; each resumes from the latest checkpoint")
 
 
 def training_command(kind: str, config_file: Path, nproc_per_node: int) -> list[str]:
@@ -69,7 +69,10 @@ def _train(kind: str, config: TrainConfig, nproc_per_node: int, run_name: str | 
 
 @flow(name="train")
 def train(
-    config: TrainConfig, nproc_per_node: int = NPROC, run_name: str | None = RUN_NAME, retries: int = RETRIES
+    config: TrainConfig,
+    nproc_per_node: Annotated[int, Field(ge=1)] = NPROC,
+    run_name: str | None = RUN_NAME,
+    retries: Annotated[int, Field(ge=0)] = RETRIES,
 ) -> dict[str, Any]:
     """Pretrain on a stage written by the mix job; artifacts: loss curves and final metrics."""
     return _train("train", config, nproc_per_node, run_name, retries)
@@ -77,7 +80,10 @@ def train(
 
 @flow(name="sft")
 def sft(
-    config: SFTConfig, nproc_per_node: int = NPROC, run_name: str | None = RUN_NAME, retries: int = RETRIES
+    config: SFTConfig,
+    nproc_per_node: Annotated[int, Field(ge=1)] = NPROC,
+    run_name: str | None = RUN_NAME,
+    retries: Annotated[int, Field(ge=0)] = RETRIES,
 ) -> dict[str, Any]:
     """Supervised fine-tuning from a pretrained checkpoint; artifacts: loss curves and final metrics."""
     return _train("sft", config, nproc_per_node, run_name, retries)

@@ -55,3 +55,15 @@ def test_sweep_trains_each_mixture_and_names_the_best(prefect_api, spec: Mixture
     assert plot.count("xychart-beta") == 3 and '"photos-0.25", "photos-4"' in plot
     assert f"bar [{rows['photos-0.25']['held-out loss']:.4f}, {rows['photos-4']['held-out loss']:.4f}]" in plot
     assert "data:image/png;base64," in plot
+
+
+def test_inputs_are_checked_before_any_mixture_is_mixed(prefect_api, spec: MixtureSpec, tmp_path) -> None:
+    variants = [MixtureVariant(name="good", weights={"photos": 2.0}), MixtureVariant(name="bad", weights={"nope": 1.0})]
+    state = mixture_experiment(spec=spec, out_dir=str(tmp_path / "a"), variants=variants, return_state=True)
+    assert state.is_failed() and "mixture 'bad': no stage lists the sources ['nope']" in state.message
+    assert not (tmp_path / "a" / "good").exists()  # the good one was not mixed first
+    training = ExperimentTraining(steps=3, heldout=str(tmp_path / "no-such-stage"))
+    state = mixture_experiment(spec=spec, out_dir=str(tmp_path / "b"), variants=variants[:1], training=training,
+                               return_state=True)  # fmt: skip
+    assert state.is_failed() and "is not a stage folder" in state.message
+    assert not (tmp_path / "b" / "good").exists()
