@@ -67,7 +67,12 @@ def build_deployments(settings: ServeSettings) -> list[RunnerDeployment]:
         trigger = DeploymentEventTrigger(
             name="train when build-dataset completes",
             expect={"prefect.flow-run.Completed"},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": build_dataset.name},
+            # Runs of the served build deployment only: not build-dataset as a subflow (end-to-end, `cham demo`)
+            # nor a build started by hand outside it.
+            match_related=[
+                {"prefect.resource.role": "flow", "prefect.resource.name": build_dataset.name},
+                {"prefect.resource.role": "deployment", "prefect.resource.name": NIGHTLY},
+            ],
             parameters={**train_defaults, "run_name": "{{ event.resource.name }}"},
         )
         deployments.append(train.to_deployment(AFTER_BUILD, parameters=train_defaults, triggers=[trigger], tags=tags,

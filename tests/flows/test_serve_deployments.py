@@ -92,7 +92,8 @@ def test_train_deployment_runs_when_started_through_the_api(
     train_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     prepare_yaml = tmp_path / "prepare.yaml"
     prepare_yaml.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "prepared"), "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "output_dir": str(tmp_path / "prepared"), "image_size": 64,
+        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
         "sources": [{"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(sample_data[0] / "text")]}],
     }))  # fmt: skip
     log = (tmp_path / "serve.log").open("w")
@@ -146,6 +147,19 @@ def test_train_deployment_runs_when_started_through_the_api(
             artifacts = client.read_artifacts()
             final = [a for a in artifacts if a.key == "train-final-metrics" and a.flow_run_id == run.id]
             assert len(final) == 1 and '"step"' in str(final[0].data)
+
+            # A run of the nightly build: its completion starts train/after-build, named after the build's run.
+            build = client.create_flow_run_from_deployment(nightly.id)
+            run = build
+            state = wait_for(finished, "the build-dataset flow run", 240, [serve])
+            assert state.is_completed(), state.message
+
+            def triggered():
+                runs = client.read_flow_runs()
+                return [r for r in runs if r.deployment_id == after_build.id] or None
+
+            (training,) = wait_for(triggered, "the after-build training run", 60, [serve])
+            assert training.parameters["run_name"] == client.read_flow_run(build.id).name
     finally:
         stop(serve)
         log.close()
