@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -118,6 +119,13 @@ def _weights(spec: MixtureSpec, stage: str) -> str:
     return ", ".join(f"{s.name} {s.weight:g}" for s in spec.sources_of(stage))
 
 
+def _refuse_other_settings(config: TrainConfig, previous: Path) -> None:
+    """A rerun into the same out_dir resumes its runs: with other training settings it would report the old losses
+    under the new ones (a finished run has nothing to do), so it is refused."""
+    if previous.is_file() and yaml.safe_load(previous.read_text()) != config.model_dump(mode="json"):
+        raise ValueError(f"{previous.parent} was trained with other settings ({previous}); use a new out_dir")
+
+
 @flow(name="mixture-experiment")
 def mixture_experiment(
     spec: MixtureSpec,
@@ -146,6 +154,7 @@ def mixture_experiment(
                                "image share": round(m["modality"]["image_share"], 4)}  # fmt: skip
         if training:
             config = experiment_train_config(training, mixture, folder / "mixed" / stage, folder / "run")
+            _refuse_other_settings(config, folder / "run" / "train-config.yaml")
             result = launch_training("train", config, training.nproc_per_node)
             curves[variant.name] = result["loss_curve"]
             row["final train loss"] = round(result["final"]["loss"], 4)

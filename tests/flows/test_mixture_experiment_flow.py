@@ -67,3 +67,17 @@ def test_inputs_are_checked_before_any_mixture_is_mixed(prefect_api, spec: Mixtu
                                return_state=True)  # fmt: skip
     assert state.is_failed() and "is not a stage folder" in state.message
     assert not (tmp_path / "b" / "good").exists()
+
+
+def test_a_rerun_with_other_training_settings_is_refused(spec: MixtureSpec, make_stage, tmp_path) -> None:
+    from flows.mixture_experiment import _refuse_other_settings, experiment_train_config
+    from schemas import dump_config
+
+    stage = make_stage(3_000)
+    first = experiment_train_config(ExperimentTraining(steps=3), spec, stage, tmp_path / "run")
+    _refuse_other_settings(first, tmp_path / "run" / "train-config.yaml")  # nothing there yet
+    dump_config(first, tmp_path / "run" / "train-config.yaml")
+    _refuse_other_settings(first, tmp_path / "run" / "train-config.yaml")  # the same settings resume
+    other = experiment_train_config(ExperimentTraining(steps=5), spec, stage, tmp_path / "run")
+    with pytest.raises(ValueError, match="was trained with other settings"):
+        _refuse_other_settings(other, tmp_path / "run" / "train-config.yaml")
