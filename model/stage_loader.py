@@ -172,8 +172,10 @@ class StageLoader:
             self.epoch, self.batches_done = self.epoch + 1, 0
         dataset = StageDataset(self.index, self.seq_len, self.rank, self.world_size, self.batch_size,
                                self.batches_per_epoch, self.batches_done)  # fmt: skip
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False)  # fmt: skip
+        # A generator of its own: otherwise each new DataLoader iterator draws its base seed from torch's global RNG,
+        # which dropout also draws from, and a resumed run (a new iterator mid-epoch) would get other dropout masks.
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.epoch))  # fmt: skip
         for batch in loader:
             self.batches_done += 1
             yield batch

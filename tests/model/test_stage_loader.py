@@ -94,3 +94,15 @@ def test_corrupt_shard_fails_fast_or_is_skipped(stage: Path, tmp_path: Path) -> 
     assert skipping.skipped_shards == [str(victim)]
     assert len(skipping) < len(StageLoader(stage, batch_size=2))
     assert len(list(skipping)) == len(skipping)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reading_leaves_torchs_global_rng_alone(stage: Path, workers: int) -> None:
+    # Dropout draws from the global RNG: a loader that drew from it too would give a resumed run (a new iterator
+    # mid-epoch) other dropout masks than the run it resumes.
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader = StageLoader(stage, batch_size=4, num_workers=workers)
+    for _ in zip(range(3), iter(loader), strict=False):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
