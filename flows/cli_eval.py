@@ -103,8 +103,13 @@ def prompts(
     seed: Annotated[int, typer.Option(help="base seed; each prompt samples with a seed derived from its id")] = 0,
     guidance: Annotated[bool, typer.Option("--cfg/--no-cfg", help="classifier-free guidance for images")] = True,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="prompts decoded together (the responses are the same for any batch size)")
-    ] = 8,
+        int,
+        typer.Option(
+            min=1,
+            help="prompts decoded together: faster; responses equal to one at a time up to "
+            "floating-point rounding (padding changes summation order)",
+        ),
+    ] = 1,
     text_tokenizer: Annotated[Path | None, typer.Option(help="override the text tokenizer the run recorded")] = None,
     image_tokenizer: Annotated[Path | None, typer.Option(help="override the image tokenizer the run recorded")] = None,
 ) -> None:

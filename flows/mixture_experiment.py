@@ -144,6 +144,11 @@ def mixture_experiment(
     mixtures = [(variant, apply_variant(spec, variant)) for variant in expand_variants(variants, sweep)]
     if training and training.heldout and not (Path(training.heldout) / "manifest.json").is_file():
         raise ValueError(f"heldout {training.heldout!r} is not a stage folder (no manifest.json; run `cham mix`)")
+    for variant, mixture in mixtures if training else []:
+        previous = out / variant.name / "run" / "train-config.yaml"
+        if previous.is_file():  # an earlier run of this experiment: its stage exists, so the config can be built
+            config = experiment_train_config(training, mixture, out / variant.name / "mixed" / stage, previous.parent)
+            _refuse_other_settings(config, previous)
     rows, curves = [], {}
     for variant, mixture in mixtures:
         folder = out / variant.name
@@ -154,7 +159,6 @@ def mixture_experiment(
                                "image share": round(m["modality"]["image_share"], 4)}  # fmt: skip
         if training:
             config = experiment_train_config(training, mixture, folder / "mixed" / stage, folder / "run")
-            _refuse_other_settings(config, folder / "run" / "train-config.yaml")
             result = launch_training("train", config, training.nproc_per_node)
             curves[variant.name] = result["loss_curve"]
             row["final train loss"] = round(result["final"]["loss"], 4)

@@ -79,8 +79,11 @@ def run_command(
             if line:
                 tail.append(line)
                 logger.info(line)
-                if len(errors) < 3 and _ERROR_LINE.match(line) and line not in errors:
-                    errors.append(line)
+                error = _ERROR_LINE.match(line)
+                if error:
+                    cause = line[error.end(1) :] if error.group(1) else line  # without `[rankN]:`: once for all ranks
+                    if len(errors) < 3 and cause not in errors:
+                        errors.append(cause)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

@@ -421,13 +421,13 @@ class Generator:
     def _start_state(self, ids: list[int], mode: str, pad: int, max_new_tokens: int) -> _Stream:
         """State after the prompt: a prompt may end inside an image (e.g. with BOI) and then continues it."""
         state = _Stream()
-        bois = [i for i, t in enumerate(ids) if t == self.vocab.boi_id]
-        eois = [i for i, t in enumerate(ids) if t == self.vocab.eoi_id]
-        if bois and (not eois or bois[-1] > eois[-1]):
-            state.in_image, state.boi_col = True, pad + bois[-1]
-            state.codes_left = self.vocab.tokens_per_image - (len(ids) - bois[-1] - 1)
+        open_image = _open_image(self.vocab, ids)
+        if open_image:
+            n_codes = len(open_image) - 1
+            state.in_image, state.boi_col = True, pad + len(ids) - len(open_image)
+            state.codes_left = self.vocab.tokens_per_image - n_codes
             if mode == "text" or state.codes_left < 0:
-                raise ValueError(f"prompt ends inside an image ({len(ids) - bois[-1] - 1} codes) in {mode} mode")
+                raise ValueError(f"prompt ends inside an image ({n_codes} codes) in {mode} mode")
             if state.codes_left + 1 > max_new_tokens:
                 raise ValueError(f"max_new_tokens {max_new_tokens} cannot finish the prompt's open image")
         elif mode == "image" and max_new_tokens < self.vocab.tokens_per_image + 2:

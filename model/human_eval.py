@@ -132,7 +132,8 @@ def run_prompts(
     """Answer every prompt; writes out/responses.jsonl, out/images/ and out/annotate.html, returns the records.
 
     `batch_size` prompts are decoded together; each samples with its own seed (from its id), so the responses are
-    the same for any batch size.
+    those of one at a time up to floating-point rounding (left padding changes summation order, which can flip a
+    near-tie). The default, 1, keeps each response independent of the other prompts in the file.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -55,7 +55,8 @@ def respond_batch(
     seeds: Sequence[int],
     chat: bool | None = None,
 ) -> list[Response]:
-    """Answer several prompts decoded together, each with its own seed: the same responses as `respond` one by one.
+    """Answer several prompts decoded together, each with its own seed: the responses of `respond` one by one, up to
+    floating-point rounding (a padded row sums in another order, which can flip a near-tie).
 
     A prompt whose context leaves fewer than `max_new_tokens` is answered alone (a shared budget would cut the
     others short). Each response's `seconds` is its share of its batch's time.

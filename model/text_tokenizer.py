@@ -6,6 +6,7 @@ ids), so the total vocabulary is exactly the layout's size. Byte fallback means 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -161,14 +162,17 @@ class HFTextTokenizer:
         except ImportError as err:  # pragma: no cover - the hf extra is installed in dev and CI
             raise TokenizerError("loading text_tokenizer.json needs the hf extra: pip install '.[hf]'") from err
         self.path = Path(path)
-        self._tok = Tokenizer.from_file(str(self.path))
-        vocab = self._tok.get_vocab(with_added_tokens=True)
+        data = json.loads(self.path.read_text(encoding="utf-8"))
+        model_vocab = data.get("model", {}).get("vocab")
+        if isinstance(model_vocab, dict):  # BPE, as Meta's: no tokenizer needs building just to read the names
+            vocab = {**model_vocab, **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
+        else:
+            vocab = Tokenizer.from_str(json.dumps(data)).get_vocab(with_added_tokens=True)
         self.vocab = Vocabulary(_layout_from_names(vocab, self.path, image_grid))
         self._text_start = self.vocab.first_text_id
         # Document text must never become control ids: "</s>" or "<racm3:break>" typed in a document would end it
         # or open an image. Every added token below the text range is made special, and special tokens are then
         # tokenized as plain text.
-        data = json.loads(self.path.read_text(encoding="utf-8"))
         for token in data.get("added_tokens", []):
             if token["id"] < self._text_start:
                 token["special"] = True
@@ -241,10 +245,12 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def iter_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """The documents of .txt (whole file), .jsonl (`text_field`) and .parquet (column `text_field`) files."""
+    """The documents of .txt (whole file), .jsonl / .jsonl.gz (`text_field`) and .parquet (column `text_field`)
+    files; a UTF-8 byte-order mark is skipped, as the prepare job's reader does."""
     for path in files:
-        if path.suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8", errors="replace") as f:
+        if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
                 for line in f:
                     if line.strip():
                         value = json.loads(line).get(text_field)
@@ -257,7 +263,7 @@ def iter_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]
             for batch in parquet.iter_batches(columns=[text_field]):
                 yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
         elif path.suffix in (".txt", ".md", ".py", ".rst", ""):
-            yield path.read_text(encoding="utf-8", errors="replace")
+            yield path.read_text(encoding="utf-8-sig", errors="replace")
 
 
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:

@@ -30,7 +30,7 @@ from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, plan_stage
 from pipelines.packing import PackedSequence, pack_pretraining, pack_sft
 from pipelines.prepare_job import MANIFEST
 from pipelines.runners import pipeline_options
-from pipelines.shard_writer import STATS_SUFFIX, TAR_MTIME, encode_npy, shard_name, token_dtype
+from pipelines.shard_writer import STATS_SUFFIX, TAR_MTIME, encode_npy, shard_id_of, shard_name, token_dtype
 from schemas import MixtureSpec
 from schemas.prepare_config import RunnerConfig
 
@@ -59,7 +59,7 @@ def read_index(name: str, path: Path) -> SourceIndex:
     manifest = json.loads(manifest_path.read_text())
     samples = []
     for shard in manifest["shards"]:
-        shard_id = int(shard["shard"].rsplit("-", 1)[1])
+        shard_id = shard_id_of(shard["shard"])
         tar_path = Path(path) / f"{shard['shard']}.tar"
         if not tar_path.is_file():
             raise MixPlanError(f"source {name!r}: {tar_path} is listed in {MANIFEST} but missing; re-run `cham "
@@ -258,7 +258,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
                    fingerprint: str, vocab: Vocabulary) -> dict[str, Any]:  # fmt: skip
     """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
     # By shard number, not name: shard-100000 sorts before shard-10001 as text.
-    stats_files = sorted(folder.glob(f"*{STATS_SUFFIX}"), key=lambda p: int(p.name.split(".")[0].rsplit("-", 1)[1]))
+    stats_files = sorted(folder.glob(f"*{STATS_SUFFIX}"), key=lambda p: shard_id_of(p.name) or 0)
     shards = [json.loads(p.read_text()) for p in stats_files]
     weights = stage.weights
     total_weight = sum(weights.values())

@@ -27,7 +27,7 @@ from pipelines.face_detection import HaarFaceDetector
 from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_sample, prepare_record
 from pipelines.raw_records import Reject
 from pipelines.runners import pipeline_options
-from pipelines.shard_writer import STATS_SUFFIX, shard_name, write_shard
+from pipelines.shard_writer import STATS_SUFFIX, shard_id_of, shard_name, write_shard
 from pipelines.source_reader import ReadTask, plan_read_tasks, read_task
 from pipelines.vq_inference import VQCodes
 from schemas.prepare_config import PrepareConfig, SourceConfig
@@ -219,7 +219,7 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
 def remove_stale_shards(out_dir: Path, n_shards: int) -> list[Path]:
     """Delete the files of shards numbered n_shards and up: left by an earlier run that planned more tasks (a smaller
     samples_per_shard, fewer input files), they would hold samples twice for anything that globs the folder."""
-    stale = [p for p in out_dir.glob("shard-*") if p.name[6:11].isdigit() and int(p.name[6:11]) >= n_shards]
+    stale = [p for p in out_dir.glob("shard-*") if (shard_id_of(p.name) or 0) >= n_shards]
     for path in stale:
         path.unlink()
     return stale

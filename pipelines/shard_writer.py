@@ -42,6 +42,13 @@ def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:05d}"
 
 
+def shard_id_of(name: str) -> int | None:
+    """The number of a shard name or file name (`shard-00012`, `shard-00012.tar`, ...); None if it is not one."""
+    stem = name.split(".", 1)[0]
+    number = stem[len("shard-") :] if stem.startswith("shard-") else ""
+    return int(number) if number.isdigit() else None
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (Chameleon's 65,536 does), else int32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)

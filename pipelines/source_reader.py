@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,7 @@ def read_task(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
     reader = {"jsonl": _read_jsonl, "parquet": _read_parquet, "webdataset": _read_tar}[task.format]
     try:
         yield from reader(task)
-    except (OSError, tarfile.TarError, ValueError, EOFError) as err:
+    except (OSError, tarfile.TarError, ValueError, EOFError, zlib.error) as err:  # zlib: a damaged .gz
         # The whole file (or the rest of it) is unreadable: report the path, don't kill the job.
         yield Reject(task.source, task.location(), READ_STAGE, "file_unreadable", f"{task.path}: {err}")
 
@@ -162,12 +163,12 @@ def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
             line = f.readline()
             if not line:
                 break
+            if offset == 0 and line.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark before the first record
+                line, offset = line[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
             record_id = f"{task.location()}:{offset}"
             offset += len(line)
             if not line.strip():
                 continue
-            if record_id.endswith(":0") and line.startswith(codecs.BOM_UTF8):
-                line = line[len(codecs.BOM_UTF8) :]  # a UTF-8 byte-order mark before the first record
             try:
                 row = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as err:

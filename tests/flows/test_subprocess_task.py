@@ -13,13 +13,16 @@ def test_the_cause_survives_a_long_launcher_summary() -> None:
     script = (
         "import sys\n"
         "print('[rank1]: error: /data/stage1 is not a stage folder (no manifest.json)')\n"
+        "print('[rank0]: error: /data/stage1 is not a stage folder (no manifest.json)')\n"
         "for i in range(30): print(f'launcher summary line {i}')\n"
         "sys.exit(1)\n"
     )
     with pytest.raises(CommandError) as caught:
         run_command([sys.executable, "-c", script])
     message = str(caught.value)
-    assert "exited with status 1; error:\n  [rank1]: error: /data/stage1 is not a stage folder" in message
+    assert (
+        "exited with status 1; error:\n  error: /data/stage1 is not a stage folder (no manifest.json); last" in message
+    )
     assert message.endswith("launcher summary line 29") and "launcher summary line 17" not in message
 
 

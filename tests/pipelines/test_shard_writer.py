@@ -73,3 +73,10 @@ def test_large_vocabularies_use_int32_and_bad_samples_fail(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="id 70000 >= vocab size 65536"):
         write_shard(tmp_path, 2, [sample], [], vocab_size=65_536, fingerprint="f")
     assert not is_complete(tmp_path, 2, "f")
+
+
+def test_shard_id_of_reads_any_width() -> None:
+    from pipelines.shard_writer import shard_id_of, shard_name
+
+    assert [shard_id_of(n) for n in ("shard-00012.tar", "shard-100000.stats.json", shard_name(7))] == [12, 100000, 7]
+    assert shard_id_of("manifest.json") is None and shard_id_of(".shard-00001.tar.tmp") is None

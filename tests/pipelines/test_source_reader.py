@@ -206,3 +206,19 @@ def test_sft_parquet(tmp_path: Path) -> None:
     records, rejects = read_all(source("s", "sft", "parquet", tmp_path / "sft.parquet"))
     assert rejects == [] and records[0]["prompt"][0]["image"]["bytes"] == b"\xff\xd8"
     assert records[0]["answer"] == [{"text": "A cat.", "image": None}]
+
+
+def test_a_damaged_gzip_is_a_reject_not_a_crash(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "t.jsonl.gz"
+    rng = random.Random(1)
+    lines = "".join(
+        json.dumps({"text": "".join(rng.choice("abcdefgh ") for _ in range(200))}) + "\n" for _ in range(50)
+    )
+    data = bytearray(gzip.compress(lines.encode()))
+    data[200:260] = bytes(b ^ 0xFF for b in data[200:260])  # damage inside the deflate stream
+    path.write_bytes(bytes(data))
+    records, rejects = read_all(source("t", "text", "jsonl", path))
+    assert reasons(rejects) == ["file_unreadable"] and str(path) in rejects[0].detail
+    assert len(records) < 50  # what came before the damage, if anything
