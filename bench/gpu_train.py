@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from model.document_attention import resolve_document_attention
 from model.losses import DEFAULT_CHUNK_SIZE
-from model.mfu import PEAK_FLOPS, device_peak_flops, flops_per_token
+from model.mfu import PEAK_FLOPS, device_peak_flops, flops_per_token, matmul_params
 from model.optim import make_optimizer
 from model.transformer import Transformer
 from schemas.model_config import ModelConfig
@@ -91,8 +91,8 @@ def main() -> None:
             block.compile()  # in place, as the trainer does: parameter names stay Meta's
     optimizer = make_optimizer(model, OptimizerConfig())
     n_params = model.num_params()
-    matmul_params = n_params - model.tok_embeddings.weight.numel()
-    fpt = flops_per_token(matmul_params, cfg.n_layers, cfg.dim, seq)
+    n_matmul = matmul_params(model)
+    fpt = flops_per_token(n_matmul, cfg.n_layers, cfg.dim, seq)
     peak = device_peak_flops(device) or PEAK_FLOPS["H100"]  # an unknown GPU is reported against an H100
 
     def loss_of(tokens: torch.Tensor, docs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -141,7 +141,7 @@ def main() -> None:
         "torch": torch.__version__,
         "config": cfg.model_dump(exclude={"preset"}),
         "params_total": n_params,
-        "params_matmul": matmul_params,
+        "params_matmul": n_matmul,
         "batch": batch,
         "seq": seq,
         "tokens_per_step": tokens_per_step,
@@ -164,7 +164,7 @@ def main() -> None:
         "total_s": round(time.perf_counter() - start_all, 2),
     }
     print(
-        f"{result['device']}: {n_params / 1e9:.3f}B params ({matmul_params / 1e9:.3f}B matmul), batch {batch} x {seq}, "
+        f"{result['device']}: {n_params / 1e9:.3f}B params ({n_matmul / 1e9:.3f}B matmul), batch {batch} x {seq}, "
         f"compile {compile_blocks}\n"
         f"  warm-up {warmup_s:.1f}s; {len(times)} timed steps, median {med * 1e3:.1f} ms/step\n"
         f"  tokens/s {tps:,.0f}  MFU {result['mfu'] * 100:.1f}% (N = matmul params; "

@@ -16,6 +16,12 @@ def flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) -> flo
     return 6 * n_params + 12 * n_layers * dim * seq_len
 
 
+def matmul_params(model: torch.nn.Module) -> int:
+    """The N of 6N: parameters that multiply, i.e. all but the input embedding table (a lookup; the output is
+    untied, so it counts)."""
+    return sum(p.numel() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
+
+
 def device_peak_flops(device: torch.device) -> float | None:
     """The dense bf16 peak of `device` if it is a GPU we know, else None."""
     if device.type != "cuda":

@@ -32,7 +32,7 @@ from model.checkpointing import (
 )
 from model.document_attention import resolve_document_attention
 from model.lr_schedule import make_scheduler
-from model.mfu import device_peak_flops, flops_per_token
+from model.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.optim import clip_and_check, make_optimizer
 from model.stage_loader import StageLoader
 from model.transformer import Transformer
@@ -130,9 +130,8 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step, self.skipped = 0, 0
-        # N counts the parameters that multiply: all but the input embedding table, a lookup (the output is untied).
-        matmul_params = sum(p.numel() for n, p in self.model.named_parameters() if n != "tok_embeddings.weight")
-        self.flops_per_token = flops_per_token(matmul_params, model_config.n_layers, model_config.dim, config.seq_len)
+        self.flops_per_token = flops_per_token(matmul_params(self.model), model_config.n_layers, model_config.dim,
+                                               config.seq_len)  # fmt: skip
         self.peak = device_peak_flops(self.device)
         self._resume()
 
