@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from schemas.vocab import PAD_ID
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
@@ -60,8 +62,9 @@ class StageDataset(IterableDataset):
     """Batches of one rank, from `start_batch` on; yields dicts of tensors (see `read_batch`)."""
 
     def __init__(self, index: list[Member], seq_len: int, rank: int, world_size: int, batch_size: int,
-                 n_batches: int, start_batch: int = 0):  # fmt: skip
-        self.index, self.seq_len = index, seq_len
+                 n_batches: int, start_batch: int = 0, vocab_size: int | None = None,
+                 skip_damaged: bool = False):  # fmt: skip
+        self.index, self.seq_len, self.vocab_size, self.skip_damaged = index, seq_len, vocab_size, skip_damaged
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.n_batches, self.start_batch = n_batches, start_batch
 
@@ -74,7 +77,8 @@ class StageDataset(IterableDataset):
                 if (batch - self.start_batch) % n_workers != worker:
                     continue
                 first = batch * self.world_size * self.batch_size + self.rank * self.batch_size
-                yield read_batch(self.index[first : first + self.batch_size], self.seq_len, files)
+                members = self.index[first : first + self.batch_size]
+                yield read_batch(members, self.seq_len, files, self.vocab_size, self.skip_damaged)
         finally:
             for f in files.values():
                 f.close()
@@ -93,25 +97,62 @@ def _read(member: Member, suffix: str, files: dict[str, Any]) -> np.ndarray:
         raise CorruptShardError(f"{member.shard}: member {suffix} at byte {offset}: {err}") from None
 
 
-def read_batch(members: list[Member], seq_len: int, files: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_sequence(member: Member, seq_len: int, files: dict[str, Any],
+                  vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """One sequence's tokens [S], loss mask [S] and documents [3, n] (start, length, source), checked for shape and
+    range: a damaged member raises CorruptShardError naming the shard and byte, never a wrong batch or an index
+    error inside the model."""
+    offset = member.offsets["tokens.npy"][0]
+
+    def bad(why: str) -> CorruptShardError:
+        return CorruptShardError(f"{member.shard}: sequence at byte {offset}: {why}")
+
+    tokens = _read(member, "tokens.npy", files)
+    if tokens.shape != (seq_len,) or tokens.dtype.kind not in "iu":
+        raise bad(f"tokens are {tokens.dtype} {tokens.shape}, expected integers of shape ({seq_len},)")
+    if vocab_size is not None and seq_len and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise bad(f"token ids span {int(tokens.min())}..{int(tokens.max())}, outside the vocabulary of {vocab_size}")
+    mask = _read(member, "mask.npy", files) if "mask.npy" in member.offsets else np.ones(seq_len, np.uint8)
+    if mask.shape != (seq_len,):
+        raise bad(f"mask has shape {mask.shape}, expected ({seq_len},)")
+    docs = _read(member, "docs.npy", files)
+    if docs.ndim != 2 or docs.shape[0] != 3 or docs.dtype.kind not in "iu":
+        raise bad(f"docs are {docs.dtype} {docs.shape}, expected integers of shape (3, n)")
+    starts, lengths = docs[0].astype(np.int64), docs[1].astype(np.int64)
+    if len(docs[0]) and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > seq_len):
+        raise bad(f"document bounds fall outside the {seq_len} positions")
+    return tokens, mask.astype(bool), docs
+
+
+def read_batch(members: list[Member], seq_len: int, files: dict[str, Any], vocab_size: int | None = None,
+               skip_damaged: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """tokens [B, S] int64, loss_mask [B, S] bool, doc_ids [B, S] (document index, -1 on padding),
-    positions [B, S] (reset at each document), source_ids [B, S] (-1 on padding)."""
+    positions [B, S] (reset at each document), source_ids [B, S] (-1 on padding), damaged [B] bool.
+
+    With `skip_damaged`, a sequence whose members cannot be read becomes an all-padding row with no targets (logged,
+    flagged in `damaged`), so batch shapes and counts stay as planned on every rank; otherwise it raises."""
     b = len(members)
-    tokens = np.empty((b, seq_len), np.int64)
-    mask = np.ones((b, seq_len), bool)
+    tokens = np.full((b, seq_len), PAD_ID, np.int64)
+    mask = np.zeros((b, seq_len), bool)
     doc_ids = np.full((b, seq_len), -1, np.int64)
     positions = np.zeros((b, seq_len), np.int64)
     sources = np.full((b, seq_len), -1, np.int64)
+    damaged = np.zeros(b, bool)
     for i, member in enumerate(members):
-        tokens[i] = _read(member, "tokens.npy", files)
-        if "mask.npy" in member.offsets:
-            mask[i] = _read(member, "mask.npy", files).astype(bool)
-        starts, lengths, srcs = _read(member, "docs.npy", files)
-        for d, (start, length, src) in enumerate(zip(starts, lengths, srcs, strict=True)):
+        try:
+            tokens[i], mask[i], docs = read_sequence(member, seq_len, files, vocab_size)
+        except CorruptShardError as err:
+            if not skip_damaged:
+                raise
+            log.warning("a damaged sequence is read as padding: %s", err)
+            tokens[i], mask[i], damaged[i] = PAD_ID, False, True
+            continue
+        for d, (start, length, src) in enumerate(zip(*docs, strict=True)):
             doc_ids[i, start : start + length] = d
             positions[i, start : start + length] = np.arange(length)
             sources[i, start : start + length] = src
-    arrays = {"tokens": tokens, "loss_mask": mask, "doc_ids": doc_ids, "positions": positions, "source_ids": sources}
+    arrays = {"tokens": tokens, "loss_mask": mask, "doc_ids": doc_ids, "positions": positions, "source_ids": sources,
+              "damaged": damaged}  # fmt: skip
     return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
@@ -120,7 +161,9 @@ class StageLoader:
 
     `state_dict()` is {fingerprint, epoch, sequences_consumed}; `load_state_dict` refuses another dataset's state
     unless `allow_fingerprint_change`. With `skip_corrupt`, an unreadable shard is left out (on every rank alike,
-    so batch counts stay equal) with a warning, and counted in `skipped_shards`.
+    so batch counts stay equal) with a warning, and counted in `skipped_shards`; a damaged sequence inside a readable
+    shard is read as a padding row without targets, flagged in the batch's `damaged`. Without it, either raises
+    CorruptShardError naming the shard.
     """
 
     def __init__(self, stage_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -132,6 +175,8 @@ class StageLoader:
         self.manifest = manifest = json.loads(manifest_path.read_text())
         self.fingerprint, self.seq_len = manifest["fingerprint"], manifest["seq_len"]
         self.source_ids = manifest.get("source_ids", [])
+        self.vocab_size = manifest.get("vocab_layout", {}).get("vocab_size")
+        self.skip_corrupt = skip_corrupt
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.skipped_shards: list[str] = []
         self.index: list[Member] = []
@@ -171,7 +216,8 @@ class StageLoader:
         if self.batches_done >= self.batches_per_epoch:
             self.epoch, self.batches_done = self.epoch + 1, 0
         dataset = StageDataset(self.index, self.seq_len, self.rank, self.world_size, self.batch_size,
-                               self.batches_per_epoch, self.batches_done)  # fmt: skip
+                               self.batches_per_epoch, self.batches_done, vocab_size=self.vocab_size,
+                               skip_damaged=self.skip_corrupt)  # fmt: skip
         # A generator of its own: otherwise each new DataLoader iterator draws its base seed from torch's global RNG,
         # which dropout also draws from, and a resumed run (a new iterator mid-epoch) would get other dropout masks.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,

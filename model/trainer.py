@@ -58,7 +58,8 @@ class StepMetrics:
     tokens_per_s: float
     data_wait_share: float
     mfu: float | None
-    skipped_steps: int
+    skipped_steps: int  # steps not applied (non-finite gradients, or no targets), so far
+    damaged_sequences: int = 0  # sequences read as padding so far (skip_corrupt_shards), all ranks
 
 
 class Trainer:
@@ -129,7 +130,7 @@ class Trainer:
         }  # fmt: skip
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped, self.damaged = 0, 0, 0
         self.flops_per_token = flops_per_token(matmul_params(self.model), model_config.n_layers, model_config.dim,
                                                config.seq_len)  # fmt: skip
         self.peak = device_peak_flops(self.device)
@@ -155,6 +156,7 @@ class Trainer:
         else:
             state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
         self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
+        self.damaged = int(state.extra.get("damaged_sequences", 0))
         self.loader.load_state_dict(state.loader)
         self.log(f"resumed from {found} at step {self.step}")
 
@@ -211,8 +213,9 @@ class Trainer:
             dist.all_reduce(total)
         scales = (counts * self.world_size / total.clamp(min=1)).float()
         # Sums over the step's targets, kept on the device (one host sync per step): loss, ce, z, ce_text * n_text,
-        # ce_image * n_image, n_text, n_image.
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        # ce_image * n_image, n_text, n_image, and the damaged sequences read as padding (skip_corrupt_shards).
+        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        sums[7] = torch.stack([b["damaged"].sum() for b in micro_batches]).sum()
         for micro, batch in enumerate(micro_batches):
             sync = micro == self.accumulation - 1 or self.world_size == 1 or self.fsdp
             context = nullcontext() if sync else self.module.no_sync()  # DDP: all-reduce once per step
@@ -224,11 +227,14 @@ class Trainer:
                                   image_token_mask=self.image_mask, loss_chunk_size=config.loss_chunk_size)  # fmt: skip
             (out.loss * scales[micro]).backward()
             n = counts[micro]
-            sums += torch.stack([out.loss.detach() * n, out.ce * n, out.z_loss * n, out.ce_text * out.n_text,
-                                 out.ce_image * out.n_image, out.n_text, out.n_image]).double()  # fmt: skip
+            sums[:7] += torch.stack([out.loss.detach() * n, out.ce * n, out.z_loss * n, out.ce_text * out.n_text,
+                                     out.ce_image * out.n_image, out.n_text, out.n_image]).double()  # fmt: skip
         if self.world_size > 1:
             dist.all_reduce(sums)
-        loss, ce, z, text, image, n_text, n_image = sums.tolist()
+        loss, ce, z, text, image, n_text, n_image, damaged = sums.tolist()
+        if damaged:
+            self.damaged += int(damaged)
+            self.log(f"step {self.step + 1}: {int(damaged)} damaged sequences read as padding (no targets)")
         supervised = int(total)
         positions = sum(b["tokens"].numel() for b in micro_batches)
         grad_norm, finite = self._clip()
@@ -251,7 +257,7 @@ class Trainer:
             tokens_per_s=positions * self.world_size / seconds, data_wait_share=waited / seconds,
             # Per device: this rank's positions against this device's peak.
             mfu=(positions / seconds * self.flops_per_token / self.peak) if self.peak else None,
-            skipped_steps=self.skipped,
+            skipped_steps=self.skipped, damaged_sequences=self.damaged,
         )  # fmt: skip
         if metrics_file is not None:
             metrics_file.write(json.dumps(asdict(metrics)) + "\n")
@@ -291,7 +297,8 @@ class Trainer:
             model_state = get_model_state_dict(self.model, options=options)
             optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         if self.rank == 0:
-            state = TrainState(self.step, self.loader.state_dict(), {"skipped_steps": self.skipped})
+            extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged}
+            state = TrainState(self.step, self.loader.state_dict(), extra)
             save_checkpoint(self.ckpt_dir, state, model_state, optimizer_state, self.scheduler,
                             keep_last=self.config.checkpoint.keep_last, files=self.checkpoint_files)  # fmt: skip
         if self.world_size > 1:

@@ -80,7 +80,11 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     loader_workers: int = Field(1, ge=0)
-    skip_corrupt_shards: bool = False
+    skip_corrupt_shards: bool = Field(
+        False,
+        description="leave out unreadable shards and read damaged sequences "
+        "as padding without targets, counted, instead of failing",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -136,3 +136,54 @@ def train_and_sft_stages(tmp_path_factory: pytest.TempPathFactory, prepared_sour
     })  # fmt: skip
     run_mix(spec, out, sequences_per_shard=64)
     return out
+
+
+@pytest.fixture(scope="session")
+def damage_stage():
+    """damage_stage(stage, copy): copy a stage folder and damage three sequences of its first shard in place (the
+    tar stays intact: a bad .npy header, a document past the sequence's end, a token id past the vocabulary)."""
+    import io
+    import shutil
+    import tarfile
+
+    import numpy as np
+
+    from model.stage_loader import StageLoader
+
+    def damage(stage: Path, copy: Path) -> dict[int, str]:
+        """Copy the stage and damage three sequences of its first shard in place (the tar stays intact); returns
+        {sequence index: what was damaged}."""
+        shutil.copytree(stage, copy)
+        tar_path = sorted(copy.glob("shard-*.tar"))[0]
+        vocab_size = StageLoader(copy, batch_size=1).vocab_size
+        data = bytearray(tar_path.read_bytes())
+        with tarfile.open(tar_path) as tar:
+            infos = {info.name: info for info in tar.getmembers()}
+        keys = sorted({name.partition(".")[0] for name in infos})
+
+        def put(key: str, suffix: str, payload: bytes) -> None:
+            info = infos[f"{key}.{suffix}"]
+            assert len(payload) == info.size
+            data[info.offset_data : info.offset_data + info.size] = payload
+
+        def array(key: str, suffix: str) -> np.ndarray:
+            info = infos[f"{key}.{suffix}"]
+            return np.load(io.BytesIO(bytes(data[info.offset_data : info.offset_data + info.size])))
+
+        def npy(a: np.ndarray) -> bytes:
+            buffer = io.BytesIO()
+            np.save(buffer, a)
+            return buffer.getvalue()
+
+        put(keys[1], "tokens.npy", b"garbage!" + bytes(infos[f"{keys[1]}.tokens.npy"].size - 8))
+        docs = array(keys[4], "docs.npy")
+        docs[1, 0] = 10_000  # a document longer than the sequence
+        put(keys[4], "docs.npy", npy(docs))
+        tokens = array(keys[6], "tokens.npy")
+        assert np.iinfo(tokens.dtype).max >= vocab_size
+        tokens[3] = vocab_size  # one id past the vocabulary
+        put(keys[6], "tokens.npy", npy(tokens))
+        tar_path.write_bytes(bytes(data))
+        return {1: "bad npy header", 4: "document bounds", 6: "token id"}
+
+    return damage

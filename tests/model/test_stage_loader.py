@@ -1,8 +1,10 @@
-"""The stage loader: deterministic rank/worker split, equal batch counts, exact resume, corrupt shards."""
+"""The stage loader: deterministic rank/worker split, equal batch counts, exact resume, corrupt shards and damaged
+sequences."""
 
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from model.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
+from model.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader, read_batch
+from schemas.vocab import PAD_ID
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,27 @@ def test_reading_leaves_torchs_global_rng_alone(stage: Path, workers: int) -> No
     for _ in zip(range(3), iter(loader), strict=False):
         pass
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_damaged_sequence_fails_clearly_or_is_read_as_padding(stage: Path, tmp_path: Path, damage_stage) -> None:
+    copy = tmp_path / "stage"
+    damaged = damage_stage(stage, copy)
+    first_shard = str(sorted(copy.glob("shard-*.tar"))[0])
+    with pytest.raises(CorruptShardError, match=re.escape(first_shard) + r": .*at byte \d+"):
+        list(StageLoader(copy, batch_size=4))
+    for rows, text in [([1], "tokens.npy"), ([4], "document bounds"), ([6], "outside the vocabulary of")]:
+        loader = StageLoader(copy, batch_size=1)
+        with pytest.raises(CorruptShardError, match=text):
+            read_batch([loader.index[r] for r in rows], loader.seq_len, {}, loader.vocab_size)
+    clean = list(StageLoader(stage, batch_size=4))
+    skipping = list(StageLoader(copy, batch_size=4, skip_corrupt=True))
+    assert len(skipping) == len(clean)  # batch counts stay as planned: no rank waits on another
+    got, want = torch.cat([b["tokens"] for b in skipping]), torch.cat([b["tokens"] for b in clean])
+    flags = torch.cat([b["damaged"] for b in skipping])
+    assert torch.nonzero(flags).flatten().tolist() == sorted(damaged)
+    mask = torch.cat([b["loss_mask"] for b in skipping])
+    for row in range(len(got)):
+        if row in damaged:
+            assert (got[row] == PAD_ID).all() and not mask[row].any()
+        else:
+            assert torch.equal(got[row], want[row])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model.lr_schedule import lr_at
-from model.stage_loader import StageLoader
+from model.stage_loader import CorruptShardError, StageLoader, read_batch
 from model.trainer import Trainer
 from schemas import SFTConfig, TrainConfig, validate_config
 
@@ -201,6 +201,26 @@ def test_step_without_supervised_targets_is_not_applied(stage: Path, tmp_path: P
     assert metrics.supervised_tokens == 0 and metrics.loss == 0.0 and metrics.skipped_steps == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     assert "step 2: no supervised targets in the batch; update skipped" in logged
+
+
+def test_damaged_sequences_stop_the_run_or_are_counted(stage: Path, tmp_path: Path, damage_stage) -> None:
+    copy = tmp_path / "stage"
+    damaged = damage_stage(stage, copy)  # rows 1, 4 and 6: all in the first global batch of 8
+    with pytest.raises(CorruptShardError, match="shard-00000.tar"):
+        Trainer(config(copy, tmp_path / "strict", 4), log=lambda _: None).train(stop_at=1)
+    logged: list[str] = []
+    skipping = Trainer(config(copy, tmp_path / "skip", 4, skip_corrupt_shards=True), log=logged.append)
+    history = skipping.train(stop_at=2)
+    clean = Trainer(config(stage, tmp_path / "clean", 4), log=lambda _: None).train(stop_at=1)
+    rows = StageLoader(stage, batch_size=8).index[:8]
+    targets = read_batch(rows, 128, {})["loss_mask"][:, 1:].sum(1)
+    lost = int(sum(targets[r] for r in damaged))
+    assert [m.damaged_sequences for m in history] == [3, 3]  # cumulative
+    assert history[0].supervised_tokens == clean[0].supervised_tokens - lost > 0
+    assert "step 1: 3 damaged sequences read as padding (no targets)" in logged
+    skipping.save()  # the count lives on in the checkpoint
+    resumed = Trainer(config(copy, tmp_path / "skip", 4, skip_corrupt_shards=True), log=lambda _: None)
+    assert resumed.train(stop_at=3)[-1].damaged_sequences == 3
 
 
 def test_config_mismatches_are_clear(stage: Path, tmp_path: Path) -> None:
