@@ -84,14 +84,15 @@ def vocabulary_of(indexes: list[SourceIndex]) -> Vocabulary:
     return load_text_tokenizer(indexes[0].manifest["tokenizers"]["text"]).vocab
 
 
-def mixture_fingerprint(spec: MixtureSpec, indexes: dict[str, SourceIndex]) -> str:
-    """Changes with the spec or any input shard."""
+def mixture_fingerprint(spec: MixtureSpec, indexes: dict[str, SourceIndex], sequences_per_shard: int) -> str:
+    """Changes with the spec, any input shard, or the shard size (documents are packed within a shard, so it changes
+    the sequences)."""
     inputs = {
         name: [ix.manifest["fingerprint"], [s["shard"] for s in ix.manifest["shards"]],
                sum(s["tokens"] for s in ix.manifest["shards"])]
         for name, ix in sorted(indexes.items())
     }  # fmt: skip
-    payload = {"spec": spec.model_dump(mode="json"), "inputs": inputs}
+    payload = {"spec": spec.model_dump(mode="json"), "inputs": inputs, "sequences_per_shard": sequences_per_shard}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -317,7 +318,7 @@ def run_mix(spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None,
     if vocab.tokens_per_image != spec.tokens_per_image:
         raise MixPlanError(f"tokens_per_image {spec.tokens_per_image} does not match the sources' "
                            f"{vocab.tokens_per_image} codes per image")  # fmt: skip
-    fingerprint = mixture_fingerprint(spec, indexes)
+    fingerprint = mixture_fingerprint(spec, indexes, sequences_per_shard)
     for stage in stages:  # outputs of an earlier mix are replaced whole
         for old in (out / stage).glob("shard-*"):
             old.unlink()

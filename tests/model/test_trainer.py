@@ -206,7 +206,7 @@ def test_step_without_supervised_targets_is_not_applied(stage: Path, tmp_path: P
 def test_damaged_sequences_stop_the_run_or_are_counted(stage: Path, tmp_path: Path, damage_stage) -> None:
     copy = tmp_path / "stage"
     damaged = damage_stage(stage, copy)  # rows 1, 4 and 6: all in the first global batch of 8
-    with pytest.raises(CorruptShardError, match="shard-00000.tar"):
+    with pytest.raises(CorruptShardError, match=r"shard-00000\.tar"):
         Trainer(config(copy, tmp_path / "strict", 4), log=lambda _: None).train(stop_at=1)
     logged: list[str] = []
     skipping = Trainer(config(copy, tmp_path / "skip", 4, skip_corrupt_shards=True), log=logged.append)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipelines.mix_job import run_mix
+from pipelines.mix_job import SEQUENCES_PER_SHARD, mixture_fingerprint, plan_mixture, run_mix
 from pipelines.mix_plan import MixPlanError
 from pipelines.mix_report import plot_shares, report_rows
 from pipelines.packing import image_spans
@@ -112,6 +112,10 @@ def test_two_runs_are_byte_identical(mixed, prepared_sources, tmp_path: Path) ->
         assert (tmp_path / tar.relative_to(out)).read_bytes() == tar.read_bytes()
     other = run_mix(spec_for(prepared_sources, seed=4), tmp_path / "other")
     assert other["fingerprint"] != result["fingerprint"]
+    # Packing is per shard, so another shard size gives other sequences: a loader state must not carry over.
+    _, indexes = plan_mixture(spec_for(prepared_sources), SEQUENCES_PER_SHARD)
+    assert mixture_fingerprint(spec_for(prepared_sources), indexes, SEQUENCES_PER_SHARD) == result["fingerprint"]
+    assert mixture_fingerprint(spec_for(prepared_sources), indexes, SEQUENCES_PER_SHARD // 2) != result["fingerprint"]
 
 
 def test_infeasible_spec_names_the_shortfall(prepared_sources, tmp_path: Path) -> None:
