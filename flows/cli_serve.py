@@ -30,9 +30,9 @@ def serve(
                    "PREFECT_API_URL=http://127.0.0.1:4200/api (schedules and triggers need a server)")  # fmt: skip
     from flows.deployments import ServeSettings, build_deployments
 
-    settings = ServeSettings(prepare_config, train_config, sft_config, build_cron or None, timezone,
-                             train_after_build)  # fmt: skip
     try:
+        settings = ServeSettings(prepare_config, train_config, sft_config, build_cron or None, timezone,
+                                 train_after_build)  # fmt: skip
         deployments = build_deployments(settings)
     except (ConfigError, ValueError) as err:
         raise fail(str(err)) from None

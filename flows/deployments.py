@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
@@ -34,6 +35,16 @@ class ServeSettings:
     timezone: str = "UTC"
     train_after_build: bool = False
     tags: tuple[str, ...] = ("chameleon",)
+
+    def __post_init__(self) -> None:
+        # Checked here, at `cham serve`'s start: Prefect takes any string and only fails when it schedules a run.
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r}: give an IANA name such as 'UTC' or "
+                             f"'Europe/Paris'") from None  # fmt: skip
+        if self.build_cron:
+            Cron(self.build_cron, timezone=self.timezone)  # raises ValueError naming a bad cron string
 
 
 def _defaults(kind: type, path: Path | None) -> dict[str, Any]:

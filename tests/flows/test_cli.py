@@ -66,3 +66,15 @@ def test_sample_data_command(tmp_path: Path) -> None:
     assert manifest["text"]["records"] == 200 and manifest["sft"]["records"] == 30
     result = runner.invoke(app, ["sample-data", str(tmp_path / "s")])
     assert result.exit_code == 1 and "--force" in result.output
+
+
+def test_serve_refuses_a_bad_time_zone_or_cron_at_start() -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # A server URL that nothing listens on: the settings must fail before anything contacts it.
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        result = runner.invoke(app, ["serve", "--timezone", "Mars/Olympus"])
+        assert result.exit_code == 1
+        assert "unknown time zone 'Mars/Olympus'" in result.output
+        result = runner.invoke(app, ["serve", "--build-cron", "0 3 * * 9"])
+        assert result.exit_code == 1 and "Invalid cron string" in result.output
