@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from model.checkpointing import (
+    CheckpointError,
     TrainState,
     apply_rng_state,
     latest_checkpoint,
@@ -29,6 +30,7 @@ from model.checkpointing import (
     read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    state_dict_mismatch,
 )
 from model.document_attention import resolve_document_attention
 from model.lr_schedule import make_scheduler
@@ -148,6 +150,10 @@ class Trainer:
             )
 
             model_state, trainer, state = read_checkpoint(found)
+            # DTensor shapes are the full ones, so this names a mismatch as the unsharded load does.
+            problem = state_dict_mismatch({k: tuple(v.shape) for k, v in self.model.state_dict().items()}, model_state)
+            if problem:
+                raise CheckpointError(f"{found}: cannot load this checkpoint: {problem}")
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, model_state, options=options)
             set_optimizer_state_dict(self.model, self.optimizer, trainer["optimizer"], options=options)

@@ -37,11 +37,13 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoints" / "step-00000003" / "model.pt", weights_only=True)
 
 
-def torchrun(config: Path) -> None:
+def torchrun(config: Path, succeed: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "flows.train_worker", "train", str(config)]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if succeed:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.mark.slow
@@ -60,6 +62,13 @@ def test_fsdp_resume_is_exact(stage: Path, tmp_path: Path) -> None:
     resumed = final_weights(out)
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor), name
+    # A checkpoint that does not fit the model fails naming the tensor and both shapes, as without FSDP.
+    weights = out / "checkpoints" / "step-00000003" / "model.pt"
+    torch.save({**resumed, "output.weight": torch.zeros(5, 7)}, weights)
+    done = torchrun(config, succeed=False)
+    assert done.returncode != 0
+    shape = tuple(resumed["output.weight"].shape)
+    assert f"tensor output.weight: checkpoint shape (5, 7) != model shape {shape}" in done.stderr + done.stdout
 
 
 @pytest.mark.slow
