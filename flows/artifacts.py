@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import matplotlib
 
@@ -125,3 +126,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(str(row.get(c, "")).replace("|", "\\|") for c in columns) + " |" for row in rows]
     return "\n".join(out)
+
+
+def task_progress_artifact(description: str) -> UUID:
+    """A progress artifact (at 0%) for the running task; a retry of the task gets its first attempt's back, so a
+    task shows one progress bar however many attempts it takes."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterTaskRunId, ArtifactFilterType
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is not None and context.task_run.run_count > 1:
+        artifact_filter = ArtifactFilter(task_run_id=ArtifactFilterTaskRunId(any_=[context.task_run.id]),
+                                         type=ArtifactFilterType(any_=["progress"]))  # fmt: skip
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=artifact_filter)
+        if found:
+            update_progress_artifact(found[0].id, 0.0)
+            return found[0].id
+    return create_progress_artifact(0.0, description=description)

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_table_artifact, update_progress_artifact
 from pydantic import Field
 
-from flows.artifacts import markdown_table
+from flows.artifacts import markdown_table, task_progress_artifact
 from flows.subprocess_task import cham, run_command, run_logger
 from pipelines.shard_writer import STATS_SUFFIX, shard_name
 from pipelines.source_reader import plan_read_tasks
@@ -51,7 +51,7 @@ def prepare_task(config: PrepareConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     config_file = dump_config(config, out / "prepare-config.yaml")
     stats_files = planned_stats_files(config)
-    progress_id = create_progress_artifact(0.0, description=f"prepare: shards written of {len(stats_files)}")
+    progress_id = task_progress_artifact(f"prepare: shards written of {len(stats_files)}")
     launched = time.time()
 
     def report() -> None:
