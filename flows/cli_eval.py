@@ -11,7 +11,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows.cli_output import console, fail
+from flows.cli_output import console, fail, output_file, output_folder
 from model.annotation_score import read_annotations, read_blinding, score_annotations
 from model.checkpointing import CheckpointError
 from model.evaluation import heldout_loss
@@ -26,9 +26,10 @@ from model.human_eval import (
     read_responses,
     run_prompts,
 )
-from model.inference import InferenceModel, load_inference_model
+from model.inference import InferenceModel, load_inference_model, load_trained_model
 from model.prompting import PromptError
 from model.stage_loader import CorruptShardError
+from schemas.config_base import ConfigError
 from schemas.generate_config import GenerationMode
 
 app = typer.Typer(help="Evaluate a checkpoint: held-out loss, and mixed-modal prompts for human annotators.",
@@ -68,7 +69,11 @@ def loss(
     """Held-out loss and perplexity of a checkpoint on stage shards, per source and per modality."""
     if not (stage / "manifest.json").is_file():
         raise fail(f"{stage}: not a stage folder (no manifest.json; write one with `cham mix`)")
-    loaded = _load(checkpoint)
+    try:  # held-out loss needs the model only, not its tokenizers (a converted folder has none)
+        model, folder, step = load_trained_model(checkpoint)
+    except CheckpointError as err:
+        raise fail(str(err)) from None
+    output_file(out)  # before the evaluation, not after it
     columns = (TextColumn("held-out loss"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=console, transient=True) as bar:
@@ -77,12 +82,12 @@ def loss(
             def advance(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            result = heldout_loss(loaded.model, stage, batch_size=batch_size, max_batches=max_batches,
+            result = heldout_loss(model, stage, batch_size=batch_size, max_batches=max_batches,
                                   document_masking=document_masking, progress=advance)  # fmt: skip
     except (ValueError, FileNotFoundError, CorruptShardError) as err:
         raise fail(str(err)) from None
-    result = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, **result}
-    title = f"held-out loss: {loaded.checkpoint} on {result['stage']} ({result['sequences']} sequences)"
+    result = {"checkpoint": str(folder), "step": step, **result}
+    title = f"held-out loss: {folder} on {result['stage']} ({result['sequences']} sequences)"
     table = Table("", "tokens", "loss", "perplexity", title=title)
     rows = [("all", result), *((f"source {k}", v) for k, v in result["by_source"].items()),
             *((f"modality {k}", v) for k, v in result["by_modality"].items())]  # fmt: skip
@@ -99,7 +104,7 @@ def prompts(
     prompts_file: Annotated[Path, typer.Option("--prompts", help="a prompt file (jsonl: id, prompt, images, ...)")],
     out: Annotated[Path, typer.Option("--out", help="folder for responses.jsonl, annotate.html and images/")],
     mode: Annotated[GenerationMode, typer.Option(help="text, image or mixed")] = "mixed",
-    max_new_tokens: Annotated[int, typer.Option(help="at most this many new tokens per response")] = 1024,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="at most this many new tokens per response")] = 1024,
     seed: Annotated[int, typer.Option(help="base seed; each prompt samples with a seed derived from its id")] = 0,
     guidance: Annotated[bool, typer.Option("--cfg/--no-cfg", help="classifier-free guidance for images")] = True,
     batch_size: Annotated[
@@ -119,6 +124,7 @@ def prompts(
     except EvalFileError as err:
         raise fail(str(err)) from None
     loaded = _load(checkpoint, text_tokenizer, image_tokenizer)
+    output_folder(out)
     console.print(f"[dim]{loaded.checkpoint} (step {loaded.step}), {mode} mode, {len(items)} prompts[/dim]")
 
     def show(record: dict[str, Any]) -> None:
@@ -128,7 +134,7 @@ def prompts(
     try:
         run_prompts(loaded, items, out, mode=mode, max_new_tokens=max_new_tokens, seed=seed, guidance=guidance,
                     on_response=show, batch_size=batch_size)  # fmt: skip
-    except (PromptError, EvalFileError) as err:
+    except (PromptError, EvalFileError, ConfigError) as err:
         raise fail(str(err)) from None
     console.print(f"wrote {out / RESPONSES_FILE}; annotators open {out / ANNOTATE_PAGE}")
 
@@ -141,6 +147,7 @@ def compare(
     seed: Annotated[int | None, typer.Option(help="seed of the per-item order (default: random, recorded)")] = None,
 ) -> None:
     """A blinded A-vs-B page (order random per item) and the map that un-blinds the annotations."""
+    output_folder(out)
     try:
         mapping = make_comparison(responses_a, responses_b, out, seed=seed)
     except EvalFileError as err:
@@ -157,6 +164,7 @@ def score(
     responses: Annotated[Path | None, typer.Option(help="responses.jsonl: check every item is one of them")] = None,
 ) -> None:
     """Task fulfillment or win/tie/loss rates (majority of three annotators) and the agreement shares."""
+    output_file(out)
     try:
         mapping = read_blinding(blinding) if blinding is not None else None
         known = {r["id"] for r in read_responses(responses)} if responses is not None else None

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from PIL import Image, UnidentifiedImageError
 
-from flows.cli_output import console, fail
+from flows.cli_output import console, fail, output_folder
 from model.checkpointing import CheckpointError
 from model.generation import Generator
 from model.inference import load_inference_model
@@ -93,7 +93,7 @@ def generate(
         loaded = load_inference_model(config.checkpoint, text_tokenizer, image_tokenizer)
     except (ConfigError, CheckpointError) as err:
         raise fail(str(err)) from None
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     prompt_records = _prompt_images(list(image or []), out)
     segments: list[Any] = [Path(r["source"]) for r in prompt_records] + ([prompt] if prompt else [])
     console.print(f"[dim]{loaded.checkpoint} (step {loaded.step}), {config.mode} mode[/dim]")

@@ -11,10 +11,8 @@ import torch
 import typer
 
 from flows.cli_output import console, fail
-from model.checkpointing import CheckpointError
 from model.cpu_memory import keep_freed_memory
-from model.stage_loader import CorruptShardError, ResumeMismatchError
-from model.trainer import Trainer
+from model.trainer import INPUT_ERRORS, Trainer
 from schemas import ConfigError, SFTConfig, TrainConfig, load_config
 
 NPROC = typer.Option("--nproc-per-node", help="processes (ranks) on this machine; > 1 launches torchrun (DDP)")
@@ -34,7 +32,7 @@ def _run(kind: str, config_file: Path, nproc: int) -> None:
     try:
         trainer = Trainer(config, log=lambda line: console.print(line, markup=False, highlight=False))
         history = trainer.train()
-    except (ValueError, FileNotFoundError, CheckpointError, CorruptShardError, ResumeMismatchError) as err:
+    except INPUT_ERRORS as err:
         raise fail(str(err)) from None
     if history:
         last = history[-1]

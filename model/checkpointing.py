@@ -8,8 +8,8 @@ Everything is read back with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import pickle
 import random
 import shutil
 from collections.abc import Mapping
@@ -19,8 +19,13 @@ from typing import Any
 
 import torch
 
+from model.file_reading import load_tensor_file, read_json_object
+
+log = logging.getLogger(__name__)
 LATEST = "latest"
 WEIGHTS = "model.pt"  # also the weights file of our `convert` format
+TRAINER = "trainer.pt"
+STATE = "state.json"
 PREFIX = "step-"
 
 
@@ -82,10 +87,10 @@ def save_checkpoint(
         trainer["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     if scheduler is not None:
         trainer["scheduler"] = scheduler.state_dict()
-    torch.save(trainer, tmp / "trainer.pt")
+    torch.save(trainer, tmp / TRAINER)
     for name, content in (files or {}).items():
         (tmp / name).write_text(content)
-    (tmp / "state.json").write_text(json.dumps({"step": state.step, "loader": state.loader, "extra": state.extra}))
+    (tmp / STATE).write_text(json.dumps({"step": state.step, "loader": state.loader, "extra": state.extra}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = root / f".{LATEST}.tmp"
@@ -101,18 +106,21 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists())
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).exists())
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The folder `latest` names, else the newest complete one, else None."""
     root = Path(root)
     pointer = root / LATEST
+    found = list_checkpoints(root)
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if (named / "state.json").is_file():
+        if (named / STATE).is_file():
             return named
-    found = list_checkpoints(root)
+        if found:  # a checkpoint was lost (or `latest` edited): say so rather than quietly go back further
+            log.warning("%s names %s, which is not a complete checkpoint; using %s", pointer, named.name,
+                        found[-1].name)  # fmt: skip
     return found[-1] if found else None
 
 
@@ -160,15 +168,35 @@ def _load_model_state(path: Path, model: torch.nn.Module, state: Mapping[str, to
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], TrainState]:
-    """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder."""
+    """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder; a missing,
+    damaged or incomplete file raises CheckpointError naming it."""
     path = Path(path)
-    try:
-        model = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
-        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"{path}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
-    return model, trainer, TrainState(step=int(state["step"]), loader=state["loader"], extra=state["extra"])
+    model = _state_dict_file(path / WEIGHTS)
+    trainer = load_tensor_file(path / TRAINER, CheckpointError)
+    if not isinstance(trainer, dict) or "rng" not in trainer:
+        raise CheckpointError(f"{path / TRAINER}: not a trainer state (no rng)")
+    state = read_json_object(path / STATE, ("step", "loader", "extra"), CheckpointError, "checkpoint state")
+    if (
+        not isinstance(state["step"], int)
+        or not isinstance(state["loader"], dict)
+        or not isinstance(state["extra"], dict)
+    ):
+        raise CheckpointError(f"{path / STATE}: step must be an integer, loader and extra objects")
+    return model, trainer, TrainState(step=state["step"], loader=state["loader"], extra=state["extra"])
+
+
+def _state_dict_file(path: Path) -> dict[str, Any]:
+    state = load_tensor_file(path, CheckpointError)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def trainer_state_part(path: Path, trainer: dict[str, Any], key: str) -> Any:
+    """trainer[key] ('optimizer', 'scheduler') of the checkpoint at `path`, or a CheckpointError naming the file."""
+    if key not in trainer:
+        raise CheckpointError(f"{path / TRAINER}: no {key} state to resume from")
+    return trainer[key]
 
 
 def apply_rng_state(trainer: dict[str, Any]) -> None:
@@ -187,9 +215,9 @@ def load_checkpoint(
     model_state, trainer, state = read_checkpoint(path)
     _load_model_state(Path(path), model, model_state, "this checkpoint")
     if optimizer is not None:
-        optimizer.load_state_dict(trainer["optimizer"])
+        optimizer.load_state_dict(trainer_state_part(Path(path), trainer, "optimizer"))
     if scheduler is not None:
-        scheduler.load_state_dict(trainer["scheduler"])
+        scheduler.load_state_dict(trainer_state_part(Path(path), trainer, "scheduler"))
     if restore_rng:
         _set_rng_state(trainer["rng"])
     return state
@@ -198,8 +226,4 @@ def load_checkpoint(
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Only the model's weights of a checkpoint folder (to start SFT from a pretrained run)."""
     path = Path(path)
-    try:
-        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"{path}: cannot load its weights ({str(err).splitlines()[0]})") from None
-    _load_model_state(path, model, state, "its weights")
+    _load_model_state(path, model, _state_dict_file(path / WEIGHTS), "its weights")

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from model.checkpointing import WEIGHTS, state_dict_mismatch
+from model.file_reading import load_safetensors_file, load_tensor_file, read_json, read_json_object
 from model.transformer import Transformer
 from schemas.model_config import ModelConfig
 from schemas.vocab import IMAGE_CODE_OFFSET, VOCAB_PRESETS, VocabLayout
@@ -26,6 +28,7 @@ StateDict = dict[str, torch.Tensor]
 
 OURS_WEIGHTS, OURS_CONFIG = WEIGHTS, "model_config.json"
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+HF_REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 # A stale buffer in Meta's checkpoints; Meta's own loader expects and ignores it.
 _META_IGNORED_KEYS = ("rope.freqs",)
@@ -108,7 +111,10 @@ def _state_of(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> StateDi
 
 
 def _torch_load(path: Path) -> StateDict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensor_file(path, ConversionError)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------- ours
@@ -120,7 +126,11 @@ def load_ours(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     for name in (OURS_WEIGHTS, OURS_CONFIG):
         if not (folder / name).is_file():
             raise ConversionError(f"{folder} has no {name} (our format is {OURS_WEIGHTS} + {OURS_CONFIG})")
-    config = ModelConfig.model_validate_json((folder / OURS_CONFIG).read_text())
+    try:
+        config = ModelConfig.model_validate(read_json(folder / OURS_CONFIG, ConversionError))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        raise ConversionError(f"{folder / OURS_CONFIG}: not a model config ({problems})") from None
     state = _torch_load(folder / OURS_WEIGHTS)
     check_state_dict(config, state)
     return config, state
@@ -143,12 +153,12 @@ def _meta_params(folder: Path) -> dict[str, Any]:
     path = folder / "params.json"
     if not path.is_file():
         raise ConversionError(f"{folder} has no params.json (Meta format)")
-    params = json.loads(path.read_text())
+    params = read_json_object(path, (), ConversionError, "params file")
     # Meta's loader merges the outer dict, the nested "model" dict, then consolidate_params.json.
     merged = {**params, **params.get("model", {})}
     consolidate = folder / "consolidate_params.json"
     if consolidate.is_file():
-        merged.update(json.loads(consolidate.read_text()))
+        merged.update(read_json_object(consolidate, (), ConversionError, "params file"))
     return merged
 
 
@@ -398,19 +408,20 @@ def _hf_name(ours: str) -> str:
 
 
 def _read_safetensors(folder: Path) -> StateDict:
-    from safetensors.torch import load_file
-
     if (folder / HF_WEIGHTS).is_file():
         files = [folder / HF_WEIGHTS]
     elif (folder / HF_INDEX).is_file():
-        weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
+        weight_map = read_json_object(folder / HF_INDEX, ("weight_map",), ConversionError, "safetensors index")[
+            "weight_map"
+        ]
         files = [folder / f for f in sorted(set(weight_map.values()))]
     else:
         raise ConversionError(f"{folder} has neither {HF_WEIGHTS} nor {HF_INDEX}")
     state: StateDict = {}
     for f in files:
         # The VQGAN (model.vqmodel.*) is the image tokenizer's; it is loaded elsewhere.
-        state.update({k: v for k, v in load_file(f).items() if not k.startswith("model.vqmodel.")})
+        state.update({k: v for k, v in load_safetensors_file(f, ConversionError).items()
+                      if not k.startswith("model.vqmodel.")})  # fmt: skip
     return state
 
 
@@ -477,7 +488,11 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{folder} has no config.json (HF format)")
-    config = hf_config(json.loads((folder / "config.json").read_text()))
+    raw = read_json_object(folder / "config.json", (), ConversionError, "model config")
+    missing = [k for k in HF_REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise ConversionError(f"{folder / 'config.json'}: not a Chameleon config (no {', '.join(missing)})")
+    config = hf_config(raw)
     hf_state = _read_safetensors(folder)
     config = ModelConfig.model_validate({**config.model_dump(), "qk_norm_groups": hf_qk_norm_groups(hf_state, config)})
     return config, state_from_hf(hf_state, config)

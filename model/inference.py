@@ -8,20 +8,21 @@ Meta weights) need the tokenizer paths given.
 
 from __future__ import annotations
 
-import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model.checkpointing import CheckpointError, resolve_checkpoint
+from model.checkpointing import STATE, CheckpointError, resolve_checkpoint
 from model.convert import OURS_CONFIG, ConversionError, load_ours
+from model.file_reading import read_json_object
 from model.image_tokenizer import ImageTokenizer
 from model.mixed_tokenizer import MixedModalTokenizer
-from model.text_tokenizer import load_text_tokenizer
+from model.text_tokenizer import TokenizerError, load_text_tokenizer
 from model.transformer import Transformer
 from model.vocabulary import Vocabulary
+from model.vq_checkpoint import VQCheckpointError
+from schemas.config_base import ConfigError
 from schemas.model_config import ModelConfig
 
 TOKENIZERS_FILE = "tokenizers.json"
@@ -40,6 +41,28 @@ class InferenceModel:
     sft: bool = False  # fine-tuned on `<s> prompt <sep> answer </s>`: prompts should end with the separator
 
 
+def load_trained_model(
+    path: str | Path, device: str | torch.device | None = None
+) -> tuple[Transformer, Path, int | None]:
+    """The model of the checkpoint at `path` in eval mode (no tokenizers needed), its folder and its step (None for a
+    converted folder); any missing or damaged file raises CheckpointError naming it."""
+    folder = resolve_checkpoint(path)
+    if not (folder / OURS_CONFIG).is_file():
+        raise CheckpointError(f"{folder}: no {OURS_CONFIG}; checkpoints from before it was written can be loaded "
+                              f"with `cham convert` from the training config's model")  # fmt: skip
+    try:
+        config, state = load_ours(folder)
+    except ConversionError as err:
+        raise CheckpointError(f"cannot load this checkpoint: {err}") from None
+    model = Transformer(config)
+    model.load_state_dict(state)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    step_file = folder / STATE
+    step = read_json_object(step_file, ("step",), CheckpointError, "checkpoint state")["step"] if (
+        step_file.is_file()) else None  # fmt: skip
+    return model, folder, step
+
+
 def load_inference_model(
     path: str | Path,
     text_tokenizer: str | Path | None = None,
@@ -47,23 +70,22 @@ def load_inference_model(
     device: str | torch.device | None = None,
 ) -> InferenceModel:
     """Load the checkpoint at `path` in eval mode; tokenizer paths override those recorded with the checkpoint."""
-    folder = resolve_checkpoint(path)
-    if not (folder / OURS_CONFIG).is_file():
-        raise CheckpointError(f"{folder}: no {OURS_CONFIG}; checkpoints from before it was written can be loaded "
-                              f"with `cham convert` from the training config's model")  # fmt: skip
-    try:
-        config, state = load_ours(folder)
-    except (ConversionError, RuntimeError, OSError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"{folder}: cannot load this checkpoint ({str(err).splitlines()[0]})") from None
-    recorded = json.loads((folder / TOKENIZERS_FILE).read_text()) if (folder / TOKENIZERS_FILE).is_file() else {}
+    model, folder, step = load_trained_model(path, device)
+    record = folder / TOKENIZERS_FILE
+    recorded = read_json_object(record, (), CheckpointError, "tokenizer record") if record.is_file() else {}
     text_path, image_path = text_tokenizer or recorded.get("text"), image_tokenizer or recorded.get("image")
     if text_path is None:
-        raise CheckpointError(f"{folder}: no {TOKENIZERS_FILE} names its tokenizers; pass the text tokenizer's path")
+        raise CheckpointError(f"{folder}: no {TOKENIZERS_FILE} names its tokenizers; pass the text tokenizer's path "
+                              f"(--text-tokenizer)")  # fmt: skip
     for kind, p in (("text", text_path), ("image", image_path)):
         if p is not None and not Path(p).exists():
             raise CheckpointError(f"{folder}: its {kind} tokenizer {p} does not exist; pass its new path")
-    text = load_text_tokenizer(text_path)
-    image = ImageTokenizer.load(image_path) if image_path is not None else None
+    try:
+        text = load_text_tokenizer(text_path)
+        image = ImageTokenizer.load(image_path) if image_path is not None else None
+    except (TokenizerError, VQCheckpointError, ConfigError, OSError) as err:
+        raise CheckpointError(f"cannot load the tokenizers of {folder}: {err}") from None
+    config = model.config
     if text.vocab.size != config.vocab_size:
         raise CheckpointError(f"{folder}: the model has {config.vocab_size} ids but the text tokenizer's vocabulary "
                               f"{text.vocab.size}")  # fmt: skip
@@ -75,11 +97,6 @@ def load_inference_model(
         raise CheckpointError(f"{folder}: the image tokenizer has {image.config.n_embed} codes and "
                               f"{image.tokens_per_image} per image, the vocabulary {layout.image_codes} and "
                               f"{layout.tokens_per_image}")  # fmt: skip
-    model = Transformer(config)
-    model.load_state_dict(state)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    step_file = folder / "state.json"
-    step = json.loads(step_file.read_text())["step"] if step_file.is_file() else None
     training = folder / "training.json"
-    sft = training.is_file() and json.loads(training.read_text()).get("kind") == "sft"
+    sft = training.is_file() and read_json_object(training, (), CheckpointError).get("kind") == "sft"
     return InferenceModel(model, config, text.vocab, MixedModalTokenizer(text, image), folder, step, sft)

@@ -31,6 +31,12 @@ def encode_prompt(tokenizer: MixedModalTokenizer, segments: Sequence[Any], chat:
     """`<s> segments` for a pretrained model; `<s> segments <sep>` (images padded, as in SFT data) for a chat one."""
     if any(not isinstance(s, str) for s in segments) and tokenizer.image is None:
         raise PromptError("the prompt has images but no image tokenizer was found for this checkpoint")
+    for text in (s for s in segments if isinstance(s, str)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # lone surrogates: undecodable bytes on a command line, or JSON "\\ud800"
+            raise PromptError(f"the prompt's text is not valid Unicode at character {err.start} "
+                              f"({text[err.start]!r}: {err.reason})") from None  # fmt: skip
     body = tokenizer.encode_segments(segments, "pad" if chat else "crop").tolist()
     vocab = tokenizer.vocab
     return [vocab.bos_id, *body, *([vocab.sep_id] if chat else [])]

@@ -11,7 +11,6 @@ another one needs.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 from collections.abc import Iterator
@@ -23,10 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from model.file_reading import read_json_object
 from schemas.vocab import PAD_ID
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+STAGE_MANIFEST_KEYS = ("fingerprint", "seq_len", "shards", "vocab_layout")
 
 
 class CorruptShardError(RuntimeError):
@@ -172,10 +173,14 @@ class StageLoader:
         manifest_path = self.stage_dir / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{self.stage_dir} is not a stage folder (no {MANIFEST}; run `cham mix`)")
-        self.manifest = manifest = json.loads(manifest_path.read_text())
+        self.manifest = manifest = read_json_object(manifest_path, STAGE_MANIFEST_KEYS, what="stage manifest")
+        if not isinstance(manifest["shards"], list) or not all(
+            isinstance(s, dict) and {"shard", "sequences"} <= s.keys() for s in manifest["shards"]
+        ):
+            raise ValueError(f"{manifest_path}: not a stage manifest (shards must list shard and sequences)")
         self.fingerprint, self.seq_len = manifest["fingerprint"], manifest["seq_len"]
         self.source_ids = manifest.get("source_ids", [])
-        self.vocab_size = manifest.get("vocab_layout", {}).get("vocab_size")
+        self.vocab_size = manifest["vocab_layout"].get("vocab_size")
         self.skip_corrupt = skip_corrupt
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.skipped_shards: list[str] = []
@@ -203,10 +208,16 @@ class StageLoader:
         return {"fingerprint": self.fingerprint, "epoch": self.epoch, "sequences_consumed": consumed}
 
     def load_state_dict(self, state: dict[str, Any], allow_fingerprint_change: bool = False) -> None:
+        """Continue where `state` (from `state_dict`) was; a state of another dataset is refused unless allowed (the
+        trainer's `allow_data_change`), in which case the same epoch and position are taken in the new data."""
+        missing = [k for k in ("fingerprint", "epoch", "sequences_consumed") if k not in state]
+        if missing:
+            raise ResumeMismatchError(f"the saved loader state has no {', '.join(missing)}: {state}")
         if state["fingerprint"] != self.fingerprint and not allow_fingerprint_change:
             raise ResumeMismatchError(
                 f"the saved loader state is for dataset {state['fingerprint']} but {self.stage_dir} is "
-                f"{self.fingerprint}; pass allow_fingerprint_change to resume anyway"
+                f"{self.fingerprint} (re-mixed?); set allow_data_change: true in the training config to resume on "
+                f"it anyway, at the same position"
             )
         self.epoch = int(state["epoch"])
         self.batches_done = int(state["sequences_consumed"]) // (self.world_size * self.batch_size)

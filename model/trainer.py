@@ -31,18 +31,21 @@ from model.checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
     state_dict_mismatch,
+    trainer_state_part,
 )
 from model.document_attention import resolve_document_attention
 from model.lr_schedule import make_scheduler
 from model.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.optim import clip_and_check, make_optimizer
-from model.stage_loader import StageLoader
+from model.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
 from model.transformer import Transformer
 from model.vocabulary import Modality, Vocabulary
 from schemas.train_config import SFTConfig, TrainConfig
 from schemas.vocab import VocabLayout
 
 METRICS_FILE = "metrics.jsonl"
+# What bad configs, data, checkpoints or output paths raise: reported as one line by `cham train` and its workers.
+INPUT_ERRORS = (ValueError, OSError, CheckpointError, CorruptShardError, ResumeMismatchError)
 
 
 @dataclass
@@ -154,16 +157,18 @@ class Trainer:
             problem = state_dict_mismatch({k: tuple(v.shape) for k, v in self.model.state_dict().items()}, model_state)
             if problem:
                 raise CheckpointError(f"{found}: cannot load this checkpoint: {problem}")
+            optimizer_state = trainer_state_part(found, trainer, "optimizer")
+            scheduler_state = trainer_state_part(found, trainer, "scheduler")
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, model_state, options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, trainer["optimizer"], options=options)
-            self.scheduler.load_state_dict(trainer["scheduler"])
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
+            self.scheduler.load_state_dict(scheduler_state)
             apply_rng_state(trainer)
         else:
             state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
         self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
         self.damaged = int(state.extra.get("damaged_sequences", 0))
-        self.loader.load_state_dict(state.loader)
+        self.loader.load_state_dict(state.loader, allow_fingerprint_change=self.config.allow_data_change)
         self.log(f"resumed from {found} at step {self.step}")
 
     def _autocast(self) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 from torch import Tensor
 
+from model.file_reading import load_tensor_file
 from model.vqgan import VQGAN
 from schemas.config_base import format_location
 from schemas.vq_config import VQConfig
@@ -130,14 +130,7 @@ def _read_yaml(path: Path) -> Any:
 def _read_torch_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise VQCheckpointError(f"{path}: file not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VQCheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({first}); "
-            "re-save it as {'state_dict': model.state_dict()} in a trusted environment"
-        ) from None
+    data = load_tensor_file(path, VQCheckpointError)
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping) or not all(isinstance(v, Tensor) for v in data.values()):

@@ -85,6 +85,11 @@ class TrainConfig(StrictModel):
         description="leave out unreadable shards and read damaged sequences "
         "as padding without targets, counted, instead of failing",
     )
+    allow_data_change: bool = Field(
+        False,
+        description="resume even though the stage folder was re-mixed since the "
+        "checkpoint (another dataset fingerprint), at the same epoch and position",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -98,6 +98,11 @@ def test_bad_input_is_one_error_line_and_exit_code_1(tiny_run: Path, stage: Path
         "missing.json: file not found": ["score", str(tmp_path / "two.jsonl"), "--blinding",
                                          str(tmp_path / "missing.json"), "--out", out],
         "a.jsonl: file not found": ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "p.jsonl"), "--out", out],
+        # Checked before the evaluation runs, not after it.
+        "a folder is in the way": ["loss", "--checkpoint", str(tiny_run), "--stage", str(stage),
+                                   "--out", str(tmp_path)],
+        "a file is in the way": ["prompts", "--checkpoint", str(tiny_run), "--prompts", str(tmp_path / "p.jsonl"),
+                                 "--out", str(tmp_path / "p.jsonl")],
     }  # fmt: skip
     for message, args in cases.items():
         result = runner.invoke(app, args)
@@ -105,3 +110,20 @@ def test_bad_input_is_one_error_line_and_exit_code_1(tiny_run: Path, stage: Path
         assert "Traceback" not in result.output
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+
+
+def test_loss_needs_no_tokenizers_and_prompts_need_a_token_budget(tiny_run: Path, stage: Path, tmp_path: Path) -> None:
+    from model.convert import load_ours, save_ours
+
+    save_ours(*reversed(load_ours(tiny_run / "checkpoints" / "step-00000030")), tmp_path / "converted")
+    out = tmp_path / "loss.json"
+    args = ["loss", "--checkpoint", str(tmp_path / "converted"), "--stage", str(stage), "--max-batches", "1",
+            "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["step"] is None  # a converted folder has no training step
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "p1", "prompt": "hi", "category": "x"}) + "\n")
+    for budget in ("0", "-2"):
+        result = runner.invoke(app, ["prompts", "--checkpoint", str(tiny_run), "--prompts", str(tmp_path / "p.jsonl"),
+                                     "--out", str(tmp_path / "r"), "--max-new-tokens", budget])  # fmt: skip
+        assert result.exit_code == 2 and "Traceback" not in result.output and "--max-new-tokens" in result.output

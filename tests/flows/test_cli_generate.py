@@ -60,3 +60,10 @@ def test_clear_errors(tiny_run: Path, tmp_path: Path) -> None:
     assert too_long.exit_code == 1 and "leaves 0 for the response" in too_long.output
     nothing = generate(tiny_run, tmp_path / "o")
     assert nothing.exit_code == 1 and "give a --prompt" in nothing.output
+    # Undecodable bytes on a command line reach Python as lone surrogates: an error, not a tokenizer crash.
+    invalid = generate(tiny_run, tmp_path / "o", "--prompt", "caf\udcff hi", "--mode", "text")
+    assert invalid.exit_code == 1 and "not valid Unicode at character 3" in invalid.output
+    assert "Traceback" not in invalid.output
+    (tmp_path / "file").write_text("x")
+    in_the_way = generate(tiny_run, tmp_path / "file", "--prompt", "hi")
+    assert in_the_way.exit_code == 1 and "a file is in the way" in in_the_way.output

@@ -64,3 +64,39 @@ def test_torchrun_two_ranks(stages: Path, tmp_path: Path) -> None:
 def test_bad_config_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", str(write(tmp_path / "t.yaml", {"model": {"preset": "tiny"}}))])
     assert result.exit_code == 1 and "data: Field required" in result.output
+
+
+def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Path) -> None:
+    def one_error_line(config: dict, message: str) -> None:
+        result = runner.invoke(app, ["train", str(write(tmp_path / "t.yaml", config))])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+
+    config = train_config(stages, tmp_path / "run", 2)
+    assert runner.invoke(app, ["train", str(write(tmp_path / "t.yaml", config))]).exit_code == 0
+    state = tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json"
+    good = state.read_text()
+    state.write_text("[]")
+    one_error_line(config | {"steps": 4}, "state.json: not a checkpoint state (a JSON list, expected an object)")
+    state.write_text(good)
+    (tmp_path / "file").write_text("x")
+    one_error_line(train_config(stages, tmp_path / "file" / "run", 2), "Not a directory")
+
+    # The stage re-mixed since the checkpoint (another fingerprint): refused, unless allow_data_change.
+    remixed = tmp_path / "remixed"
+    remixed.mkdir()
+    for f in (stages / "stage1").iterdir():
+        (remixed / f.name).symlink_to(f)
+    manifest = json.loads((stages / "stage1" / "manifest.json").read_text())
+    (remixed / "manifest.json").unlink()
+    (remixed / "manifest.json").write_text(json.dumps(manifest | {"fingerprint": "0123456789abcdef"}))
+    moved = config | {"steps": 4, "data": str(remixed)}
+    one_error_line(moved, "set allow_data_change: true in the training config")
+    result = runner.invoke(app, ["train", str(write(tmp_path / "t.yaml", moved | {"allow_data_change": True}))])
+    assert result.exit_code == 0, result.output
+    assert (
+        "resumed from" in result.output
+        and "step-00000002 at step 2" in result.output
+        and "done: step 4" in result.output
+    )

@@ -96,3 +96,36 @@ def test_weights_only_and_clear_errors(tmp_path: Path) -> None:
         load_checkpoint(path, wider)
     with pytest.raises(CheckpointError, match=shapes):
         load_weights(path, wider)
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path: Path) -> None:
+    model, optimizer, scheduler = trained(1)
+    path = save_checkpoint(tmp_path, TrainState(1, {"fingerprint": "f"}), model, optimizer, scheduler)
+    other = Transformer(CONFIG)
+    original = {name: (path / name).read_bytes() for name in ("model.pt", "trainer.pt", "state.json")}
+    cases = [
+        ("state.json", b"[]", r"state\.json: not a checkpoint state \(a JSON list"),
+        ("state.json", b'{"step": 1, "extra": {}}', r"state\.json: not a complete checkpoint state \(no loader\)"),
+        ("state.json", b'{"step": "one", "loader": {}, "extra": {}}', r"state\.json: step must be an integer"),
+        ("state.json", b'{"step": 1,', r"state\.json: not valid JSON"),
+        ("model.pt", original["model.pt"][:300], r"model\.pt: truncated or damaged PyTorch file"),
+        ("trainer.pt", b"garbage" * 20, r"trainer\.pt: not a weights-only PyTorch file"),
+    ]
+    for name, payload, message in cases:
+        (path / name).write_bytes(payload)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
+        (path / name).write_bytes(original[name])
+    torch.save({"rng": torch.load(path / "trainer.pt", weights_only=True)["rng"]}, path / "trainer.pt")
+    with pytest.raises(CheckpointError, match=r"trainer\.pt: no optimizer state to resume from"):
+        load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
+    assert load_checkpoint(path, other).step == 1  # weights (and RNG) only: nothing else is needed
+
+
+def test_a_stale_latest_pointer_is_reported(tmp_path: Path, caplog) -> None:
+    model, _, _ = trained(1)
+    save_checkpoint(tmp_path, TrainState(2), model)
+    (tmp_path / "latest").write_text("step-00000099\n")  # a lost checkpoint
+    with caplog.at_level("WARNING", logger="model.checkpointing"):
+        assert latest_checkpoint(tmp_path).name == "step-00000002"
+    assert "names step-00000099, which is not a complete checkpoint; using step-00000002" in caplog.text

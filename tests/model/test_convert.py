@@ -299,3 +299,41 @@ def test_cli_converts_ours_to_meta_to_hf_and_back(tmp_path: Path) -> None:
     result = runner.invoke(app, ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--from", "meta"])
     assert result.exit_code == 1
     assert "params.json" in result.output
+
+
+def test_damaged_inputs_fail_naming_the_file(tmp_path: Path) -> None:
+    config = tiny()
+    state = Transformer(config).state_dict()
+    save_ours(state, config, tmp_path / "ours")
+    save_meta(state, config, tmp_path / "meta", model_parallel=2)
+    save_hf(state, config, tmp_path / "hf")
+
+    def damaged(folder: str, name: str, payload: bytes) -> Path:
+        copy = tmp_path / f"{folder}-{name}-{len(payload)}"
+        copy.mkdir()
+        for f in (tmp_path / folder).iterdir():
+            (copy / f.name).write_bytes(f.read_bytes())
+        (copy / name).write_bytes(payload)
+        return copy
+
+    safetensors = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    shard = (tmp_path / "meta" / "consolidated.00.pth").read_bytes()
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del hf_config["hidden_size"]
+    cases = [
+        (load_hf, damaged("hf", "model.safetensors", safetensors[:100]), "model.safetensors: truncated or damaged"),
+        (load_hf, damaged("hf", "config.json", json.dumps(hf_config).encode()),
+         r"config\.json: not a Chameleon config \(no hidden_size\)"),
+        (load_hf, damaged("hf", "config.json", b"{oops"), r"config\.json: not valid JSON \(line 1, column 2"),
+        (load_meta, damaged("meta", "params.json", b""), r"params\.json: not valid JSON"),
+        (load_meta, damaged("meta", "consolidated.00.pth", shard[: len(shard) // 3]),
+         r"consolidated\.00\.pth: truncated or damaged PyTorch file"),
+        (load_meta, damaged("meta", "consolidated.01.pth", b"garbage" * 9),
+         r"consolidated\.01\.pth: not a weights-only PyTorch file"),
+        (load_ours, damaged("ours", "model_config.json", b'{"dim": "wide"}'),
+         r"model_config\.json: not a model config \(dim: Input should be a valid integer"),
+    ]  # fmt: skip
+    for loader, folder, message in cases:
+        with pytest.raises(ConversionError, match=message) as info:
+            loader(folder)
+        assert str(folder) in str(info.value)

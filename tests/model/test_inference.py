@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model.checkpointing import CheckpointError, resolve_checkpoint
-from model.inference import load_inference_model
+from model.convert import load_ours, save_ours
+from model.inference import load_inference_model, load_trained_model
 
 
 def test_every_path_of_a_run_resolves_to_its_latest_step(tiny_run: Path) -> None:
@@ -51,3 +52,30 @@ def test_errors_name_the_problem(tiny_run: Path, tmp_path: Path, tiny_tokenizers
     (copy / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot load"):
         load_inference_model(copy)
+
+
+def test_damaged_records_and_tokenizers_are_named(tiny_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run / "checkpoints" / "step-00000030", copy)
+    good = (copy / "tokenizers.json").read_text()
+    (copy / "tokenizers.json").write_text(good[:20])
+    with pytest.raises(CheckpointError, match=r"tokenizers\.json: not valid JSON"):
+        load_inference_model(copy)
+    (copy / "tokenizers.json").write_text(good)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=rf"cannot load the tokenizers of {copy}: .*empty"):
+        load_inference_model(copy, text_tokenizer=tmp_path / "empty")
+    (copy / "model_config.json").write_text('{"dim": "wide"}')
+    with pytest.raises(CheckpointError, match=r"model_config\.json: not a model config \(dim: "):
+        load_inference_model(copy)
+
+
+def test_a_model_without_tokenizer_record_loads_for_loss(tiny_run: Path, tmp_path: Path) -> None:
+    converted = tmp_path / "converted"
+    config, state = load_ours(tiny_run / "checkpoints" / "step-00000030")
+    save_ours(state, config, converted)  # what `cham convert --to ours` writes: no tokenizers.json, no step
+    with pytest.raises(CheckpointError, match=r"no tokenizers\.json names its tokenizers; pass .*--text-tokenizer"):
+        load_inference_model(converted)
+    model, folder, step = load_trained_model(converted)
+    assert folder == converted and step is None and not model.training
+    assert torch.equal(model.output.weight, state["output.weight"])

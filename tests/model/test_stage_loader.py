@@ -81,9 +81,11 @@ def test_resume_yields_exactly_the_remaining_batches(stage: Path, rank: int) -> 
 def test_resume_refuses_another_dataset(stage: Path) -> None:
     loader = StageLoader(stage, batch_size=2)
     state = loader.state_dict() | {"fingerprint": "0123456789abcdef"}
-    with pytest.raises(ResumeMismatchError, match="pass allow_fingerprint_change"):
+    with pytest.raises(ResumeMismatchError, match="set allow_data_change: true in the training config"):
         loader.load_state_dict(state)
     loader.load_state_dict(state, allow_fingerprint_change=True)
+    with pytest.raises(ResumeMismatchError, match="has no fingerprint"):
+        loader.load_state_dict({"epoch": 0, "sequences_consumed": 0})
 
 
 def test_corrupt_shard_fails_fast_or_is_skipped(stage: Path, tmp_path: Path) -> None:

@@ -366,7 +366,7 @@ class _NotATensor:
 def test_checkpoints_are_read_weights_only(tmp_path: Path) -> None:
     _, cfg = save_meta_vqgan(VQGAN(TINY_CFG), tmp_path)
     torch.save({"state_dict": {}, "callback": _NotATensor()}, tmp_path / "vqgan.ckpt")
-    with pytest.raises(VQCheckpointError, match="cannot be read as a weights-only torch checkpoint"):
+    with pytest.raises(VQCheckpointError, match="not a weights-only PyTorch file"):
         load_meta_vqgan(tmp_path / "vqgan.ckpt", cfg)
     with pytest.raises(VQCheckpointError, match="file not found"):
         load_meta_vqgan(tmp_path / "nothing.ckpt", cfg)
