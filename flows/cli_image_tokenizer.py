@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
@@ -11,7 +11,7 @@ from PIL import Image
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from flows.cli_output import console, err_console, fail
+from flows.cli_output import console, err_console, fail, output_file, output_folder
 from model.image_preprocess import ImageError
 from model.image_tokenizer import ImageTokenizer
 from model.vq_checkpoint import VQCheckpointError
@@ -26,8 +26,8 @@ def train(
     images: Annotated[list[str], typer.Option("--images", "-i", help="image folders, files, globs or WebDataset tars")],
     out: Annotated[Path, typer.Option(help="folder for vqgan.ckpt, vqgan.yaml, metrics and the resume state")],
     preset: Annotated[str, typer.Option(help=f"model size: {', '.join(VQ_PRESETS)}")] = "tiny",
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 600,
-    batch_size: Annotated[int, typer.Option(help="images per step")] = 16,
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 600,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per step")] = 16,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     perceptual_model: Annotated[
         Path | None, typer.Option(help="a feature network for a perceptual loss (.pt2 from torch.export)")
@@ -40,6 +40,7 @@ def train(
         raise fail(f"unknown preset {preset!r}; allowed: {', '.join(VQ_PRESETS)}")
     try:
         found = find_images(images)
+        output_folder(out)
         settings = VQTrainSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
         perceptual = load_perceptual_model(perceptual_model) if perceptual_model else None
         trainer = VQTrainer(VQConfig.from_preset(preset), found, out, settings, perceptual)
@@ -79,15 +80,20 @@ def _load(tokenizer: Path) -> ImageTokenizer:
 def encode(
     tokenizer: Annotated[Path, typer.Option(help="a folder with vqgan.ckpt + vqgan.yaml, or a HF checkpoint")],
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    mode: Annotated[str, typer.Option(help="crop (pretraining) or pad (SFT)")] = "crop",
+    mode: Annotated[Literal["crop", "pad"], typer.Option(help="crop (pretraining) or pad (SFT)")] = "crop",
     out: Annotated[Path | None, typer.Option(help="write the codes as one .npy [n, codes] instead of printing")] = None,
 ) -> None:
     """Print (or save) the VQ codes of images, one line per image."""
     tok = _load(tokenizer)
-    try:
-        codes = tok.encode(images, mode=mode)  # type: ignore[arg-type]
-    except ImageError as err:
-        raise fail(str(err)) from None
+    if out is not None:
+        out = output_file(out if out.suffix == ".npy" else out.with_name(out.name + ".npy"))  # np.save's name
+    pixels = []
+    for path in images:
+        try:
+            pixels.append(tok.pixels(path, mode))
+        except ImageError as err:
+            raise fail(f"{path}: {err}") from None
+    codes = tok.encode_pixels(pixels)
     if out is not None:
         np.save(out, codes)
         console.print(f"{len(codes)} images x {codes.shape[1]} codes -> {out}")
@@ -105,10 +111,20 @@ def decode(
     """Decode VQ codes into PNG images."""
     tok = _load(tokenizer)
     try:
-        images = tok.decode(np.load(codes, allow_pickle=False))
+        with codes.open("rb") as f:
+            if f.read(6) != b"\x93NUMPY":  # np.load would take anything else for a pickle and say so
+                raise fail(f"{codes}: not a .npy file (write one with `cham image-tokenizer encode --out`)")
+        array = np.load(codes, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise fail(f"{codes}: cannot read its codes ({reason})") from None
+    if array.ndim != 2 or not len(array) or array.shape[1] != tok.tokens_per_image:
+        raise fail(f"{codes}: codes of shape {array.shape}; expected [n >= 1, {tok.tokens_per_image}]")
+    output_folder(out)
+    try:
+        images = tok.decode(array)
     except (ValueError, RuntimeError) as err:
         raise fail(str(err)) from None
-    out.mkdir(parents=True, exist_ok=True)
     for n, image in enumerate(images):
         Image.fromarray(image).save(out / f"image-{n:04d}.png")
     console.print(f"{len(images)} images written to {out}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from flows.cli_output import console, fail
+from flows.cli_output import console, fail, output_folder
 from pipelines.mix_job import run_mix
 from pipelines.mix_plan import MixPlanError
 from pipelines.mix_report import ROW_FIELDS, plot_shares, report_rows
@@ -25,6 +26,10 @@ def mix(
     """Mix prepared sources into stage shards of packed sequences with exact, reproducible shares."""
     try:
         spec = load_config(MixtureSpec, spec_file)
+        output_folder(out)
+        # A damaged input sample fails the job with our MixPlanError, printed below in one line; Beam would log it
+        # first with its traceback.
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
         with console.status("planning and writing the stage shards"):
             result = run_mix(spec, out, RunnerConfig(kind=runner, workers=workers))  # type: ignore[arg-type]
     except (ConfigError, MixPlanError, ValueError) as err:

@@ -18,14 +18,15 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def output_folder(path: Path) -> Path:
-    """Create the folder a command writes into (parents too), or end the command saying why it cannot be."""
+def output_folder(path: Path, option: str = "--out") -> Path:
+    """Create the folder a command writes into (parents too), or end the command saying why it cannot be; `option`
+    names where the path came from."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise fail(f"--out {path}: a file is in the way (give a folder)") from None
+        raise fail(f"{option} {path}: a file is in the way (give a folder)") from None
     except OSError as err:
-        raise fail(f"--out {path}: cannot create this folder ({err.strerror or err})") from None
+        raise fail(f"{option} {path}: cannot create this folder ({err.strerror or err})") from None
     return path
 
 

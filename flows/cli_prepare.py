@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.cli_output import console, fail
+from flows.cli_output import console, fail, output_folder
 from model.text_tokenizer import TokenizerError
 from model.vq_checkpoint import VQCheckpointError
 from pipelines.prepare_job import PrepareError, run_prepare
@@ -32,6 +32,7 @@ def prepare(
             config = config.model_copy(update={"runner": RunnerConfig.model_validate(base | changes)})
     except (ConfigError, ValueError) as err:
         raise fail(str(err)) from None
+    output_folder(Path(config.output_dir), f"{config_file}: output_dir")
     columns = [TextColumn("prepare ({task.fields[runner]})"), BarColumn(), MofNCompleteColumn(),
                TextColumn("shards"), TimeElapsedColumn()]  # fmt: skip
     with Progress(*columns, console=console, transient=False) as progress:

@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_output import console, fail
+from flows.cli_output import console, fail, output_folder
 from model.text_tokenizer import (
+    TextReadCounts,
     TokenizerError,
     expand_inputs,
     iter_texts,
@@ -37,14 +38,24 @@ def train(
     try:
         vocab_layout = layout_for(vocab_size, layout)
         files = expand_inputs(input)
-        started = time.perf_counter()
+    except TokenizerError as err:
+        raise fail(str(err)) from None
+    output_folder(out)  # before training, not after it
+    counts = TextReadCounts()
+    started = time.perf_counter()
+    try:
         with console.status(f"training {vocab_layout.n_text} text pieces on {len(files)} files"):
             tokenizer = train_text_tokenizer(
-                iter_texts(files, text_field), vocab_layout, character_coverage=character_coverage
+                iter_texts(files, text_field, counts), vocab_layout, character_coverage=character_coverage
             )
-        tokenizer.save(out)
-    except (TokenizerError, ValueError) as err:
-        raise fail(str(err)) from None
+    except TokenizerError as err:
+        if counts.documents == 0:
+            raise fail(
+                f"no text to train on in {len(files)} files (field {text_field!r}): {counts.summary()}"
+            ) from None
+        raise fail(f"{err}; read {counts.summary()}") from None
+    tokenizer.save(out)
+    console.print(f"read {counts.summary()}")
     console.print(
         f"trained in {time.perf_counter() - started:.1f} s: {vocab_layout.vocab_size} ids "
         f"({vocab_layout.n_text} text pieces from id {vocab_layout.first_text_id}), "
@@ -62,8 +73,17 @@ def encode(
         tok = load_text_tokenizer(tokenizer)
     except TokenizerError as err:
         raise fail(str(err)) from None
-    ids = tok.encode(sys.stdin.read() if text is None else text)
-    print(" ".join(map(str, ids)))
+    if text is None:
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise fail(f"standard input is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # undecodable bytes in a command-line argument
+        raise fail(f"the text is not valid Unicode at character {err.start}") from None
+    print(" ".join(map(str, tok.encode(text))))
 
 
 @app.command()

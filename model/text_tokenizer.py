@@ -11,15 +11,18 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
 
+from model.file_reading import read_json
 from model.vocabulary import Modality, Vocabulary, image_code_from_name
-from schemas.config_base import expand_paths
+from schemas.config_base import ConfigError, expand_paths, validate_config
 from schemas.vocab import (
     BOI_TOKEN,
     CHAMELEON,
@@ -89,7 +92,16 @@ class SentencePieceTokenizer:
         for path in (model, layout):
             if not path.is_file():
                 raise TokenizerError(f"{directory} is not a text tokenizer folder: {path.name} is missing")
-        return cls(model.read_bytes(), VocabLayout.model_validate_json(layout.read_text()))
+        try:
+            vocab_layout = validate_config(VocabLayout, read_json(layout, TokenizerError), str(layout))
+        except ConfigError as err:
+            raise TokenizerError(str(err)) from None
+        try:
+            return cls(model.read_bytes(), vocab_layout)
+        except RuntimeError as err:  # SentencePiece's parse error: a damaged or foreign model file
+            if isinstance(err, TokenizerError):
+                raise
+            raise TokenizerError(f"{model}: damaged or not a SentencePiece model") from None
 
     def save(self, directory: str | Path) -> Path:
         """Write the model and its vocabulary layout into `directory`."""
@@ -162,7 +174,9 @@ class HFTextTokenizer:
         except ImportError as err:  # pragma: no cover - the hf extra is installed in dev and CI
             raise TokenizerError("loading text_tokenizer.json needs the hf extra: pip install '.[hf]'") from err
         self.path = Path(path)
-        data = json.loads(self.path.read_text(encoding="utf-8"))
+        data = read_json(self.path, TokenizerError)
+        if not isinstance(data, dict):
+            raise TokenizerError(f"{self.path}: not a tokenizers JSON file (expected an object)")
         model_vocab = data.get("model", {}).get("vocab")
         if isinstance(model_vocab, dict):  # BPE, as Meta's: no tokenizer needs building just to read the names
             vocab = {**model_vocab, **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
@@ -244,26 +258,80 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         raise TokenizerError(str(err)) from None
 
 
-def iter_texts(files: Iterable[Path], text_field: str = "text") -> Iterator[str]:
+@dataclass
+class TextReadCounts:
+    """What `iter_texts` read, and what it skipped by reason, with the first place each reason was met."""
+
+    documents: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def summary(self) -> str:
+        """`N documents; skipped: reason n (first: where), ...`."""
+        skipped = ", ".join(f"{reason} {n} (first: {self.first[reason]})" for reason, n in sorted(self.skipped.items()))
+        return f"{self.documents} documents; skipped: {skipped or 'none'}"
+
+
+_TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", "")
+
+
+def iter_texts(files: Iterable[Path], text_field: str = "text", counts: TextReadCounts | None = None) -> Iterator[str]:
     """The documents of .txt (whole file), .jsonl / .jsonl.gz (`text_field`) and .parquet (column `text_field`)
-    files; a UTF-8 byte-order mark is skipped, as the prepare job's reader does."""
+    files; a UTF-8 byte-order mark is skipped, as the prepare job's reader does. A record or file that holds no
+    readable text (bad JSON, no such field, binary, unreadable, unsupported type) is skipped and counted in `counts`."""
+    counts = counts if counts is not None else TextReadCounts()
     for path in files:
+        for text in _texts_of(path, text_field, counts):
+            counts.documents += 1
+            yield text
+
+
+def _texts_of(path: Path, text_field: str, counts: TextReadCounts) -> Iterator[str]:
+    try:
         if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
             opener = gzip.open if path.suffix == ".gz" else open
             with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-                for line in f:
+                for n, line in enumerate(f, 1):
                     if line.strip():
-                        value = json.loads(line).get(text_field)
-                        if isinstance(value, str):
-                            yield value
+                        yield from _text_of_line(line, text_field, counts, f"{path}:{n}")
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             parquet = pq.ParquetFile(path)
+            if text_field not in parquet.schema_arrow.names:
+                counts.skip("no_text_field", f"{path} (no column {text_field!r})")
+                return
             for batch in parquet.iter_batches(columns=[text_field]):
                 yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
-        elif path.suffix in (".txt", ".md", ".py", ".rst", ""):
-            yield path.read_text(encoding="utf-8-sig", errors="replace")
+        elif path.suffix in _TEXT_SUFFIXES:
+            data = path.read_bytes()
+            text = data.decode("utf-8-sig", errors="replace")
+            if b"\x00" in data or text.count("\ufffd") > len(text) // 100:
+                counts.skip("binary", str(path))
+            else:
+                yield text
+        else:
+            counts.skip("unsupported_file", str(path))
+    except (OSError, EOFError, ValueError) as err:  # a damaged .gz or parquet file; pyarrow's errors are ValueErrors
+        counts.skip("file_unreadable", f"{path} ({type(err).__name__})")
+
+
+def _text_of_line(line: str, text_field: str, counts: TextReadCounts, where: str) -> Iterator[str]:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        counts.skip("bad_json", where)
+        return
+    if not isinstance(record, dict):
+        counts.skip("not_an_object", where)
+    elif not isinstance(record.get(text_field), str):
+        counts.skip("no_text_field", where)
+    else:
+        yield record[text_field]
 
 
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:
@@ -309,8 +377,8 @@ def train_text_tokenizer(
         )
     except RuntimeError as err:
         raise TokenizerError(
-            f"SentencePiece could not train {layout.n_text} text pieces: {err}. Give more text, or a smaller "
-            f"--vocab-size (the layout uses {layout.first_text_id} ids before the text pieces)"
+            f"SentencePiece could not train {layout.n_text} text pieces ({layout.first_text_id} ids of the layout come "
+            f"before them): {str(err).rstrip('.')}"
         ) from None
     return SentencePieceTokenizer(model.getvalue(), layout)
 
@@ -320,4 +388,11 @@ def layout_for(vocab_size: int | None, preset: str = "chameleon") -> VocabLayout
     if preset not in VOCAB_PRESETS:
         raise TokenizerError(f"unknown vocabulary layout {preset!r}; allowed: {', '.join(VOCAB_PRESETS)}")
     base = VOCAB_PRESETS[preset]
-    return base if vocab_size is None else VocabLayout.model_validate(base.model_dump() | {"vocab_size": vocab_size})
+    if vocab_size is None:
+        return base
+    try:
+        return validate_config(
+            VocabLayout, base.model_dump() | {"vocab_size": vocab_size}, f"--vocab-size {vocab_size}"
+        )
+    except ConfigError as err:
+        raise TokenizerError(str(err)) from None

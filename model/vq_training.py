@@ -201,18 +201,25 @@ class VQTrainer:
         s, size = self.settings, config.resolution
         torch.manual_seed(s.seed)
         self.generator = torch.Generator().manual_seed(s.seed)
-        names = [name for name, _ in images]
-        train_idx, held_idx = split_holdout(len(images), s.holdout)
-        big = round(size * s.augment_scale)
-        pool, self.skipped = _prepare([images[i] for i in train_idx], big)
-        held, skipped = _prepare([images[i] for i in held_idx], size)
-        self.skipped += skipped
-        if not pool or not held:
-            raise ValueError(f"not enough usable images to train on: {len(pool)} train, {len(held)} held out")
-        self.pool = to_tensor(pool)
-        self.holdout = to_tensor(held)
-        self.train_eval = to_tensor(_prepare([images[i] for i in train_idx], size)[0])
-        self.names = {"train": [names[i] for i in train_idx], "holdout": [names[i] for i in held_idx]}
+        # The split is over usable images, so an unusable one never leaves the held-out set empty.
+        usable, at_size, self.skipped = [], [], []
+        for name, data in images:
+            try:
+                at_size.append(preprocess(data, size=size, mode="crop").pixels)
+                usable.append((name, data))
+            except ImageError as err:
+                self.skipped.append(f"{name}: {err.reason}")
+        if len(usable) < 2:
+            skipped = "; ".join(self.skipped[:3]) + (
+                f"; ... {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            )
+            raise ValueError(f"not enough usable images to train on: {len(usable)} of {len(images)} (one to train on "
+                             f"and one to hold out are needed){'; skipped ' + skipped if skipped else ''}")  # fmt: skip
+        train_idx, held_idx = split_holdout(len(usable), s.holdout)
+        self.pool = to_tensor(_prepare([usable[i] for i in train_idx], round(size * s.augment_scale))[0])
+        self.holdout = to_tensor([at_size[i] for i in held_idx])
+        self.train_eval = to_tensor([at_size[i] for i in train_idx])
+        self.names = {"train": [usable[i][0] for i in train_idx], "holdout": [usable[i][0] for i in held_idx]}
         self.model = VQGAN(config)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr, betas=(0.5, 0.9))
         self.step = 0

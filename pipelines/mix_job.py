@@ -24,6 +24,7 @@ import apache_beam as beam
 import numpy as np
 import webdataset as wds
 
+from model.file_reading import read_json_object
 from model.text_tokenizer import load_text_tokenizer
 from model.vocabulary import Modality, Vocabulary
 from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, plan_stage
@@ -52,26 +53,47 @@ class SourceIndex:
 
 
 def read_index(name: str, path: Path) -> SourceIndex:
-    """Sample metadata of every shard of a prepared source (only the .json members are parsed)."""
+    """Sample metadata of every shard of a prepared source (only the .json members are parsed); a damaged manifest or
+    shard, or a shard holding other samples than its manifest lists, is a MixPlanError naming the file."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise MixPlanError(f"source {name!r}: {path} is not a prepared source (no {MANIFEST}; run `cham prepare`)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json_object(manifest_path, ("shards", "tokenizers", "fingerprint"), MixPlanError,
+                                "prepared-source manifest")  # fmt: skip
     samples = []
     for shard in manifest["shards"]:
-        shard_id = shard_id_of(shard["shard"])
         tar_path = Path(path) / f"{shard['shard']}.tar"
         if not tar_path.is_file():
             raise MixPlanError(f"source {name!r}: {tar_path} is listed in {MANIFEST} but missing; re-run `cham "
                                "prepare` for this source")  # fmt: skip
+        samples += _index_shard(name, tar_path, shard_id_of(shard["shard"]), int(shard["samples"]))
+    return SourceIndex(name, Path(path), samples, manifest)
+
+
+def _index_shard(source: str, tar_path: Path, shard_id: int, expected: int) -> list[SampleRef]:
+    refs, members, key = [], set(), None
+    try:
         with tarfile.open(tar_path) as tar:
             for member in tar:
+                members.add(member.name)
                 if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
                     key = member.name[: -len(".json")]
-                    samples.append(SampleRef(shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"]),
-                                             meta.get("category", "")))  # fmt: skip
-    return SourceIndex(name, Path(path), samples, manifest)
+                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    refs.append(SampleRef(shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"]),
+                                          meta.get("category", "")))  # fmt: skip
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise MixPlanError(f"source {source!r}: {tar_path} is damaged ({err}); re-run `cham prepare` for this "
+                           f"source") from None  # fmt: skip
+    except (ValueError, KeyError, TypeError) as err:  # a member's metadata (JSON or its fields)
+        raise MixPlanError(f"source {source!r}: {tar_path}: sample {key!r} has damaged metadata "
+                           f"({type(err).__name__}: {err})") from None  # fmt: skip
+    no_tokens = [r.key for r in refs if f"{r.key}.npy" not in members]
+    if no_tokens:
+        raise MixPlanError(f"source {source!r}: {tar_path}: sample {no_tokens[0]!r} has no tokens (.npy)")
+    if len(refs) != expected:  # a shard rewritten or cut short since prepare: its samples would silently go missing
+        raise MixPlanError(f"source {source!r}: {tar_path} holds {len(refs)} samples, its {MANIFEST} lists "
+                           f"{expected}; re-run `cham prepare` for this source")  # fmt: skip
+    return refs
 
 
 def vocabulary_of(indexes: list[SourceIndex]) -> Vocabulary:
@@ -170,10 +192,20 @@ def plan_mixture(
 def _read_samples(item: tuple[str, str, int]) -> Iterator[tuple[tuple[str, int, str], tuple[np.ndarray, int]]]:
     """(source, folder, shard id) -> ((source, shard, key), (tokens, n_prompt_tokens)) for each sample."""
     source, folder, shard_id = item
-    for sample in wds.WebDataset(str(Path(folder) / f"{shard_name(shard_id)}.tar"), shardshuffle=False):
-        meta = json.loads(sample["json"])
-        tokens = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-        yield (source, shard_id, sample["__key__"]), (tokens, int(meta.get("n_prompt_tokens", 0)))
+    path = Path(folder) / f"{shard_name(shard_id)}.tar"
+    for sample in wds.WebDataset(str(path), shardshuffle=False):
+        try:
+            meta = json.loads(sample["json"])
+            tokens = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+            n_prompt = int(meta.get("n_prompt_tokens", 0))
+        except (ValueError, KeyError, TypeError, OSError, EOFError) as err:
+            raise MixPlanError(f"source {source!r}: {path}: sample {sample['__key__']!r} is damaged "
+                               f"({type(err).__name__}: {str(err).splitlines()[0]}); re-run `cham prepare` for this "
+                               f"source") from None  # fmt: skip
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise MixPlanError(f"source {source!r}: {path}: sample {sample['__key__']!r} has tokens of "
+                               f"{tokens.dtype} {tokens.shape}, expected a vector of integers")  # fmt: skip
+        yield (source, shard_id, sample["__key__"]), (tokens, n_prompt)
 
 
 def _place(element: tuple[Any, dict[str, list[Any]]]) -> Iterator[tuple[tuple[str, int], tuple]]:

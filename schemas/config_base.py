@@ -168,6 +168,8 @@ def validate_config(
 def load_config(cls: type[M], path: str | Path, base_dir: Path | None = None, check_paths: bool = True) -> M:
     """Read a YAML file and validate it as `cls` (a clear ConfigError on any problem)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(str(path), ["a folder, not a config file"])
     if not path.is_file():
         raise ConfigError(str(path), ["file not found"])
     try:
@@ -178,7 +180,14 @@ def load_config(cls: type[M], path: str | Path, base_dir: Path | None = None, ch
         raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(err, 'problem', err)})"]) from None
     except UnicodeDecodeError as err:
         raise ConfigError(str(path), [f"not UTF-8 text ({err.reason} at byte {err.start})"]) from None
-    return validate_config(cls, data if data is not None else {}, str(path), base_dir, check_paths)
+    except RecursionError:
+        raise ConfigError(str(path), ["nested too deeply to be a config"]) from None
+    if data is None:  # an empty file: fine only where every field has a default
+        try:
+            return validate_config(cls, {}, str(path), base_dir, check_paths)
+        except ConfigError:
+            raise ConfigError(str(path), ["the file is empty"]) from None
+    return validate_config(cls, data, str(path), base_dir, check_paths)
 
 
 def dump_config(config: BaseModel, path: str | Path) -> Path:

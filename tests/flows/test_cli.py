@@ -78,3 +78,13 @@ def test_serve_refuses_a_bad_time_zone_or_cron_at_start() -> None:
         assert "unknown time zone 'Mars/Olympus'" in result.output
         result = runner.invoke(app, ["serve", "--build-cron", "0 3 * * 9"])
         assert result.exit_code == 1 and "Invalid cron string" in result.output
+
+
+def test_config_check_names_odd_files(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "deep.yaml").write_text("[" * 5000 + "]" * 5000)
+    cases = {str(tmp_path): "a folder, not a config file", str(tmp_path / "empty.yaml"): "the file is empty",
+             str(tmp_path / "deep.yaml"): "nested too deeply to be a config"}  # fmt: skip
+    for path, message in cases.items():
+        result = runner.invoke(app, ["config", "check", "mixture", path])
+        assert result.exit_code == 1 and f"{path}: {message}" in " ".join(result.output.split()), result.output

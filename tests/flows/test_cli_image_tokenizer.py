@@ -72,3 +72,40 @@ def test_errors(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "unknown preset 'huge'; allowed: chameleon, tiny" in result.output
     result = runner.invoke(app, ["image-tokenizer", "encode", "--tokenizer", str(tmp_path), "x.jpg"])
     assert result.exit_code == 1 and "no image tokenizer here" in result.output
+
+
+def test_bad_images_codes_and_paths_are_one_line(tmp_path: Path, tiny_tokenizers) -> None:
+    vq = str(tiny_tokenizers["image"])
+
+    def one_line(args: list[str], message: str, code: int = 1) -> None:
+        result = runner.invoke(app, ["image-tokenizer", *args])
+        assert result.exit_code == code and "Traceback" not in result.output, result.output
+        assert message in " ".join(result.output.split()), result.output
+
+    photo = PHOTOS / "two_macaws.jpg"
+    (tmp_path / "cut.jpg").write_bytes(photo.read_bytes()[:2000])
+    one_line(["encode", "--tokenizer", vq, str(photo), str(tmp_path / "cut.jpg")], f"{tmp_path / 'cut.jpg'}: image_")
+    one_line(["encode", "--tokenizer", vq, "--mode", "weird", str(photo)], "Invalid value for '--mode'", 2)
+    result = runner.invoke(app, ["image-tokenizer", "encode", "--tokenizer", vq, str(photo), "--out",
+                                 str(tmp_path / "codes")])  # fmt: skip
+    assert result.exit_code == 0 and f"-> {tmp_path / 'codes.npy'}" in " ".join(result.output.split())
+    np.save(tmp_path / "empty.npy", np.zeros((0, 64), np.int64))
+    np.save(tmp_path / "flat.npy", np.zeros(64, np.int64))
+    for codes, message in [("empty.npy", "codes of shape (0, 64); expected [n >= 1, 64]"),
+                           ("flat.npy", "codes of shape (64,); expected [n >= 1, 64]"),
+                           ("cut.jpg", "not a .npy file"), ("none.npy", "cannot read its codes")]:  # fmt: skip
+        one_line(["decode", "--tokenizer", vq, str(tmp_path / codes), "--out", str(tmp_path / "png")], message)
+    (tmp_path / "file").write_text("x")
+    one_line(["decode", "--tokenizer", vq, str(tmp_path / "codes.npy"), "--out", str(tmp_path / "file")],
+             "a file is in the way")  # fmt: skip
+    one_line(["train", "-i", str(PHOTOS), "--out", str(tmp_path / "file")], "a file is in the way")
+    one_line(
+        ["train", "-i", str(PHOTOS), "--out", str(tmp_path / "vq"), "--steps", "0"], "Invalid value for '--steps'", 2
+    )
+    # Only one usable image: nothing to hold out. The skip reasons are in the error.
+    for n, name in enumerate(["a.jpg", "b.jpg"]):
+        (tmp_path / "few" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "few" / name).write_bytes(photo.read_bytes() if n == 0 else b"not an image")
+    one_line(["train", "-i", str(tmp_path / "few"), "--out", str(tmp_path / "vq")],
+             "not enough usable images to train on: 1 of 2 (one to train on and one to hold out are needed); "
+             "skipped")  # fmt: skip

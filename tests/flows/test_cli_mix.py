@@ -31,3 +31,9 @@ def test_mix_command(tmp_path: Path, prepared_sources: Path) -> None:
     path.write_text(yaml.safe_dump(spec))
     result = runner.invoke(app, ["mix", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "seq_len: 32 is too short for one image block" in " ".join(result.output.split())
+
+    (tmp_path / "file").write_text("x")
+    spec["seq_len"] = 256
+    path.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["mix", str(path), "--out", str(tmp_path / "file")])
+    assert result.exit_code == 1 and "--out " in result.output and "a file is in the way" in result.output

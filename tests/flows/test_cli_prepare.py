@@ -42,3 +42,7 @@ def test_prepare_command(tmp_path: Path, sample_data, tiny_tokenizers) -> None:
     assert result.exit_code == 1 and "runner.kind: Input should be 'embedded', 'local', 'dask' or 'beam'" in (
         " ".join(result.output.split())
     )
+    (tmp_path / "file").write_text("x")
+    path.write_text(yaml.safe_dump(config | {"output_dir": str(tmp_path / "file")}))
+    result = runner.invoke(app, ["prepare", str(path)])
+    assert result.exit_code == 1 and "a file is in the way" in result.output and "Traceback" not in result.output

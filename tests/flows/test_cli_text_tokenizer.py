@@ -47,3 +47,24 @@ def test_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
         app, ["text-tokenizer", "train", "--input", str(REPO / "sample/text"), "--layout", "huge", "--out", "x"]
     )
     assert result.exit_code == 1 and "unknown vocabulary layout 'huge'; allowed: chameleon, tiny" in result.output
+
+
+def test_training_input_without_text_and_odd_bytes(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('not json\n{"body": "x"}\n')
+    (tmp_path / "in" / "b.txt").write_bytes(b"\x00\x01binary" * 50)
+    args = ["text-tokenizer", "train", "--input", str(tmp_path / "in"), "--layout", "tiny", "--vocab-size", "2100"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "tok")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "no text to train on in 2 files (field 'text'): 0 documents; skipped: bad_json 1 (first:" in text
+    assert "binary 1" in text and "no_text_field 1" in text
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["text-tokenizer", "train", "--input", str(REPO / "sample/text/*.jsonl"), "--layout",
+                                 "tiny", "--vocab-size", "2100", "--out", str(tmp_path / "file")])  # fmt: skip
+    assert result.exit_code == 1 and "a file is in the way" in result.output
+    result = runner.invoke(app, ["text-tokenizer", "train", "--input", str(REPO / "sample/text/*.jsonl"), "--layout",
+                                 "tiny", "--vocab-size", "2100", "--out", str(tmp_path / "tok")])  # fmt: skip
+    assert result.exit_code == 0 and "read 200 documents; skipped: none" in result.output
+    stdin = runner.invoke(app, ["text-tokenizer", "encode", "--tokenizer", str(tmp_path / "tok")], input=b"\xff\xfe x")
+    assert stdin.exit_code == 1 and "standard input is not UTF-8 text (invalid start byte at byte 0)" in stdin.output

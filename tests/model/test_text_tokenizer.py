@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from model.text_tokenizer import (
     HFTextTokenizer,
     SentencePieceTokenizer,
+    TextReadCounts,
     TokenizerError,
     expand_inputs,
     iter_texts,
@@ -178,3 +179,42 @@ def test_tokenizer_json_with_wrong_layout_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(TokenizerError, match="expected <eoss> and <racm3:break> right after the 256 image tokens"):
         HFTextTokenizer(path)
+
+
+def test_unreadable_records_and_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jsonl").write_text('[1, 2]\n{"text": 5}\nnot json\n{"text": "good one"}\n\n{"body": "x"}\n')
+    (tmp_path / "b.txt").write_bytes(bytes(range(256)) * 4)  # binary: NULs and invalid UTF-8
+    (tmp_path / "c.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "d.csv").write_text("text\nhello\n")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "e.parquet")
+    (tmp_path / "f.txt").write_text("caf\u00e9 text\n")
+    counts = TextReadCounts()
+    texts = list(iter_texts(sorted(tmp_path.iterdir()), counts=counts))
+    assert texts == ["good one", "caf\u00e9 text\n"] and counts.documents == 2
+    assert counts.skipped == {"not_an_object": 1, "no_text_field": 3, "bad_json": 1, "binary": 1,
+                              "file_unreadable": 1, "unsupported_file": 1}  # fmt: skip
+    assert counts.first["bad_json"] == f"{tmp_path / 'a.jsonl'}:3"
+    assert counts.first["file_unreadable"] == f"{tmp_path / 'c.jsonl.gz'} (BadGzipFile)"
+    assert "2 documents; skipped: bad_json 1 (first: " in counts.summary()
+
+
+def test_damaged_tokenizer_files_and_bad_sizes_are_one_line(tokenizer: SentencePieceTokenizer, tmp_path: Path) -> None:
+    folder = tokenizer.save(tmp_path / "tok")
+    model = (folder / "text_tokenizer.model").read_bytes()
+    (folder / "text_tokenizer.model").write_bytes(model[:300])
+    with pytest.raises(TokenizerError, match=r"text_tokenizer\.model: damaged or not a SentencePiece model"):
+        load_text_tokenizer(folder)
+    (folder / "text_tokenizer.model").write_bytes(model)
+    (folder / "vocab_layout.json").write_text('{"vocab_size": "many"}')
+    with pytest.raises(TokenizerError, match=r"vocab_layout\.json: vocab_size: Input should be a valid integer"):
+        load_text_tokenizer(folder)
+    (folder / "vocab_layout.json").write_text('{"vocab_size": ')
+    with pytest.raises(TokenizerError, match=r"vocab_layout\.json: not valid JSON"):
+        load_text_tokenizer(folder)
+    with pytest.raises(TokenizerError, match=r"^--vocab-size 279: vocab_size 279 leaves 1 text ids"):
+        layout_for(279, "tiny")
+    with pytest.raises(TokenizerError, match=r"^--vocab-size -5: vocab_size: Input should be greater than 0"):
+        layout_for(-5, "tiny")

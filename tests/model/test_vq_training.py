@@ -154,3 +154,14 @@ def test_optional_perceptual_loss_from_user_weights(images, tmp_path: Path) -> N
     assert perceptual_distance(perceptual, x, -x).item() > 0.0
     trainer = VQTrainer(TINY, images, tmp_path / "run", replace(FAST, steps=2), perceptual=perceptual)
     assert trainer.run().steps == 2
+
+
+def test_unusable_images_are_skipped_before_the_holdout_split(images, tmp_path: Path) -> None:
+    # Index 6 is where split_holdout takes its only held-out image of 8: an unusable one there used to leave the
+    # held-out set empty and stop training.
+    mixed = images[:6] + [("broken.jpg", b"\xff\xd8 not a jpeg")] + images[6:8]
+    trainer = VQTrainer(TINY, mixed, tmp_path, replace(FAST, steps=1))
+    assert trainer.skipped == ["broken.jpg: image_not_an_image"]
+    usable = [name for name, _ in mixed if name != "broken.jpg"]
+    assert trainer.names == {"train": usable[:6] + usable[7:], "holdout": [usable[6]]}
+    assert len(trainer.pool) == 7 and len(trainer.holdout) == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +190,60 @@ def test_a_missing_shard_and_a_bad_stage_name_are_clear_errors(prepared_sources:
     data["stages"]["hq_0.5"] = data["stages"].pop("stage2")
     with pytest.raises(ConfigError, match=r"stage name 'hq_0\.5': use letters, digits"):
         validate_config(MixtureSpec, data)
+
+
+def rewrite_tar(path: Path, change) -> None:
+    """Rewrite a tar member by member: change(name, data) returns the new data, or None to leave the member out."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = change(name, data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_damaged_prepared_source_is_refused_naming_the_file(prepared_sources: Path, tmp_path: Path) -> None:
+    def damaged(case: str, damage) -> Path:
+        copy = tmp_path / case
+        shutil.copytree(prepared_sources, copy)
+        damage(copy / "prose")
+        return copy
+
+    def first_shard(source: Path) -> Path:
+        return sorted(source.glob("shard-*.tar"))[0]
+
+    def names(source: Path) -> list[str]:
+        with tarfile.open(first_shard(source)) as tar:
+            return tar.getnames()
+
+    def keep_half(source: Path) -> None:  # a valid tar holding fewer samples than its manifest lists
+        keys = sorted({n.split(".")[0] for n in names(source)})
+        rewrite_tar(first_shard(source), lambda name, data: data if name.split(".")[0] in keys[::2] else None)
+
+    def truncate(source: Path) -> None:
+        first_shard(source).write_bytes(first_shard(source).read_bytes()[:3000])
+
+    def drop_one_npy(source: Path) -> None:
+        dropped = sorted(n for n in names(source) if n.endswith(".npy"))[-1]
+        rewrite_tar(first_shard(source), lambda name, data: None if name == dropped else data)
+
+    def empty_manifest(source: Path) -> None:
+        (source / "manifest.json").write_text("{}")
+
+    def corrupt_npy(source: Path) -> None:  # the tar stays intact: found when the shard's samples are read
+        rewrite_tar(first_shard(source), lambda name, data: b"\x93NUMPY garbage" if name.endswith(".npy") else data)
+
+    cases = {
+        "half": (keep_half, r"shard-00000\.tar holds \d+ samples, its manifest\.json lists \d+; re-run `cham prepare`"),
+        "truncated": (truncate, r"shard-00000\.tar (is damaged|holds 1 samples)"),
+        "no-npy": (drop_one_npy, r"shard-00000\.tar: sample '.*' has no tokens \(\.npy\)"),
+        "manifest": (empty_manifest, r"manifest\.json: not a complete prepared-source manifest \(no shards"),
+        "npy": (corrupt_npy, r"shard-00000\.tar: sample '.*' is damaged \(ValueError"),
+    }
+    for case, (damage, message) in cases.items():
+        with pytest.raises(MixPlanError, match=message) as info:
+            run_mix(spec_for(damaged(case, damage)), tmp_path / f"out-{case}")
+        assert "prose" in str(info.value), case
