@@ -159,7 +159,7 @@ def test_optional_perceptual_loss_from_user_weights(images, tmp_path: Path) -> N
 def test_unusable_images_are_skipped_before_the_holdout_split(images, tmp_path: Path) -> None:
     # Index 6 is where split_holdout takes its only held-out image of 8: an unusable one there used to leave the
     # held-out set empty and stop training.
-    mixed = images[:6] + [("broken.jpg", b"\xff\xd8 not a jpeg")] + images[6:8]
+    mixed = [*images[:6], ("broken.jpg", b"\xff\xd8 not a jpeg"), *images[6:8]]
     trainer = VQTrainer(TINY, mixed, tmp_path, replace(FAST, steps=1))
     assert trainer.skipped == ["broken.jpg: image_not_an_image"]
     usable = [name for name, _ in mixed if name != "broken.jpg"]
