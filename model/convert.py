@@ -90,11 +90,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
-    """Fail naming the tensor if `state` lacks, adds, or mis-shapes any tensor of our model for `config`."""
+def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor], source: str | Path | None = None) -> None:
+    """Fail naming the tensor (and the `source` folder) if `state` lacks, adds, or mis-shapes any tensor of our model
+    for `config`."""
     problem = state_dict_mismatch(expected_shapes(config), state)
     if problem:
-        raise ConversionError(problem)
+        raise ConversionError(f"{source}: {problem}" if source is not None else problem)
 
 
 def load_into(model: Transformer, state: Mapping[str, torch.Tensor]) -> Transformer:
@@ -132,7 +133,7 @@ def load_ours(folder: str | Path) -> tuple[ModelConfig, StateDict]:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
         raise ConversionError(f"{folder / OURS_CONFIG}: not a model config ({problems})") from None
     state = _torch_load(folder / OURS_WEIGHTS)
-    check_state_dict(config, state)
+    check_state_dict(config, state, folder)
     return config, state
 
 
@@ -266,16 +267,18 @@ def load_meta(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     """Read Meta's release folder: params.json plus consolidated.pth or consolidated.NN.pth shards (merged)."""
     folder = Path(folder)
     params = _meta_params(folder)
-    shards = [_torch_load(p) for p in _meta_shards(folder)]
+    paths = _meta_shards(folder)
+    shards = [_torch_load(p) for p in paths]
     keys = set(shards[0])
-    for i, shard in enumerate(shards[1:], 1):
+    for path, shard in zip(paths[1:], shards[1:], strict=True):
         if set(shard) != keys:
-            raise ConversionError(f"shard {i:02d} has different tensor names from shard 00")
+            raise ConversionError(f"{path}: other tensor names than {paths[0].name}: lacks "
+                                  f"{sorted(keys - set(shard))[:8]}, adds {sorted(set(shard) - keys)[:8]}")  # fmt: skip
     state = merge_meta_shards(shards)
     qk = [t for k, t in state.items() if _is_qk_norm(k)]
     groups = qk[0].shape[0] if qk and qk[0].dim() == 2 else 1
     config = meta_config(params, has_qk_norm=bool(qk), qk_norm_groups=groups)
-    check_state_dict(config, state)
+    check_state_dict(config, state, folder)
     return config, state
 
 
@@ -494,8 +497,12 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, StateDict]:
         raise ConversionError(f"{folder / 'config.json'}: not a Chameleon config (no {', '.join(missing)})")
     config = hf_config(raw)
     hf_state = _read_safetensors(folder)
-    config = ModelConfig.model_validate({**config.model_dump(), "qk_norm_groups": hf_qk_norm_groups(hf_state, config)})
-    return config, state_from_hf(hf_state, config)
+    try:
+        groups = hf_qk_norm_groups(hf_state, config)
+        config = ModelConfig.model_validate({**config.model_dump(), "qk_norm_groups": groups})
+        return config, state_from_hf(hf_state, config)
+    except ConversionError as err:
+        raise ConversionError(f"{folder}: {err}") from None
 
 
 def _layout_for(vocab_size: int) -> VocabLayout | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -316,6 +317,11 @@ def test_damaged_inputs_fail_naming_the_file(tmp_path: Path) -> None:
         (copy / name).write_bytes(payload)
         return copy
 
+    def without(file: str, name: str) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({k: v for k, v in torch.load(tmp_path / file, weights_only=True).items() if k != name}, buffer)
+        return buffer.getvalue()
+
     safetensors = (tmp_path / "hf" / "model.safetensors").read_bytes()
     shard = (tmp_path / "meta" / "consolidated.00.pth").read_bytes()
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -332,6 +338,10 @@ def test_damaged_inputs_fail_naming_the_file(tmp_path: Path) -> None:
          r"consolidated\.01\.pth: not a weights-only PyTorch file"),
         (load_ours, damaged("ours", "model_config.json", b'{"dim": "wide"}'),
          r"model_config\.json: not a model config \(dim: Input should be a valid integer"),
+        (load_meta, damaged("meta", "consolidated.00.pth", without("meta/consolidated.00.pth", "norm.weight")),
+         r"consolidated\.01\.pth: other tensor names than consolidated\.00\.pth: lacks \[\], adds \['norm\.weight'\]"),
+        (load_ours, damaged("ours", "model.pt", without("ours/model.pt", "norm.weight")),
+         r"ours-model\.pt-\d+: state dict does not match the model: missing \['norm\.weight'\]"),
     ]  # fmt: skip
     for loader, folder, message in cases:
         with pytest.raises(ConversionError, match=message) as info:
