@@ -118,9 +118,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         named = root / pointer.read_text().strip()
         if (named / STATE).is_file():
             return named
-        if found:  # a checkpoint was lost (or `latest` edited): say so rather than quietly go back further
-            log.warning("%s names %s, which is not a complete checkpoint; using %s", pointer, named.name,
-                        found[-1].name)  # fmt: skip
+        # A checkpoint was lost (or `latest` edited): say so rather than quietly go back further.
+        log.warning("%s names %s, which is not a complete checkpoint; %s", pointer, named.name,
+                    f"using {found[-1].name}" if found else "no other is")  # fmt: skip
     return found[-1] if found else None
 
 

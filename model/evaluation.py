@@ -65,7 +65,7 @@ def heldout_loss(
         with torch.inference_mode():
             for done, start in enumerate(starts[:total], 1):
                 members = loader.index[start : start + batch_size]
-                read = read_batch(members, loader.seq_len, files, loader.vocab_size)
+                read = read_batch(members, loader.seq_len, files, loader.vocab_size, n_sources=len(names) or None)
                 batch = {k: v.to(device) for k, v in read.items()}
                 logits = model(batch["tokens"], positions=batch["positions"],
                                doc_ids=batch["doc_ids"] if document_masking else None)  # fmt: skip

@@ -28,6 +28,7 @@ from schemas.vocab import PAD_ID
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STAGE_MANIFEST_KEYS = ("fingerprint", "seq_len", "shards", "vocab_layout")
+ERROR_KEY = "error"  # a batch that carries a reading error from a DataLoader worker instead of tensors
 
 
 class CorruptShardError(RuntimeError):
@@ -64,8 +65,9 @@ class StageDataset(IterableDataset):
 
     def __init__(self, index: list[Member], seq_len: int, rank: int, world_size: int, batch_size: int,
                  n_batches: int, start_batch: int = 0, vocab_size: int | None = None,
-                 skip_damaged: bool = False):  # fmt: skip
+                 skip_damaged: bool = False, n_sources: int | None = None):  # fmt: skip
         self.index, self.seq_len, self.vocab_size, self.skip_damaged = index, seq_len, vocab_size, skip_damaged
+        self.n_sources = n_sources
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.n_batches, self.start_batch = n_batches, start_batch
 
@@ -79,7 +81,13 @@ class StageDataset(IterableDataset):
                     continue
                 first = batch * self.world_size * self.batch_size + self.rank * self.batch_size
                 members = self.index[first : first + self.batch_size]
-                yield read_batch(members, self.seq_len, files, self.vocab_size, self.skip_damaged)
+                try:
+                    yield read_batch(members, self.seq_len, files, self.vocab_size, self.skip_damaged, self.n_sources)
+                except CorruptShardError as err:
+                    # Sent as data: raised in a DataLoader worker, it would reach the trainer wrapped in the worker's
+                    # whole traceback.
+                    yield {ERROR_KEY: str(err)}
+                    return
         finally:
             for f in files.values():
                 f.close()
@@ -92,14 +100,16 @@ def _read(member: Member, suffix: str, files: dict[str, Any]) -> np.ndarray:
     offset, size = member.offsets[suffix]
     f.seek(offset)
     data = f.read(size)
+    if data[:6] != b"\x93NUMPY":  # np.load would take anything else for a pickle and advise loading it unsafely
+        raise CorruptShardError(f"{member.shard}: member {suffix} at byte {offset}: not a .npy array")
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise CorruptShardError(f"{member.shard}: member {suffix} at byte {offset}: {err}") from None
 
 
-def read_sequence(member: Member, seq_len: int, files: dict[str, Any],
-                  vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def read_sequence(member: Member, seq_len: int, files: dict[str, Any], vocab_size: int | None = None,
+                  n_sources: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """One sequence's tokens [S], loss mask [S] and documents [3, n] (start, length, source), checked for shape and
     range: a damaged member raises CorruptShardError naming the shard and byte, never a wrong batch or an index
     error inside the model."""
@@ -122,11 +132,13 @@ def read_sequence(member: Member, seq_len: int, files: dict[str, Any],
     starts, lengths = docs[0].astype(np.int64), docs[1].astype(np.int64)
     if len(docs[0]) and (starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > seq_len):
         raise bad(f"document bounds fall outside the {seq_len} positions")
+    if n_sources is not None and len(docs[2]) and (docs[2].min() < -1 or docs[2].max() >= n_sources):
+        raise bad(f"source ids span {docs[2].min()}..{docs[2].max()}; the stage has {n_sources} sources")
     return tokens, mask.astype(bool), docs
 
 
 def read_batch(members: list[Member], seq_len: int, files: dict[str, Any], vocab_size: int | None = None,
-               skip_damaged: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+               skip_damaged: bool = False, n_sources: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """tokens [B, S] int64, loss_mask [B, S] bool, doc_ids [B, S] (document index, -1 on padding),
     positions [B, S] (reset at each document), source_ids [B, S] (-1 on padding), damaged [B] bool.
 
@@ -141,7 +153,7 @@ def read_batch(members: list[Member], seq_len: int, files: dict[str, Any], vocab
     damaged = np.zeros(b, bool)
     for i, member in enumerate(members):
         try:
-            tokens[i], mask[i], docs = read_sequence(member, seq_len, files, vocab_size)
+            tokens[i], mask[i], docs = read_sequence(member, seq_len, files, vocab_size, n_sources)
         except CorruptShardError as err:
             if not skip_damaged:
                 raise
@@ -228,11 +240,13 @@ class StageLoader:
             self.epoch, self.batches_done = self.epoch + 1, 0
         dataset = StageDataset(self.index, self.seq_len, self.rank, self.world_size, self.batch_size,
                                self.batches_per_epoch, self.batches_done, vocab_size=self.vocab_size,
-                               skip_damaged=self.skip_corrupt)  # fmt: skip
+                               skip_damaged=self.skip_corrupt, n_sources=len(self.source_ids) or None)  # fmt: skip
         # A generator of its own: otherwise each new DataLoader iterator draws its base seed from torch's global RNG,
         # which dropout also draws from, and a resumed run (a new iterator mid-epoch) would get other dropout masks.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
                             generator=torch.Generator().manual_seed(self.epoch))  # fmt: skip
         for batch in loader:
+            if ERROR_KEY in batch:
+                raise CorruptShardError(batch[ERROR_KEY])
             self.batches_done += 1
             yield batch

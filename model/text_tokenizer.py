@@ -309,11 +309,11 @@ def _texts_of(path: Path, text_field: str, counts: TextReadCounts) -> Iterator[s
                 yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
         elif path.suffix in _TEXT_SUFFIXES:
             data = path.read_bytes()
-            text = data.decode("utf-8-sig", errors="replace")
-            if b"\x00" in data or text.count("\ufffd") > len(text) // 100:
+            invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))  # bytes not UTF-8
+            if b"\x00" in data or invalid * 100 > len(data):
                 counts.skip("binary", str(path))
             else:
-                yield text
+                yield data.decode("utf-8-sig", errors="replace")
         else:
             counts.skip("unsupported_file", str(path))
     except (OSError, EOFError, ValueError) as err:  # a damaged .gz or parquet file; pyarrow's errors are ValueErrors

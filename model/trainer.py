@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from model.checkpointing import (
+    LATEST,
     CheckpointError,
     TrainState,
     apply_rng_state,
@@ -144,6 +145,10 @@ class Trainer:
     def _resume(self) -> None:
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
+            pointer = self.ckpt_dir / LATEST
+            if pointer.is_file():  # starting over would overwrite a run whose checkpoints are lost
+                raise CheckpointError(f"{pointer} names a checkpoint that is not there, and no other is complete: "
+                                      f"restore it, or delete the file to start from step 0")  # fmt: skip
             return
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (

@@ -66,7 +66,7 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "data: Field required" in result.output
 
 
-def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Path) -> None:
+def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Path, damage_stage) -> None:
     def one_error_line(config: dict, message: str) -> None:
         result = runner.invoke(app, ["train", str(write(tmp_path / "t.yaml", config))])
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
@@ -80,6 +80,13 @@ def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Pat
     state.write_text("[]")
     one_error_line(config | {"steps": 4}, "state.json: not a checkpoint state (a JSON list, expected an object)")
     state.write_text(good)
+    lost = tmp_path / "lost"
+    (lost / "checkpoints").mkdir(parents=True)
+    (lost / "checkpoints" / "latest").write_text("step-00000002\n")  # its checkpoints deleted: no silent restart
+    one_error_line(train_config(stages, lost, 2), "names a checkpoint that is not there, and no other is complete")
+    damaged = tmp_path / "damaged"
+    damage_stage(stages / "stage1", damaged)  # read by the default DataLoader worker: one line all the same
+    one_error_line(train_config(stages, tmp_path / "run2", 2) | {"data": str(damaged)}, "at byte")
     (tmp_path / "file").write_text("x")
     one_error_line(train_config(stages, tmp_path / "file" / "run", 2), "Not a directory")
 

@@ -129,3 +129,9 @@ def test_a_stale_latest_pointer_is_reported(tmp_path: Path, caplog) -> None:
     with caplog.at_level("WARNING", logger="model.checkpointing"):
         assert latest_checkpoint(tmp_path).name == "step-00000002"
     assert "names step-00000099, which is not a complete checkpoint; using step-00000002" in caplog.text
+    only = tmp_path / "only-pointer"
+    only.mkdir()
+    (only / "latest").write_text("step-00000099\n")
+    with caplog.at_level("WARNING", logger="model.checkpointing"):
+        assert latest_checkpoint(only) is None
+    assert "names step-00000099, which is not a complete checkpoint; no other is" in caplog.text

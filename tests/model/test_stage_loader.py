@@ -123,6 +123,15 @@ def test_damaged_sequence_fails_clearly_or_is_read_as_padding(stage: Path, tmp_p
         loader = StageLoader(copy, batch_size=1)
         with pytest.raises(CorruptShardError, match=text):
             read_batch([loader.index[r] for r in rows], loader.seq_len, {}, loader.vocab_size)
+    clean_loader = StageLoader(stage, batch_size=1)
+    photos = next(i for i, m in enumerate(clean_loader.index) if (read_batch([m], 128, {})["source_ids"] == 1).any())
+    with pytest.raises(CorruptShardError, match=r"source ids span .*; the stage has 1 sources"):
+        read_batch([clean_loader.index[photos]], 128, {}, n_sources=1)
+    # With DataLoader workers the error reaches the caller as itself, not inside the worker's traceback.
+    with pytest.raises(
+        CorruptShardError, match=r"^\S+shard-00000\.tar: member tokens\.npy at byte \d+: not a \.npy array$"
+    ):
+        list(StageLoader(copy, batch_size=4, num_workers=2))
     clean = list(StageLoader(stage, batch_size=4))
     skipping = list(StageLoader(copy, batch_size=4, skip_corrupt=True))
     assert len(skipping) == len(clean)  # batch counts stay as planned: no rank waits on another

@@ -190,15 +190,17 @@ def test_unreadable_records_and_files_are_skipped_and_counted(tmp_path: Path) ->
     (tmp_path / "c.jsonl.gz").write_bytes(b"not gzip at all")
     (tmp_path / "d.csv").write_text("text\nhello\n")
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "e.parquet")
-    (tmp_path / "f.txt").write_text("caf\u00e9 text\n")
+    (tmp_path / "f.txt").write_text("caf\u00e9 text \ufffd\n")  # a real U+FFFD is text, not a sign of binary
+    (tmp_path / "g.txt").write_bytes(b"latin-1 caf\xe9" + b" plain" * 20)  # one invalid byte in 130: kept
     counts = TextReadCounts()
     texts = list(iter_texts(sorted(tmp_path.iterdir()), counts=counts))
-    assert texts == ["good one", "caf\u00e9 text\n"] and counts.documents == 2
+    assert texts == ["good one", "caf\u00e9 text \ufffd\n", "latin-1 caf\ufffd" + " plain" * 20]
+    assert counts.documents == 3
     assert counts.skipped == {"not_an_object": 1, "no_text_field": 3, "bad_json": 1, "binary": 1,
                               "file_unreadable": 1, "unsupported_file": 1}  # fmt: skip
     assert counts.first["bad_json"] == f"{tmp_path / 'a.jsonl'}:3"
     assert counts.first["file_unreadable"] == f"{tmp_path / 'c.jsonl.gz'} (BadGzipFile)"
-    assert "2 documents; skipped: bad_json 1 (first: " in counts.summary()
+    assert "3 documents; skipped: bad_json 1 (first: " in counts.summary()
 
 
 def test_damaged_tokenizer_files_and_bad_sizes_are_one_line(tokenizer: SentencePieceTokenizer, tmp_path: Path) -> None:
