@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,16 +78,6 @@ def find_images(inputs: Iterable[str | Path]) -> list[tuple[str, bytes]]:
     if not images:
         raise FileNotFoundError(f"no images (jpg, png, webp, ...) found in {list(map(str, inputs))}")
     return images
-
-
-def _prepare(images: list[tuple[str, bytes]], size: int) -> tuple[list[np.ndarray], list[str]]:
-    arrays, skipped = [], []
-    for name, data in images:
-        try:
-            arrays.append(preprocess(data, size=size, mode="crop").pixels)
-        except ImageError as err:
-            skipped.append(f"{name}: {err.reason}")
-    return arrays, skipped
 
 
 def split_holdout(n: int, holdout: float) -> tuple[list[int], list[int]]:
@@ -216,10 +205,19 @@ class VQTrainer:
             raise ValueError(f"not enough usable images to train on: {len(usable)} of {len(images)} (one to train on "
                              f"and one to hold out are needed){'; skipped ' + skipped if skipped else ''}")  # fmt: skip
         train_idx, held_idx = split_holdout(len(usable), s.holdout)
-        self.pool = to_tensor(_prepare([usable[i] for i in train_idx], round(size * s.augment_scale))[0])
+        big, pool, kept = round(size * s.augment_scale), [], []
+        for i in train_idx:  # the larger crop pool; an image can fail at this size only (too long a side)
+            try:
+                pool.append(preprocess(usable[i][1], size=big, mode="crop").pixels)
+                kept.append(i)
+            except ImageError as err:
+                self.skipped.append(f"{usable[i][0]}: {err.reason} at {big} px")
+        if not kept:
+            raise ValueError(f"no training image is usable at the augmentation size {big} px: {self.skipped[-1]}")
+        self.pool = to_tensor(pool)
         self.holdout = to_tensor([at_size[i] for i in held_idx])
-        self.train_eval = to_tensor([at_size[i] for i in train_idx])
-        self.names = {"train": [usable[i][0] for i in train_idx], "holdout": [usable[i][0] for i in held_idx]}
+        self.train_eval = to_tensor([at_size[i] for i in kept])
+        self.names = {"train": [usable[i][0] for i in kept], "holdout": [usable[i][0] for i in held_idx]}
         self.model = VQGAN(config)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr, betas=(0.5, 0.9))
         self.step = 0

@@ -61,7 +61,13 @@ def read_index(name: str, path: Path) -> SourceIndex:
     manifest = read_json_object(manifest_path, ("shards", "tokenizers", "fingerprint"), MixPlanError,
                                 "prepared-source manifest")  # fmt: skip
     samples = []
-    for shard in manifest["shards"]:
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and {"shard", "samples"} <= s.keys() for s in shards
+    ):
+        raise MixPlanError(f"{manifest_path}: not a prepared-source manifest (each of its shards needs shard and "
+                           f"samples); re-run `cham prepare` for source {name!r}")  # fmt: skip
+    for shard in shards:
         tar_path = Path(path) / f"{shard['shard']}.tar"
         if not tar_path.is_file():
             raise MixPlanError(f"source {name!r}: {tar_path} is listed in {MANIFEST} but missing; re-run `cham "

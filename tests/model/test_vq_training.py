@@ -165,3 +165,18 @@ def test_unusable_images_are_skipped_before_the_holdout_split(images, tmp_path: 
     usable = [name for name, _ in mixed if name != "broken.jpg"]
     assert trainer.names == {"train": usable[:6] + usable[7:], "holdout": [usable[6]]}
     assert len(trainer.pool) == 7 and len(trainer.holdout) == 1
+
+
+def test_an_image_too_long_for_the_crop_pool_is_skipped_and_named(images, tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    # 320,000 x 32: fits at 64 px (640,000 x 64 resized) but not at the 96 px crop pool (960,000 x 96 > 64M pixels).
+    buffer = io.BytesIO()
+    Image.new("RGB", (320_000, 32), (200, 100, 50)).save(buffer, "PNG")
+    sliver = ("sliver.png", buffer.getvalue())
+    trainer = VQTrainer(TINY, [sliver, *images[:7]], tmp_path, replace(FAST, steps=1))
+    assert trainer.skipped == ["sliver.png: image_too_large at 96 px"]
+    assert "sliver.png" not in trainer.names["train"] + trainer.names["holdout"]
+    assert len(trainer.pool) == len(trainer.train_eval) == len(trainer.names["train"]) == 6

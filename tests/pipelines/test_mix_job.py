@@ -233,6 +233,11 @@ def test_a_damaged_prepared_source_is_refused_naming_the_file(prepared_sources: 
     def empty_manifest(source: Path) -> None:
         (source / "manifest.json").write_text("{}")
 
+    def shard_without_count(source: Path) -> None:
+        manifest = json.loads((source / "manifest.json").read_text())
+        del manifest["shards"][0]["samples"]
+        (source / "manifest.json").write_text(json.dumps(manifest))
+
     def corrupt_npy(source: Path) -> None:  # the tar stays intact: found when the shard's samples are read
         rewrite_tar(first_shard(source), lambda name, data: b"\x93NUMPY garbage" if name.endswith(".npy") else data)
 
@@ -241,6 +246,7 @@ def test_a_damaged_prepared_source_is_refused_naming_the_file(prepared_sources: 
         "truncated": (truncate, r"shard-00000\.tar (is damaged|holds 1 samples)"),
         "no-npy": (drop_one_npy, r"shard-00000\.tar: sample '.*' has no tokens \(\.npy\)"),
         "manifest": (empty_manifest, r"manifest\.json: not a complete prepared-source manifest \(no shards"),
+        "count": (shard_without_count, r"manifest\.json: not a prepared-source manifest \(each of its shards needs"),
         "npy": (corrupt_npy, r"shard-00000\.tar: sample '.*' is damaged \(ValueError"),
     }
     for case, (damage, message) in cases.items():
