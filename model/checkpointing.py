@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from model.file_reading import load_tensor_file, read_json_object
+from model.file_reading import load_state_dict_file, load_tensor_file, read_json_object
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -171,7 +171,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], T
     """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder; a missing,
     damaged or incomplete file raises CheckpointError naming it."""
     path = Path(path)
-    model = _state_dict_file(path / WEIGHTS)
+    model = load_state_dict_file(path / WEIGHTS, CheckpointError)
     trainer = load_tensor_file(path / TRAINER, CheckpointError)
     if not isinstance(trainer, dict) or "rng" not in trainer:
         raise CheckpointError(f"{path / TRAINER}: not a trainer state (no rng)")
@@ -183,13 +183,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], T
     ):
         raise CheckpointError(f"{path / STATE}: step must be an integer, loader and extra objects")
     return model, trainer, TrainState(step=state["step"], loader=state["loader"], extra=state["extra"])
-
-
-def _state_dict_file(path: Path) -> dict[str, Any]:
-    state = load_tensor_file(path, CheckpointError)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return state
 
 
 def trainer_state_part(path: Path, trainer: dict[str, Any], key: str) -> Any:
@@ -226,4 +219,4 @@ def load_checkpoint(
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Only the model's weights of a checkpoint folder (to start SFT from a pretrained run)."""
     path = Path(path)
-    _load_model_state(path, model, _state_dict_file(path / WEIGHTS), "its weights")
+    _load_model_state(path, model, load_state_dict_file(path / WEIGHTS, CheckpointError), "its weights")

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from model.checkpointing import WEIGHTS, state_dict_mismatch
-from model.file_reading import load_safetensors_file, load_tensor_file, read_json, read_json_object
+from model.file_reading import load_safetensors_file, load_state_dict_file, read_json, read_json_object
 from model.transformer import Transformer
 from schemas.model_config import ModelConfig
 from schemas.vocab import IMAGE_CODE_OFFSET, VOCAB_PRESETS, VocabLayout
@@ -111,13 +111,6 @@ def _state_of(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> StateDi
     return dict(model_or_state)
 
 
-def _torch_load(path: Path) -> StateDict:
-    state = load_tensor_file(path, ConversionError)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return state
-
-
 # ---------------------------------------------------------------------------------------------------- ours
 
 
@@ -132,7 +125,7 @@ def load_ours(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
         raise ConversionError(f"{folder / OURS_CONFIG}: not a model config ({problems})") from None
-    state = _torch_load(folder / OURS_WEIGHTS)
+    state = load_state_dict_file(folder / OURS_WEIGHTS, ConversionError)
     check_state_dict(config, state, folder)
     return config, state
 
@@ -268,7 +261,7 @@ def load_meta(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     folder = Path(folder)
     params = _meta_params(folder)
     paths = _meta_shards(folder)
-    shards = [_torch_load(p) for p in paths]
+    shards = [load_state_dict_file(p, ConversionError) for p in paths]
     keys = set(shards[0])
     for path, shard in zip(paths[1:], shards[1:], strict=True):
         if set(shard) != keys:

@@ -55,6 +55,14 @@ def load_tensor_file(path: str | Path, error: type[Exception] = ValueError) -> A
         raise error(f"{path}: truncated or damaged PyTorch file ({reason})") from None
 
 
+def load_state_dict_file(path: str | Path, error: type[Exception] = ValueError) -> dict[str, torch.Tensor]:
+    """`load_tensor_file` of a file that must hold a state dict (a mapping of names to tensors)."""
+    state = load_tensor_file(path, error)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise error(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
 def load_safetensors_file(path: str | Path, error: type[Exception] = ValueError) -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file; a missing, truncated or damaged file raises `error` naming it."""
     from safetensors import SafetensorError

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.file_reading import load_safetensors_file, load_tensor_file, read_json, read_json_object
+from model.file_reading import (
+    load_safetensors_file,
+    load_state_dict_file,
+    load_tensor_file,
+    read_json,
+    read_json_object,
+)
 
 
 class Strange:
@@ -67,3 +73,13 @@ def test_safetensors_errors_name_the_file(tmp_path: Path) -> None:
         load_safetensors_file(path)
     with pytest.raises(ValueError, match="no such file"):
         load_safetensors_file(tmp_path / "none.safetensors")
+
+
+def test_a_state_dict_file_holds_only_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
+    for payload in ({"w": torch.ones(2), "step": 3}, [torch.ones(2)]):
+        torch.save(payload, path)
+        with pytest.raises(KeyError, match=r"model\.pt: not a state dict \(a mapping of names to tensors\)"):
+            load_state_dict_file(path, KeyError)
