@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from flows.cli_output import console, err_console, fail, output_file, output_folder
+from model.file_reading import read_npy
 from model.image_preprocess import ImageError
 from model.image_tokenizer import ImageTokenizer
 from model.vq_checkpoint import VQCheckpointError
@@ -111,13 +112,11 @@ def decode(
     """Decode VQ codes into PNG images."""
     tok = _load(tokenizer)
     try:
-        with codes.open("rb") as f:
-            if f.read(6) != b"\x93NUMPY":  # np.load would take anything else for a pickle and say so
-                raise fail(f"{codes}: not a .npy file (write one with `cham image-tokenizer encode --out`)")
-        array = np.load(codes, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise fail(f"{codes}: cannot read its codes ({reason})") from None
+        array = read_npy(codes.read_bytes(), str(codes))
+    except OSError as err:
+        raise fail(f"{codes}: cannot read its codes ({err.strerror or err})") from None
+    except ValueError as err:
+        raise fail(f"{err} (codes come from `cham image-tokenizer encode --out`)") from None
     if array.ndim != 2 or not len(array) or array.shape[1] != tok.tokens_per_image:
         raise fail(f"{codes}: codes of shape {array.shape}; expected [n >= 1, {tok.tokens_per_image}]")
     output_folder(out)

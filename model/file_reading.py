@@ -1,14 +1,32 @@
-"""Reading the small JSON and tensor files of checkpoints, conversions and stages, with errors that name the file and
-say what is wrong with it (missing, truncated, not JSON, not a weights-only torch file), in one line."""
+"""Reading the small JSON, tensor and .npy files of checkpoints, conversions and stages, with errors that name the
+file and say what is wrong with it (missing, truncated, not JSON, not a weights-only torch file), in one line."""
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line (its type's name when it has no message): libraries add paragraphs of advice."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def read_npy(data: bytes, where: str, error: type[Exception] = ValueError) -> np.ndarray:
+    """The array in a .npy file's bytes; anything else raises `error` naming `where`. (np.load would take non-.npy
+    bytes for a pickle and advise loading them unsafely.)"""
+    if data[:6] != b"\x93NUMPY":
+        raise error(f"{where}: not a .npy array")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise error(f"{where}: {first_line(err)}") from None
 
 
 def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
@@ -51,7 +69,7 @@ def load_tensor_file(path: str | Path, error: type[Exception] = ValueError) -> A
         # or foreign one.
         raise error(f"{path}: not a weights-only PyTorch file (damaged, or holding arbitrary objects)") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0]  # torch adds paragraphs of advice
+        reason = first_line(err).split(". ")[0]  # torch's first line goes on with advice too
         raise error(f"{path}: truncated or damaged PyTorch file ({reason})") from None
 
 
@@ -74,4 +92,4 @@ def load_safetensors_file(path: str | Path, error: type[Exception] = ValueError)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise error(f"{path}: truncated or damaged safetensors file ({str(err).splitlines()[0]})") from None
+        raise error(f"{path}: truncated or damaged safetensors file ({first_line(err)})") from None

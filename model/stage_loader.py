@@ -10,7 +10,6 @@ another one needs.
 
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model.file_reading import read_json_object
+from model.file_reading import read_json_object, read_npy
 from schemas.vocab import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -99,13 +98,7 @@ def _read(member: Member, suffix: str, files: dict[str, Any]) -> np.ndarray:
         f = files[member.shard] = open(member.shard, "rb")  # noqa: SIM115 - kept open across batches, closed above
     offset, size = member.offsets[suffix]
     f.seek(offset)
-    data = f.read(size)
-    if data[:6] != b"\x93NUMPY":  # np.load would take anything else for a pickle and advise loading it unsafely
-        raise CorruptShardError(f"{member.shard}: member {suffix} at byte {offset}: not a .npy array")
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise CorruptShardError(f"{member.shard}: member {suffix} at byte {offset}: {err}") from None
+    return read_npy(f.read(size), f"{member.shard}: member {suffix} at byte {offset}", CorruptShardError)
 
 
 def read_sequence(member: Member, seq_len: int, files: dict[str, Any], vocab_size: int | None = None,

@@ -9,7 +9,6 @@ Beam then joins the planned occurrences with the samples' tokens, groups them in
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -24,7 +23,7 @@ import apache_beam as beam
 import numpy as np
 import webdataset as wds
 
-from model.file_reading import read_json_object
+from model.file_reading import first_line, read_json_object, read_npy
 from model.text_tokenizer import load_text_tokenizer
 from model.vocabulary import Modality, Vocabulary
 from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, plan_stage
@@ -202,11 +201,11 @@ def _read_samples(item: tuple[str, str, int]) -> Iterator[tuple[tuple[str, int, 
     for sample in wds.WebDataset(str(path), shardshuffle=False):
         try:
             meta = json.loads(sample["json"])
-            tokens = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+            tokens = read_npy(sample["npy"], "tokens")
             n_prompt = int(meta.get("n_prompt_tokens", 0))
-        except (ValueError, KeyError, TypeError, OSError, EOFError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise MixPlanError(f"source {source!r}: {path}: sample {sample['__key__']!r} is damaged "
-                               f"({type(err).__name__}: {str(err).splitlines()[0]}); re-run `cham prepare` for this "
+                               f"({type(err).__name__}: {first_line(err)}); re-run `cham prepare` for this "
                                f"source") from None  # fmt: skip
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise MixPlanError(f"source {source!r}: {path}: sample {sample['__key__']!r} has tokens of "

@@ -93,7 +93,7 @@ def test_bad_images_codes_and_paths_are_one_line(tmp_path: Path, tiny_tokenizers
     np.save(tmp_path / "flat.npy", np.zeros(64, np.int64))
     for codes, message in [("empty.npy", "codes of shape (0, 64); expected [n >= 1, 64]"),
                            ("flat.npy", "codes of shape (64,); expected [n >= 1, 64]"),
-                           ("cut.jpg", "not a .npy file"), ("none.npy", "cannot read its codes")]:  # fmt: skip
+                           ("cut.jpg", "not a .npy array"), ("none.npy", "cannot read its codes")]:  # fmt: skip
         one_line(["decode", "--tokenizer", vq, str(tmp_path / codes), "--out", str(tmp_path / "png")], message)
     (tmp_path / "file").write_text("x")
     one_line(["decode", "--tokenizer", vq, str(tmp_path / "codes.npy"), "--out", str(tmp_path / "file")],

@@ -13,6 +13,7 @@ from model.file_reading import (
     load_tensor_file,
     read_json,
     read_json_object,
+    read_npy,
 )
 
 
@@ -83,3 +84,17 @@ def test_a_state_dict_file_holds_only_tensors(tmp_path: Path) -> None:
         torch.save(payload, path)
         with pytest.raises(KeyError, match=r"model\.pt: not a state dict \(a mapping of names to tensors\)"):
             load_state_dict_file(path, KeyError)
+
+
+def test_npy_bytes_are_read_or_named() -> None:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(5))
+    assert np.array_equal(read_npy(buffer.getvalue(), "x"), np.arange(5))
+    with pytest.raises(KeyError, match=r"member a: not a \.npy array"):
+        read_npy(b"\x80\x04 a pickle", "member a", KeyError)
+    with pytest.raises(ValueError, match=r"^member b: we only support format version"):
+        read_npy(b"\x93NUMPY garbage", "member b")
