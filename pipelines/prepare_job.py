@@ -24,6 +24,7 @@ from model.image_tokenizer import ImageTokenizer
 from model.mixed_tokenizer import MixedModalTokenizer
 from model.text_tokenizer import load_text_tokenizer
 from pipelines.face_detection import HaarFaceDetector
+from pipelines.image_download import UrlImages
 from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_sample, prepare_record
 from pipelines.raw_records import Reject
 from pipelines.runners import pipeline_options
@@ -59,6 +60,8 @@ def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fp
     """Changes when anything that changes this source's samples changes."""
     payload = {"source": source.model_dump(mode="json"), "settings": asdict(settings_for(config, source)),
                "tokenizers": tokenizer_fps, "samples_per_shard": config.samples_per_shard}  # fmt: skip
+    if config.download.outcome_fingerprint() is not None:  # downloads off: the fingerprints they always had
+        payload["download"] = config.download.outcome_fingerprint()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -93,19 +96,24 @@ def check_tokenizers(config: PrepareConfig) -> tuple[dict[str, str], MixedModalT
 class ReadAndPrepare(beam.DoFn):
     """A read task -> (OK, prepared record) and (REJECT, (shard id, reject))."""
 
-    def __init__(self, source: SourceConfig, settings: PrepareSettings):
+    def __init__(self, source: SourceConfig, settings: PrepareSettings, urls: UrlImages | None = None):
         self.source, self.settings = source, settings
+        self.urls = urls or UrlImages(None, source.name, source.kind)  # URL images: fetched, or image_not_local
 
     def setup(self) -> None:
         import cv2
 
         cv2.setNumThreads(1)  # parallelism comes from workers, not from threads inside one image
         self.detector = HaarFaceDetector() if self.settings.detect_faces else None
+        self.urls.open()
+
+    def teardown(self) -> None:
+        self.urls.close()
 
     def process(self, element: tuple[int, ReadTask]) -> Iterator[Any]:
         shard_id, task = element
         index = 0
-        for item in read_task(task):
+        for item in self.urls.resolve(read_task(task), shard_id):
             if isinstance(item, Reject):
                 yield REJECT, (shard_id, item)
                 continue
@@ -175,7 +183,8 @@ def add_source(
     settings = settings_for(config, source)
     name = source.name
     created = p | f"{name}/tasks" >> beam.Create(tasks) | f"{name}/spread" >> beam.Reshuffle()
-    prepared = created | f"{name}/read+prepare" >> beam.ParDo(ReadAndPrepare(source, settings))
+    urls = UrlImages(config.download, name, source.kind, report_dir=str(Path(config.output_dir) / name))
+    prepared = created | f"{name}/read+download+prepare" >> beam.ParDo(ReadAndPrepare(source, settings, urls))
     records, read_rejects = _split(prepared, f"{name}/prepared")
     codes = (
         records

@@ -61,8 +61,11 @@ def image_ref(value: Any, base_dir: Path | None) -> dict[str, Any]:
             return image_ref(str(value["url"]), base_dir)
         raise RecordError("image_missing", f"image entry has no bytes, path or url: keys {sorted(value)}")
     if isinstance(value, str) and value:
-        if "://" in value and not value.startswith("file://"):
-            raise RecordError("image_not_local", f"image given only as a URL: {value[:200]}")
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme in ("http", "https"):  # fetched by the download stage (pipelines/image_download.py), or rejected
+            return {"bytes": None, "path": None, "url": value}
+        if scheme and scheme != "file":
+            raise RecordError("image_not_local", f"image given only as a {scheme}:// URL: {value[:200]}")
         path = Path(value.removeprefix("file://"))
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
@@ -90,12 +93,12 @@ def image_text_record(row: dict[str, Any], record_id: str, options: dict[str, An
     if not isinstance(caption, str):
         raise RecordError("bad_record", "no caption (looked for txt, caption, text)")
     image = None
-    for name in (options.get("image_field"), "jpg", "jpeg", "png", "webp", "image", "image_path"):
+    for name in (options.get("image_field"), "jpg", "jpeg", "png", "webp", "image", "image_path", "url"):
         if name and row.get(name) is not None:
             image = row[name]
             break
     if image is None:
-        raise RecordError("image_missing", "no image (looked for jpg, jpeg, png, webp, image, image_path)")
+        raise RecordError("image_missing", "no image (looked for jpg, jpeg, png, webp, image, image_path, url)")
     return {"id": record_id, "text": caption, "image": image_ref(image, base_dir), "width": None, "height": None}
 
 
@@ -129,8 +132,10 @@ def mmc4_record(row: dict[str, Any], record_id: str, options: dict[str, Any], ba
     for info in infos:
         if not isinstance(info, dict) or not isinstance(info.get("matched_text_index"), int):
             raise RecordError("bad_record", "image_info entries need an integer matched_text_index")
-        name = info.get("image_name") or info.get("raw_url")
-        before.setdefault(info["matched_text_index"], []).append(image_ref(name, images_dir))
+        ref = image_ref(info["image_name"], images_dir) if info.get("image_name") else None
+        if info.get("raw_url") and (ref is None or (ref["path"] is not None and not Path(ref["path"]).is_file())):
+            ref = image_ref(info["raw_url"], images_dir)  # MMC4 as published: not downloaded beside it, fetch it
+        before.setdefault(info["matched_text_index"], []).append(ref or image_ref(None, images_dir))
     texts, images = [], []
     for n, sentence in enumerate(sentences):
         for ref in before.pop(n, []):

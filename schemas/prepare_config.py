@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from schemas.config_base import ExistingPath, InputPattern, OutputPath, StrictModel
+from schemas.download_config import DownloadConfig
 from schemas.records import RecordKind
 
 SourceFormat = Literal["jsonl", "parquet", "webdataset"]
@@ -83,6 +84,8 @@ class PrepareConfig(StrictModel):
         0.5, ge=0.0, le=1.0, description="share of image-text pairs laid out caption first"
     )
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    # Images given only by URL (OBELICS, MMC4): fetched into download.cache_dir when it is set.
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
 
     @field_validator("sources")
     @classmethod

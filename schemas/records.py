@@ -16,7 +16,8 @@ RECORD_KINDS: tuple[str, ...] = get_args(RecordKind)
 SftCategory = Literal["text", "code", "image_generation", "visual_chat", "interleaved", "safety"]
 SFT_CATEGORIES: tuple[str, ...] = get_args(SftCategory)
 
-# Exactly one of bytes / path should hold the image; a URL alone is a reject (`image_not_local`).
+# Exactly one of bytes / path should hold the image; a URL alone is fetched by the download stage (or, with
+# downloads off, a reject: `image_not_local`).
 IMAGE_REF = pa.struct(
     [
         pa.field("bytes", pa.binary()),
@@ -113,7 +114,17 @@ REJECT_REASONS: dict[str, str] = {
     "text_too_short": "text shorter than the configured minimum",
     "text_too_long": "text longer than the configured maximum",
     "image_missing": "the image file or bytes are missing",
-    "image_not_local": "the image is given only as a URL; download it first (e.g. with img2dataset)",
+    "image_not_local": "the image is given only as a URL and downloads are off (set download.cache_dir), or its "
+    "scheme is not http(s)",
+    "download_bad_url": "the image URL is malformed, or it (or a redirect) is not http(s): nothing was fetched",
+    "download_not_found": "the image URL answered HTTP 404 or 410",
+    "download_http_error": "the image URL answered another HTTP error (the detail has the status), after retries",
+    "download_timeout": "fetching the image timed out (connect, read or total), after retries",
+    "download_connection_error": "the image's server could not be reached or dropped the connection, after retries",
+    "download_too_large": "the image response is larger than download.max_bytes",
+    "download_too_many_redirects": "the image URL redirects more than download.max_redirects times",
+    "download_not_image": "the fetched bytes are not an image (an HTML page, an SVG, an empty body ...)",
+    "download_opted_out": "the image's X-Robots-Tag opts it out (noai, noimageai, noindex, noimageindex)",
     "image_empty": "the image has zero bytes",
     "image_truncated": "the image data ends early",
     "image_not_an_image": "the bytes are not an image format we can decode",

@@ -121,10 +121,10 @@ def test_broken_parquet_files(broken: Path) -> None:
     assert records == [] and reasons(rejects) == ["file_unreadable"]
     assert str(broken / "not_really.parquet") in rejects[0].detail
     records, rejects = read_all(source("o", "interleaved", "parquet", broken / "obelics.parquet"))
-    assert records == []
+    # Reading keeps an http(s) image as its URL: the download stage fetches it, or rejects it as image_not_local.
+    assert [r["images"] for r in records] == [[{"bytes": None, "path": None, "url": "https://example.com/cat.jpg"}, None]]
     assert [(r.reason, r.detail) for r in rejects] == [
         ("bad_record", "texts has 2 entries but images has 1"),
-        ("image_not_local", "image given only as a URL: https://example.com/cat.jpg"),
         ("bad_record", "position 0: exactly one of texts/images must be set"),
     ]
 
@@ -183,6 +183,7 @@ def test_image_text_parquet_layouts(sample_data, tmp_path: Path) -> None:
 
 def test_mmc4_jsonl_places_images_before_their_sentence(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "b.jpg").write_bytes(b"x")  # downloaded beside it: image_name wins over raw_url
     doc = {"text_list": ["First.", "Second.", "Third."],
            "image_info": [{"image_name": "b.jpg", "matched_text_index": 1, "raw_url": "http://x/b.jpg"},
                           {"image_name": "a.jpg", "matched_text_index": 0}]}  # fmt: skip
