@@ -21,7 +21,7 @@ from torch import nn
 from model.checkpointing import WEIGHTS, state_dict_mismatch
 from model.file_reading import load_safetensors_file, load_state_dict_file, read_json, read_json_object
 from model.transformer import Transformer
-from schemas.model_config import ModelConfig
+from schemas.model_config import QK_NORM_EPS, ModelConfig
 from schemas.vocab import IMAGE_CODE_OFFSET, VOCAB_PRESETS, VocabLayout
 
 StateDict = dict[str, torch.Tensor]
@@ -30,7 +30,7 @@ OURS_WEIGHTS, OURS_CONFIG = WEIGHTS, "model_config.json"
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 HF_REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
-# A stale buffer in Meta's checkpoints; Meta's own loader expects and ignores it.
+# A stale buffer in Meta's checkpoints; Meta's own loader requires it (as the one unexpected key) and ignores it.
 _META_IGNORED_KEYS = ("rope.freqs",)
 # Model-parallel split dimension of each sharded tensor, by the last two name parts; absent = replicated.
 _SPLIT_DIM = {
@@ -120,8 +120,12 @@ def load_ours(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     for name in (OURS_WEIGHTS, OURS_CONFIG):
         if not (folder / name).is_file():
             raise ConversionError(f"{folder} has no {name} (our format is {OURS_WEIGHTS} + {OURS_CONFIG})")
+    raw = read_json(folder / OURS_CONFIG, ConversionError)
+    if isinstance(raw, dict) and "norm_eps" in raw and "qk_norm_eps" not in raw:
+        # Written before qk_norm_eps existed, when QK-norm used norm_eps: keep the function it was trained as.
+        raw = {**raw, "qk_norm_eps": raw["norm_eps"]}
     try:
-        config = ModelConfig.model_validate(read_json(folder / OURS_CONFIG, ConversionError))
+        config = ModelConfig.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
         raise ConversionError(f"{folder / OURS_CONFIG}: not a model config ({problems})") from None
@@ -313,15 +317,37 @@ def split_meta_state(state: Mapping[str, torch.Tensor], config: ModelConfig, mod
     return shards
 
 
+def check_reference_qk_norm_eps(config: ModelConfig, target: str) -> None:
+    """Refuse a model whose QK-norm eps is not the 1e-5 that Meta's and HF's code hard-code (`target` names them)."""
+    if config.qk_norm and config.qk_norm_eps != QK_NORM_EPS:
+        raise ConversionError(f"{target}'s Chameleon fixes the QK-norm eps at {QK_NORM_EPS:g}; this model's "
+                              f"qk_norm_eps is {config.qk_norm_eps:g}: it would compute other logits")  # fmt: skip
+
+
+def meta_rope_freqs(config: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The `rope.freqs` tensor of Meta's checkpoints (LLaMA's rotary inverse frequencies, [head_dim // 2]): unused
+    by Meta's Transformer, but its loader asserts it is the one unexpected key of every shard."""
+    hd = config.head_dim
+    return (1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)).to(dtype)
+
+
+def meta_shard_names(model_parallel: int) -> list[str]:
+    """Shard file names Meta's loader opens: consolidated.pth when unsharded (its single-GPU path asks for no rank),
+    else consolidated.NN.pth for rank NN."""
+    return ["consolidated.pth"] if model_parallel == 1 else [f"consolidated.{i:02d}.pth" for i in range(model_parallel)]
+
+
 def save_meta(
     model_or_state: nn.Module | Mapping[str, torch.Tensor],
     config: ModelConfig,
     folder: str | Path,
     model_parallel: int = 1,
 ) -> None:
-    """Write params.json, consolidate_params.json and consolidated.NN.pth (model_parallel shards) into `folder`."""
+    """Write params.json, consolidate_params.json and the shards (`meta_shard_names`) into `folder`; each shard holds
+    `rope.freqs` besides the model's tensors, as Meta's loader requires."""
     state = _state_of(model_or_state)
     check_state_dict(config, state)
+    check_reference_qk_norm_eps(config, "Meta")
     multiple_of, mult = _meta_ffn_params(config)
     shards = split_meta_state(state, config, model_parallel)
     folder = Path(folder)
@@ -343,8 +369,12 @@ def save_meta(
     params = {"model": model_args, "max_seq_len": config.max_seq_len}
     (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     (folder / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": model_parallel}) + "\n")
-    for i, shard in enumerate(shards):
-        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    dtype = state["norm.weight"].dtype
+    # A shard left by an earlier export into this folder would be read (by Meta's loader too) as one of these.
+    for stale in [folder / "consolidated.pth", *folder.glob("consolidated.[0-9][0-9].pth")]:
+        stale.unlink(missing_ok=True)
+    for name, shard in zip(meta_shard_names(model_parallel), shards, strict=True):
+        torch.save({**shard, "rope.freqs": meta_rope_freqs(config, dtype)}, folder / name)
 
 
 # ---------------------------------------------------------------------------------------------------- HF
@@ -553,42 +583,84 @@ def save_hf(
     folder: str | Path,
     vocab: VocabLayout | None = None,
     vq_config: dict | None = None,
+    config_dict: dict | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write config.json and model.safetensors loadable by ChameleonForConditionalGeneration.from_pretrained.
+    """Write config.json (`config_dict`, default `hf_config_dict`) and model.safetensors (the LM, plus
+    `extra_tensors`) loadable by ChameleonForConditionalGeneration.from_pretrained.
 
-    No VQGAN weights are written: transformers then initialises model.vqmodel randomly (with a warning).
+    The LM only, for weight conversion: without `model.vqmodel.*` among `extra_tensors` transformers initialises a
+    random VQ. `model.hf_export.export_hf` writes the whole usable export (VQ, tokenizer and processor files).
     """
     if not config.qk_norm:
         raise ConversionError("HF Chameleon always applies QK-norm; a model with qk_norm=False has no HF form")
-    if config.norm_eps != 1e-5:
-        raise ConversionError(f"HF Chameleon's QK-norm eps is fixed at 1e-5; this model uses {config.norm_eps}")
+    check_reference_qk_norm_eps(config, "Hugging Face")
     from safetensors.torch import save_file
 
-    tensors = state_to_hf(_state_of(model_or_state), config)
+    tensors = {**state_to_hf(_state_of(model_or_state), config), **(extra_tensors or {})}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, vocab, vq_config), indent=2) + "\n")
+    config_dict = config_dict or hf_config_dict(config, vocab, vq_config)
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     save_file(tensors, str(folder / HF_WEIGHTS), metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
 
 LOADERS = {"ours": load_ours, "meta": load_meta, "hf": load_hf}
+# What a folder of each format holds, for `detect_format` and its errors.
+FORMAT_FILES = {
+    "ours": f"{OURS_WEIGHTS} + {OURS_CONFIG}",
+    "meta": "params.json + consolidated.pth or consolidated.NN.pth",
+    "hf": f"config.json + {HF_WEIGHTS} or {HF_INDEX}",
+}
 
 
-def convert_checkpoint(src: str | Path, out: str | Path, from_format: str, to_format: str, model_parallel: int = 1):
-    """Read `src` in from_format and write `out` in to_format ('ours', 'meta' or 'hf'); returns the ModelConfig."""
+def detect_format(folder: str | Path) -> str:
+    """'ours', 'meta' or 'hf' by the files in `folder`; a ConversionError when it holds none of them or more
+    than one (then --from must say which)."""
+    folder = Path(folder)
+    found = {
+        "ours": (folder / OURS_WEIGHTS).is_file() and (folder / OURS_CONFIG).is_file(),
+        "meta": (folder / "params.json").is_file()
+        and ((folder / "consolidated.pth").is_file() or any(folder.glob("consolidated.[0-9][0-9].pth"))),
+        "hf": (folder / "config.json").is_file() and ((folder / HF_WEIGHTS).is_file() or (folder / HF_INDEX).is_file()),
+    }
+    formats = [name for name, present in found.items() if present]
+    if len(formats) == 1:
+        return formats[0]
+    if formats:
+        raise ConversionError(f"{folder} holds checkpoints in several formats ({', '.join(formats)}); "
+                              "say which to read with --from")  # fmt: skip
+    expected = "; ".join(f"{name}: {files}" for name, files in FORMAT_FILES.items())
+    raise ConversionError(f"{folder} holds no checkpoint in a known format (expected {expected})")
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, from_format: str | None, to_format: str,
+                       model_parallel: int = 1, text_tokenizer: str | Path | None = None,
+                       image_tokenizer: str | Path | None = None):  # fmt: skip
+    """Read `src` in from_format (None: `detect_format`) and write `out` in to_format ('ours', 'meta' or 'hf');
+    returns the ModelConfig. An HF export also holds the tokenizers (`model.hf_export`): `text_tokenizer` and
+    `image_tokenizer`, by default those `src` records (a step folder's tokenizers.json)."""
+    if from_format is None:
+        from_format = detect_format(src)
     if from_format not in LOADERS:
         raise ConversionError(f"unknown source format {from_format!r}; expected one of {sorted(LOADERS)}")
     if to_format not in LOADERS:
         raise ConversionError(f"unknown target format {to_format!r}; expected one of {sorted(LOADERS)}")
     if model_parallel != 1 and to_format != "meta":
         raise ConversionError("model_parallel applies only to --to meta")
+    if to_format != "hf" and (text_tokenizer or image_tokenizer):
+        raise ConversionError("tokenizers are written only by --to hf")
+    if to_format == "hf":  # the tokenizers first: a missing one fails before the weights are read
+        from model.hf_export import export_hf, load_tokenizers, tokenizer_paths
+
+        text, vqgan = load_tokenizers(*tokenizer_paths(Path(src), text_tokenizer, image_tokenizer))
     config, state = LOADERS[from_format](src)
     if to_format == "ours":
         save_ours(state, config, out)
     elif to_format == "meta":
         save_meta(state, config, out, model_parallel=model_parallel)
     else:
-        save_hf(state, config, out)
+        export_hf(state, config, out, text, vqgan)
     return config

@@ -112,6 +112,11 @@ class SentencePieceTokenizer:
         return directory
 
     @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (e.g. for writing it in another tokenizer format)."""
+        return self._proto
+
+    @property
     def fingerprint(self) -> str:
         """Changes whenever any id could change: the model and the layout."""
         digest = hashlib.sha256(self._proto + self.vocab.layout.model_dump_json().encode())

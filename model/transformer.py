@@ -156,13 +156,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        # QK-norm has its own eps (config.qk_norm_eps, 1e-5 as in Meta's and HF's), not the RMSNorms' norm_eps.
         if config.qk_norm and config.qk_norm_groups > 1:
-            self.q_normalization = GroupedLayerNorm(config.qk_norm_groups, self.head_dim, config.norm_eps)
-            self.k_normalization = GroupedLayerNorm(config.qk_norm_groups, self.head_dim, config.norm_eps)
+            self.q_normalization = GroupedLayerNorm(config.qk_norm_groups, self.head_dim, config.qk_norm_eps)
+            self.k_normalization = GroupedLayerNorm(config.qk_norm_groups, self.head_dim, config.qk_norm_eps)
         elif config.qk_norm:
             # One [head_dim] affine shared by all heads, as in Meta's single-shard checkpoint.
-            self.q_normalization = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
-            self.k_normalization = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+            self.q_normalization = nn.LayerNorm(self.head_dim, eps=config.qk_norm_eps)
+            self.k_normalization = nn.LayerNorm(self.head_dim, eps=config.qk_norm_eps)
         else:
             self.q_normalization = self.k_normalization = None
 

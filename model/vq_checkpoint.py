@@ -1,4 +1,4 @@
-"""VQGAN checkpoints: Meta's `vqgan.ckpt` + `vqgan.yaml` (taming format) both ways, Hugging Face ChameleonVQVAE in.
+"""VQGAN checkpoints: Meta's `vqgan.ckpt` + `vqgan.yaml` (taming format) and Hugging Face ChameleonVQVAE, both ways.
 
 HF -> ours is the identity on names once the `model.vqmodel.` prefix (full Chameleon checkpoint) is stripped;
 HF's converter drops every `decoder.*` key, so such a model is encode-only.
@@ -189,6 +189,26 @@ def vq_config_from_hf(hf_config: Mapping[str, Any], source: str = "<hf config>")
         raise VQCheckpointError(f"{source}: attn_type {data.get('attn_type')!r} is not supported (only 'vanilla')")
     fields = {ours: data[hf] for hf, ours in HF_CONFIG_NAMES.items() if data.get(hf) is not None}
     return _config_or_error(fields, source)
+
+
+def hf_vq_config(config: VQConfig) -> dict[str, Any]:
+    """HF's ChameleonVQVAEConfig dict (a ChameleonConfig's `vq_config`) for our config; `vq_config_from_hf` reads
+    it back to the same VQConfig."""
+    fields = {hf: getattr(config, ours) for hf, ours in HF_CONFIG_NAMES.items()}
+    return {**fields, "attn_type": "vanilla", "model_type": "chameleon_vqgan"}
+
+
+def hf_vq_state_dict(model: VQGAN, prefix: str = HF_PREFIXES[0]) -> dict[str, Tensor]:
+    """The VQ tensors of a HF Chameleon checkpoint (`model.vqmodel.*`): encoder, quant_conv, codebook and
+    post_quant_conv, contiguous on the CPU. HF's ChameleonVQVAE has no decoder, so ours is left out; an encode-only
+    model's missing post_quant_conv (it feeds only the decoder, unused by transformers) is written as zeros."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("decoder.")}  # fmt: skip
+    if model.post_quant_conv is None:
+        cfg = model.config
+        state["post_quant_conv.weight"] = torch.zeros(cfg.z_channels, cfg.embed_dim, 1, 1)
+        state["post_quant_conv.bias"] = torch.zeros(cfg.z_channels)
+    return {prefix + k: v for k, v in state.items()}
 
 
 def hf_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -10,6 +10,8 @@ from schemas.config_base import StrictModel
 from schemas.vocab import CHAMELEON_VOCAB_SIZE, TINY
 
 ModelPreset = Literal["tiny", "7b", "34b"]
+# Meta's QK-norm is torch.nn.LayerNorm(head_dim) (default eps) and HF's ChameleonLayerNorm hard-codes it.
+QK_NORM_EPS = 1e-5
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to train in seconds on a laptop CPU; GQA on so tests cover it.
@@ -56,7 +58,11 @@ class ModelConfig(StrictModel):
     ffn_dim: int = Field(gt=0, description="SwiGLU hidden size")
     vocab_size: int = Field(gt=0)
     max_seq_len: int = Field(4096, gt=0)
-    norm_eps: float = Field(1e-5, gt=0.0)
+    norm_eps: float = Field(1e-5, gt=0.0, description="epsilon of the RMSNorms (HF: rms_norm_eps)")
+    qk_norm_eps: float = Field(
+        QK_NORM_EPS, gt=0.0, description="epsilon of the QK-norm LayerNorms; Meta and Hugging Face fix it at 1e-5 "
+        "whatever norm_eps is, so only 1e-5 converts to their formats"
+    )  # fmt: skip
     rope_theta: float = Field(10_000.0, gt=0.0)
     qk_norm: bool = True
     qk_norm_groups: int = Field(

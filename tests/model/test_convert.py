@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from flows.cli_convert import convert
 from model.convert import (
     ConversionError,
+    detect_format,
     hf_config_dict,
     llama_ffn_dim,
     load_hf,
@@ -22,6 +23,7 @@ from model.convert import (
     load_meta,
     load_ours,
     meta_config,
+    meta_shard_names,
     save_hf,
     save_meta,
     save_ours,
@@ -165,6 +167,53 @@ def test_save_hf_round_trips_and_transformers_loads_it(tmp_path: Path) -> None:
 def test_save_hf_refuses_what_hf_cannot_express(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="QK-norm"):
         save_hf(Transformer(tiny(qk_norm=False)), tiny(qk_norm=False), tmp_path)
+    # A QK-norm eps other than the 1e-5 both references hard-code: neither format can hold it.
+    odd = tiny(qk_norm_eps=1e-6)
+    for save in (save_hf, save_meta):
+        with pytest.raises(ConversionError, match=r"fixes the QK-norm eps at 1e-05; this model's qk_norm_eps is 1e-06"):
+            save(Transformer(odd), odd, tmp_path / save.__name__)
+
+
+def small_qk(model: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """q and k projections scaled down: per-head variances near 1e-5, where a QK-norm eps mix-up shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(names):
+                p.mul_(0.01)
+
+
+def test_rms_norm_eps_other_than_1e5_converts_with_hf_logits(tmp_path: Path) -> None:
+    # HF's rms_norm_eps is the RMSNorms' eps only; its QK-norm eps is 1e-5 (ours too, whatever norm_eps is).
+    config = tiny(norm_eps=1e-6)
+    hf = hf_model(config)
+    small_qk(hf, ("q_proj.weight", "k_proj.weight"))
+    hf.save_pretrained(tmp_path / "from")
+    loaded_config, state = load_hf(tmp_path / "from")
+    assert (loaded_config.norm_eps, loaded_config.qk_norm_eps) == (1e-6, 1e-5)
+    ours = load_into(Transformer(loaded_config).eval(), state)
+    tokens = text_tokens(config)
+    cols = text_columns(hf, config.vocab_size)
+    with torch.no_grad():
+        hf_logits, our_logits = hf(input_ids=tokens).logits, ours(tokens)
+    torch.testing.assert_close(our_logits[..., cols], hf_logits[..., cols], atol=2e-5, rtol=1e-5)
+    # ... and back: our export of that model is what transformers computes.
+    save_hf(state, loaded_config, tmp_path / "to", vq_config=TINY_VQ)
+    again = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "to").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=tokens).logits[..., cols], our_logits[..., cols], atol=2e-5,
+                                   rtol=1e-5)  # fmt: skip
+
+
+def test_checkpoints_from_before_qk_norm_eps_load_as_they_were_trained(tmp_path: Path) -> None:
+    # Before qk_norm_eps existed, QK-norm ran at norm_eps; a model_config.json without the key keeps that.
+    for norm_eps in (1e-5, 1e-6):
+        config = tiny(norm_eps=norm_eps)
+        save_ours(randomized(config).state_dict(), config, tmp_path / str(norm_eps))
+        path = tmp_path / str(norm_eps) / "model_config.json"
+        raw = json.loads(path.read_text())
+        assert raw.pop("qk_norm_eps") == 1e-5
+        path.write_text(json.dumps(raw))
+        assert load_ours(tmp_path / str(norm_eps))[0].qk_norm_eps == norm_eps
 
 
 # ---------------------------------------------------------------------------------------------------- Meta
@@ -176,8 +225,8 @@ def test_meta_round_trip_is_exact(tmp_path: Path, model_parallel: int) -> None:
     original = randomized(config).state_dict()
     save_meta(original, config, tmp_path, model_parallel=model_parallel)
 
-    shards = sorted(p.name for p in tmp_path.glob("consolidated.*.pth"))
-    assert shards == [f"consolidated.{i:02d}.pth" for i in range(model_parallel)]
+    shards = sorted(p.name for p in tmp_path.glob("consolidated*.pth"))
+    assert shards == meta_shard_names(model_parallel)
     first = torch.load(tmp_path / shards[0], weights_only=True)
     assert first["tok_embeddings.weight"].shape == (config.vocab_size, config.dim // model_parallel)
     assert first["layers.0.attention.wo.weight"].shape == (config.dim, config.dim // model_parallel)
@@ -191,12 +240,80 @@ def test_meta_round_trip_is_exact(tmp_path: Path, model_parallel: int) -> None:
         assert torch.equal(state[name], tensor), name
 
 
+# ModelArgs fields of Meta's chameleon/inference/transformer.py: its loader keeps only these keys of the params.
+META_MODEL_ARGS = {
+    "model_parallel_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "ffn_dim_multiplier",
+    "multiple_of",
+    "norm_eps",
+    "rope_theta",
+    "qk_normalization",
+    "swin_norm",
+}
+# Model-parallel split dimension of each sharded tensor in Meta's Transformer (by the last two name parts).
+META_SPLIT = {"tok_embeddings.weight": 1, "wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "w1.weight": 0,
+              "w3.weight": 0, "output.weight": 0, "wo.weight": 1, "w2.weight": 1}  # fmt: skip
+
+
+def meta_loader_load(folder: Path, rank: int | None, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """What Meta's `chameleon.inference.loader.load_model(folder, rank)` checks, step by step: the shard path rule
+    of `_get_checkpoint_path`, the params merge, and `_convert`'s assertions on `load_state_dict(strict=False)`:
+    no missing keys, `unexpected_keys == ["rope.freqs"]`, and (load_state_dict's own) every shape of a shard."""
+    base = folder / "consolidated.pth"
+    if not rank and base.exists():
+        path = base
+    else:
+        assert rank is not None, "Meta's loader formats consolidated.{rank:02}.pth: fails for rank None"
+        path = folder / f"consolidated.{rank:02}.pth"
+        assert path.exists(), "Consolidated checkpoint not found."
+    params = json.loads((folder / "params.json").read_text())
+    merged = {**params, **params["model"], **json.loads((folder / "consolidate_params.json").read_text())}
+    args = {k: v for k, v in merged.items() if k in META_MODEL_ARGS}
+    mp = args["model_parallel_size"]
+    assert args["dim"] == config.dim and args["qk_normalization"] == config.qk_norm
+    state = torch.load(path, weights_only=True)
+    expected = Transformer(config.model_copy(update={"qk_norm_groups": 1})).state_dict()
+    assert [k for k in expected if k not in state] == []  # missing_keys
+    assert [k for k in state if k not in expected] == ["rope.freqs"]  # unexpected_keys, exactly
+    for name, tensor in expected.items():
+        shape = list(tensor.shape)
+        split = META_SPLIT.get(".".join(name.split(".")[-2:]))
+        if split is not None:
+            shape[split] //= mp
+        assert list(state[name].shape) == shape, name
+    return state
+
+
+@pytest.mark.parametrize(("model_parallel", "groups"), [(1, 1), (2, 1), (2, 2), (4, 2)])
+def test_meta_loader_accepts_every_export(tmp_path: Path, model_parallel: int, groups: int) -> None:
+    config = tiny(n_kv_heads=4, qk_norm_groups=groups, rope_theta=500_000.0)
+    save_meta(randomized(config).state_dict(), config, tmp_path, model_parallel=model_parallel)
+    # detect_shard_count: consolidated.pth means one shard, else every consolidated.*.pth is one.
+    found = 1 if (tmp_path / "consolidated.pth").exists() else len(list(tmp_path.glob("consolidated.*.pth")))
+    assert found == model_parallel
+    ranks = [None, 0] if model_parallel == 1 else range(model_parallel)  # Meta's single-GPU path passes no rank
+    hd = config.head_dim
+    # LLaMA's rotary inverse frequencies, the buffer Meta's checkpoints carry (its code no longer reads it).
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    for rank in ranks:
+        state = meta_loader_load(tmp_path, rank, config)
+        assert state["rope.freqs"].shape == (hd // 2,) and state["rope.freqs"].dtype == torch.float32
+        torch.testing.assert_close(state["rope.freqs"], freqs)
+    # Re-exporting unsharded into the same folder leaves no shard of the earlier export beside consolidated.pth.
+    save_meta(randomized(config).state_dict(), config, tmp_path, model_parallel=groups)
+    assert sorted(p.name for p in tmp_path.glob("consolidated*.pth")) == meta_shard_names(groups)
+
+
 def test_meta_rope_freqs_is_ignored_and_flat_params_work(tmp_path: Path) -> None:
     config = tiny()
     original = randomized(config).state_dict()
     save_meta(original, config, tmp_path)
-    shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
-    (tmp_path / "consolidated.00.pth").unlink()
+    shard = torch.load(tmp_path / "consolidated.pth", weights_only=True)
     torch.save({**shard, "rope.freqs": torch.randn(config.head_dim // 2)}, tmp_path / "consolidated.pth")
     params = json.loads((tmp_path / "params.json").read_text())
     (tmp_path / "params.json").write_text(json.dumps(params["model"]))  # flat, no nested "model"
@@ -276,30 +393,63 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes() -> None:
         load_into(Transformer(config), state)
 
 
-def test_cli_converts_ours_to_meta_to_hf_and_back(tmp_path: Path) -> None:
+def cli() -> typer.Typer:
     app = typer.Typer()
     app.command()(convert)
     app.command("noop")(lambda: None)  # two commands, so `convert` is a subcommand as in cham
+    return app
+
+
+def test_cli_converts_ours_to_meta_to_hf_and_back(tmp_path: Path, tiny_tokenizers: dict[str, Path]) -> None:
     runner = CliRunner()
     config = tiny()
     original = randomized(config).state_dict()
     save_ours(original, config, tmp_path / "ours")
 
-    steps = [("ours", "meta", ["--model-parallel", "2"]), ("meta", "hf", []), ("hf", "ours", [])]
+    tokenizers = ["--text-tokenizer", str(tiny_tokenizers["text"]), "--image-tokenizer", str(tiny_tokenizers["image"])]
+    # --from is found from the folder's files; given, it is used as said.
+    steps = [("ours", "meta", ["--model-parallel", "2"]), ("meta", "hf", tokenizers), ("hf", "ours", ["--from", "hf"])]
     src = tmp_path / "ours"
     for i, (a, b, extra) in enumerate(steps):
         out = tmp_path / f"step{i}_{b}"
-        result = runner.invoke(app, ["convert", str(src), str(out), "--from", a, "--to", b, *extra])
+        result = runner.invoke(cli(), ["convert", str(src), str(out), "--to", b, *extra])
         assert result.exit_code == 0, result.output
+        assert f"converted {a} " in result.output and f"as {b}" in result.output
         src = out
     loaded_config, state = load_ours(src)
     assert same_shape(loaded_config, config)
     for name, tensor in original.items():
         assert torch.equal(state[name], tensor), name
 
-    result = runner.invoke(app, ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--from", "meta"])
+    result = runner.invoke(cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--from", "meta",
+                                   "--to", "ours"])  # fmt: skip
     assert result.exit_code == 1
     assert "params.json" in result.output
+
+
+def test_cli_requires_the_target_and_finds_the_source_format_or_says_why_not(tmp_path: Path) -> None:
+    runner = CliRunner()
+    config = tiny()
+    state = Transformer(config).state_dict()
+    save_ours(state, config, tmp_path / "ours")
+    # No silent default target: --to is required.
+    result = runner.invoke(cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x")])
+    assert result.exit_code == 2 and "Missing option '--to'" in result.output
+    assert not (tmp_path / "x").exists()
+    # A folder of no known format, and one holding two formats, name what was expected / found.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "params.json").write_text("{}")  # params.json without shards is not Meta's
+    result = runner.invoke(cli(), ["convert", str(tmp_path / "empty"), str(tmp_path / "x"), "--to", "hf"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'empty'} holds no checkpoint in a known format (expected ours: model.pt" in result.output
+    save_meta(state, config, tmp_path / "ours")
+    result = runner.invoke(cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "hf"])
+    assert result.exit_code == 1 and "in several formats (ours, meta); say which to read with --from" in result.output
+    result = runner.invoke(cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "ours",
+                                   "--from", "meta"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    save_hf(state, config, tmp_path / "hf")
+    assert (detect_format(tmp_path / "hf"), detect_format(tmp_path / "x")) == ("hf", "ours")
 
 
 def test_damaged_inputs_fail_naming_the_file(tmp_path: Path) -> None:

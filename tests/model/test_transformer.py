@@ -46,12 +46,12 @@ def test_grouped_qk_norm_gives_each_run_of_heads_its_groups_affine() -> None:
         k_raw = attn.wk(x).view(2, 6, 2, hd)
     for head, group in ((0, 0), (1, 0), (2, 1), (3, 1)):
         norm = attn.q_normalization
-        qn = F.layer_norm(q_raw[:, :, head], (hd,), norm.weight[group], norm.bias[group], config.norm_eps)
+        qn = F.layer_norm(q_raw[:, :, head], (hd,), norm.weight[group], norm.bias[group], config.qk_norm_eps)
         expected = reference_rotary(qn[:, :, None], positions, config.rope_theta)[:, :, 0]
         torch.testing.assert_close(q[:, :, head], expected, atol=1e-5, rtol=1e-4)
     for head in (0, 1):
         norm = attn.k_normalization
-        kn = F.layer_norm(k_raw[:, :, head], (hd,), norm.weight[head], norm.bias[head], config.norm_eps)
+        kn = F.layer_norm(k_raw[:, :, head], (hd,), norm.weight[head], norm.bias[head], config.qk_norm_eps)
         expected = reference_rotary(kn[:, :, None], positions, config.rope_theta)[:, :, 0]
         torch.testing.assert_close(k[:, :, head], expected, atol=1e-5, rtol=1e-4)
     assert model.num_params() == config.n_params()
@@ -203,14 +203,48 @@ def test_qk_norm_is_applied_per_head_before_rotary() -> None:
     assert q.shape == (2, 6, config.n_heads, hd) and k.shape == v.shape == (2, 6, config.n_kv_heads, hd)
     q_raw = attn.wq(x).view(2, 6, config.n_heads, hd)
     k_raw = attn.wk(x).view(2, 6, config.n_kv_heads, hd)
-    qn = F.layer_norm(q_raw, (hd,), attn.q_normalization.weight, attn.q_normalization.bias, config.norm_eps)
-    kn = F.layer_norm(k_raw, (hd,), attn.k_normalization.weight, attn.k_normalization.bias, config.norm_eps)
+    qn = F.layer_norm(q_raw, (hd,), attn.q_normalization.weight, attn.q_normalization.bias, config.qk_norm_eps)
+    kn = F.layer_norm(k_raw, (hd,), attn.k_normalization.weight, attn.k_normalization.bias, config.qk_norm_eps)
     torch.testing.assert_close(q, reference_rotary(qn, positions, config.rope_theta), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(k, reference_rotary(kn, positions, config.rope_theta), atol=1e-5, rtol=1e-4)
     # Normalising after the rotation would give something else.
     rotated_first = reference_rotary(q_raw, positions, config.rope_theta)
     after = F.layer_norm(rotated_first, (hd,), attn.q_normalization.weight, attn.q_normalization.bias)
     assert not torch.allclose(q, after, atol=1e-3)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_qk_norm_eps_is_the_references_1e5_whatever_norm_eps_is(groups: int) -> None:
+    # Meta's QK-norm is LayerNorm(head_dim) at its default eps and HF's hard-codes 1e-5; norm_eps is the RMSNorms'.
+    config = tiny(norm_eps=1e-6, qk_norm_groups=groups)
+    assert config.qk_norm_eps == 1e-5
+    model = jitter_qk_norms(model_of(config))
+    with torch.no_grad():  # q and k rows of small variance (~1e-5), where the two epsilons give other values
+        for layer in model.layers:
+            layer.attention.wq.weight.mul_(0.01)
+            layer.attention.wk.weight.mul_(0.01)
+    attn, hd = model.layers[0].attention, config.head_dim
+    x = torch.randn(2, 5, config.dim)
+    positions = torch.arange(5).expand(2, 5)
+    q, _, _ = attn.project(x, positions)
+    q_raw = attn.wq(x).view(2, 5, config.n_heads, hd)
+    weight = attn.q_normalization.weight.reshape(groups, hd).repeat_interleave(config.n_heads // groups, 0)
+    bias = attn.q_normalization.bias.reshape(groups, hd).repeat_interleave(config.n_heads // groups, 0)
+    for eps, same in ((1e-5, True), (1e-6, False)):
+        normed = F.layer_norm(q_raw, (hd,), None, None, eps) * weight + bias
+        expected = reference_rotary(normed, positions, config.rope_theta)
+        assert torch.allclose(q, expected, atol=1e-5, rtol=1e-4) is same, eps
+    # The decoding path reads the same eps and gives the forward's hidden states.
+    weights = decode_weights(model)
+    assert {n.eps for layer in weights.layers for n in (layer.q_norm, layer.k_norm)} == {1e-5}
+    assert {layer.attention_norm_eps for layer in weights.layers} == {weights.norm_eps} == {1e-6}
+    tokens = torch.randint(0, config.vocab_size, (2, 6))
+    cache_a, cache_b = model.make_cache(2, 6), model.make_cache(2, 6)
+    with torch.no_grad():
+        full = model(tokens, cache=cache_a)
+        model(tokens[:, :5], cache=cache_b)
+        last = decode_step(weights, tokens[:, 5], torch.full((2,), 5), cache_b, 5)
+    torch.testing.assert_close(model.output(last), full[:, 5], atol=1e-5, rtol=1e-5)
 
 
 def test_swin_norm_changes_block_order() -> None:
