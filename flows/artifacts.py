@@ -2,6 +2,8 @@
 
 The V2 UI (the default since Prefect 3.8) sanitizes markdown: raw <svg> and scripts are dropped, but ```mermaid```
 blocks are drawn as diagrams and `data:image/...` URLs are kept in <img src> (docs/orchestration.md, "Plots").
+Every artifact is made through `markdown_artifact` / `table_artifact` here, so text that is not ours (prompts, model
+output, paths, names) is escaped on the way (flows/markup.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from flows.markup import Markdown, escape_cell, escape_markdown, escape_table_cell, md
+
 METRICS_FILE = "metrics.jsonl"  # written by model/trainer.py into the run's out_dir
+Points = list[tuple[float, float | None]]  # (step, value); None where the step has no value (a gap)
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
@@ -34,7 +39,26 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _thin(points: list[tuple[float, float]], most: int) -> list[tuple[float, float]]:
+def markdown_artifact(markdown: Markdown, key: str, description: str) -> UUID:
+    """A markdown artifact. `markdown` must be Markdown built with flows.markup (md, escape_markdown, the charts
+    here), so no text reaches the UI unescaped; the description (markdown in the UI) is escaped whole."""
+    from prefect.artifacts import create_markdown_artifact
+
+    if not isinstance(markdown, Markdown):
+        raise TypeError("artifact markdown must be built with flows.markup.md or escape_markdown, not a plain str")
+    return create_markdown_artifact(markdown, key=key, description=escape_markdown(description))
+
+
+def table_artifact(rows: list[dict[str, Any]], key: str, description: str) -> UUID:
+    """A table artifact of dict rows; string cells and column names escaped for the UIs that render them as
+    markdown (flows.markup.escape_table_cell), numbers and None kept as they are."""
+    from prefect.artifacts import create_table_artifact
+
+    table = [{escape_table_cell(k): escape_table_cell(v) for k, v in row.items()} for row in rows]
+    return create_table_artifact(table, key=key, description=escape_markdown(description))
+
+
+def _thin(points: Points, most: int) -> Points:
     """At most `most` points, evenly spaced, the last one always kept (mermaid gets crowded)."""
     if len(points) <= most:
         return points
@@ -43,69 +67,95 @@ def _thin(points: list[tuple[float, float]], most: int) -> list[tuple[float, flo
     return kept if kept[-1] == points[-1] else [*kept, points[-1]]
 
 
-def mermaid_lines(title: str, series: dict[str, list[tuple[float, float]]], y_label: str = "loss",
-                  most: int = 40) -> str:  # fmt: skip
+def _has_values(points: Points) -> bool:
+    return any(y is not None for _, y in points)
+
+
+def _mermaid_string(text: str) -> str:
+    """Text inside a mermaid "..." string: one line, no quote or backtick to end the string or the code fence."""
+    return " ".join(str(text).replace('"', "'").replace("`", "'").split())
+
+
+def mermaid_lines(title: str, series: dict[str, Points], y_label: str = "loss", most: int = 40) -> Markdown:
     """A mermaid `xychart-beta` line chart of (step, value) series sharing one step axis.
 
-    xychart-beta has no legend, so the series' order is written under the chart.
+    xychart-beta has no legend, so the series' order is written under the chart. It cannot draw a gap either: a series
+    with steps that have no value (None: e.g. image CE at steps without image targets) is left out of the chart and
+    named under it (the PNG draws it, with its gaps); a series with no value at all is not drawn anywhere.
     """
-    series = {name: _thin(points, most) for name, points in series.items() if points}
+    drawn = {name: points for name, points in series.items() if _has_values(points)}
+    gapped = [name for name, points in drawn.items() if any(y is None for _, y in points)]
+    series = {name: _thin(points, most) for name, points in drawn.items() if name not in gapped}
     steps = sorted({int(x) for points in series.values() for x, _ in points})
     values = [y for points in series.values() for _, y in points]
+    note = md("*Not in this chart (steps without a value, which it cannot show as gaps; see the PNG): {}.*",
+              ", ".join(gapped)) if gapped else Markdown("")  # fmt: skip
     if not steps:
-        return f"*{title}: no points yet*"
+        return Markdown("\n\n".join(p for p in (md("*{}: no points yet*", title), note) if p))
     low, high = min(values), max(values)
     pad = (high - low) * 0.05 or 0.1
     axis = ", ".join(map(str, steps))
-    lines = ["```mermaid", "xychart-beta", f'    title "{title}"', f'    x-axis "step" [{axis}]',
-             f'    y-axis "{y_label}" {low - pad:.3f} --> {high + pad:.3f}']  # fmt: skip
+    lines = ["```mermaid", "xychart-beta", f'    title "{_mermaid_string(title)}"', f'    x-axis "step" [{axis}]',
+             f'    y-axis "{_mermaid_string(y_label)}" {low - pad:.3f} --> {high + pad:.3f}']  # fmt: skip
     for points in series.values():
         by_step = dict((int(x), y) for x, y in points)
         filled, last = [], points[0][1]
-        for step in steps:  # a series without this step repeats its last value, so lines stay aligned
+        for step in steps:  # a shorter run repeats its last value, so the lines stay aligned on one step axis
             last = by_step.get(step, last)
             filled.append(f"{last:.4f}")
         lines.append(f"    line [{', '.join(filled)}]")
     lines.append("```")
     if len(series) > 1:
-        lines.append("Lines, in the theme's colour order: " + ", ".join(f"`{n}`" for n in series) + ".")
-    return "\n".join(lines)
+        lines.append(md("Lines, in the theme's colour order: {}.", ", ".join(series)))
+    if note:
+        lines.append(note)
+    return Markdown("\n".join(lines))
 
 
-def mermaid_bars(title: str, values: dict[str, float], y_label: str) -> str:
+def mermaid_bars(title: str, values: dict[str, float], y_label: str) -> Markdown:
     """A mermaid `xychart-beta` bar chart, one bar per name."""
     if not values:
-        return f"*{title}: nothing to show*"
+        return md("*{}: nothing to show*", title)
     low, high = min(values.values()), max(values.values())
     bottom = max(0.0, low - (high - low) * 0.5 - 0.05 * abs(low))
-    names = ", ".join(f'"{n}"' for n in values)
-    return "\n".join(["```mermaid", "xychart-beta", f'    title "{title}"', f"    x-axis [{names}]",
-                      f'    y-axis "{y_label}" {bottom:.3f} --> {high * 1.02 + 1e-3:.3f}',
-                      f"    bar [{', '.join(f'{v:.4f}' for v in values.values())}]", "```"])  # fmt: skip
+    names = ", ".join(f'"{_mermaid_string(n)}"' for n in values)
+    return Markdown("\n".join([
+        "```mermaid", "xychart-beta", f'    title "{_mermaid_string(title)}"', f"    x-axis [{names}]",
+        f'    y-axis "{_mermaid_string(y_label)}" {bottom:.3f} --> {high * 1.02 + 1e-3:.3f}',
+        f"    bar [{', '.join(f'{v:.4f}' for v in values.values())}]", "```"]))  # fmt: skip
 
 
 def png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def png_markdown(path: Path, alt: str) -> str:
-    """Markdown showing a PNG inline (a data URI, which the V2 UI keeps)."""
-    return f"![{alt}]({png_data_uri(path)})"
+def png_markdown(path: Path, alt: str) -> Markdown:
+    """Markdown showing a PNG inline (a data URI, which the V2 UI keeps); the alt text is escaped."""
+    return Markdown(f"![{escape_markdown(alt)}]({png_data_uri(path)})")
 
 
-def plot_loss_curves(series: dict[str, list[tuple[float, float]]], path: Path, title: str = "training loss") -> Path:
-    """Loss against step, one line per run, as a PNG with a legend."""
+def loss_figure(series: dict[str, Points], title: str = "training loss") -> Any:
+    """Loss against step, one line per series with a legend (a matplotlib Figure). A step without a value (None) is
+    a gap in its line, marked points show values between gaps; a series with no value at all is not drawn."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for name, points in series.items():
-        if points:
-            ax.plot([x for x, _ in points], [y for _, y in points], label=name, linewidth=1.5)
+    drawn = {name: points for name, points in series.items() if _has_values(points)}
+    for name, points in drawn.items():
+        ys = [math.nan if y is None else y for _, y in points]
+        gaps = any(y is None for _, y in points)  # an isolated value between two gaps is a point, not a line
+        ax.plot([x for x, _ in points], ys, label=name, linewidth=1.5, marker="o" if gaps else None, markersize=2.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(drawn) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_loss_curves(series: dict[str, Points], path: Path, title: str = "training loss") -> Path:
+    """`loss_figure` of the series, saved as a PNG."""
+    fig = loss_figure(series, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -113,19 +163,26 @@ def plot_loss_curves(series: dict[str, list[tuple[float, float]]], path: Path, t
     return path
 
 
-def loss_points(metrics: list[dict[str, Any]], field: str = "loss") -> list[tuple[float, float]]:
-    """(step, value) pairs of one metric, skipping steps where it is missing or not finite."""
-    return [(m["step"], m[field]) for m in metrics if isinstance(m.get(field), int | float) and math.isfinite(m[field])]
+def loss_points(metrics: list[dict[str, Any]], field: str = "loss") -> Points:
+    """(step, value) of one metric at every logged step; None where the step has no value (the trainer writes null,
+    e.g. ce_image at a step without image targets) or it is missing or not finite: a gap, never a zero."""
+
+    def value(m: dict[str, Any]) -> float | None:
+        v = m.get(field)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    return [(m["step"], value(m)) for m in metrics]
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A GitHub-style markdown table of dict rows (the keys of the first row are the columns)."""
+def markdown_table(rows: list[dict[str, Any]]) -> Markdown:
+    """A GitHub-style markdown table of dict rows (the keys of the first row are the columns), cells escaped."""
     if not rows:
-        return "*(no rows)*"
+        return Markdown("*(no rows)*")
     columns = list(rows[0])
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(str(row.get(c, "")).replace("|", "\\|") for c in columns) + " |" for row in rows]
-    return "\n".join(out)
+    out = ["| " + " | ".join(escape_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(escape_cell("" if row.get(c) is None else row[c]) for c in columns) + " |"
+            for row in rows]  # fmt: skip
+    return Markdown("\n".join(out))
 
 
 def task_progress_artifact(description: str) -> UUID:
@@ -145,4 +202,4 @@ def task_progress_artifact(description: str) -> UUID:
         if found:
             update_progress_artifact(found[0].id, 0.0)
             return found[0].id
-    return create_progress_artifact(0.0, description=description)
+    return create_progress_artifact(0.0, description=escape_markdown(description))

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact, update_progress_artifact
+from prefect.artifacts import update_progress_artifact
 from pydantic import Field
 
-from flows.artifacts import markdown_table, task_progress_artifact
+from flows.artifacts import markdown_table, table_artifact, task_progress_artifact
 from flows.subprocess_task import cham, run_command, run_logger
 from pipelines.shard_writer import STATS_SUFFIX, shard_name
 from pipelines.source_reader import plan_read_tasks
@@ -99,15 +99,15 @@ def build_dataset(
     logger = run_logger()
     prepared = prepare_task(config)
     rows = reject_rows(prepared["manifests"], prepared["written"])
-    create_table_artifact(rows, key="build-dataset-sources",
-                          description="records in, samples out and rejects by reason, per source")  # fmt: skip
+    table_artifact(rows, key="build-dataset-sources",
+                   description="records in, samples out and rejects by reason, per source")  # fmt: skip
     summary: dict[str, Any] = {"output_dir": str(config.output_dir), "sources": rows}
     logger.info("prepared %d sources:\n%s", len(rows), markdown_table(rows))
     if mixture_file:
         out = Path(mixed_dir) if mixed_dir else Path(config.output_dir) / "mixed"
         stages = mix_task(Path(mixture_file), out)
-        create_table_artifact(stage_rows(stages), key="build-dataset-stages",
-                              description=f"stages mixed into {out}: target vs realized token shares")  # fmt: skip
+        table_artifact(stage_rows(stages), key="build-dataset-stages",
+                       description=f"stages mixed into {out}: target vs realized token shares")  # fmt: skip
         summary["mixed_dir"] = str(out)
         summary["stages"] = {s: {"sequences": m["sequences"], "tokens": m["tokens"]} for s, m in stages.items()}
     return summary

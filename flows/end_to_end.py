@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from flows.artifacts import plot_loss_curves, read_metrics
+from flows.artifacts import loss_points, markdown_artifact, plot_loss_curves, read_metrics, table_artifact
 from flows.build_dataset import build_dataset, mix_task
 from flows.demo import demo_mixture, demo_prepare_config, demo_sft_config, demo_train_config
 from flows.evaluation_flows import evaluate, generate
 from flows.html_report import write_report
+from flows.markup import Markdown, code, md
 from flows.subprocess_task import cham, run_command
 from flows.training_flows import sft, train
 from pipelines.mix_report import plot_shares
@@ -64,6 +64,25 @@ def _prompt_subset(out: Path, n: int) -> Path:
     path = out / "eval-prompts.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def training_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """One run's row of the training table: a CE the run has no value for (null in metrics.jsonl: no targets of that
+    modality at its last step) stays None, an empty cell, never 0."""
+    final = result["final"]
+    return {"run": name, "steps": result["steps"], "final loss": _rounded(final.get("loss")),
+            "text CE": _rounded(final.get("ce_text")), "image CE": _rounded(final.get("ce_image")),
+            "checkpoint": result["checkpoint"]}  # fmt: skip
+
+
+def summary_markdown(page: Path, seconds: float, generations: list[dict[str, Any]]) -> Markdown:
+    """Where the report is, and the start of each generated answer (the model's text, escaped)."""
+    lines = [md("- **{}**: {}, {} image(s)", g["mode"], repr(g["text"][:200]), len(g["images"])) for g in generations]
+    return md("# End-to-end run\n\nReport: {} ({} s).\n\n{}", code(page), seconds, Markdown("\n".join(lines)))
 
 
 def write_summary(out: Path, report: dict[str, Any], evaluated: dict[str, Any]) -> Path:
@@ -125,11 +144,9 @@ def end_to_end(
                          mode="mixed", max_new_tokens=max_new_tokens)  # fmt: skip
 
     runs_done = {"stage 1": stage1, "stage 2": stage2, "sft": tuned}
-    curves = {name: [(m["step"], m["loss"]) for m in read_metrics(Path(r["out_dir"]))] for name, r in runs_done.items()}
+    curves = {name: loss_points(read_metrics(Path(r["out_dir"]))) for name, r in runs_done.items()}
     loss_png = plot_loss_curves(curves, out / "loss-curves.png", "loss by step: stage 1, stage 2, SFT")
-    training_rows = [{"run": name, "steps": r["steps"], "final loss": round(r["final"]["loss"], 4),
-                      "text CE": round(r["final"]["ce_text"], 4), "image CE": round(r["final"]["ce_image"], 4),
-                      "checkpoint": r["checkpoint"]} for name, r in runs_done.items()]  # fmt: skip
+    training_rows = [training_row(name, r) for name, r in runs_done.items()]
     evaluation_rows = [{"data": "stage 2 (seen in training: the sample corpus is small)",
                         "loss": round(evaluated["loss"], 4), "perplexity": round(evaluated["perplexity"], 2),
                         "tokens": evaluated["tokens"]}]  # fmt: skip
@@ -142,12 +159,9 @@ def end_to_end(
     }  # fmt: skip
     report["seconds"] = round(time.perf_counter() - started, 1)
     page = write_report(out / "report.html", report)
-    create_table_artifact(training_rows, key="end-to-end-training", description="final metrics of every run")
-    create_markdown_artifact(
-        f"# End-to-end run\n\nReport: `{page}` ({report['seconds']} s).\n\n"
-        + "\n".join(f"- **{g['mode']}**: {g['text'][:200]!r}, {len(g['images'])} image(s)" for g in generations),
-        key="end-to-end-summary", description="where the report is, and what was generated",
-    )  # fmt: skip
+    table_artifact(training_rows, key="end-to-end-training", description="final metrics of every run")
+    markdown_artifact(summary_markdown(page, report["seconds"], generations), key="end-to-end-summary",
+                      description="where the report is, and what was generated")  # fmt: skip
     write_summary(out, report, evaluated)
     return {
         "report": str(page),

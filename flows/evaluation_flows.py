@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from flows.artifacts import png_markdown
+from flows.artifacts import markdown_artifact, png_markdown, table_artifact
+from flows.markup import Markdown, code, md
 from flows.subprocess_task import cham, run_command
 
 CHECKPOINT = Field(description="a training out_dir, its checkpoints/ folder, or one step-NNNNNNNN folder")
@@ -73,13 +73,13 @@ def evaluate(
     summary: dict[str, Any] = {"checkpoint": checkpoint}
     if stage:
         result = eval_loss_task(checkpoint, stage, max_batches, out / "eval-loss.json")
-        create_table_artifact(loss_rows(result), key="evaluate-loss",
-                              description=f"held-out loss of {checkpoint} on {stage}")  # fmt: skip
+        table_artifact(loss_rows(result), key="evaluate-loss",
+                       description=f"held-out loss of {checkpoint} on {stage}")  # fmt: skip
         summary |= {k: result[k] for k in ("loss", "perplexity", "tokens")}
     if prompts:
         responses = eval_prompts_task(checkpoint, prompts, mode, max_new_tokens, out / "prompts")
         rows = [_response_row(r) for r in responses[:SHOWN_RESPONSES]]
-        create_table_artifact(
+        table_artifact(
             rows,
             key="evaluate-prompts",
             description=(
@@ -91,18 +91,20 @@ def evaluate(
     return summary
 
 
-def generation_markdown(folder: Path, result: dict[str, Any]) -> str:
-    """The prompt and the generated segments: text quoted, images inline (PNG data URIs, which the UI keeps)."""
-    parts = [f"## {result['mode']} generation", f"**Prompt:** {result['prompt']}", ""]
+def generation_markdown(folder: Path, result: dict[str, Any]) -> Markdown:
+    """The prompt and the generated segments: text quoted, images inline (PNG data URIs, which the UI keeps).
+    The prompt and the model's text are escaped: shown as written, never as HTML, links or images."""
+    parts = [md("## {} generation", result["mode"]), md("**Prompt:** {}", result["prompt"]), ""]
     for segment in result["segments"]:
         if segment["kind"] == "text":
-            parts.append("\n".join("> " + line for line in (segment["text"].strip() or "(empty)").splitlines()))
+            lines = (segment["text"].strip() or "(empty)").splitlines()
+            parts.append("\n".join(md("> {}", line) for line in lines))
         else:
             parts.append(png_markdown(folder / segment["path"], segment["path"]))
         parts.append("")
     page = folder / "generation.html"
-    parts.append(f"{result['new_tokens']} new tokens in {result['seconds']:.1f} s; page: `{page}`")
-    return "\n".join(parts)
+    parts.append(md("{} new tokens in {:.1f} s; page: {}", result["new_tokens"], result["seconds"], code(page)))
+    return Markdown("\n".join(parts))
 
 
 @task(name="generate", retries=1)
@@ -130,8 +132,8 @@ def generate(
     """Prompt a checkpoint for text, an image or both; the answer is shown as an artifact (images inline)."""
     out = Path(out_dir)
     result = generate_task(checkpoint, prompt, mode, list(images or []), max_new_tokens, seed, out)
-    create_markdown_artifact(generation_markdown(out, result), key=f"generate-{mode}",
-                             description=f"{mode} generation from {checkpoint}")  # fmt: skip
+    markdown_artifact(generation_markdown(out, result), key=f"generate-{mode}",
+                      description=f"{mode} generation from {checkpoint}")  # fmt: skip
     text = "".join(s["text"] for s in result["segments"] if s["kind"] == "text")
     return {"out_dir": str(out), "mode": mode, "text": text, "new_tokens": result["new_tokens"],
             "images": [str(out / s["path"]) for s in result["segments"] if s["kind"] == "image"]}  # fmt: skip

@@ -21,9 +21,14 @@ th { background: #f0f3f7; } td:first-child, th:first-child { text-align: left; }
 """
 
 
+def _text(value: Any) -> str:
+    """A cell's text, escaped; None (e.g. a CE the run has no value for) is an empty cell, not "None" or 0."""
+    return "" if value is None else html.escape(str(value))
+
+
 def table(columns: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{_text(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_text(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

@@ -9,12 +9,20 @@ from typing import Any
 
 import yaml
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flows.artifacts import markdown_table, mermaid_bars, mermaid_lines, plot_loss_curves, png_markdown
+from flows.artifacts import (
+    markdown_artifact,
+    markdown_table,
+    mermaid_bars,
+    mermaid_lines,
+    plot_loss_curves,
+    png_markdown,
+    table_artifact,
+)
 from flows.build_dataset import mix_task
 from flows.evaluation_flows import eval_loss_task
+from flows.markup import Markdown, code, md
 from flows.training_flows import launch_training
 from schemas import MixtureSpec, TrainConfig, dump_config, validate_config
 from schemas.model_config import MODEL_PRESETS, ModelPreset
@@ -169,7 +177,7 @@ def mixture_experiment(
                 row["held-out perplexity"] = round(evaluated["perplexity"], 2)
         rows.append(row)
 
-    create_table_artifact(rows, key="mixture-experiment", description=f"mixtures of {out}: shares, losses")
+    table_artifact(rows, key="mixture-experiment", description=f"mixtures of {out}: shares, losses")
     metric = "held-out loss" if training and training.heldout else "final train loss" if training else None
     charts = [mermaid_bars(f"{metric} by mixture", {r["mixture"]: r[metric] for r in rows}, metric)] if metric else []
     charts.append(mermaid_bars(f"image token share of {stage}", {r["mixture"]: r["image share"] for r in rows},
@@ -178,15 +186,15 @@ def mixture_experiment(
         charts.append(mermaid_lines("training loss by mixture", curves))
         charts.append(png_markdown(plot_loss_curves(curves, out / "loss-curves.png", "training loss by mixture"),
                                    "training loss by mixture"))  # fmt: skip
-    create_markdown_artifact("\n\n".join(charts), key="mixture-experiment-plot",
-                             description="held-out loss, image share and loss curves by mixture")  # fmt: skip
+    markdown_artifact(Markdown("\n\n".join(charts)), key="mixture-experiment-plot",
+                      description="held-out loss, image share and loss curves by mixture")  # fmt: skip
     best = min(rows, key=lambda r: r[metric]) if metric else None
     if best:
         why = "held-out loss" if metric == "held-out loss" else "final training loss (no held-out stage was given)"
-        headline = (f"**Best mixture: `{best['mixture']}`** by {why}: {best[metric]} "
-                    f"(weights of {stage}: {best['weights']}).")  # fmt: skip
+        headline = md("**Best mixture: {}** by {}: {} (weights of {}: {}).", code(best["mixture"]), why, best[metric],
+                      stage, best["weights"])  # fmt: skip
     else:
-        headline = "No training was asked for, so the mixtures are not ranked; their shares are below."
-    create_markdown_artifact(f"# Mixture experiment\n\n{headline}\n\n{markdown_table(rows)}\n\nFolder: `{out}`",
-                             key="mixture-experiment-summary", description="the best mixture")  # fmt: skip
+        headline = md("No training was asked for, so the mixtures are not ranked; their shares are below.")
+    markdown_artifact(md("# Mixture experiment\n\n{}\n\n{}\n\nFolder: {}", headline, markdown_table(rows), code(out)),
+                      key="mixture-experiment-summary", description="the best mixture")  # fmt: skip
     return {"best": best["mixture"] if best else None, "metric": metric, "rows": rows}

@@ -6,10 +6,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from flows.artifacts import loss_points, mermaid_lines, plot_loss_curves, png_markdown, read_metrics
+from flows.artifacts import (
+    loss_points,
+    markdown_artifact,
+    mermaid_lines,
+    plot_loss_curves,
+    png_markdown,
+    read_metrics,
+    table_artifact,
+)
+from flows.markup import code, md
 from flows.subprocess_task import cham, run_command, torchrun
 from model.checkpointing import latest_checkpoint
 from schemas import SFTConfig, TrainConfig, dump_config
@@ -43,17 +51,19 @@ def report_training(kind: str, result: dict[str, Any]) -> None:
     metrics = read_metrics(out_dir)
     series = {"loss": loss_points(metrics), "text CE": loss_points(metrics, "ce_text"),
               "image CE": loss_points(metrics, "ce_image")}  # fmt: skip
-    series = {k: v for k, v in series.items() if v and any(y > 0 for _, y in v)}
+    # A CE with no value at any step (null: no targets of that modality; 0.0 from older trainers) is not drawn.
+    series = {k: v for k, v in series.items() if any(y for _, y in v)}
     png = plot_loss_curves(series, out_dir / "loss.png", title=f"{kind}: {out_dir.name}")
-    create_markdown_artifact(
-        f"## {kind}: loss by step\n\n{mermaid_lines(f'{kind} loss', series)}\n\n{png_markdown(png, 'loss curves')}\n\n"
-        f"Run folder: `{out_dir}`; metrics: `{out_dir / 'metrics.jsonl'}`.",
+    markdown_artifact(
+        md("## {}: loss by step\n\n{}\n\n{}\n\nRun folder: {}; metrics: {}.", kind,
+           mermaid_lines(f"{kind} loss", series), png_markdown(png, "loss curves"), code(out_dir),
+           code(out_dir / "metrics.jsonl")),
         key=f"{kind}-loss-curve", description=f"{kind} loss curves",
     )  # fmt: skip
     final = result["final"]
     rows = [{"metric": k, "value": v} for k, v in final.items() if v is not None]
     rows.append({"metric": "checkpoint", "value": result["checkpoint"]})
-    create_table_artifact(rows, key=f"{kind}-final-metrics", description=f"{kind}: metrics of the last step")
+    table_artifact(rows, key=f"{kind}-final-metrics", description=f"{kind}: metrics of the last step")
 
 
 def _train(kind: str, config: TrainConfig, nproc_per_node: int, run_name: str | None, retries: int) -> dict:

@@ -6,6 +6,7 @@ Shared by `cham generate` and the evaluation harness, so a response looks the sa
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,22 @@ def save_segments(segments: Sequence[Segment], folder: str | Path, stem: str) ->
     return records
 
 
+def _local(path: str) -> bool:
+    """A relative path under the page's folder: no URL scheme (http:, javascript:, data:), no leading / or ..."""
+    bare = re.sub(r"[\x00-\x20]", "", path)  # what a browser's URL parser drops (" http://x" is http://x)
+    return not re.match(r"^([A-Za-z][A-Za-z0-9+.-]*:|[/\\])", bare) and ".." not in Path(path).parts
+
+
 def segments_html(records: Sequence[dict[str, Any]]) -> str:
     """An HTML fragment of saved segment records: escaped text, images as <img> (paths relative to the page)."""
     parts = []
     for record in records:
         if record["kind"] == "text":
             parts.append(html.escape(record["text"]))
-        elif "path" in record:
+        elif "path" in record and _local(record["path"]):
             parts.append(f'<img src="{html.escape(record["path"])}" alt="generated image">')
+        elif "path" in record:  # a URL or an absolute path would be fetched by every viewer of the page
+            parts.append(f"<em>[image not shown: {html.escape(record['path'])} is not a file beside the page]</em>")
         else:
             parts.append("<em>[image: no image tokenizer to decode it]</em>")
     return "".join(parts)

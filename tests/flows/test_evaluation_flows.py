@@ -13,16 +13,32 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+HOSTILE_PROMPT = "The function <img src=http://127.0.0.1:9/x> [click](javascript:alert(1)) <script>alert(1)</script>"
+
+
+def no_markup(markdown: str) -> None:
+    """`markdown` rendered (CommonMark with raw HTML) has no tag that fetches, links or runs anything."""
+    from markdown_it import MarkdownIt
+
+    rendered = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(markdown)
+    assert "<a " not in rendered and "<script" not in rendered and "<img src=http" not in rendered, rendered
+    assert "<img" not in markdown.replace('<img src="data:image/png', "") and "](javascript:" not in markdown
+
+
 def test_generate_flow_shows_text_and_images(prefect_api, tiny_run: Path, tmp_path: Path) -> None:
-    text = generate(checkpoint=str(tiny_run), prompt="The function", out_dir=str(tmp_path / "text"), mode="text",
+    from flows.markup import escape_markdown
+
+    text = generate(checkpoint=str(tiny_run), prompt=HOSTILE_PROMPT, out_dir=str(tmp_path / "text"), mode="text",
                     max_new_tokens=16, seed=3, return_state=True)  # fmt: skip
     assert text.is_completed(), text.message
     record = json.loads((tmp_path / "text" / "generation.json").read_text())
     words = "".join(s["text"] for s in record["segments"])
     assert text.result()["text"] == words and words.strip()
     shown = prefect_api.by_key(prefect_api.artifacts(text.state_details.flow_run_id), "generate-text")["data"]
-    assert "**Prompt:** The function" in shown and f"{record['new_tokens']} new tokens" in shown
-    assert words.strip().splitlines()[0] in shown and "data:image/png" not in shown
+    assert f"**Prompt:** {escape_markdown(HOSTILE_PROMPT)}" in shown and f"{record['new_tokens']} new tokens" in shown
+    assert "&lt;img src=http\\://127.0.0.1:9/x&gt;" in shown  # the prompt is shown as text
+    assert escape_markdown(words.strip().splitlines()[0]) in shown and "data:image/png" not in shown
+    no_markup(shown)
 
     photo = sorted((REPO / "sample" / "images").glob("*.jpg"))[0]
     image = generate(checkpoint=str(tiny_run), prompt="A photo like this", out_dir=str(tmp_path / "image"),
@@ -33,12 +49,14 @@ def test_generate_flow_shows_text_and_images(prefect_api, tiny_run: Path, tmp_pa
     from flows.artifacts import png_data_uri
 
     assert shown.count("data:image/png;base64,") == 1 and png_data_uri(Path(png)) in shown
+    no_markup(shown)
 
 
 def test_evaluate_flow_reports_heldout_loss_and_responses(prefect_api, tiny_run: Path, make_stage, tmp_path) -> None:
     heldout = make_stage(3_000, prose_weight=2.0)
     prompts = tmp_path / "prompts.jsonl"
-    lines = (REPO / "sample" / "eval" / "prompts.jsonl").read_text().splitlines()[:2]
+    lines = (REPO / "sample" / "eval" / "prompts.jsonl").read_text().splitlines()[:1]
+    lines.append(json.dumps({"id": "hostile", "category": "other", "prompt": HOSTILE_PROMPT + "\n# heading | a | b |"}))
     prompts.write_text("\n".join(lines) + "\n")
     state = evaluate(checkpoint=str(tiny_run), out_dir=str(tmp_path / "eval"), stage=str(heldout),
                      prompts=str(prompts), max_batches=2, mode="text", max_new_tokens=8, return_state=True)  # fmt: skip
@@ -51,6 +69,10 @@ def test_evaluate_flow_reports_heldout_loss_and_responses(prefect_api, tiny_run:
     assert rows["source: prose"]["tokens"] + rows["source: photos"]["tokens"] == result["tokens"]
     responses = prefect_api.by_key(artifacts, "evaluate-prompts")["data"]
     assert [r["id"] for r in responses] == [json.loads(line)["id"] for line in lines]
+    shown = responses[1]["prompt"]  # the V1 UI renders a string cell as markdown: nothing in it may fetch or link
+    assert shown.startswith("The function &lt;img src=http\\://127.0.0.1:9/x> \\[click\\](javascript\\:alert(1))")
+    for row in responses:
+        no_markup(row["prompt"] + "\n" + row["response"])
     assert (tmp_path / "eval" / "prompts" / "annotate.html").is_file()
     assert state.result()["responses"] == 2
 
