@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 import typer
 
 from flows.cli_output import console, fail
-from model.convert import ConversionError, convert_checkpoint, detect_format
 
 Format = Literal["ours", "meta", "hf"]
 
@@ -32,6 +31,8 @@ def convert(
 ) -> None:
     """Convert transformer weights between our format (model.pt + model_config.json), Meta's and HF's; --to hf
     writes a whole Hugging Face Chameleon (weights, VQ, tokenizer and processor files)."""
+    from model.convert import ConversionError, convert_checkpoint, detect_format  # torch: only when converting
+
     if not src.is_dir():
         raise fail(f"{src} is not a folder")
     started = time.perf_counter()

@@ -198,3 +198,49 @@ def test_tokenizer_without_room_for_the_image_placeholder_is_refused(tiny_tokeni
     cramped = SentencePieceTokenizer(text.model_proto, layout)
     with pytest.raises(HFTokenizerError, match="no reserved id after the prompt separator"):
         tokenizer_json(cramped)
+
+
+def test_meta_style_tokenizer_exports_with_its_own_ids(tmp_path: Path, sample_data: tuple[Path, dict]) -> None:
+    # A run tokenized with Meta's text_tokenizer.json (a tokenizers BPE): its pipeline kept, <image> named as HF does.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from model.hf_tokenizer import write_hf_tokenizer
+    from model.vocabulary import image_token_name
+    from schemas.vocab import reserved_token
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", *(image_token_name(c) for c in range(256)), "<eoss>", "<racm3:break>"]
+    specials += [reserved_token(i) for i in range(262, 278)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    texts = list(iter_texts(expand_inputs([sample_data[0] / "text"])))[:50]
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(tmp_path / "text_tokenizer.json"))
+    meta = load_text_tokenizer(tmp_path / "text_tokenizer.json")
+    write_hf_tokenizer(meta, tmp_path / "hf", 512)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for sample in [*texts, "  spaces\tand ünïcödé 🙂"]:
+        ids = tokenizer(sample)["input_ids"]
+        assert ids == [0, *meta.encode(sample)], sample[:80]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == sample
+    assert tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, "<racm3:break>"]) == [263, 261]
+    assert tokenizer.sep_token == "<reserved00258>" and tokenizer.sep_token_id == 262
+
+
+def test_transformers_truncates_the_resized_long_side_where_meta_rounds(
+    exported: Path, tmp_path: Path, tiny_tokenizers: dict[str, Path]
+) -> None:
+    # The one preprocessing difference docs/training.md names for plain RGB files: 70 x 50 at 64 px is resized to
+    # 90 x 64 by Meta's rounding (ours) and to 89 x 64 by transformers, so the center crops are a pixel apart.
+    rng = np.random.default_rng(1)
+    path = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(path)
+    ours = ImageTokenizer.load(tiny_tokenizers["image"], fast=False).pixels(path)
+    meta = Image.open(path).resize((90, 64), Image.Resampling.LANCZOS).crop((13, 0, 77, 64))
+    truncated = Image.open(path).resize((89, 64), Image.Resampling.LANCZOS).crop((12, 0, 76, 64))
+    assert np.array_equal(ours, np.asarray(meta))
+    theirs = AutoProcessor.from_pretrained(exported).image_processor(Image.open(path), return_tensors="pt")
+    torch.testing.assert_close(theirs["pixel_values"], to_tensor(np.asarray(truncated)), atol=1e-6, rtol=0)
+    assert not np.array_equal(ours, np.asarray(truncated))
