@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,12 +141,20 @@ def _looks_like_image(data: bytes) -> bool:
     return any(head.startswith(m) or m.startswith(head) for m in _MAGIC)
 
 
-def _open(data: bytes) -> Image.Image:
-    """Parse the header only (no pixels decoded); Pillow's own bomb checks become our error."""
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only (no pixels decoded); Pillow's bomb guard is set to our `max_pixels` while it runs
+    (its own ~89 MP default would otherwise refuse images a larger limit allows) and its refusal is our error."""
     try:
-        with warnings.catch_warnings():
+        with _PILLOW_LIMIT, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+            try:
+                return Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = default
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("image_too_large", str(exc)) from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad headers
@@ -189,7 +198,7 @@ def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:
 
 def _header(source: ImageSource, max_pixels: int, min_side: int) -> tuple[Image.Image, int]:
     """Read and open the source, check its size before any decoding; returns the lazy image and its orientation."""
-    image = _open(_read(source))
+    image = _open(_read(source), max_pixels)
     _check_size(image.size, max_pixels, min_side)
     orientation = _orientation(image)
     return image, orientation

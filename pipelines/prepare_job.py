@@ -23,6 +23,7 @@ import numpy as np
 from model.image_tokenizer import ImageTokenizer
 from model.mixed_tokenizer import MixedModalTokenizer
 from model.text_tokenizer import load_text_tokenizer
+from pipelines.documents import TEXT_SEPARATOR_BY_FORMAT
 from pipelines.face_detection import HaarFaceDetector
 from pipelines.image_download import UrlImages
 from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_sample, prepare_record
@@ -46,19 +47,32 @@ class PrepareError(RuntimeError):
 def settings_for(config: PrepareConfig, source: SourceConfig) -> PrepareSettings:
     """Per-record settings: the config's, with a source's `min_chars` / `max_chars` / `max_tokens` options."""
     opts = source.options
+    limits = ("min_chars", "max_chars", "max_pixels", "min_side", "max_tokens")
     return PrepareSettings(
         image_size=config.image_size,
         detect_faces=config.detect_faces,
         fast_image_decode=config.fast_image_decode,
         write_images=config.write_images,
         caption_first_ratio=config.caption_first_ratio,
-        **{k: opts[k] for k in ("min_chars", "max_chars", "max_pixels", "min_side", "max_tokens") if k in opts},
+        **{k: getattr(opts, k) for k in limits if getattr(opts, k, None) is not None},
+        text_separator=_text_separator(source),
     )
+
+
+def _text_separator(source: SourceConfig) -> str | None:
+    """Interleaved sources: the option, else what the format implies (documents.py); None for other kinds."""
+    if source.kind != "interleaved":
+        return None
+    chosen = getattr(source.options, "text_separator", None)
+    return chosen if chosen is not None else TEXT_SEPARATOR_BY_FORMAT[source.format]
 
 
 def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fps: dict[str, str]) -> str:
     """Changes when anything that changes this source's samples changes."""
-    payload = {"source": source.model_dump(mode="json"), "settings": asdict(settings_for(config, source)),
+    settings = asdict(settings_for(config, source))
+    if settings["text_separator"] is None:  # kinds without one keep the fingerprints they had before it existed
+        del settings["text_separator"]
+    payload = {"source": source.model_dump(mode="json"), "settings": settings,
                "tokenizers": tokenizer_fps, "samples_per_shard": config.samples_per_shard}  # fmt: skip
     if config.download.outcome_fingerprint() is not None:  # downloads off: the fingerprints they always had
         payload["download"] = config.download.outcome_fingerprint()
@@ -239,8 +253,13 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
     out_dir = Path(config.output_dir) / source.name
     shards = []
     for shard_id, _ in plan["tasks"]:
-        stats = json.loads((out_dir / f"{shard_name(shard_id)}{STATS_SUFFIX}").read_text())
-        shards.append(stats)
+        stats_file = out_dir / f"{shard_name(shard_id)}{STATS_SUFFIX}"
+        try:
+            shards.append(json.loads(stats_file.read_text()))
+        except (OSError, ValueError) as err:
+            raise PrepareError(
+                f"{stats_file}: shard {shard_id} of source {source.name} is not complete ({err})"
+            ) from None
     totals = {k: sum(s[k] for s in shards) for k in ("records_in", "samples", "rejects", "tokens", "images", "faces")}
     by_reason: dict[str, int] = {}
     for stats in shards:
@@ -261,6 +280,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
         "shards": [{k: s[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects", "records_in")}
                    for s in shards],
     }  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out_dir / MANIFEST)
@@ -292,6 +312,35 @@ class ShardWatcher(threading.Thread):
         self.report(self.done(), len(self.stats_files))
 
 
+def _run_pipeline(
+    config: PrepareConfig, plans: dict[str, dict[str, Any]], todo: dict[str, dict[str, Any]], vocab_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:  # fmt: skip
+    """One Beam pipeline with a branch per source that has shards to do; returns when every branch is done."""
+    watcher = ShardWatcher(config, todo, progress) if progress else None
+    if watcher:
+        watcher.start()
+    try:
+        pipeline = beam.Pipeline(options=pipeline_options(config.runner))
+        stats = [
+            add_source(pipeline, config, s, plans[s.name]["todo"], plans[s.name]["fingerprint"], vocab_size)
+            for s in config.sources if s.name in todo
+        ]  # fmt: skip
+        # One final transform downstream of every branch: Beam's DaskRunner computes only the last one.
+        _ = tuple(stats) | "all shards" >> beam.Flatten() | "count" >> beam.combiners.Count.Globally()
+        result = pipeline.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            client = getattr(result, "client", None)  # the DaskRunner leaves its client open
+            if client is not None:
+                client.close()
+    finally:
+        if watcher:
+            watcher.stop.set()
+            watcher.join()
+
+
 def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run the job for every source on the configured runner; return per-source manifests and timing.
 
@@ -301,36 +350,29 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     fps, tokenizer, _ = check_tokenizers(config)
     plans = plan(config, fps)
     todo = {name: p for name, p in plans.items() if p["todo"]}
+    failure: BaseException | None = None
     if todo:
         for name in todo:  # stale stats of shards about to be redone must not count as progress
+            (Path(config.output_dir) / name / MANIFEST).unlink(missing_ok=True)  # nor an old manifest as current
             for i, _ in plans[name]["todo"]:
                 (Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}").unlink(missing_ok=True)
-        watcher = ShardWatcher(config, todo, progress) if progress else None
-        if watcher:
-            watcher.start()
         try:
-            pipeline = beam.Pipeline(options=pipeline_options(config.runner))
-            stats = [
-                add_source(pipeline, config, s, plans[s.name]["todo"], plans[s.name]["fingerprint"],
-                           tokenizer.vocab.size)
-                for s in config.sources if s.name in todo
-            ]  # fmt: skip
-            # One final transform downstream of every branch: Beam's DaskRunner computes only the last one.
-            _ = tuple(stats) | "all shards" >> beam.Flatten() | "count" >> beam.combiners.Count.Globally()
-            result = pipeline.run()
-            try:
-                result.wait_until_finish()
-            finally:
-                client = getattr(result, "client", None)  # the DaskRunner leaves its client open
-                if client is not None:
-                    client.close()
-        finally:
-            if watcher:
-                watcher.stop.set()
-                watcher.join()
-    for source in config.sources:
-        remove_stale_shards(Path(config.output_dir) / source.name, len(plans[source.name]["tasks"]))
-    manifests = {s.name: write_manifest(config, s, plans[s.name], fps) for s in config.sources}
+            _run_pipeline(config, plans, todo, tokenizer.vocab.size, progress)
+        except BaseException as err:  # the manifests of the sources that did finish are still written below
+            failure = err
+    manifests, problems = {}, []
+    for source in config.sources:  # one source's problem never costs the others their manifests
+        try:
+            remove_stale_shards(Path(config.output_dir) / source.name, len(plans[source.name]["tasks"]))
+            manifests[source.name] = write_manifest(config, source, plans[source.name], fps)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # PrepareError is a RuntimeError: kept apart
+            problems.append(f"{source.name}: manifest not written: {err}")
+        except PrepareError as err:
+            problems.append(str(err))
+    if failure is not None:
+        raise failure
+    if problems:
+        raise PrepareError("; ".join(problems))
     return {
         "manifests": manifests,
         "shards_written": {name: len(p["todo"]) for name, p in plans.items()},

@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.image_preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, preprocess
 from model.mixed_tokenizer import ImageSegment, MixedModalTokenizer
-from pipelines.documents import document_segments, sft_segments
+from pipelines.documents import PARAGRAPH_SEPARATOR, document_segments, sft_segments
 from pipelines.face_detection import DEFAULT_MAX_SIDE, FaceDetector
 from pipelines.raw_records import RecordError, Reject
 from pipelines.shard_writer import TokenizedSample
@@ -37,6 +37,7 @@ class PrepareSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     max_tokens: int | None = None
+    text_separator: str | None = None  # interleaved sources: between consecutive texts (documents.py)
 
 
 @dataclass
@@ -91,7 +92,8 @@ def prepare_record(
     if kind == "sft":
         prompt_raw, answer_raw = sft_segments(record)
     else:
-        prompt_raw, answer_raw = document_segments(kind, record, settings.caption_first_ratio), None
+        separator = settings.text_separator if settings.text_separator is not None else PARAGRAPH_SEPARATOR
+        prompt_raw, answer_raw = document_segments(kind, record, settings.caption_first_ratio, separator), None
     out = PreparedRecord(source, kind, task, index, record["id"], [], None, category=record.get("category"))
     mode = "pad" if kind == "sft" else "crop"  # SFT images are padded so nothing is cut off
 

@@ -4,6 +4,10 @@ read each task into canonical records and rejects.
 Large files are never loaded whole: a jsonl file is cut into byte ranges (a line belongs to the range where it
 starts), a parquet file into groups of row groups. Record ids say where a record came from
 (`file:byte offset`, `file#row`, `file/key`), so they are stable and point back at the input.
+
+Every read is bounded before anything is decoded: a jsonl line, a tar member or a parquet row larger than the
+source's `max_record_bytes` is skipped unread (its size comes from the tar header, the parquet footer and arrow's
+buffers, or from reading the line in bounded pieces) and counted as `record_too_large`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import gzip
 import json
 import os
 import tarfile
+import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,12 +36,14 @@ from pipelines.raw_records import (
     sft_record,
     text_record,
 )
-from schemas.config_base import expand_paths
-from schemas.prepare_config import SourceConfig
+from schemas.prepare_config import DEFAULT_MAX_RECORD_BYTES, SourceConfig
+from schemas.source_files import of_format, source_files
 
 JSONL_SPLIT_BYTES = 64 << 20
 PARQUET_SPLIT_ROWS = 50_000
 READ_STAGE = "read"
+ROW_GROUP_RECORDS = 32  # a parquet row group may be this many times max_record_bytes (uncompressed) before reading
+SKIP_PIECE = 1 << 20  # the rest of a line that is too long is read and dropped in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,9 @@ class ReadTask:
     def location(self) -> str:
         return os.path.relpath(self.path, self.root)
 
+    def max_record_bytes(self) -> int:
+        return int(self.options.get("max_record_bytes") or DEFAULT_MAX_RECORD_BYTES)
+
 
 def plan_read_tasks(
     source: SourceConfig,
@@ -68,16 +78,19 @@ def plan_read_tasks(
     length, runs of parquet row groups), so that one task can become one output shard. A parquet file that
     cannot even be opened becomes one task whose reading reports it.
     """
-    files = [p for p in expand_paths(source.paths) if _belongs(p, source.format)]
+    files = source_files(source.paths, source.format)
     root = os.path.commonpath([str(p.parent) for p in files]) if files else "/"
+    options = source.options.model_dump(mode="json", exclude_none=True)
 
     def task(path: Path, start: int = 0, stop: int = -1) -> ReadTask:
-        return ReadTask(source.name, source.kind, source.format, str(path), root, start, stop, dict(source.options))
+        return ReadTask(source.name, source.kind, source.format, str(path), root, start, stop, options)
 
     tasks = []
     for path in files:
-        if source.format == "jsonl" and path.name.endswith(".gz"):
-            tasks.append(task(path))  # a gzip stream cannot be entered mid-way: one task per file
+        if not path.is_file():
+            tasks.append(task(path))  # a dangling link, a file gone or unreadable: its read task reports it
+        elif source.format == "jsonl" and path.name.lower().endswith((".gz", ".zip")):
+            tasks.append(task(path))  # a compressed stream cannot be entered mid-way: one task per file
         elif source.format == "jsonl":
             size = path.stat().st_size
             step = jsonl_split_bytes if records_per_task is None else _bytes_per_records(path, records_per_task)
@@ -96,12 +109,6 @@ def _bytes_per_records(path: Path, records: int, sample_bytes: int = 1 << 20) ->
         head = f.read(sample_bytes)
     lines = max(1, head.count(b"\n"))
     return max(4096, len(head) * records // lines)
-
-
-def _belongs(path: Path, fmt: str) -> bool:
-    # Folders hold sidecars (img2dataset writes .parquet and _stats.json beside each .tar): read only our format.
-    suffixes = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet",), "webdataset": (".tar",)}
-    return path.name.endswith(suffixes[fmt])
 
 
 def _row_group_runs(path: Path, max_rows: int) -> list[tuple[int, int]]:
@@ -125,9 +132,12 @@ def read_task(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
     reader = {"jsonl": _read_jsonl, "parquet": _read_parquet, "webdataset": _read_tar}[task.format]
     try:
         yield from reader(task)
-    except (OSError, tarfile.TarError, ValueError, EOFError, zlib.error) as err:  # zlib: a damaged .gz
+    except (OSError, tarfile.TarError, zipfile.BadZipFile, ValueError, EOFError, zlib.error) as err:  # zlib: bad .gz
         # The whole file (or the rest of it) is unreadable: report the path, don't kill the job.
-        yield Reject(task.source, task.location(), READ_STAGE, "file_unreadable", f"{task.path}: {err}")
+        detail = f"{task.path}: {err}"
+        if os.path.islink(task.path) and not os.path.exists(task.path):
+            detail = f"{task.path}: a symbolic link to {os.readlink(task.path)}, which does not exist"
+        yield Reject(task.source, task.location(), READ_STAGE, "file_unreadable", detail)
 
 
 def _to_record(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Reject:
@@ -150,22 +160,64 @@ def _to_record(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Rej
         return Reject(task.source, record_id, READ_STAGE, "unexpected_error", f"{type(err).__name__}: {err}"[:500])
 
 
+def _read_line(f: Any, limit: int) -> tuple[bytes | None, int]:
+    """The next line and its length in bytes; None for a line over `limit` bytes (consumed, never held whole)."""
+    line = f.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, len(line)
+    size = len(line)
+    del line
+    while True:
+        piece = f.readline(SKIP_PIECE)
+        size += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return None, size
+
+
+def _jsonl_streams(task: ReadTask) -> Iterator[tuple[Any, str]]:
+    """(binary stream, record id prefix) of a jsonl file: plain, gzip, or each jsonl member of a zip (MMC4 ships
+    `docs_shard_N_v2.jsonl.zip`); compressed data is decompressed as it streams, never whole."""
+    name = task.path.lower()
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(task.path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir() and of_format(m.filename, "jsonl")]
+            if not members:
+                raise ValueError(f"the zip holds no .jsonl or .json file: {archive.namelist()[:5]}")
+            for member in members:
+                prefix = task.location() if len(members) == 1 else f"{task.location()}/{member.filename}"
+                with archive.open(member) as f:
+                    yield f, prefix
+    elif name.endswith(".gz"):
+        with gzip.open(task.path, "rb") as f:
+            yield f, task.location()
+    else:
+        with open(task.path, "rb") as f:
+            yield f, task.location()
+
+
 def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
-    # .jsonl.gz: decompressed as it streams (record ids then hold offsets into the decompressed text).
-    with gzip.open(task.path, "rb") if task.path.endswith(".gz") else open(task.path, "rb") as f:
+    # Compressed files: record ids hold offsets into the decompressed text.
+    limit = task.max_record_bytes()
+    for f, prefix in _jsonl_streams(task):
         offset = task.start
         if offset:
             # The line that straddles our start belongs to the previous range.
             f.seek(offset - 1)
-            offset += len(f.readline()) - 1
+            offset += _read_line(f, 0)[1] - 1
         stop = task.stop if task.stop >= 0 else float("inf")
         while offset < stop:
-            line = f.readline()
-            if not line:
+            line, size = _read_line(f, limit)
+            if not size:
                 break
+            record_id = f"{prefix}:{offset}"
+            if line is None:
+                offset += size
+                yield Reject(task.source, record_id, READ_STAGE, "record_too_large",
+                             f"a line of {size:,} bytes, limit {limit:,} (max_record_bytes)")  # fmt: skip
+                continue
             if offset == 0 and line.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark before the first record
                 line, offset = line[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
-            record_id = f"{task.location()}:{offset}"
+                record_id = f"{prefix}:{offset}"
             offset += len(line)
             if not line.strip():
                 continue
@@ -187,27 +239,58 @@ def _read_parquet(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
     parquet = pq.ParquetFile(task.path)
     stop = parquet.metadata.num_row_groups if task.stop < 0 else task.stop
     row_index = sum(parquet.metadata.row_group(i).num_rows for i in range(task.start))
+    limit = task.max_record_bytes()
     for group in range(task.start, stop):
+        meta = parquet.metadata.row_group(group)
+        n_rows = meta.num_rows
+        location = f"{task.location()}#{{}}"
+        if meta.total_byte_size > limit * ROW_GROUP_RECORDS:
+            # Its uncompressed size, from the footer: too big to read at once. Each row is one counted reject.
+            detail = (
+                f"{task.path}: row group {group} holds {meta.total_byte_size:,} bytes uncompressed, limit "
+                f"{limit * ROW_GROUP_RECORDS:,} ({ROW_GROUP_RECORDS} x max_record_bytes); write smaller row groups"
+            )
+            for k in range(n_rows):
+                yield Reject(task.source, location.format(row_index + k), READ_STAGE, "record_too_large", detail)
+            row_index += n_rows
+            continue
         try:
-            rows = parquet.read_row_group(group).to_pylist()
+            table = parquet.read_row_group(group)
         except (OSError, ValueError, pa.ArrowException) as err:
             # A corrupt row group: each of its rows (their count is in the footer) is one reject, and the file's
             # other row groups are still read.
-            n_rows = parquet.metadata.row_group(group).num_rows
             detail = f"{task.path}: row group {group} unreadable: {err}"[:500]
             for k in range(n_rows):
-                yield Reject(task.source, f"{task.location()}#{row_index + k}", READ_STAGE, "file_unreadable", detail)
+                yield Reject(task.source, location.format(row_index + k), READ_STAGE, "file_unreadable", detail)
             row_index += n_rows
             continue
-        for row in rows:
-            yield _to_record(task, row, f"{task.location()}#{row_index}")
+        # Rows are sized from arrow's buffers before any becomes Python objects (only needed when the whole
+        # group is over the limit).
+        sizes = [table.slice(k, 1).nbytes for k in range(table.num_rows)] if table.nbytes > limit else None
+        rows = table.to_pylist() if sizes is None else None
+        for k in range(table.num_rows):
+            record_id = location.format(row_index)
             row_index += 1
+            if sizes is not None and sizes[k] > limit:
+                yield Reject(task.source, record_id, READ_STAGE, "record_too_large",
+                             f"a row of {sizes[k]:,} bytes, limit {limit:,} (max_record_bytes)")  # fmt: skip
+                continue
+            yield _to_record(task, rows[k] if rows is not None else table.slice(k, 1).to_pylist()[0], record_id)
 
 
 def _read_tar(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
     """WebDataset samples (members grouped by key) of one tar, streamed; a truncated tar ends in one reject."""
     sample: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []  # (reason, detail) that reject the current sample
     key = None
+    limit = task.max_record_bytes()
+
+    def finish() -> dict[str, Any] | Reject:
+        if problems:
+            reason, detail = problems[0]
+            return Reject(task.source, f"{task.location()}/{key}", READ_STAGE, reason, detail)
+        return _sample_record(task, key, sample)  # type: ignore[arg-type]
+
     with tarfile.open(task.path, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
@@ -215,13 +298,21 @@ def _read_tar(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
             base, _, ext = os.path.basename(member.name).partition(".")
             member_key = os.path.join(os.path.dirname(member.name), base)
             if key is not None and member_key != key:
-                yield _sample_record(task, key, sample)
-                sample = {}
+                yield finish()
+                sample, problems = {}, []
             key = member_key
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            sample[ext.lower()] = data
+            ext = ext.lower()
+            if ext in sample:
+                # webdataset raises on this; keeping one of the two silently would pick an image at random.
+                problems.append(("duplicate_member", f"{member.name}: a second .{ext} member for key {base}"))
+            elif member.size > limit:  # from the member's header, before reading it
+                problems.append(("record_too_large", f"{member.name}: {member.size:,} bytes, limit {limit:,} "
+                                                     "(max_record_bytes)"))  # fmt: skip
+                sample[ext] = None
+            else:
+                sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
     if key is not None:
-        yield _sample_record(task, key, sample)
+        yield finish()
 
 
 def _sample_record(task: ReadTask, key: str, sample: dict[str, Any]) -> dict[str, Any] | Reject:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_serializer, field_validator, model_validator
 
-from schemas.config_base import ExistingPath, InputPattern, OutputPath, StrictModel
+from schemas.config_base import ExistingPath, InputPattern, OutputPath, StrictModel, format_location
 from schemas.download_config import DownloadConfig
 from schemas.records import RecordKind
+from schemas.source_files import source_files
 
 SourceFormat = Literal["jsonl", "parquet", "webdataset"]
 
@@ -25,21 +27,134 @@ FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
 RunnerKind = Literal["embedded", "local", "dask", "beam"]
 
 
+DEFAULT_MAX_RECORD_BYTES = 32 << 20
+
+
+class SourceOptions(StrictModel):
+    """Options every source kind takes; None everywhere means the job's default. Only the keys a config sets are
+    kept when it is written out (and fingerprinted), so adding an option never changes existing fingerprints."""
+
+    max_tokens: int | None = Field(None, ge=1, description="longer samples are rejected as too_long")
+    max_record_bytes: int | None = Field(
+        None, ge=1024, description="a jsonl line, tar member or parquet row larger than this is rejected as "
+        "record_too_large before it is decoded (default 32 MiB)"
+    )  # fmt: skip
+
+
+class _TextLength(SourceOptions):
+    max_chars: int | None = Field(None, ge=1, description="longer texts are rejected (default 1,000,000)")
+
+
+class _ImageLimits(SourceOptions):
+    max_pixels: int | None = Field(None, ge=1, description="larger images are rejected from their header (64 MP)")
+    min_side: int | None = Field(None, ge=1, description="images with a shorter side are rejected (32 px)")
+
+
+class TextOptions(_TextLength):
+    """Options of a `text` source."""
+
+    text_field: str = Field("text", min_length=1, description="the field (jsonl) or column (parquet) of the text")
+    min_chars: int | None = Field(None, ge=0, description="shorter texts are rejected (default 1)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TextOptions:
+        if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}")
+        return self
+
+
+class ImageTextOptions(_TextLength, _ImageLimits):
+    """Options of an `image_text` source."""
+
+    text_field: str | None = Field(None, min_length=1, description="caption field, before txt / caption / text")
+    image_field: str | None = Field(None, min_length=1, description="image field, before jpg / png / image ...")
+
+
+class InterleavedOptions(_TextLength, _ImageLimits):
+    """Options of an `interleaved` source."""
+
+    images_dir: ExistingPath | None = Field(None, description="MMC4 jsonl: folder of the image_name files")
+    text_separator: str | None = Field(
+        None, description="put between consecutive texts (default: a space for MMC4 sentences, a blank line for "
+        "OBELICS texts)"
+    )  # fmt: skip
+
+
+class SftOptions(_TextLength, _ImageLimits):
+    """Options of an `sft` source."""
+
+
+OPTIONS_BY_KIND: dict[str, type[SourceOptions]] = {
+    "text": TextOptions,
+    "image_text": ImageTextOptions,
+    "interleaved": InterleavedOptions,
+    "sft": SftOptions,
+}
+AnyOptions = TextOptions | ImageTextOptions | InterleavedOptions | SftOptions
+
+
+def _options_problem(error: dict[str, Any], cls: type[SourceOptions], kind: str) -> str:
+    where = format_location(("options", *error["loc"]))
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        close = difflib.get_close_matches(key, cls.model_fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{where}: unknown option for {kind} sources{hint}; valid options: {', '.join(cls.model_fields)}"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    got = f" (got {value!r})" if isinstance(value, str | int | float | bool) and error["type"] != "value_error" else ""
+    return f"{where}: {message}{got}"
+
+
 class SourceConfig(StrictModel):
-    """One raw source: a name (used for output folders), its record kind, file format and paths."""
+    """One raw source: a name (used for output folders), its record kind, file format, paths and options."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="folder-safe name")
     kind: RecordKind
     format: SourceFormat
     paths: list[InputPattern] = Field(min_length=1, description="files, directories or globs")
-    # Reader and transform options of this source, e.g. {text_field: content, min_chars: 20}.
-    options: dict[str, Any] = Field(default_factory=dict)
+    # Reader and transform options, typed per kind (OPTIONS_BY_KIND), e.g. {text_field: content, min_chars: 20}.
+    options: AnyOptions = Field(default_factory=SourceOptions)  # replaced by the kind's own class
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_kind(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or data.get("kind") not in OPTIONS_BY_KIND:
+            return data  # field validation reports the bad kind
+        options_cls = OPTIONS_BY_KIND[data["kind"]]
+        raw = data.get("options")
+        if isinstance(raw, options_cls):
+            return data
+        if isinstance(raw, SourceOptions):
+            raw = raw.model_dump(exclude_unset=True)
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"options: should be a mapping of option names to values, got {type(raw).__name__}")
+        try:
+            options = options_cls.model_validate(raw, context=info.context)
+        except ValidationError as err:
+            raise ValueError("; ".join(_options_problem(e, options_cls, data["kind"]) for e in err.errors())) from None
+        return {**data, "options": options}
+
+    @field_serializer("options")
+    def _set_options_only(self, options: SourceOptions) -> dict[str, Any]:
+        return options.model_dump(mode="json", exclude_unset=True)
 
     @model_validator(mode="after")
-    def _format_fits_kind(self) -> SourceConfig:
+    def _format_fits_kind(self, info: ValidationInfo) -> SourceConfig:
         allowed = FORMATS_BY_KIND[self.kind]
         if self.format not in allowed:
             raise ValueError(f"format {self.format!r} cannot hold {self.kind!r} records; allowed: {', '.join(allowed)}")
+        if isinstance(self.options, InterleavedOptions) and self.options.images_dir and self.format != "jsonl":
+            raise ValueError("options.images_dir: only MMC4 jsonl sources look images up by name")
+        if (info.context or {}).get("check_paths", True):
+            # Files of another format named explicitly, or paths that hold no file of the format, are refused now
+            # rather than skipped while the job runs.
+            try:
+                source_files(self.paths, self.format)
+            except (ValueError, FileNotFoundError) as err:
+                raise ValueError(f"paths: {err}") from None
         return self
 
 

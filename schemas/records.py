@@ -109,6 +109,8 @@ REJECT_REASONS: dict[str, str] = {
     "bad_schema": "the file's columns do not hold what this source kind needs",
     "bad_record": "the record does not have the fields its kind needs, or they have the wrong type",
     "bad_json": "the line is not valid JSON",
+    "record_too_large": "a jsonl line, tar member or parquet row larger than max_record_bytes (skipped unread)",
+    "duplicate_member": "a tar sample has two members with the same extension (webdataset refuses it too)",
     "invalid_utf8": "text is not valid UTF-8",
     "empty_text": "no text left after cleanup",
     "text_too_short": "text shorter than the configured minimum",

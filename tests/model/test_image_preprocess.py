@@ -398,8 +398,22 @@ def bad_images(tmp_path: Path) -> dict[str, tuple[object, dict, str]]:
         "over max_pixels": (photo, {"max_pixels": 100_000}, "image_too_large"),
         # Only a header: rejecting it proves the size is checked before any decoding.
         "header of 20,000 x 20,000": (png_header_claiming(20_000, 20_000), {}, "image_too_large"),
-        "Pillow's bomb error": (png_header_claiming(20_000, 20_000), {"max_pixels": 10**12}, "image_too_large"),
-        "Pillow's bomb warning": (png_header_claiming(10_000, 10_000), {"max_pixels": 10**12}, "image_too_large"),
+        # Our limit decides on both sides of Pillow's own guard (a warning above ~89 MP, an error above ~179 MP).
+        "over a limit above Pillow's error": (
+            png_header_claiming(20_000, 20_000),
+            {"max_pixels": 399_999_999},
+            "image_too_large",
+        ),
+        "over a limit above Pillow's warning": (
+            png_header_claiming(10_000, 10_000),
+            {"max_pixels": 99_999_999},
+            "image_too_large",
+        ),
+        "a 400 MP header under a larger limit is read on": (
+            png_header_claiming(20_000, 20_000),
+            {"max_pixels": 10**12},
+            "image_truncated",
+        ),
         "thin sliver upscaled": (png_header_claiming(40, 100_000), {"max_pixels": 10**7}, "image_too_large"),
         "under min_side": (encode(Image.new("RGB", (300, 20)), "PNG"), {}, "image_too_small"),
         "under a raised min_side": (photo, {"min_side": 1000}, "image_too_small"),
@@ -417,6 +431,16 @@ def test_bad_images_raise_one_typed_error(tmp_path: Path):
     truncated_png = bad_images(tmp_path)["truncated png"][0]
     with pytest.raises(ImageError, match="image_truncated"):
         open_image(truncated_png)
+
+
+def test_max_pixels_above_pillows_guard_takes_effect():
+    # 95 MP: over Pillow's ~89.5 MP default, which used to refuse it whatever max_pixels said.
+    data = encode(Image.new("1", (10_000, 9_500), 1), "PNG")
+    image = open_image(data, max_pixels=100_000_000)
+    assert image.size == (10_000, 9_500) and image.getpixel((9_999, 9_499)) == 255
+    with pytest.raises(ImageError, match=r"image_too_large: .*95000000 pixels"):
+        open_image(data, max_pixels=94_999_999)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own setting is left as it was
 
 
 def test_image_error_survives_pickling():

@@ -25,3 +25,18 @@ def test_segments_of_each_kind() -> None:
     pair = {"prompt": [{"text": "q", "image": None}, {"text": None, "image": REF}],
             "answer": [{"text": "a", "image": None}]}  # fmt: skip
     assert sft_segments(pair) == (["q", b"\xff\xd8"], ["a"])
+
+
+def test_consecutive_texts_are_joined_with_the_separator() -> None:
+    record = {"texts": ["One sentence.", "Another one.", None, "After.", " Spaced.", "", "Last.\n", "Line."],
+              "images": [None, None, REF, None, None, None, None, None]}  # fmt: skip
+    assert document_segments("interleaved", record, text_separator=" ") == [
+        "One sentence. Another one.",
+        REF["bytes"],
+        "After. Spaced. Last.\nLine.",
+    ]  # whitespace already there is kept, not doubled; an empty text adds no gap
+    assert document_segments("interleaved", record)[0] == "One sentence.\n\nAnother one."  # paragraphs by default
+    images_only = {"texts": [None, None], "images": [REF, REF]}
+    assert document_segments("interleaved", images_only) == [REF["bytes"], REF["bytes"]]
+    blank = {"texts": ["", " "], "images": [None, None]}
+    assert document_segments("interleaved", blank) == [""]  # left for cleanup to reject as empty_text

@@ -122,7 +122,9 @@ def test_broken_parquet_files(broken: Path) -> None:
     assert str(broken / "not_really.parquet") in rejects[0].detail
     records, rejects = read_all(source("o", "interleaved", "parquet", broken / "obelics.parquet"))
     # Reading keeps an http(s) image as its URL: the download stage fetches it, or rejects it as image_not_local.
-    assert [r["images"] for r in records] == [[{"bytes": None, "path": None, "url": "https://example.com/cat.jpg"}, None]]
+    assert [r["images"] for r in records] == [
+        [{"bytes": None, "path": None, "url": "https://example.com/cat.jpg"}, None]
+    ]
     assert [(r.reason, r.detail) for r in rejects] == [
         ("bad_record", "texts has 2 entries but images has 1"),
         ("bad_record", "position 0: exactly one of texts/images must be set"),
@@ -223,3 +225,180 @@ def test_a_damaged_gzip_is_a_reject_not_a_crash(tmp_path: Path) -> None:
     records, rejects = read_all(source("t", "text", "jsonl", path))
     assert reasons(rejects) == ["file_unreadable"] and str(path) in rejects[0].detail
     assert len(records) < 50  # what came before the damage, if anything
+
+
+# --- upstream formats and hostile inputs (issue 17) -------------------------------------------------------------
+
+
+def write_mmc4_zip(path: Path, docs: list[dict]) -> Path:
+    """An MMC4 shard as published: `docs_shard_N_v2.jsonl.zip` holding one jsonl of documents."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(path.name.removesuffix(".zip"), "".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def mmc4_doc(sentences: list[str], images: dict[int, str]) -> dict:
+    """A document with MMC4's fields: text_list, image_info (image_name, raw_url, matched_text_index,
+    matched_sim, face_detections), similarity_matrix, url, could_have_url_duplicate."""
+    infos = [{"image_name": name, "raw_url": f"https://example.com/{name}", "matched_text_index": index,
+              "matched_sim": 0.3, "face_detections": None} for index, name in images.items()]  # fmt: skip
+    return {"text_list": sentences, "image_info": infos, "url": "https://example.com/doc",
+            "similarity_matrix": [[0.1] * len(sentences) for _ in infos], "could_have_url_duplicate": 0}  # fmt: skip
+
+
+def test_mmc4_zip_shards_are_read_as_shipped(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"jpg")
+    docs = [mmc4_doc(["One sentence.", "Another one."], {1: "a.jpg"}), mmc4_doc(["Alone."], {})]
+    write_mmc4_zip(tmp_path / "docs_shard_7_v2.jsonl.zip", docs)
+    records, rejects = read_all(source("m", "interleaved", "jsonl", tmp_path))
+    assert rejects == [] and [r["id"] for r in records] == [
+        "docs_shard_7_v2.jsonl.zip:0",
+        f"docs_shard_7_v2.jsonl.zip:{len(json.dumps(docs[0])) + 1}",
+    ]
+    assert records[0]["texts"] == ["One sentence.", None, "Another one."]
+    assert records[0]["images"][1]["path"] == str(tmp_path / "a.jpg")
+
+
+def test_a_zip_without_jsonl_or_a_broken_zip_is_a_counted_reject(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "other.jsonl.zip", "w") as archive:
+        archive.writestr("readme.txt", "no documents here")
+    (tmp_path / "broken.jsonl.zip").write_bytes(b"PK\x03\x04 and then nothing")
+    _, rejects = read_all(source("m", "interleaved", "jsonl", tmp_path))
+    assert [(r.record_id, r.reason) for r in rejects] == [("broken.jsonl.zip", "file_unreadable"),
+                                                           ("other.jsonl.zip", "file_unreadable")]  # fmt: skip
+
+
+def test_a_file_named_explicitly_must_be_of_the_format(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl.bz2").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("{}")
+    for name in ("docs.jsonl.bz2", "notes.txt"):
+        with pytest.raises(ValueError, match=rf"{name} is not a jsonl file; jsonl sources read \.jsonl"):
+            source("m", "text", "jsonl", tmp_path / name)
+    with pytest.raises(ValueError, match=r"no jsonl file .* found at"):  # a folder with nothing of the format
+        source("m", "text", "jsonl", tmp_path)
+
+
+def test_a_directory_link_loop_lists_each_file_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.jsonl").write_text('{"text": "first"}\n')
+    (data / "sub" / "b.jsonl").write_text('{"text": "second"}\n')
+    (data / "sub" / "loop").symlink_to(data, target_is_directory=True)  # sub/loop -> data: a cycle
+    (tmp_path / "again").symlink_to(data, target_is_directory=True)  # a second way into the same files
+    for paths in ([f"{data}/**/*.jsonl"], [str(data)], [f"{data}/**/*.jsonl", f"{tmp_path}/again/*.jsonl"]):
+        records, rejects = read_all(SourceConfig(name="t", kind="text", format="jsonl", paths=paths))
+        assert (sorted(r["text"] for r in records), rejects) == (["first", "second"], []), paths
+
+
+def test_a_dangling_link_is_skipped_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"text": "kept"}\n')
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    for pattern in (f"{tmp_path}/*.jsonl", str(tmp_path)):
+        records, rejects = read_all(source("t", "text", "jsonl", pattern))
+        assert [r["text"] for r in records] == ["kept"]
+        assert [(r.record_id, r.reason) for r in rejects] == [("gone.jsonl", "file_unreadable")]
+        assert "deleted.jsonl" in rejects[0].detail
+
+
+def _peak_memory_of(code: str) -> int:
+    """Peak Python allocations (tracemalloc, bytes) of `code` run in a fresh interpreter, after the reader's imports."""
+    import subprocess
+    import sys
+
+    imports = "import pipelines.source_reader, schemas.prepare_config, tracemalloc"
+    script = f"{imports}\ntracemalloc.start()\n{code}\nprint(tracemalloc.get_traced_memory()[1])"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    return int(done.stdout.split()[-1])
+
+
+def test_a_huge_gzip_line_is_rejected_without_being_held(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "bomb.jsonl.gz"
+    huge = b'{"text": "' + b"a" * (129 << 20) + b'"}\n'
+    with gzip.open(path, "wb", compresslevel=9) as f:  # 129 MiB of text in a file of about 130 kB
+        f.write(b'{"text": "before"}\n' + huge + b'{"text": "after"}\n')
+    del huge
+    assert path.stat().st_size < 1 << 20
+    code = f"""
+from pipelines.source_reader import plan_read_tasks, read_task
+from schemas.prepare_config import SourceConfig
+src = SourceConfig(name="t", kind="text", format="jsonl", paths=[{str(path)!r}],
+                   options={{"max_record_bytes": 1 << 20}})
+items = [item for task in plan_read_tasks(src) for item in read_task(task)]
+assert [getattr(i, "reason", None) or i["text"] for i in items] == ["before", "record_too_large", "after"], items
+assert [getattr(i, "record_id", None) or i["id"] for i in items][2] == "bomb.jsonl.gz:{19 + (129 << 20) + 13}"
+"""
+    assert _peak_memory_of(code) < 16 << 20  # the whole line would be 129 MiB (and the old reader copied it 4x)
+
+
+@pytest.mark.slow
+def test_the_default_record_limit_bounds_a_huge_line(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(b'{"text": "' + b"a" * (129 << 20) + b'"}\n')
+    code = f"""
+from pipelines.source_reader import plan_read_tasks, read_task
+from schemas.prepare_config import SourceConfig
+src = SourceConfig(name="t", kind="text", format="jsonl", paths=[{str(path)!r}])
+assert [i.reason for task in plan_read_tasks(src) for i in read_task(task)] == ["record_too_large"]
+"""
+    assert _peak_memory_of(code) < 100 << 20  # 32 MiB default limit, read in one bounded piece
+
+
+def test_plain_jsonl_lines_and_range_starts_are_bounded_too(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    lines = [b'{"text": "a"}\n', b'{"text": "' + b"b" * 5000 + b'"}\n', b'{"text": "c"}\n']
+    path.write_bytes(b"".join(lines))
+    src = source("t", "text", "jsonl", path, max_record_bytes=4096)
+    for split in (1 << 20, 100, 4096):  # a range may start inside the long line
+        records, rejects = read_all(src, jsonl_split_bytes=split)
+        assert [r["text"] for r in records] == ["a", "c"], split
+        assert [(r.record_id, r.reason) for r in rejects] == [(f"t.jsonl:{len(lines[0])}", "record_too_large")]
+
+
+def test_oversized_tar_members_and_parquet_rows_are_rejected_before_reading(tmp_path: Path) -> None:
+    jpg = (Path(__file__).resolve().parents[2] / "sample" / "images").glob("*.jpg").__next__().read_bytes()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for key, image in (("small", jpg), ("big", jpg + b"\0" * 8192)):
+            for ext, data in (("jpg", image), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    limit = len(jpg) + 4096
+    records, rejects = read_all(source("w", "image_text", "webdataset", tmp_path / "00000.tar", max_record_bytes=limit))
+    assert [r["id"] for r in records] == ["00000.tar/small"]
+    assert [(r.record_id, r.reason) for r in rejects] == [("00000.tar/big", "record_too_large")]
+    rows = [{"text": "short"}, {"text": "x" * 10_000}, {"text": "also short"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    records, rejects = read_all(source("p", "text", "parquet", tmp_path / "t.parquet", max_record_bytes=4096))
+    assert [r["text"] for r in records] == ["short", "also short"]
+    assert [(r.record_id, r.reason) for r in rejects] == [("t.parquet#1", "record_too_large")]
+    # A row group whose uncompressed size (from the footer) is far over the limit is not read at all.
+    pq.write_table(pa.Table.from_pylist([{"text": "y" * 300_000}] * 2), tmp_path / "g.parquet")
+    records, rejects = read_all(source("g", "text", "parquet", tmp_path / "g.parquet", max_record_bytes=4096))
+    assert records == [] and [r.reason for r in rejects] == ["record_too_large"] * 2
+    assert "row group 0 holds" in rejects[0].detail
+
+
+def test_a_tar_sample_with_two_members_of_one_extension_is_rejected(tmp_path: Path) -> None:
+    jpg = (Path(__file__).resolve().parents[2] / "sample" / "images").glob("*.jpg").__next__().read_bytes()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        members = [("k1.jpg", jpg), ("k1.txt", b"one"), ("k1.JPG", b"other"), ("k2.jpg", jpg), ("k2.txt", b"two"),
+                   ("k2.txt", b"two again"), ("k3.jpg", jpg), ("k3.txt", b"ok")]  # fmt: skip
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    records, rejects = read_all(source("w", "image_text", "webdataset", tmp_path / "00000.tar"))
+    assert [r["id"] for r in records] == ["00000.tar/k3"]
+    assert [(r.record_id, r.reason) for r in rejects] == [("00000.tar/k1", "duplicate_member"),
+                                                          ("00000.tar/k2", "duplicate_member")]  # fmt: skip
+    assert "k1.JPG: a second .jpg member" in rejects[0].detail

@@ -347,9 +347,84 @@ def test_path_checks_can_be_deferred(tmp_path: Path) -> None:
 
 
 def test_docs_show_every_example_and_every_field() -> None:
+    from schemas.prepare_config import OPTIONS_BY_KIND
+
     doc = (EXAMPLES.parent / "configs.md").read_text()
     for path in EXAMPLE_FILES.values():
         assert path.read_text() in doc, f"docs/configs.md does not show {path.name} as it is"
-    for cls in [*CONFIG_KINDS.values()]:
+    for cls in [*CONFIG_KINDS.values(), *OPTIONS_BY_KIND.values()]:
         for name in cls.model_fields:
             assert f"`{name}`" in doc, f"docs/configs.md does not explain {cls.__name__}.{name}"
+
+
+# --- source options are typed per kind; files of another format are refused up front (issue 17) ------------------
+
+
+@pytest.mark.parametrize(
+    ("index", "options", "expected"),
+    [
+        (
+            0,
+            {"min_char": 20},
+            "sources[0]: options.min_char: unknown option for text sources (did you mean "
+            "'min_chars'?); valid options: max_tokens, max_record_bytes, max_chars, text_field, "
+            "min_chars",
+        ),
+        (0, {"text_feild": "body"}, "options.text_feild: unknown option for text sources (did you mean 'text_field'?)"),
+        (
+            2,
+            {"aesthetic_min": 5},
+            "sources[2]: options.aesthetic_min: unknown option for image_text sources; valid "
+            "options: max_tokens, max_record_bytes, max_pixels, min_side, max_chars, "
+            "text_field, image_field",
+        ),
+        (2, {"min_chars": 5}, "options.min_chars: unknown option for image_text sources"),  # only text uses it
+        (3, {"images_dir": "data/sample"}, "options.images_dir: only MMC4 jsonl sources look images up by name"),
+        (0, {"min_chars": "many"}, "options.min_chars: Input should be a valid integer"),
+        (0, {"min_chars": 50, "max_chars": 10}, "options: min_chars 50 is above max_chars 10"),
+        (4, {"max_pixels": 0}, "options.max_pixels: Input should be greater than or equal to 1"),
+        (4, ["not", "a", "mapping"], "options: should be a mapping of option names to values, got list"),
+    ],
+)
+def test_source_options_are_typed_per_kind(example_base: Path, index: int, options, expected: str) -> None:
+    data = example("prepare")
+    data["sources"][index]["options"] = options
+    assert expected in problems(PrepareConfig, data, example_base)
+
+
+def test_valid_options_are_typed_and_only_set_keys_are_kept(example_base: Path) -> None:
+    data = example("prepare")
+    data["sources"][0]["options"] = {"min_chars": "20", "max_tokens": 4096}
+    data["sources"][3]["options"] = {"text_separator": " "}
+    config = validate_config(PrepareConfig, data, base_dir=example_base)
+    assert config.sources[0].options.min_chars == 20 and config.sources[0].options.text_field == "text"
+    dumped = config.model_dump(mode="json")["sources"]
+    expected = [{"min_chars": 20, "max_tokens": 4096}, {}, {}, {"text_separator": " "}, {}]
+    assert [s.get("options") for s in dumped] == expected
+
+
+@pytest.mark.parametrize("name", ["docs_shard_1_v2.jsonl.bz2", "notes.txt", "table.csv"])
+def test_a_file_of_another_format_is_refused_by_config_check(example_base: Path, name: str, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    (example_base / "data" / name).write_text("{}")
+    data = example("prepare")
+    data["sources"][0]["paths"] = [f"data/{name}"]
+    expected = f"sources[0]: paths: {example_base / 'data' / name} is not a jsonl file; jsonl sources read .jsonl"
+    assert expected in problems(PrepareConfig, data, example_base)
+    path = write_yaml(example_base / "prepare.yaml", data)
+    monkeypatch.chdir(example_base)  # the CLI resolves relative paths from the working directory
+    result = CliRunner().invoke(app, ["config", "check", "prepare", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1 and f"{name} is not a jsonl file" in result.output
+
+
+def test_a_folder_or_glob_without_a_file_of_the_format_is_refused(example_base: Path) -> None:
+    (example_base / "data" / "zips").mkdir()
+    (example_base / "data" / "zips" / "docs.tar.bz2").write_text("x")
+    data = example("prepare")
+    data["sources"][0]["paths"] = ["data/zips"]
+    assert "paths: no jsonl file (.jsonl, .json, .jsonl.gz" in problems(PrepareConfig, data, example_base)
+    (example_base / "data" / "zips" / "docs_shard_0_v2.jsonl.zip").write_bytes(b"")  # MMC4 as shipped is read
+    validate_config(PrepareConfig, data, base_dir=example_base)

@@ -1,0 +1,111 @@
+"""The input files of a prepare source: paths, folders and globs expanded once, safely.
+
+Symbolic links are followed, but every file is listed once under its first path (a `**` glob through a directory
+link that points back up, a loop, would otherwise list the same file again at every level), and a folder is walked
+once however many links lead to it. A link whose target is gone is listed, not dropped: the reader counts it as
+an unreadable file, so it is neither silently lost nor able to stop the whole source.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from pathlib import Path
+
+GLOB_CHARS = set("*?[")
+
+# File names each source format reads; folders also hold sidecars (img2dataset writes .parquet and _stats.json
+# beside each .tar), which a folder or glob skips but a file named on its own may not be.
+FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zip", ".json.zip"),
+    "parquet": (".parquet",),
+    "webdataset": (".tar",),
+}
+
+
+def of_format(path: str | Path, fmt: str) -> bool:
+    """Whether a file name is one the `fmt` reader reads."""
+    return str(path).lower().endswith(FORMAT_SUFFIXES[fmt])
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob (with `**` for any number of folders) as a regex over whole paths; `*` does not cross `/`."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:[^/]*/)*", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            out, i = out + fnmatch.translate(pattern[i : end + 1])[4:-3], end + 1  # fnmatch's class syntax
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def _walk(top: Path) -> list[Path]:
+    """Every file below `top` (links followed, each real folder entered once), sorted; dangling links included."""
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back to a folder already walked: a loop, or a second way in
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        files += [Path(folder) / n for n in names]
+    return sorted(files)
+
+
+def _pattern_files(pattern: str) -> list[Path]:
+    if not GLOB_CHARS & set(pattern):
+        path = Path(pattern)
+        if path.is_dir():
+            return _walk(path)
+        return [path] if path.exists() or path.is_symlink() else []
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    top = Path(*parts[:fixed]) if fixed else Path(".")
+    if not top.is_dir():
+        return []
+    regex = _glob_regex(pattern)
+    # Hidden files are left out unless the pattern names them, as the shell and Python's glob do.
+    hidden_ok = any(part.startswith(".") for part in parts[fixed:])
+    matches = []
+    for path in _walk(top):
+        # A folder the pattern matches stands for every file below it, as in a folder path.
+        for candidate in [path, *path.parents[: len(path.parts) - fixed - 1]]:
+            names = candidate.parts[fixed:]
+            if regex.match(str(candidate)) and (hidden_ok or not any(n.startswith(".") for n in names)):
+                matches.append(path)
+                break
+    return sorted(matches)
+
+
+def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path]:
+    """The files of `fmt` that `patterns` name, each once (by its real path), in a stable order.
+
+    A file named on its own must be of the format (ValueError naming it otherwise); folders and globs keep only
+    files of the format. A pattern with no file of the format raises FileNotFoundError naming it.
+    """
+    files: list[Path] = []
+    seen: set[str] = set()
+    for pattern in map(str, patterns):
+        explicit = not GLOB_CHARS & set(pattern) and not Path(pattern).is_dir()
+        if explicit and not of_format(pattern, fmt):
+            raise ValueError(f"{pattern} is not a {fmt} file; {fmt} sources read {', '.join(FORMAT_SUFFIXES[fmt])}")
+        found = [p for p in _pattern_files(pattern) if of_format(p, fmt)]
+        if not found:
+            raise FileNotFoundError(f"no {fmt} file ({', '.join(FORMAT_SUFFIXES[fmt])}) found at {pattern}")
+        for path in found:
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                files.append(path)
+    return files
