@@ -249,6 +249,8 @@ def _attempt(url: str, session: Any, config: DownloadConfig) -> bytes:
         ) from None
     except requests.RequestException as err:  # content decoding errors and the like: the same bytes would come again
         raise DownloadFailure("download_http_error", f"{type(err).__name__}: {err}"[:300]) from None
+    except (ValueError, UnicodeError) as err:  # e.g. a host name IDNA cannot encode
+        raise DownloadFailure("download_bad_url", f"{type(err).__name__}: {err}"[:300]) from None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -360,6 +362,8 @@ class ImageDownloader:
             fetched = fetch_image(url, self._session(), self.config, host_slot=self._host_slot(url))
         except DownloadFailure as failure:
             return self.cache.store_failure(url, failure, getattr(failure, "attempts", 1))
+        except Exception as err:  # one odd URL is one counted failure (not cached: tried again next run)
+            return CacheEntry(url, key, reason="unexpected_error", detail=f"{type(err).__name__}: {err}"[:300])
         return self.cache.store_success(url, fetched)
 
     def submit(self, url: str) -> Future[CacheEntry]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import io
 import json
@@ -61,6 +62,7 @@ class Server:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body in two writes: no delayed-ACK stalls
 
             def log_message(self, *args) -> None:  # quiet
                 pass
@@ -153,6 +155,9 @@ class Server:
             send(302, b"", {"Location": "file:///etc/passwd"})
         elif path == "/loop":
             send(302, b"", {"Location": "/loop"})
+        elif path == "/garbage":  # not HTTP at all
+            h.wfile.write(b"garbage\r\n\r\n")
+            h.close_connection = True
         elif path == "/slow-image":
             time.sleep(0.2)
             send(200, PNG)
@@ -195,9 +200,17 @@ OUTCOMES = {
     "/noai": "download_opted_out",
     "/redirect-file": "download_bad_url",
     "/loop": "download_too_many_redirects",
+    "/garbage": "download_connection_error",
 }
 # attempts each outcome costs: retryable failures are tried 1 + retries times, the rest once
-HITS = {"/always500": 3, "/slow": 3, "/trickle": 3, "/loop": 6, "/ok.jpg": 2}  # /ok.jpg: itself and via /redirect
+HITS = {
+    "/always500": 3,
+    "/slow": 3,
+    "/trickle": 3,
+    "/loop": 6,
+    "/garbage": 3,
+    "/ok.jpg": 2,
+}  # /ok.jpg: itself and via /redirect
 
 
 def test_each_outcome_has_its_reason_and_retries_only_what_may_succeed(server: Server, tmp_path: Path) -> None:
@@ -218,12 +231,16 @@ def test_each_outcome_has_its_reason_and_retries_only_what_may_succeed(server: S
 
 def test_bad_schemes_are_never_fetched(tmp_path: Path) -> None:
     downloader = ImageDownloader(settings(tmp_path / "cache"))
+    bad = ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "http:///nohost.jpg", "http://[::1/x.jpg",
+           "http://" + "a" * 300 + ".example/x.jpg"]  # fmt: skip
     try:
-        entries = downloader.get_many(["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "http:///nohost.jpg"])
+        entries = downloader.get_many(bad)
     finally:
         downloader.close()
     assert {e.reason for e in entries.values()} == {"download_bad_url"}
-    assert not (tmp_path / "cache").exists()  # nothing stored for URLs that were never fetched
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("*.json")]
+    # refused before any request and not stored; the long host name fails in the HTTP stack, remembered as permanent
+    assert [(m["url"], m["reason"], m["retryable"]) for m in stored] == [(bad[-1], "download_bad_url", False)]
 
 
 def test_retries_until_the_server_recovers_and_counts_attempts(server: Server, tmp_path: Path) -> None:
@@ -242,6 +259,19 @@ def test_retries_until_the_server_recovers_and_counts_attempts(server: Server, t
     slept: list[float] = []
     fetched = fetch_image(server.url("/busy"), requests.Session(), config, sleep=slept.append)
     assert fetched.data == PNG and slept == [0.0]  # the server's Retry-After: 0, not our back-off
+
+
+def test_x_robots_tag_and_retry_after_parsing() -> None:
+    from pipelines.image_download import _opted_out, _retry_after
+
+    disallowed = {"noai", "noimageai"}
+    assert _opted_out("noai", disallowed) == "noai"
+    assert _opted_out("googlebot: noindex, otherbot: NoImageAI", disallowed) == "noimageai"
+    assert _opted_out("noarchive, nofollow", disallowed) is None and _opted_out(None, disallowed) is None
+    assert _opted_out("noai", set()) is None
+    assert _retry_after("7") == 7.0 and _retry_after("soon") is None and _retry_after(None) is None
+    later = _retry_after(email.utils.formatdate(time.time() + 120, usegmt=True))
+    assert later is not None and 100 < later <= 121
 
 
 def test_backoff_doubles_with_jitter_and_is_capped() -> None:
