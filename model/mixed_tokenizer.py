@@ -63,6 +63,8 @@ class MixedModalTokenizer:
         """Ids of text and image segments, without `<s>` / `</s>`; images are coded in one batch.
 
         `image_mode` is how raw images are fitted to the tokenizer's square: Chameleon's center "crop", or "pad".
+        Consecutive text segments are encoded as given, with nothing put between them: callers join them first
+        with the separator their format implies (pipelines/documents.py does for interleaved documents).
         """
         images = [s for s in segments if not isinstance(s, str)]
         image_codes = iter(self._image_codes(images, image_mode))
