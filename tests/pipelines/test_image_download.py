@@ -577,3 +577,12 @@ def test_turning_downloads_on_redoes_shards_that_rejected_urls(server: Server, t
     on = run_prepare(prepare_config(tmp_path, tiny_tokenizers, sources, "out", {"cache_dir": str(tmp_path / "c")}))
     assert on["shards_written"] == {"o": 1} and on["manifests"]["o"]["totals"]["samples"] == 1
     assert server.hits["/img7.jpg"] == 1
+
+
+def test_docs_explain_every_download_setting_and_reason() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    configs, prepare = (docs / "configs.md").read_text(), (docs / "prepare.md").read_text()
+    for name in DownloadConfig.model_fields:
+        assert f"`{name}`" in configs, f"docs/configs.md does not explain download.{name}"
+    for reason in [r for r in REJECT_REASONS if r.startswith("download_")]:
+        assert f"`{reason}`" in prepare, f"docs/prepare.md does not explain {reason}"
