@@ -11,7 +11,7 @@ from prefect import flow, task
 from prefect.artifacts import update_progress_artifact
 from pydantic import Field
 
-from flows.artifacts import markdown_table, table_artifact, task_progress_artifact
+from flows.artifacts import table_artifact, task_progress_artifact
 from flows.subprocess_task import cham, run_command, run_logger
 from pipelines.shard_writer import STATS_SUFFIX, shard_name
 from pipelines.source_reader import plan_read_tasks
@@ -102,7 +102,10 @@ def build_dataset(
     table_artifact(rows, key="build-dataset-sources",
                    description="records in, samples out and rejects by reason, per source")  # fmt: skip
     summary: dict[str, Any] = {"output_dir": str(config.output_dir), "sources": rows}
-    logger.info("prepared %d sources:\n%s", len(rows), markdown_table(rows))
+    # A log line is plain text (not markdown): the rows as they are, one per line.
+    logger.info(
+        "prepared %d sources:\n%s", len(rows), "\n".join(", ".join(f"{k}: {v}" for k, v in r.items()) for r in rows)
+    )
     if mixture_file:
         out = Path(mixed_dir) if mixed_dir else Path(config.output_dir) / "mixed"
         stages = mix_task(Path(mixture_file), out)
