@@ -530,3 +530,21 @@ class UrlImages:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, json.dumps(stats.as_dict(), indent=2, sort_keys=True).encode())
+
+
+def download_totals(out_dir: str | Path, shard_ids: Iterable[int]) -> dict[str, Any] | None:
+    """The download reports of a source's shards added up (for its manifest); None when no shard had URL images."""
+    from pipelines.shard_writer import shard_name
+
+    totals: Counter = Counter()
+    by_reason: Counter = Counter()
+    found = False
+    for shard_id in shard_ids:
+        try:
+            report = json.loads((Path(out_dir) / f"{shard_name(shard_id)}{REPORT_SUFFIX}").read_text())
+        except (OSError, ValueError):  # no URL images in that shard (written atomically, so never half a file)
+            continue
+        found = True
+        by_reason.update(report.get("status_dict", {}))
+        totals.update({k: v for k, v in report.items() if isinstance(v, int)})
+    return {**dict(sorted(totals.items())), "status_dict": dict(sorted(by_reason.items()))} if found else None

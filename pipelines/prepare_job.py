@@ -25,7 +25,7 @@ from model.mixed_tokenizer import MixedModalTokenizer
 from model.text_tokenizer import load_text_tokenizer
 from pipelines.documents import TEXT_SEPARATOR_BY_FORMAT
 from pipelines.face_detection import HaarFaceDetector
-from pipelines.image_download import UrlImages
+from pipelines.image_download import UrlImages, download_totals
 from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_sample, prepare_record
 from pipelines.raw_records import Reject
 from pipelines.runners import pipeline_options
@@ -280,6 +280,9 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
         "shards": [{k: s[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects", "records_in")}
                    for s in shards],
     }  # fmt: skip
+    downloads = download_totals(out_dir, [i for i, _ in plan["tasks"]])
+    if downloads is not None:  # sources with URL images: what was fetched, dropped and why
+        manifest["downloads"] = downloads
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))

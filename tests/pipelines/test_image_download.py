@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import email.utils
+import gzip
 import hashlib
 import io
 import json
@@ -155,6 +156,8 @@ class Server:
             send(302, b"", {"Location": "file:///etc/passwd"})
         elif path == "/loop":
             send(302, b"", {"Location": "/loop"})
+        elif path == "/gzip":  # 4x the limit once decompressed, a few kB on the wire
+            send(200, gzip.compress(b"\0" * (4 * MAX_BYTES)), {"Content-Encoding": "gzip"})
         elif path == "/garbage":  # not HTTP at all
             h.wfile.write(b"garbage\r\n\r\n")
             h.close_connection = True
@@ -195,6 +198,7 @@ OUTCOMES = {
     "/trickle": "download_timeout",
     "/huge": "download_too_large",
     "/huge-no-length": "download_too_large",
+    "/gzip": "download_too_large",  # counted after decompression
     "/page.html": "download_not_image",
     "/empty": "download_not_image",
     "/noai": "download_opted_out",
@@ -541,6 +545,10 @@ def test_prepare_fetches_obelics_mmc4_and_url_pairs_and_resumes(server: Server, 
     report = json.loads((tmp_path / "out/obelics/shard-00000.downloads.json").read_text())
     assert report["images_dropped"] == 2 and report["records_rejected"] == 1 and report["successes"] == 4
     assert report["status_dict"] == {"download_not_found": 2, "download_not_image": 1}
+    manifests = result["manifests"]
+    assert manifests["obelics"]["downloads"] | {"status_dict": None} == report | {"status_dict": None}  # one shard
+    assert manifests["pairs"]["downloads"]["status_dict"] == {"download_not_found": 1, "download_too_large": 1}
+    assert manifests["mmc4"]["downloads"]["images_dropped"] == 1
 
     # The fetched documents tokenize exactly as the same documents read from local files.
     disk = [{"name": "obelics", "kind": "interleaved", "format": "parquet",
