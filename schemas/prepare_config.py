@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_serializer, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
-from schemas.config_base import ExistingPath, InputPattern, OutputPath, StrictModel, format_location
+from schemas.config_base import ExistingPath, OutputPath, StrictModel, format_location, resolve_path
 from schemas.download_config import DownloadConfig
 from schemas.records import RecordKind
 from schemas.source_files import source_files
@@ -28,6 +36,25 @@ RunnerKind = Literal["embedded", "local", "dask", "beam"]
 
 
 DEFAULT_MAX_RECORD_BYTES = 32 << 20
+
+
+def _source_pattern(value: str, info: ValidationInfo) -> str:
+    """Made absolute; when paths are checked, it must hold a file of the source's format, and a file named on its
+    own must be of it (refused now, rather than skipped while the job runs)."""
+    path = str(resolve_path(value, info))
+    fmt = info.data.get("format")
+    fits = fmt in FORMATS_BY_KIND.get(info.data.get("kind", ""), ())  # else the kind/format error says enough
+    if (info.context or {}).get("check_paths", True) and fits:
+        try:
+            source_files([path], fmt)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+    return path
+
+
+SourcePattern = Annotated[str, AfterValidator(_source_pattern)]
+"""A file, a folder or a glob (`**` allowed) of a source, checked with schemas/source_files.py (not glob.glob,
+which follows directory link loops)."""
 
 
 class SourceOptions(StrictModel):
@@ -112,7 +139,7 @@ class SourceConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="folder-safe name")
     kind: RecordKind
     format: SourceFormat
-    paths: list[InputPattern] = Field(min_length=1, description="files, directories or globs")
+    paths: list[SourcePattern] = Field(min_length=1, description="files, directories or globs")
     # Reader and transform options, typed per kind (OPTIONS_BY_KIND), e.g. {text_field: content, min_chars: 20}.
     options: AnyOptions = Field(default_factory=SourceOptions)  # replaced by the kind's own class
 
@@ -148,13 +175,6 @@ class SourceConfig(StrictModel):
             raise ValueError(f"format {self.format!r} cannot hold {self.kind!r} records; allowed: {', '.join(allowed)}")
         if isinstance(self.options, InterleavedOptions) and self.options.images_dir and self.format != "jsonl":
             raise ValueError("options.images_dir: only MMC4 jsonl sources look images up by name")
-        if (info.context or {}).get("check_paths", True):
-            # Files of another format named explicitly, or paths that hold no file of the format, are refused now
-            # rather than skipped while the job runs.
-            try:
-                source_files(self.paths, self.format)
-            except (ValueError, FileNotFoundError) as err:
-                raise ValueError(f"paths: {err}") from None
         return self
 
 

@@ -100,7 +100,13 @@ def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path]:
         explicit = not GLOB_CHARS & set(pattern) and not Path(pattern).is_dir()
         if explicit and not of_format(pattern, fmt):
             raise ValueError(f"{pattern} is not a {fmt} file; {fmt} sources read {', '.join(FORMAT_SUFFIXES[fmt])}")
-        found = [p for p in _pattern_files(pattern) if of_format(p, fmt)]
+        listed = _pattern_files(pattern)
+        found = [p for p in listed if of_format(p, fmt)]
+        if not listed:
+            glob = GLOB_CHARS & set(pattern)
+            raise FileNotFoundError(
+                f"no file matches the pattern {pattern}" if glob else f"path does not exist: {pattern}"
+            )
         if not found:
             raise FileNotFoundError(f"no {fmt} file ({', '.join(FORMAT_SUFFIXES[fmt])}) found at {pattern}")
         for path in found:

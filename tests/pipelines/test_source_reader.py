@@ -288,6 +288,7 @@ def test_a_directory_link_loop_lists_each_file_once(tmp_path: Path) -> None:
     (data / "a.jsonl").write_text('{"text": "first"}\n')
     (data / "sub" / "b.jsonl").write_text('{"text": "second"}\n')
     (data / "sub" / "loop").symlink_to(data, target_is_directory=True)  # sub/loop -> data: a cycle
+    (data / "sub" / "loop2").symlink_to(data / "sub", target_is_directory=True)  # two cycles: 2^40 paths to glob.glob
     (tmp_path / "again").symlink_to(data, target_is_directory=True)  # a second way into the same files
     for paths in ([f"{data}/**/*.jsonl"], [str(data)], [f"{data}/**/*.jsonl", f"{tmp_path}/again/*.jsonl"]):
         records, rejects = read_all(SourceConfig(name="t", kind="text", format="jsonl", paths=paths))

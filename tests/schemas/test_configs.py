@@ -412,7 +412,7 @@ def test_a_file_of_another_format_is_refused_by_config_check(example_base: Path,
     (example_base / "data" / name).write_text("{}")
     data = example("prepare")
     data["sources"][0]["paths"] = [f"data/{name}"]
-    expected = f"sources[0]: paths: {example_base / 'data' / name} is not a jsonl file; jsonl sources read .jsonl"
+    expected = f"sources[0].paths[0]: {example_base / 'data' / name} is not a jsonl file; jsonl sources read .jsonl"
     assert expected in problems(PrepareConfig, data, example_base)
     path = write_yaml(example_base / "prepare.yaml", data)
     monkeypatch.chdir(example_base)  # the CLI resolves relative paths from the working directory
@@ -425,6 +425,6 @@ def test_a_folder_or_glob_without_a_file_of_the_format_is_refused(example_base: 
     (example_base / "data" / "zips" / "docs.tar.bz2").write_text("x")
     data = example("prepare")
     data["sources"][0]["paths"] = ["data/zips"]
-    assert "paths: no jsonl file (.jsonl, .json, .jsonl.gz" in problems(PrepareConfig, data, example_base)
+    assert "sources[0].paths[0]: no jsonl file (.jsonl, .json, .jsonl.gz" in problems(PrepareConfig, data, example_base)
     (example_base / "data" / "zips" / "docs_shard_0_v2.jsonl.zip").write_bytes(b"")  # MMC4 as shipped is read
     validate_config(PrepareConfig, data, base_dir=example_base)
