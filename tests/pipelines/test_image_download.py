@@ -594,3 +594,26 @@ def test_docs_explain_every_download_setting_and_reason() -> None:
         assert f"`{name}`" in configs, f"docs/configs.md does not explain download.{name}"
     for reason in [r for r in REJECT_REASONS if r.startswith("download_")]:
         assert f"`{reason}`" in prepare, f"docs/prepare.md does not explain {reason}"
+
+
+def test_a_run_killed_mid_write_leaves_nothing_that_looks_fetched(server: Server, tmp_path: Path) -> None:
+    import pickle
+
+    url = server.url("/ok.jpg")
+    key = cache_key(url)
+    folder = tmp_path / "cache" / key[:4]
+    folder.mkdir(parents=True)
+    (folder / f"{key}.jpg").write_bytes(JPEG[:100])  # the image renamed in place, its .json never written
+    (folder / f".{key}.json.123.abcd.tmp").write_bytes(b'{"url": ')  # a temporary file cut short
+    assert ImageCache(tmp_path / "cache").lookup(url) is None
+    stage = UrlImages(settings(tmp_path / "cache"), "pairs", "image_text")
+    stage.open()
+    copy = pickle.loads(pickle.dumps(stage))  # as Beam ships a DoFn to its workers: without the live pool
+    stage.close()
+    assert copy.downloader is None and copy.config == stage.config
+    try:
+        (out,) = copy.resolve([{"id": "p", "text": "cat", "image": image_ref(url, None)}])
+    finally:
+        copy.close()
+    assert Path(out["image"]["path"]).read_bytes() == JPEG and server.hits["/ok.jpg"] == 1
+    assert json.loads((folder / f"{key}.json").read_text())["sha256"] == hashlib.sha256(JPEG).hexdigest()
