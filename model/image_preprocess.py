@@ -145,12 +145,17 @@ _PILLOW_LIMIT = threading.Lock()
 
 
 def _open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Parse the header only (no pixels decoded); Pillow's bomb guard is set to our `max_pixels` while it runs
-    (its own ~89 MP default would otherwise refuse images a larger limit allows) and its refusal is our error."""
+    """Parse the header only (no pixels decoded); Pillow's own bomb checks become our error.
+
+    Pillow's guard (about 89 MP by default) is raised to a larger `max_pixels` while the header is read, or it
+    would refuse images our limit allows; it is never lowered (other threads may be opening images), so a smaller
+    limit is `_check_size`'s to apply."""
     try:
         with _PILLOW_LIMIT, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+            default = Image.MAX_IMAGE_PIXELS
+            if default is not None:
+                Image.MAX_IMAGE_PIXELS = max(default, max_pixels)
             try:
                 return Image.open(io.BytesIO(data))
             finally:
