@@ -109,13 +109,44 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).exists())
 
 
+# `latest` holds one short line; a larger file is not a pointer we wrote (read no more than this to say so).
+_POINTER_MAX_BYTES = 256
+
+
+def read_latest_pointer(pointer: Path) -> str:
+    """The folder name the `latest` file names; a file that is not one line naming a step folder (binary, damaged,
+    a path elsewhere) raises CheckpointError naming it."""
+    try:
+        with open(pointer, "rb") as f:
+            data = f.read(_POINTER_MAX_BYTES + 1)
+    except OSError as err:
+        raise CheckpointError(f"{pointer}: cannot read it ({err.strerror or err})") from None
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        name = None
+        why = f"not UTF-8 text ({err.reason} at byte {err.start})"
+    else:
+        why = "more than one short line" if len(data) > _POINTER_MAX_BYTES else f"it holds {name[:40]!r}"
+    if name is None or len(data) > _POINTER_MAX_BYTES or not _is_step_name(name):
+        raise CheckpointError(f"{pointer}: not a checkpoint pointer ({why}; expected one line naming a "
+                              f"{PREFIX}NNNNNNNN folder): fix it, or delete it to resume from the newest complete "
+                              f"checkpoint")  # fmt: skip
+    return name
+
+
+def _is_step_name(name: str) -> bool:
+    return name.startswith(PREFIX) and name[len(PREFIX) :].isdigit() and name.isascii()
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The folder `latest` names, else the newest complete one, else None."""
+    """The folder `latest` names, else the newest complete one, else None. A damaged `latest` raises
+    CheckpointError naming it."""
     root = Path(root)
     pointer = root / LATEST
     found = list_checkpoints(root)
     if pointer.is_file():
-        named = root / pointer.read_text().strip()
+        named = root / read_latest_pointer(pointer)
         if (named / STATE).is_file():
             return named
         # A checkpoint was lost (or `latest` edited): say so rather than quietly go back further.

@@ -38,6 +38,7 @@ from model.document_attention import resolve_document_attention
 from model.lr_schedule import make_scheduler
 from model.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.optim import clip_and_check, make_optimizer
+from model.run_lock import RunLock, RunLockedError
 from model.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
 from model.transformer import Transformer
 from model.vocabulary import Modality, Vocabulary
@@ -46,7 +47,7 @@ from schemas.vocab import VocabLayout
 
 METRICS_FILE = "metrics.jsonl"
 # What bad configs, data, checkpoints or output paths raise: reported as one line by `cham train` and its workers.
-INPUT_ERRORS = (ValueError, OSError, CheckpointError, CorruptShardError, ResumeMismatchError)
+INPUT_ERRORS = (ValueError, OSError, CheckpointError, CorruptShardError, ResumeMismatchError, RunLockedError)
 
 
 @dataclass
@@ -54,8 +55,8 @@ class StepMetrics:
     step: int
     loss: float
     ce: float
-    ce_text: float
-    ce_image: float
+    ce_text: float | None  # None (null in metrics.jsonl, no TensorBoard point) when the step had no text targets
+    ce_image: float | None  # the same for image targets: a mean over nothing is no loss, and 0.0 would read as perfect
     z_loss: float
     grad_norm: float
     lr: float
@@ -74,6 +75,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
         self.config, self.log = config, log
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.out_dir = Path(config.out_dir)
+        # Rank 0 writes the run (checkpoints, metrics): another live trainer of this out_dir is refused at once,
+        # before the model is built; train() holds the lock while it writes.
+        self.run_lock = RunLock(self.out_dir) if self.rank == 0 else None
+        if self.run_lock is not None:
+            self.run_lock.check()
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -134,7 +141,6 @@ class Trainer:
             "training.json": json.dumps({"kind": "sft" if isinstance(config, SFTConfig) else "pretrain",
                                          "data": str(config.data), "stage": self.loader.manifest.get("stage")}),
         }  # fmt: skip
-        self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step, self.skipped, self.damaged = 0, 0, 0
         self.flops_per_token = flops_per_token(matmul_params(self.model), model_config.n_layers, model_config.dim,
@@ -194,13 +200,19 @@ class Trainer:
         last = min(config.steps, stop_at) if stop_at is not None else config.steps
         batches = self._batches()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = (self.out_dir / METRICS_FILE).open("a") if self.rank == 0 and config.logging.jsonl else None
-        self.tensorboard = None
-        if self.rank == 0 and config.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
+        if self.run_lock is not None:
+            self.run_lock.acquire()
+        metrics_file, self.tensorboard = None, None
         try:
+            if self.rank == 0 and config.logging.jsonl:
+                # Steps after the checkpoint resumed from are redone: their records from the run that died go.
+                keep_metrics_until(self.out_dir / METRICS_FILE, self.step)
+                metrics_file = (self.out_dir / METRICS_FILE).open("a")
+            if self.rank == 0 and config.logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step: TensorBoard drops the earlier events of the steps this run redoes.
+                self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
             while self.step < last:
                 history.append(self._step(batches, metrics_file))
         finally:
@@ -208,6 +220,8 @@ class Trainer:
                 metrics_file.close()
             if self.tensorboard:
                 self.tensorboard.close()
+            if self.run_lock is not None:
+                self.run_lock.release()
         return history
 
     def _step(self, batches: Iterator[dict[str, torch.Tensor]], metrics_file: Any) -> StepMetrics:
@@ -268,7 +282,8 @@ class Trainer:
         per_target = max(1, supervised)
         metrics = StepMetrics(
             step=self.step, loss=loss / per_target, ce=ce / per_target,
-            ce_text=text / max(1, n_text), ce_image=image / max(1, n_image), z_loss=z / per_target,
+            ce_text=text / n_text if n_text else None, ce_image=image / n_image if n_image else None,
+            z_loss=z / per_target,
             grad_norm=float(grad_norm), lr=lr, tokens=positions * self.world_size, supervised_tokens=supervised,
             tokens_per_s=positions * self.world_size / seconds, data_wait_share=waited / seconds,
             # Per device: this rank's positions against this device's peak.
@@ -283,8 +298,8 @@ class Trainer:
                 if name != "step" and value is not None:
                     self.tensorboard.add_scalar(f"train/{name}", value, self.step)
         if self.step % config.logging.every_steps == 0 or self.step == config.steps:
-            self.log(f"step {self.step}/{config.steps} loss {metrics.loss:.4f} (text {metrics.ce_text:.3f}, image "
-                     f"{metrics.ce_image:.3f}, z {metrics.z_loss:.2e}) grad {metrics.grad_norm:.2f} lr {lr:.2e} "
+            self.log(f"step {self.step}/{config.steps} loss {metrics.loss:.4f} (text {_ce(metrics.ce_text)}, image "
+                     f"{_ce(metrics.ce_image)}, z {metrics.z_loss:.2e}) grad {metrics.grad_norm:.2f} lr {lr:.2e} "
                      f"{metrics.tokens_per_s:,.0f} tok/s data wait {metrics.data_wait_share:.0%}")  # fmt: skip
         if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
             self.save()
@@ -319,3 +334,31 @@ class Trainer:
                             keep_last=self.config.checkpoint.keep_last, files=self.checkpoint_files)  # fmt: skip
         if self.world_size > 1:
             dist.barrier()
+
+
+def _ce(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def keep_metrics_until(path: Path, step: int) -> int:
+    """Rewrite a metrics file (atomically) with only its records of steps <= `step`: a resumed run redoes the later
+    ones, and each step is recorded once. A line cut short by a kill is dropped too. Returns the lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+            except ValueError:
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            elif line.strip():
+                dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped

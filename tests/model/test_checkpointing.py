@@ -135,3 +135,23 @@ def test_a_stale_latest_pointer_is_reported(tmp_path: Path, caplog) -> None:
     with caplog.at_level("WARNING", logger="model.checkpointing"):
         assert latest_checkpoint(only) is None
     assert "names step-00000099, which is not a complete checkpoint; no other is" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"\x00\xff\xfe garbage", "not UTF-8 text (invalid start byte at byte 1)"),
+        (b"../../elsewhere\n", "it holds '../../elsewhere'"),
+        (b"/etc\n", "it holds '/etc'"),
+        (b"", "it holds ''"),
+        (b"step-00000002\n" * 100, "more than one short line"),
+    ],
+)
+def test_a_damaged_latest_pointer_is_one_error_naming_it(tmp_path: Path, content: bytes, why: str) -> None:
+    model, _, _ = trained(1)
+    save_checkpoint(tmp_path, TrainState(2), model)
+    (tmp_path / "latest").write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        latest_checkpoint(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'latest'}: not a checkpoint pointer ({why};") and "\n" not in message

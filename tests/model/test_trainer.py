@@ -259,3 +259,64 @@ def test_sft_loss_counts_answer_targets_only(train_and_sft_stages, tiny_run, tmp
     assert metrics.supervised_tokens == int(batch["loss_mask"][:, 1:].sum()) < 8 * 127  # prompts are masked out
     assert metrics.ce == pytest.approx(float(answers.ce), rel=1e-5)
     assert abs(float(everything.ce) - float(answers.ce)) > 0.05  # counting the prompts would show
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every event of `tag` TensorBoard shows for a run folder (purged steps left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def test_a_resumed_run_records_each_step_once(stage: Path, tmp_path: Path) -> None:
+    Trainer(config(stage, tmp_path / "a", 8, checkpoint={"every_steps": 3}), log=lambda _: None).train()
+    run = tmp_path / "b"
+    Trainer(config(stage, run, 8, checkpoint={"every_steps": 3}), log=lambda _: None).train(stop_at=5)
+    # As if the job died at step 5, after the step-3 checkpoint and a line cut short: steps 4 and 5 are redone.
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    dead = [json.dumps(json.loads(line) | {"loss": 99.0}) for line in lines[3:]]  # the dead run's values
+    metrics.write_text("\n".join([*lines[:3], *dead, '{"step": 6, "lo']) + "\n")
+    resumed = Trainer(config(stage, run, 8), log=lambda _: None)
+    assert resumed.step == 3
+    resumed.train()
+
+    expected = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]  # the redone steps' values: resume is exact
+    for tag in ("train/loss", "train/lr", "train/ce_text"):
+        points = tensorboard_scalars(run / "tensorboard", tag)
+        assert [s for s, _ in points] == list(range(1, 9)), tag
+        want = [r[tag.removeprefix("train/")] for r in expected]
+        assert [v for _, v in points] == pytest.approx(want, rel=1e-6), tag
+
+
+def test_a_step_without_targets_of_a_modality_logs_none_not_zero(train_and_sft_stages, tiny_run, tmp_path) -> None:
+    from model.vocabulary import Modality, Vocabulary
+    from schemas.vocab import VocabLayout
+
+    steps = 6
+    loader = StageLoader(train_and_sft_stages / "sft", batch_size=4)  # the trainer's batches, in its order
+    image = Vocabulary(VocabLayout.model_validate(loader.manifest["vocab_layout"])).mask(
+        Modality.IMAGE, Modality.BOI, Modality.EOI
+    )
+    n_image = [int(image[b["tokens"][:, 1:][b["loss_mask"][:, 1:].bool()]].sum()) for b in itertools.islice(loader, 6)]
+    assert 0 in n_image and any(n_image), n_image  # steps of both kinds
+    cfg = sft_config(train_and_sft_stages, tiny_run, tmp_path, steps, global_batch_size=4, micro_batch_size=4,
+                     logging={"every_steps": 1, "tensorboard": True})  # fmt: skip
+    logged: list[str] = []
+    history = Trainer(cfg, log=logged.append).train()
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ce_image"] is None for r in records] == [n == 0 for n in n_image]
+    assert [m.ce_image is None for m in history] == [n == 0 for n in n_image]
+    assert all(r["ce_image"] > 1 for r in records if r["ce_image"] is not None)  # real losses, never 0.0
+    assert all(r["ce_text"] > 1 for r in records)  # every SFT batch has answer text
+    # TensorBoard: no point at all for the steps without image targets; the console line says "-".
+    expected = [r["step"] for r in records if r["ce_image"] is not None]
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "tensorboard", "train/ce_image")] == expected
+    lines = [line for line in logged if line.startswith("step ")]
+    assert ["image -," in line for line in lines] == [n == 0 for n in n_image]
