@@ -232,7 +232,10 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
     plans = {}
     for source in config.sources:
         fp = source_fingerprint(config, source, fingerprints)
-        tasks = list(enumerate(plan_read_tasks(source, records_per_task=config.samples_per_shard)))
+        try:
+            tasks = list(enumerate(plan_read_tasks(source, records_per_task=config.samples_per_shard)))
+        except (ValueError, FileNotFoundError) as err:  # inputs gone, or a config loaded without its path checks
+            raise PrepareError(f"source {source.name}: {err}") from None
         out_dir = Path(config.output_dir) / source.name
         todo = [(i, t) for i, t in tasks if not shard_is_complete(out_dir, i, fp, t)]
         plans[source.name] = {"fingerprint": fp, "tasks": tasks, "todo": todo}

@@ -121,3 +121,14 @@ def test_one_source_failing_its_manifest_keeps_the_others(upstream) -> None:
     for name in ("obelics", "mmc4_lines"):  # the sources after it still get theirs
         assert json.loads((out / name / MANIFEST).read_text())["totals"]["samples"] == 1
     assert run_prepare(config)["shards_skipped"] == {"mmc4": 1, "obelics": 1, "mmc4_lines": 1}
+
+
+def test_inputs_that_changed_since_the_config_was_loaded_are_one_error(tmp_path, tiny_tokenizers) -> None:
+    (tmp_path / "notes.txt").write_text("{}")
+    config = validate_config(PrepareConfig, {
+        "output_dir": str(tmp_path / "out"), "image_size": 64,
+        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "sources": [{"name": "t", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "notes.txt")]}],
+    }, check_paths=False)  # fmt: skip
+    with pytest.raises(PrepareError, match=r"source t: .*notes.txt is not a jsonl file"):
+        run_prepare(config)
