@@ -6,7 +6,6 @@ Relative paths in a config are resolved against the working directory, as with m
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import types
@@ -17,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 from pydantic.functional_validators import AfterValidator
 
-GLOB_CHARS = set("*?[")
+from schemas.source_files import pattern_files, unique_files
 
 
 class ConfigError(ValueError):
@@ -69,39 +68,25 @@ def _any_path(value: Path, info: ValidationInfo) -> Path:
     return resolve_path(value, info)
 
 
-def _input_pattern(value: str, info: ValidationInfo) -> str:
-    path = str(resolve_path(value, info))
-    if not _checking_paths(info):
-        return path
-    if GLOB_CHARS & set(value):
-        if not glob.glob(path, recursive=True):
-            raise ValueError(f"no file matches the pattern {path}")
-    elif not Path(path).exists():
-        raise ValueError(f"path does not exist: {path}")
-    return path
-
-
 def expand_paths(patterns: list[str] | tuple[str, ...]) -> list[Path]:
-    """Files named by paths, folders (every file below) and globs (`**` allowed), in sorted order.
+    """Files named by paths, folders (every file below) and globs (`**` allowed), each once by its real path.
 
-    A pattern that matches nothing raises FileNotFoundError naming it.
+    Links are followed but a folder is walked once (a link loop under `**` ends), and a dangling link is listed so
+    the reader counts it as unreadable. A pattern that matches nothing raises FileNotFoundError naming it.
     """
     files: list[Path] = []
     for pattern in map(str, patterns):
-        matches = sorted(glob.glob(pattern, recursive=True)) if GLOB_CHARS & set(pattern) else [pattern]
-        if not matches or not all(Path(m).exists() for m in matches):
+        matches = pattern_files(pattern)
+        if not matches:
             raise FileNotFoundError(f"input not found: {pattern}")
-        for match in map(Path, matches):
-            files += sorted(p for p in match.rglob("*") if p.is_file()) if match.is_dir() else [match]
-    return files
+        files += matches
+    return unique_files(files)
 
 
 ExistingPath = Annotated[Path, AfterValidator(_existing_path)]
 """A file or directory that must exist when the config is loaded."""
 OutputPath = Annotated[Path, AfterValidator(_any_path)]
 """A path the job will create; made absolute, not checked."""
-InputPattern = Annotated[str, AfterValidator(_input_pattern)]
-"""A file, a directory or a glob (`**` allowed) that must match at least one file."""
 
 
 def format_location(loc: tuple[int | str, ...]) -> str:

@@ -63,7 +63,8 @@ def _walk(top: Path) -> list[Path]:
     return sorted(files)
 
 
-def _pattern_files(pattern: str) -> list[Path]:
+def pattern_files(pattern: str) -> list[Path]:
+    """Every file a path, folder or glob names (links followed, each real folder walked once), sorted; [] if none."""
     if not GLOB_CHARS & set(pattern):
         path = Path(pattern)
         if path.is_dir():
@@ -88,6 +89,18 @@ def _pattern_files(pattern: str) -> list[Path]:
     return sorted(matches)
 
 
+def unique_files(paths: list[Path]) -> list[Path]:
+    """`paths` in order, each real file once (under the first path that reaches it)."""
+    seen: set[str] = set()
+    out = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            out.append(path)
+    return out
+
+
 def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path]:
     """The files of `fmt` that `patterns` name, each once (by its real path), in a stable order.
 
@@ -95,12 +108,11 @@ def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path]:
     files of the format. A pattern with no file of the format raises FileNotFoundError naming it.
     """
     files: list[Path] = []
-    seen: set[str] = set()
     for pattern in map(str, patterns):
         explicit = not GLOB_CHARS & set(pattern) and not Path(pattern).is_dir()
         if explicit and not of_format(pattern, fmt):
             raise ValueError(f"{pattern} is not a {fmt} file; {fmt} sources read {', '.join(FORMAT_SUFFIXES[fmt])}")
-        listed = _pattern_files(pattern)
+        listed = pattern_files(pattern)
         found = [p for p in listed if of_format(p, fmt)]
         if not listed:
             glob = GLOB_CHARS & set(pattern)
@@ -109,9 +121,5 @@ def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path]:
             )
         if not found:
             raise FileNotFoundError(f"no {fmt} file ({', '.join(FORMAT_SUFFIXES[fmt])}) found at {pattern}")
-        for path in found:
-            real = os.path.realpath(path)
-            if real not in seen:
-                seen.add(real)
-                files.append(path)
-    return files
+        files += found
+    return unique_files(files)

@@ -220,3 +220,17 @@ def test_damaged_tokenizer_files_and_bad_sizes_are_one_line(tokenizer: SentenceP
         layout_for(279, "tiny")
     with pytest.raises(TokenizerError, match=r"^--vocab-size -5: vocab_size: Input should be greater than 0"):
         layout_for(-5, "tiny")
+
+
+def test_training_inputs_walk_link_loops_once_and_count_dangling_links(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("first")
+    (data / "sub" / "b.txt").write_text("second")
+    (data / "sub" / "loop").symlink_to(data, target_is_directory=True)  # a cycle: glob.glob lists files again per level
+    (data / "sub" / "gone.txt").symlink_to(tmp_path / "deleted.txt")
+    for patterns in ([f"{data}/**/*.txt"], [str(data)], [str(data), f"{data}/sub/loop/a.txt"]):
+        files = expand_inputs(patterns)
+        counts = TextReadCounts()
+        assert sorted(iter_texts(files, counts=counts)) == ["first", "second"], patterns
+        assert dict(counts.skipped) == {"file_unreadable": 1} and "gone.txt" in counts.first["file_unreadable"]
