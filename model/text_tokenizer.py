@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections import Counter
@@ -23,6 +24,8 @@ import sentencepiece as spm
 from model.file_reading import read_json
 from model.vocabulary import Modality, Vocabulary, image_code_from_name
 from schemas.config_base import ConfigError, expand_paths, validate_config
+from schemas.prepare_config import DEFAULT_MAX_RECORD_BYTES, ROW_GROUP_RECORDS
+from schemas.source_files import read_bounded_line
 from schemas.vocab import (
     BOI_TOKEN,
     CHAMELEON,
@@ -284,35 +287,43 @@ class TextReadCounts:
 _TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", "")
 
 
-def iter_texts(files: Iterable[Path], text_field: str = "text", counts: TextReadCounts | None = None) -> Iterator[str]:
+def iter_texts(
+    files: Iterable[Path],
+    text_field: str = "text",
+    counts: TextReadCounts | None = None,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+) -> Iterator[str]:
     """The documents of .txt (whole file), .jsonl / .jsonl.gz (`text_field`) and .parquet (column `text_field`)
     files; a UTF-8 byte-order mark is skipped, as the prepare job's reader does. A record or file that holds no
-    readable text (bad JSON, no such field, binary, unreadable, unsupported type) is skipped and counted in `counts`."""
+    readable text (bad JSON, no such field, binary, unreadable, unsupported type, over `max_record_bytes`) is
+    skipped and counted in `counts`; sizes are checked before anything is decoded."""
     counts = counts if counts is not None else TextReadCounts()
     for path in files:
-        for text in _texts_of(path, text_field, counts):
+        for text in _texts_of(path, text_field, counts, max_record_bytes):
             counts.documents += 1
             yield text
 
 
-def _texts_of(path: Path, text_field: str, counts: TextReadCounts) -> Iterator[str]:
+def _texts_of(path: Path, text_field: str, counts: TextReadCounts, limit: int) -> Iterator[str]:
     try:
         if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
             opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        yield from _text_of_line(line, text_field, counts, f"{path}:{n}")
+            with opener(path, "rb") as f:
+                for n in itertools.count(1):
+                    line, size = read_bounded_line(f, limit)
+                    if not size:
+                        break
+                    if line is None:
+                        counts.skip("record_too_large", f"{path}:{n} ({size:,} bytes)")
+                    elif line.strip():
+                        text = line.decode("utf-8-sig" if n == 1 else "utf-8", errors="replace")
+                        yield from _text_of_line(text, text_field, counts, f"{path}:{n}")
         elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            parquet = pq.ParquetFile(path)
-            if text_field not in parquet.schema_arrow.names:
-                counts.skip("no_text_field", f"{path} (no column {text_field!r})")
-                return
-            for batch in parquet.iter_batches(columns=[text_field]):
-                yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+            yield from _parquet_texts(path, text_field, counts, limit)
         elif path.suffix in _TEXT_SUFFIXES:
+            if path.stat().st_size > limit:
+                counts.skip("record_too_large", f"{path} ({path.stat().st_size:,} bytes)")
+                return
             data = path.read_bytes()
             invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))  # bytes not UTF-8
             if b"\x00" in data or invalid * 100 > len(data):
@@ -323,6 +334,28 @@ def _texts_of(path: Path, text_field: str, counts: TextReadCounts) -> Iterator[s
             counts.skip("unsupported_file", str(path))
     except (OSError, EOFError, ValueError) as err:  # a damaged .gz or parquet file; pyarrow's errors are ValueErrors
         counts.skip("file_unreadable", f"{path} ({type(err).__name__})")
+
+
+def _parquet_texts(path: Path, text_field: str, counts: TextReadCounts, limit: int) -> Iterator[str]:
+    """A parquet column's strings, row group by row group; a group whose footer says it is larger than
+    ROW_GROUP_RECORDS records of `limit` bytes is skipped unread, a longer string after reading."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        counts.skip("no_text_field", f"{path} (no column {text_field!r})")
+        return
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).total_byte_size
+        if size > limit * ROW_GROUP_RECORDS:
+            counts.skip("record_too_large", f"{path} row group {group} ({size:,} bytes)")
+            continue
+        for batch in parquet.iter_batches(row_groups=[group], columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str) and len(text) > limit:  # characters <= bytes: a lower bound
+                    counts.skip("record_too_large", f"{path} row group {group} ({len(text):,} characters)")
+                elif isinstance(text, str):
+                    yield text
 
 
 def _text_of_line(line: str, text_field: str, counts: TextReadCounts, where: str) -> Iterator[str]:

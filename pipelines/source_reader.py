@@ -36,14 +36,12 @@ from pipelines.raw_records import (
     sft_record,
     text_record,
 )
-from schemas.prepare_config import DEFAULT_MAX_RECORD_BYTES, SourceConfig
-from schemas.source_files import of_format, source_files
+from schemas.prepare_config import DEFAULT_MAX_RECORD_BYTES, ROW_GROUP_RECORDS, SourceConfig
+from schemas.source_files import of_format, read_bounded_line, source_files
 
 JSONL_SPLIT_BYTES = 64 << 20
 PARQUET_SPLIT_ROWS = 50_000
 READ_STAGE = "read"
-ROW_GROUP_RECORDS = 32  # a parquet row group may be this many times max_record_bytes (uncompressed) before reading
-SKIP_PIECE = 1 << 20  # the rest of a line that is too long is read and dropped in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -160,20 +158,6 @@ def _to_record(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Rej
         return Reject(task.source, record_id, READ_STAGE, "unexpected_error", f"{type(err).__name__}: {err}"[:500])
 
 
-def _read_line(f: Any, limit: int) -> tuple[bytes | None, int]:
-    """The next line and its length in bytes; None for a line over `limit` bytes (consumed, never held whole)."""
-    line = f.readline(limit + 1)
-    if len(line) <= limit or line.endswith(b"\n"):
-        return line, len(line)
-    size = len(line)
-    del line
-    while True:
-        piece = f.readline(SKIP_PIECE)
-        size += len(piece)
-        if not piece or piece.endswith(b"\n"):
-            return None, size
-
-
 def _jsonl_streams(task: ReadTask) -> Iterator[tuple[Any, str]]:
     """(binary stream, record id prefix) of a jsonl file: plain, gzip, or each jsonl member of a zip (MMC4 ships
     `docs_shard_N_v2.jsonl.zip`); compressed data is decompressed as it streams, never whole."""
@@ -203,10 +187,10 @@ def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
         if offset:
             # The line that straddles our start belongs to the previous range.
             f.seek(offset - 1)
-            offset += _read_line(f, 0)[1] - 1
+            offset += read_bounded_line(f, 0)[1] - 1
         stop = task.stop if task.stop >= 0 else float("inf")
         while offset < stop:
-            line, size = _read_line(f, limit)
+            line, size = read_bounded_line(f, limit)
             if not size:
                 break
             record_id = f"{prefix}:{offset}"

@@ -36,6 +36,7 @@ RunnerKind = Literal["embedded", "local", "dask", "beam"]
 
 
 DEFAULT_MAX_RECORD_BYTES = 32 << 20
+ROW_GROUP_RECORDS = 32  # a parquet row group may be this many times max_record_bytes (uncompressed) before reading
 
 
 def _source_pattern(value: str, info: ValidationInfo) -> str:

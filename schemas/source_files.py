@@ -12,8 +12,10 @@ import fnmatch
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 GLOB_CHARS = set("*?[")
+SKIP_PIECE = 1 << 20  # the rest of a line that is too long is read and dropped in pieces of this size
 
 # File names each source format reads; folders also hold sidecars (img2dataset writes .parquet and _stats.json
 # beside each .tar), which a folder or glob skips but a file named on its own may not be.
@@ -123,3 +125,18 @@ def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path]:
             raise FileNotFoundError(f"no {fmt} file ({', '.join(FORMAT_SUFFIXES[fmt])}) found at {pattern}")
         files += found
     return unique_files(files)
+
+
+def read_bounded_line(f: BinaryIO, limit: int) -> tuple[bytes | None, int]:
+    """The next line of a binary stream and its length in bytes; None for a line over `limit` bytes, which is
+    consumed in pieces and never held whole (a 129 MiB line of a 128 kB .gz must not cost a gigabyte)."""
+    line = f.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, len(line)
+    size = len(line)
+    del line
+    while True:
+        piece = f.readline(SKIP_PIECE)
+        size += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return None, size

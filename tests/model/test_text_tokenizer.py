@@ -234,3 +234,22 @@ def test_training_inputs_walk_link_loops_once_and_count_dangling_links(tmp_path:
         counts = TextReadCounts()
         assert sorted(iter_texts(files, counts=counts)) == ["first", "second"], patterns
         assert dict(counts.skipped) == {"file_unreadable": 1} and "gone.txt" in counts.first["file_unreadable"]
+
+
+def test_training_inputs_skip_records_over_the_size_limit_unread(tmp_path: Path) -> None:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    huge = json.dumps({"text": "x" * 5000})
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write(f'{{"text": "short"}}\n{huge}\n{{"text": "after"}}\n')
+    (tmp_path / "b.txt").write_text("y" * 2000)
+    (tmp_path / "c.txt").write_text("small file")
+    pq.write_table(pa.table({"text": ["row", "z" * 3000]}), tmp_path / "d.parquet")
+    counts = TextReadCounts()
+    texts = list(iter_texts(expand_inputs([str(tmp_path)]), counts=counts, max_record_bytes=1024))
+    assert texts == ["short", "after", "small file", "row"]
+    assert dict(counts.skipped) == {"record_too_large": 3}
+    assert counts.first["record_too_large"].endswith("a.jsonl.gz:2 (5,013 bytes)")
