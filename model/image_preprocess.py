@@ -14,12 +14,13 @@ Every failure is one `ImageError` whose `reason` is a code of `schemas.records.R
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -144,22 +145,28 @@ def _looks_like_image(data: bytes) -> bool:
 _PILLOW_LIMIT = threading.Lock()
 
 
-def _open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Parse the header only (no pixels decoded); Pillow's own bomb checks become our error.
+@contextlib.contextmanager
+def pillow_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Pillow's bomb guard (about 89 MP by default) raised to `max_pixels` (None: off) while the block reads a
+    header, its warning an error. Never lowered (other threads may be opening images), so a smaller limit is the
+    caller's to apply; one block at a time, so that no thread restores another's raised value for good."""
+    with _PILLOW_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        default = Image.MAX_IMAGE_PIXELS
+        if default is not None:
+            Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max(default, max_pixels)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = default
 
-    Pillow's guard (about 89 MP by default) is raised to a larger `max_pixels` while the header is read, or it
-    would refuse images our limit allows; it is never lowered (other threads may be opening images), so a smaller
-    limit is `_check_size`'s to apply."""
+
+def _open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only (no pixels decoded); Pillow's own bomb checks become our error, at `max_pixels` or
+    above (a smaller limit is `_check_size`'s to apply)."""
     try:
-        with _PILLOW_LIMIT, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            default = Image.MAX_IMAGE_PIXELS
-            if default is not None:
-                Image.MAX_IMAGE_PIXELS = max(default, max_pixels)
-            try:
-                return Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = default
+        with pillow_pixel_limit(max_pixels):
+            return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("image_too_large", str(exc)) from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on bad headers

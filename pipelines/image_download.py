@@ -10,6 +10,10 @@
   once. Writes are atomic (temporary name, then rename; the .json last), so a killed run resumes where it was.
   Permanent failures are remembered and not fetched again; transient ones (after their retries) are.
 - `ImageDownloader`: a worker's bounded thread pool (and per-host limit) over the cache and the fetcher.
+- `download_session`: the HTTP session a download uses. Hosts come from data, so nothing of the environment goes to
+  them (no ~/.netrc credentials, no proxies), and unless `allow_private_addresses` is set every connection, redirect
+  hops included, goes only to a public address that the check itself resolved (no loopback, private network, or
+  link-local cloud metadata service at 169.254.169.254; no second lookup a rebinding DNS could answer differently).
 - `UrlImages`: what the prepare job's read step runs: it streams a read task's records, fetches their URL images
   a window ahead, rewrites each URL reference to the cached file, and turns failures into rejects (or, in an
   interleaved document, drops the image and counts it), writing a per-shard download report.
@@ -18,15 +22,16 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import random
 import threading
 import time
 import uuid
-import warnings
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +48,7 @@ REPORT_SUFFIX = ".downloads.json"
 CHUNK_BYTES = 64 << 10
 RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
 NOT_FOUND_STATUSES = frozenset({404, 410})
+PRIVATE_ADDRESS = "download_private_address"  # refused by the settings, not the URL: never cached
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 MAX_EXIF_CHARS = 2000
 
@@ -147,14 +153,16 @@ def read_limited(raw: Any, max_bytes: int, deadline: float) -> bytes:
 
 def inspect_image(data: bytes) -> dict[str, Any]:
     """Format, size and EXIF of image bytes, from the header only (bounded: nothing is decoded); raises
-    DownloadFailure download_not_image for anything Pillow cannot identify, image_too_large for a pixel bomb."""
+    DownloadFailure download_not_image for anything Pillow cannot identify. Pixel counts are not judged here (Pillow's
+    bomb guard is off): the image step applies the source's `max_pixels`, whatever it is, to what the cache holds."""
     from PIL import ExifTags, Image
+
+    from model.image_preprocess import pillow_pixel_limit
 
     if not data:
         raise DownloadFailure("download_not_image", "the response is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pillow_pixel_limit(None):
             with Image.open(io.BytesIO(data)) as image:
                 fmt, (width, height) = image.format or "", image.size
                 image.verify()  # PNG chunk CRCs and the like; cheap, decodes no pixels; must come first
@@ -163,8 +171,6 @@ def inspect_image(data: bytes) -> dict[str, Any]:
                     exif = {ExifTags.TAGS.get(k, str(k)): str(v) for k, v in image.getexif().items()}
                 except Exception:  # a damaged EXIF block does not make the image unusable
                     exif = {}
-    except Image.DecompressionBombError as err:
-        raise DownloadFailure("image_too_large", str(err)[:300]) from None
     except Exception as err:  # Pillow raises many kinds for bytes it cannot parse; all mean "not an image"
         detail = f"{type(err).__name__}: {err}; starts with {data[:16]!r}"
         raise DownloadFailure("download_not_image", detail[:300]) from None
@@ -253,6 +259,89 @@ def _attempt(url: str, session: Any, config: DownloadConfig) -> bytes:
         raise DownloadFailure("download_bad_url", f"{type(err).__name__}: {err}"[:300]) from None
 
 
+def address_is_public(address: str) -> bool:
+    """Whether a resolved IP address is on the public internet: not loopback, private, shared (CGNAT), link-local
+    (the cloud metadata service), reserved, unspecified or multicast, nor an IPv4-mapped IPv6 form of one."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0) is not part of the address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+@functools.cache
+def _public_only_adapter() -> type:
+    """A requests adapter whose connections resolve their host, refuse it unless an address is public, and connect
+    to that checked address; built on first use (requests and urllib3 are imported only by downloads)."""
+    import socket
+
+    import requests.adapters
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+    from urllib3.util.connection import allowed_gai_family
+
+    class PublicOnly:
+        def _new_conn(self) -> socket.socket:
+            name = self._dns_host  # type: ignore[attr-defined]
+            try:
+                found = socket.getaddrinfo(name.strip("[]"), self.port, allowed_gai_family(), socket.SOCK_STREAM)  # type: ignore[attr-defined]
+            except socket.gaierror as err:
+                raise NameResolutionError(self.host, self, err) from err  # type: ignore[attr-defined, arg-type]
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+            public = [a for a in addresses if address_is_public(a)]
+            if not public:
+                where = name if addresses == [name.strip("[]")] else f"{name} ({', '.join(addresses[:4])})"
+                raise DownloadFailure(PRIVATE_ADDRESS, f"{where[:300]} is not a public address "
+                                      "(download.allow_private_addresses is off)")  # fmt: skip
+            try:  # connect to an address checked (as urllib3 would: each in turn), with urllib3's own errors
+                for address in public[:-1]:
+                    self._dns_host = address
+                    try:
+                        return super()._new_conn()  # type: ignore[misc]
+                    except (NewConnectionError, ConnectTimeoutError):
+                        continue
+                self._dns_host = public[-1]
+                return super()._new_conn()  # type: ignore[misc]
+            finally:
+                self._dns_host = name  # the name again: Host header, TLS server name and certificate check
+
+    class PublicHTTPConnection(PublicOnly, HTTPConnection):
+        pass
+
+    class PublicHTTPSConnection(PublicOnly, HTTPSConnection):
+        pass
+
+    class PublicHTTPPool(HTTPConnectionPool):
+        ConnectionCls = PublicHTTPConnection
+
+    class PublicHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = PublicHTTPSConnection
+
+    class PublicOnlyAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": PublicHTTPPool, "https": PublicHTTPSPool}
+
+    return PublicOnlyAdapter
+
+
+def download_session(config: DownloadConfig) -> Any:
+    """A requests session for fetching URLs named in data (see the module docstring for what it refuses)."""
+    import requests
+
+    session = requests.Session()
+    # trust_env off: requests would add ~/.netrc credentials for a host named in data (again on every redirect
+    # hop), route through the environment's proxies and CA bundle; images are public and fetched directly.
+    session.trust_env = False
+    session.max_redirects = config.max_redirects
+    session.headers["User-Agent"] = config.user_agent
+    if not config.allow_private_addresses:
+        adapter = _public_only_adapter()()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+    return session
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_bytes(data)
@@ -332,16 +421,14 @@ class ImageDownloader:
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._memo: OrderedDict[str, Future[CacheEntry]] = OrderedDict()
         self._memo_size = memo_size
+        self._sessions: list[Any] = []  # one per pool thread, closed with the downloader
 
     def _session(self) -> Any:
         session = getattr(self._local, "session", None)
         if session is None:
-            import requests
-
-            session = requests.Session()
-            session.max_redirects = self.config.max_redirects
-            session.headers["User-Agent"] = self.config.user_agent
-            self._local.session = session
+            session = self._local.session = download_session(self.config)
+            with self._lock:
+                self._sessions.append(session)
         return session
 
     def _host_slot(self, url: str) -> threading.BoundedSemaphore:
@@ -361,6 +448,8 @@ class ImageDownloader:
         try:
             fetched = fetch_image(url, self._session(), self.config, host_slot=self._host_slot(url))
         except DownloadFailure as failure:
+            if failure.reason == PRIVATE_ADDRESS:  # the settings' verdict, not the URL's: asked again next run
+                return CacheEntry(url, key, reason=failure.reason, detail=failure.detail, fetched=True, attempts=1)
             return self.cache.store_failure(url, failure, getattr(failure, "attempts", 1))
         except Exception as err:  # one odd URL is one counted failure (not cached: tried again next run)
             return CacheEntry(url, key, reason="unexpected_error", detail=f"{type(err).__name__}: {err}"[:300])
@@ -388,6 +477,9 @@ class ImageDownloader:
         self.pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._memo.clear()
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:  # their pooled keep-alive connections
+            session.close()
 
 
 def url_slots(kind: str, record: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -33,6 +33,11 @@ class DownloadConfig(StrictModel):
     max_backoff_s: float = Field(30.0, ge=0, description="cap on one back-off, Retry-After included")
     max_bytes: int = Field(32 << 20, ge=1024, description="larger responses are refused (download_too_large)")
     max_redirects: int = Field(5, ge=0)
+    allow_private_addresses: bool = Field(
+        False, description="also fetch from loopback, private-network and link-local addresses (the cloud metadata "
+        "service among them); off, a host that resolves only to such addresses, directly or by a redirect, is "
+        "refused (download_private_address)"
+    )  # fmt: skip
     user_agent: str = "chameleon-pipeline/0.1 (image download; img2dataset-compatible cache)"
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES),
@@ -59,4 +64,5 @@ class DownloadConfig(StrictModel):
         if not self.enabled:
             return None
         return {"max_bytes": self.max_bytes, "failed_image": self.failed_image,
-                "disallowed": sorted(d.lower() for d in self.disallowed_header_directives)}  # fmt: skip
+                "disallowed": sorted(d.lower() for d in self.disallowed_header_directives),
+                "allow_private_addresses": self.allow_private_addresses}  # fmt: skip

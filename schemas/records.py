@@ -127,6 +127,8 @@ REJECT_REASONS: dict[str, str] = {
     "download_too_many_redirects": "the image URL redirects more than download.max_redirects times",
     "download_not_image": "the fetched bytes are not an image (an HTML page, an SVG, an empty body ...)",
     "download_opted_out": "the image's X-Robots-Tag opts it out (noai, noimageai, noindex, noimageindex)",
+    "download_private_address": "the image's host (or a redirect's) is not a public address: loopback, private "
+    "network, link-local (download.allow_private_addresses is off); nothing was sent to it",
     "image_empty": "the image has zero bytes",
     "image_truncated": "the image data ends early",
     "image_not_an_image": "the bytes are not an image format we can decode",

@@ -30,6 +30,7 @@ from pipelines.image_download import (
     backoff_delay,
     cache_key,
     fetch_image,
+    inspect_image,
     read_limited,
 )
 from pipelines.raw_records import Reject, image_ref
@@ -52,11 +53,14 @@ MAX_BYTES = 200_000
 class Server:
     """A ThreadingHTTPServer with one endpoint per behaviour, counting hits per path and requests in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.hits: Counter[str] = Counter()
+        self.authorization: list[str] = []  # Authorization headers received
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.waiting = 0  # /slow-image requests inside their wait
+        self.max_waiting = 0
         self.flaky_failures = 2  # /flaky answers 500 this many times, then the image
         self.images = {f"/img{n}.jpg": image_bytes("JPEG", (48 + 8 * n, 40 + 4 * n), 10 + n) for n in range(12)}
         server = self
@@ -72,6 +76,8 @@ class Server:
                 path = self.path.split("?", 1)[0]
                 with server.lock:
                     server.hits[path] += 1
+                    if self.headers.get("Authorization") is not None:
+                        server.authorization.append(self.headers["Authorization"])
                     n = server.hits[path]
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -87,9 +93,9 @@ class Server:
             def handle_error(self, request, client_address) -> None:  # clients that hang up are expected here
                 pass
 
-        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
+        self.httpd = QuietServer((host, 0), Handler)
         self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.base = f"http://{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -154,6 +160,8 @@ class Server:
             send(302, b"", {"Location": "/ok.jpg"})
         elif path == "/redirect-file":
             send(302, b"", {"Location": "file:///etc/passwd"})
+        elif path == "/redirect-to":  # to the URL given as the query
+            send(302, b"", {"Location": h.path.partition("?")[2]})
         elif path == "/loop":
             send(302, b"", {"Location": "/loop"})
         elif path == "/gzip":  # 4x the limit once decompressed, a few kB on the wire
@@ -161,8 +169,13 @@ class Server:
         elif path == "/garbage":  # not HTTP at all
             h.wfile.write(b"garbage\r\n\r\n")
             h.close_connection = True
-        elif path == "/slow-image":
+        elif path == "/slow-image":  # counted while it waits: the reply's last bytes race the client's next request
+            with self.lock:
+                self.waiting += 1
+                self.max_waiting = max(self.max_waiting, self.waiting)
             time.sleep(0.2)
+            with self.lock:
+                self.waiting -= 1
             send(200, PNG)
         else:
             send(404, b"unknown")
@@ -182,7 +195,7 @@ def server() -> Iterator[Server]:
 def settings(cache: Path, **kw) -> DownloadConfig:
     base = {"cache_dir": str(cache), "connect_timeout_s": 1.0, "read_timeout_s": 0.3, "total_timeout_s": 0.6,
             "retries": 2, "backoff_s": 0.01, "max_backoff_s": 0.05, "max_bytes": MAX_BYTES, "concurrency": 4,
-            "per_host": 4}  # fmt: skip
+            "per_host": 4, "allow_private_addresses": True}  # fmt: skip
     return DownloadConfig(**(base | kw))
 
 
@@ -379,7 +392,7 @@ def test_concurrency_is_bounded_per_host(server: Server, tmp_path: Path) -> None
     finally:
         downloader.close()
     assert all(e.ok for e in entries.values()) and server.hits["/slow-image"] == 8
-    assert server.max_in_flight == 2
+    assert server.max_waiting == 2
 
 
 def test_the_same_url_in_flight_twice_is_fetched_once(server: Server, tmp_path: Path) -> None:
@@ -582,7 +595,8 @@ def test_turning_downloads_on_redoes_shards_that_rejected_urls(server: Server, t
     off = run_prepare(prepare_config(tmp_path, tiny_tokenizers, sources, "out", None))
     assert off["manifests"]["o"]["totals"]["rejects_by_reason"] == {"image_not_local": 1}
     assert server.hits["/img7.jpg"] == 0
-    on = run_prepare(prepare_config(tmp_path, tiny_tokenizers, sources, "out", {"cache_dir": str(tmp_path / "c")}))
+    download = {"cache_dir": str(tmp_path / "c"), "allow_private_addresses": True}  # the server is on 127.0.0.1
+    on = run_prepare(prepare_config(tmp_path, tiny_tokenizers, sources, "out", download))
     assert on["shards_written"] == {"o": 1} and on["manifests"]["o"]["totals"]["samples"] == 1
     assert server.hits["/img7.jpg"] == 1
 
@@ -617,3 +631,87 @@ def test_a_run_killed_mid_write_leaves_nothing_that_looks_fetched(server: Server
         copy.close()
     assert Path(out["image"]["path"]).read_bytes() == JPEG and server.hits["/ok.jpg"] == 1
     assert json.loads((folder / f"{key}.json").read_text())["sha256"] == hashlib.sha256(JPEG).hexdigest()
+
+
+def test_private_addresses_are_refused_by_default_before_any_request(server: Server, tmp_path: Path) -> None:
+    port = server.httpd.server_address[1]
+    urls = [server.url("/ok.jpg"), f"http://localhost:{port}/ok.jpg", f"http://[::1]:{port}/ok.jpg",
+            f"http://2130706433:{port}/ok.jpg", f"http://[::ffff:127.0.0.1]:{port}/ok.jpg", f"http://0.0.0.0:{port}/x",
+            "http://169.254.169.254/latest/meta-data/", "https://10.1.2.3/a.jpg",
+            "http://192.168.0.1/a.jpg"]  # fmt: skip
+    strict = settings(tmp_path / "cache", allow_private_addresses=False)
+    assert not DownloadConfig().allow_private_addresses  # the default
+    downloader = ImageDownloader(strict)
+    try:
+        entries = downloader.get_many(urls)
+    finally:
+        downloader.close()
+    assert {u: e.reason for u, e in entries.items()} == dict.fromkeys(urls, "download_private_address")
+    assert "download.allow_private_addresses" in entries[urls[0]].detail
+    assert sum(server.hits.values()) == 0  # refused after resolving, before connecting: nothing sent
+    assert not list((tmp_path / "cache").rglob("*.json"))  # the settings' verdict is not remembered as the URL's
+    downloader = ImageDownloader(settings(tmp_path / "cache"))  # allowed: the same URL is fetched
+    try:
+        assert downloader.get_many(urls[:1])[urls[0]].ok and server.hits["/ok.jpg"] == 1
+    finally:
+        downloader.close()
+
+
+def test_a_redirect_to_a_private_address_is_refused_at_that_hop(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.image_download as image_download
+
+    # A second server stands for a public host: 127.0.0.2 is treated as public, every other address as it is.
+    public = Server("127.0.0.2")
+    monkeypatch.setattr(image_download, "address_is_public", lambda address: address == "127.0.0.2")
+    port = server.httpd.server_address[1]
+    targets = [server.url("/ok.jpg"), f"http://localhost:{port}/ok.jpg", "http://169.254.169.254/latest/meta-data/"]
+    urls = [public.url(f"/redirect-to?{target}") for target in targets]
+    downloader = ImageDownloader(settings(tmp_path / "cache", allow_private_addresses=False))
+    try:
+        entries = downloader.get_many([*urls, public.url("/redirect")])
+    finally:
+        downloader.close()
+        public.close()
+    assert [entries[u].reason for u in urls] == ["download_private_address"] * 3
+    assert public.hits["/redirect-to"] == 3 and sum(server.hits.values()) == 0
+    ok = entries[public.url("/redirect")]  # a redirect that stays on the public host is followed
+    assert ok.ok and Path(ok.path).read_bytes() == JPEG and public.hits["/ok.jpg"] == 1
+
+
+def test_no_netrc_credentials_or_environment_proxy_reach_hosts_named_in_data(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login user password secret\ndefault login user password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # a proxy that is not there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    downloader = ImageDownloader(settings(tmp_path / "cache"))
+    try:
+        entries = downloader.get_many([server.url("/ok.jpg"), server.url("/redirect-to?/ok.png")])
+    finally:
+        downloader.close()
+    assert all(e.ok for e in entries.values()), entries  # fetched directly, not through the proxy
+    assert server.hits["/ok.jpg"] == 1 and server.hits["/ok.png"] == 1
+    assert server.authorization == []  # neither on the first request nor after the redirect
+
+
+def test_the_download_leaves_pixel_limits_to_the_image_step() -> None:
+    """A 200 MP image (above Pillow's own ~179 MP bomb error) is fetched and cached as what it is: whether it is too
+    large is the source's `max_pixels` to say, at the image step, and a larger limit lets it through."""
+    from model.image_preprocess import ImageError, open_image
+
+    buffer = io.BytesIO()
+    Image.new("1", (20_000, 10_000)).save(buffer, "PNG")  # a few kB on the wire
+    data = buffer.getvalue()
+    assert inspect_image(data) | {"exif": None} == {"format": "PNG", "width": 20_000, "height": 10_000, "exif": None}
+    with pytest.raises(ImageError) as refused:
+        open_image(data)
+    assert refused.value.reason == "image_too_large"
+    assert open_image(data, max_pixels=300_000_000).size == (20_000, 10_000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's guard is back where it was
