@@ -14,7 +14,7 @@ import os
 import tarfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,12 +213,13 @@ def _read_samples(item: tuple[str, str, int]) -> Iterator[tuple[tuple[str, int, 
         yield (source, shard_id, sample["__key__"]), (tokens, n_prompt)
 
 
-def _place(element: tuple[Any, dict[str, list[Any]]]) -> Iterator[tuple[tuple[str, int], tuple]]:
+def _place(element: tuple[Any, dict[str, Iterable[Any]]]) -> Iterator[tuple[tuple[str, int], tuple]]:
     """Each planned occurrence of a sample, with its tokens, keyed by its output shard."""
     (source, _, _), groups = element
-    if not groups["sample"]:
+    samples = list(groups["sample"])  # Beam may hand a lazy iterable, whose truth says nothing
+    if not samples:
         raise MixPlanError(f"a planned sample of {source!r} was not found in its shard: {element[0]}")
-    (tokens, n_prompt), *_ = groups["sample"]
+    (tokens, n_prompt), *_ = samples
     for stage, position, shard, source_id in groups["occurrence"]:
         yield (stage, shard), (position, source_id, tokens, n_prompt)
 
@@ -235,7 +236,7 @@ class PackAndWrite(beam.DoFn):
 
         self.vocab = Vocabulary(VocabLayout.model_validate_json(self.layout_json))
 
-    def process(self, element: tuple[tuple[str, int], list[tuple]]) -> Iterator[dict[str, Any]]:
+    def process(self, element: tuple[tuple[str, int], Iterable[tuple]]) -> Iterator[dict[str, Any]]:
         (stage, shard_id), occurrences = element
         occurrences = sorted(occurrences, key=lambda o: o[0])
         spec, vocab = self.spec, self.vocab

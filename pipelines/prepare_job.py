@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,7 @@ class Assemble(beam.DoFn):
     def setup(self) -> None:
         self.tokenizer = MixedModalTokenizer(load_text_tokenizer(self.text_tokenizer))
 
-    def process(self, element: tuple[Any, dict[str, list[Any]]]) -> Iterator[Any]:
+    def process(self, element: tuple[Any, dict[str, Iterable[Any]]]) -> Iterator[Any]:
         _, groups = element
         (record,) = groups["record"]
         codes = {slot: np.asarray(c) for slot, c in groups["codes"]}
@@ -160,10 +160,10 @@ class WriteShard(beam.DoFn):
     def __init__(self, out_dir: str, vocab_size: int, fingerprint: str):
         self.out_dir, self.vocab_size, self.fingerprint = out_dir, vocab_size, fingerprint
 
-    def process(self, element: tuple[int, dict[str, list[Any]]]) -> Iterator[dict[str, Any]]:
+    def process(self, element: tuple[int, dict[str, Iterable[Any]]]) -> Iterator[dict[str, Any]]:
         shard_id, groups = element
         (task,) = groups["task"]
-        stats = write_shard(Path(self.out_dir), shard_id, groups["samples"], groups["rejects"],
+        stats = write_shard(Path(self.out_dir), shard_id, list(groups["samples"]), list(groups["rejects"]),
                             vocab_size=self.vocab_size, fingerprint=self.fingerprint,
                             extra={"task": task_signature(task)})  # fmt: skip
         yield stats
