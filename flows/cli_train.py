@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from flows.cli_output import console, fail
-from model.cpu_memory import keep_freed_memory
-from model.trainer import INPUT_ERRORS, Trainer
 from schemas import ConfigError, SFTConfig, TrainConfig, load_config
 
 NPROC = typer.Option("--nproc-per-node", help="processes (ranks) on this machine; > 1 launches torchrun (DDP)")
@@ -24,9 +20,16 @@ def _run(kind: str, config_file: Path, nproc: int) -> None:
     except ConfigError as err:
         raise fail(str(err)) from None
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "flows.train_worker", kind, str(config_file)]  # fmt: skip
-        raise typer.Exit(subprocess.call(command))
+        from flows.process_lifetime import tied_to_this_process
+        from flows.train_launcher import launcher_command
+
+        # The launcher, and through it every rank, ends with this process; it prints one line if a rank fails.
+        raise typer.Exit(subprocess.call(tied_to_this_process(launcher_command(nproc, kind, config_file))))
+    import torch
+
+    from model.cpu_memory import keep_freed_memory
+    from model.trainer import INPUT_ERRORS, Trainer
+
     if not torch.cuda.is_available():
         keep_freed_memory()  # this process only trains: no fresh page faults for each step's large temporaries
     try:

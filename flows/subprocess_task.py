@@ -16,6 +16,9 @@ from pathlib import Path
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
+from flows.process_lifetime import tied_to_this_process
+from flows.train_launcher import launcher_command
+
 
 class CommandError(RuntimeError):
     """A job exited with a non-zero status; the message names the command and ends with its last lines."""
@@ -27,9 +30,9 @@ def cham(*args: str) -> list[str]:
 
 
 def torchrun(nproc_per_node: int, kind: str, config_file: Path) -> list[str]:
-    """`torchrun --standalone` on this machine with N processes, each running flows.train_worker."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            "-m", "flows.train_worker", kind, str(config_file)]  # fmt: skip
+    """`torchrun --standalone` on this machine with N processes running flows.train_worker, through
+    flows.train_launcher: the ranks die with it, and a failure is one `error:` line."""
+    return launcher_command(nproc_per_node, kind, config_file)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -45,6 +48,8 @@ _ERROR_LINE = re.compile(r"^(\[(default)?rank\d+\]:\s*)?(error: |([A-Za-z_][\w.]
 
 
 def _display(command: list[str]) -> str:
+    if command[:3] == [sys.executable, "-m", "flows.process_lifetime"]:
+        command = command[5:]  # PARENT_PID -- COMMAND...
     if command[:3] == [sys.executable, "-m", "flows"]:
         command = ["cham", *command[3:]]
     elif command[:1] == [sys.executable]:
@@ -61,14 +66,17 @@ def run_command(
 ) -> list[str]:
     """Run `command`, log each output line as it comes, call `poll()` every `poll_every` s; return the last lines.
 
-    Raises CommandError on a non-zero exit. If this process is interrupted, the job is terminated with it.
+    Raises CommandError on a non-zero exit. The job ends with this process: when it is interrupted or cancelled
+    (the job is terminated), and when it is killed (the job gets SIGTERM from the kernel: see
+    flows/process_lifetime.py).
     """
     logger = run_logger()
     logger.info("$ %s", _display(command))
     # Unbuffered, plain output: lines reach the logger as they are printed, without colour codes.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "160"}
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, errors="replace", bufsize=1)  # fmt: skip
+    # Popen in this thread, which waits for the job: the death signal fires when the thread ends, not before.
+    process = subprocess.Popen(tied_to_this_process(command), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)  # fmt: skip
     tail: deque[str] = deque(maxlen=tail_lines)
     errors: list[str] = []  # the first error lines: under torchrun the last lines are its own summary, not the cause
 

@@ -3,6 +3,7 @@ way the UI starts one; plus what the served deployments carry (schedule, forms, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -161,5 +162,74 @@ def test_train_deployment_runs_when_started_through_the_api(
             (training,) = wait_for(triggered, "the after-build training run", 60, [serve])
             assert training.parameters["run_name"] == client.read_flow_run(build.id).name
     finally:
+        stop(serve)
+        log.close()
+
+
+def test_cancelling_a_training_run_through_the_api_ends_every_rank(server: dict, tmp_path: Path, make_stage) -> None:
+    """Cancel `train/on-demand` as the UI's Cancel button does: the runner kills the flow run's process group, which
+    torchrun's ranks are not in (each has a session of its own); they must end too, and count 0 after."""
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    from schemas import TrainConfig, validate_config
+
+    config = validate_config(TrainConfig, {
+        "model": {"preset": "tiny"}, "data": str(make_stage(4_000)), "out_dir": str(tmp_path / "runs"),
+        "seq_len": 128, "steps": 100_000, "global_batch_size": 4, "micro_batch_size": 2,
+        "schedule": {"warmup_steps": 1}, "logging": {"every_steps": 1, "tensorboard": False},
+    })  # fmt: skip
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp_path / "runs" / "cancel-me"
+
+    def processes() -> list[psutil.Process]:  # every process of the run: its config file is in their command line
+        alive = [p for p in psutil.process_iter(["cmdline", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE]
+        return [p for p in alive if str(out) in " ".join(p.info["cmdline"] or [])]
+
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows", "serve", "--train-config", str(train_yaml), "--build-cron", ""],
+        cwd=REPO, env=server | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+
+            def deployment():
+                try:
+                    return client.read_deployment_by_name("train/on-demand")
+                except Exception:  # not registered yet
+                    return None
+
+            on_demand = wait_for(deployment, "the deployments", 120, [serve])
+            parameters = {"config": config.model_dump(mode="json"), "run_name": "cancel-me", "nproc_per_node": 2,
+                          "retries": 0}  # fmt: skip
+            run = client.create_flow_run_from_deployment(on_demand.id, parameters=parameters)
+            metrics = out / "metrics.jsonl"
+            wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, "the ranks to train",
+                     240, [serve])  # fmt: skip
+            ranks = [p for p in processes() if "flows.train_worker" in p.info["cmdline"]]
+            assert len(ranks) >= 2
+
+            client.set_flow_run_state(run.id, Cancelling())  # what the UI and `prefect flow-run cancel` do
+
+            def final():
+                state = client.read_flow_run(run.id).state
+                return state if state and state.is_final() else None
+
+            state = wait_for(final, "the cancelled flow run", 120, [serve])
+            assert state.is_cancelled(), f"{state.type}: {state.message}"
+            # DataLoader workers notice their rank is gone within a few seconds (PyTorch's own watchdog).
+            wait_for(lambda: not processes(), "every process of the run to end", 60, [serve])
+            lines = len(metrics.read_text().splitlines())
+            time.sleep(2)
+            assert len(metrics.read_text().splitlines()) == lines  # nothing trains on
+    finally:
+        for proc in processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
         stop(serve)
         log.close()

@@ -100,5 +100,5 @@ def test_sft_flow_under_torchrun(prefect_api, pretrain, stages: Path, tmp_path: 
     assert final["step"] == 3 == metrics[-1]["step"] and final["lr"] == pytest.approx(metrics[-1]["lr"])
     assert metrics[0]["lr"] == pytest.approx(1e-5)  # SFT's cosine from 1e-5
     logs = flow_logs(state.state_details.flow_run_id, "initialised from")
-    assert any("torch.distributed.run" in line and "--nproc_per_node=2" in line for line in logs)
+    assert any(line.startswith("$ python -m flows.train_launcher 2 sft ") for line in logs), logs  # torchrun, 2 ranks
     assert any("initialised from" in line for line in logs)

@@ -56,9 +56,10 @@ def test_fsdp_resume_is_exact(stage: Path, tmp_path: Path) -> None:
     # into the shards (set_model_state_dict / set_optimizer_state_dict), then redoes step 3.
     shutil.rmtree(out / "checkpoints" / "step-00000003")
     (out / "checkpoints" / "latest").write_text("step-00000002\n")
-    torchrun(config)
+    rerun = torchrun(config)
+    assert f"resumed from {out / 'checkpoints' / 'step-00000002'} at step 2" in rerun.stdout  # not from scratch
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 3]  # the rerun started at step 3, not from scratch
+    assert steps == [1, 2, 3]  # step 3 redone, recorded once
     resumed = final_weights(out)
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor), name
