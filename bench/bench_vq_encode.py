@@ -1,5 +1,7 @@
 """VQ encode throughput on CPU (images/s) by batch size: channels_last vs contiguous, in one run, with the ratio.
 
+channels_last runs our accurate GroupNorm (model/vqgan.py); the column "before" is channels_last with PyTorch's own
+CPU kernel, which is faster but loses precision on flat regions (issue 17), measured alongside for the record.
 Random weights (speed does not depend on them). `--quick` keeps it to a few seconds of tiny and one
 512 px Chameleon batch. Timings alternate between the two layouts so load from other processes hits both.
 
@@ -9,12 +11,14 @@ Random weights (speed does not depend on them). `--quick` keeps it to a few seco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from model.vqgan import VQGAN
+from model.vqgan import VQGAN, GroupNorm
 from schemas.vq_config import VQConfig
 
 FULL = {"tiny": ([1, 4, 16], 5), "chameleon": ([1, 2, 4], 1)}  # batch sizes, timed repetitions each
@@ -25,6 +29,22 @@ def _time_encode(model: VQGAN, pixels: torch.Tensor) -> float:
     start = time.perf_counter()
     model.encode(pixels)
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _pytorch_group_norm():
+    """GroupNorm as it was before issue 17: PyTorch's kernel in every layout."""
+    accurate = GroupNorm.forward
+    GroupNorm.forward = lambda self, x: F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    try:
+        yield
+    finally:
+        GroupNorm.forward = accurate
+
+
+def _time_before(model: VQGAN, pixels: torch.Tensor) -> float:
+    with _pytorch_group_norm():
+        return _time_encode(model, pixels)
 
 
 def bench_preset(preset: str, batches: list[int], reps: int) -> list[tuple[str, int, float, float]]:
@@ -41,15 +61,18 @@ def bench_preset(preset: str, batches: list[int], reps: int) -> list[tuple[str, 
         # Warm-up (oneDNN builds its kernels per shape and layout) doubles as the check that both give the same
         # codes (a few may differ: near-ties of a random codebook under a different summation order).
         agree = (contiguous.encode(pixels) == fast.encode(pixels)).float().mean().item()
-        times: dict[str, list[float]] = {"contiguous": [], "channels_last": []}
+        _time_before(fast, pixels)  # warm-up
+        times: dict[str, list[float]] = {"contiguous": [], "channels_last": [], "before": []}
         for _ in range(reps):
             times["contiguous"].append(_time_encode(contiguous, pixels))
             times["channels_last"].append(_time_encode(fast, pixels))
-        cont, cl = (batch / statistics.median(times[k]) for k in ("contiguous", "channels_last"))
+            times["before"].append(_time_before(fast, pixels))
+        cont, cl, before = (batch / statistics.median(times[k]) for k in ("contiguous", "channels_last", "before"))
         rows.append((preset, batch, cont, cl))
         print(
             f"{preset:>9} {cfg.resolution:>4}px  batch {batch:>2}: contiguous {cont:8.2f} img/s   "
-            f"channels_last {cl:8.2f} img/s   ratio {cl / cont:.2f}x   codes agree {agree:.1%}",
+            f"channels_last {cl:8.2f} img/s   ratio {cl / cont:.2f}x   (before: {before:8.2f} img/s, "
+            f"{cl / before:.2f}x of it)   codes agree {agree:.1%}",
             flush=True,
         )
     return rows

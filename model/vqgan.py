@@ -18,14 +18,75 @@ from schemas.vq_config import NORM_GROUPS, VQConfig
 PIXEL_RANGE_SLACK = 1e-3
 # Rows of the [rows, n_embed] distance matrix computed at once (8192 rows x 8192 codes = 256 MiB in fp32).
 DISTANCE_CHUNK_ROWS = 8192
+# Bytes of input per band when GroupNorm gathers statistics (temporaries this size stay in cache).
+STATS_BAND_BYTES = 4 << 20
 
 
 class MissingDecoderError(RuntimeError):
     """decode() on a model loaded without decoder weights (Hugging Face's ChameleonVQVAE ships none)."""
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=1e-6, affine=True)
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` (same parameters and names) whose statistics are accurate to fp32 rounding in any layout.
+
+    PyTorch's CPU kernel for channels_last input accumulates sum(x) and sum(x^2) naively and takes their
+    difference: where a group's mean is large against its spread (flat or smooth regions at 512 px) the variance
+    cancels away (0.4 off a float64 reference where the contiguous kernel is 1e-5 off), and even a zero-mean group of
+    a million values is 1e-4 off. Such input (CPU, not contiguous) takes a two-pass path here instead: per-channel
+    means (cascade sums), then the sum of squares around the group mean, so nothing cancels. Contiguous input and
+    other devices keep PyTorch's kernel, which is accurate for them.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.ndim != 4 or x.is_contiguous():
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return _group_norm_two_pass(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _group_norm_two_pass(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Group norm of [B, C, H, W] in any memory layout (the output keeps it), statistics in fp32 or wider."""
+    b, c, h, w = x.shape
+    per_group, n = c // groups, (c // groups) * h * w
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)  # 16-bit input: statistics in fp32, as PyTorch does
+
+    def to_groups(per_channel: Tensor) -> Tensor:  # [B, C] -> [B, groups]
+        return per_channel.view(b, groups, per_group).sum(2)
+
+    def to_channels(per_group_values: Tensor) -> Tensor:  # [B, groups] -> [B, C, 1, 1]
+        return per_group_values.repeat_interleave(per_group, 1)[:, :, None, None]
+
+    # Corrected two-pass: a first mean (cascade sums, accurate in either layout), then the sum and the sum of
+    # squares of what is left around it, so the variance never comes from a difference of large numbers and the
+    # first mean's own rounding is corrected too. Bands of rows keep the temporaries in cache.
+    mean = to_channels(to_groups(x.sum((2, 3), dtype=stat_dtype)) / n)
+    sums, squares = x.new_zeros(b, c, dtype=stat_dtype), x.new_zeros(b, c, dtype=stat_dtype)
+    rows = max(1, STATS_BAND_BYTES // max(1, c * w * x.element_size() * b))
+    for band in x.split(rows, dim=2):
+        centred = band.to(stat_dtype) - mean
+        sums += centred.sum((2, 3))
+        squares += centred.square_().sum((2, 3))
+    residual = to_groups(sums) / n
+    var = to_groups(squares) / n - residual.square()
+    scale = to_channels((var + eps).rsqrt())
+    if weight is not None:
+        scale = scale * weight[:, None, None]
+    shift = -to_channels(residual) * scale
+    if bias is not None:
+        shift = shift + bias[:, None, None]
+    # (x - mean) * scale + shift: rounding relative to the spread, not to the mean.
+    out = x.to(stat_dtype) - mean
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return (out * scale + shift).to(x.dtype)
+    return torch.addcmul(shift, out, scale, out=out).to(x.dtype)
+
+
+def _norm(channels: int) -> GroupNorm:
+    return GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=1e-6, affine=True)
+
+
+def _swish(x: Tensor) -> Tensor:
+    """x * sigmoid(x); in place when no autograd graph is being built (x is always a fresh norm output here)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 class ResnetBlock(nn.Module):
@@ -41,8 +102,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(self.dropout(_swish(self.norm2(h))))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -153,7 +214,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -182,7 +243,7 @@ class Decoder(nn.Module):
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_swish(self.norm_out(h)))
 
 
 class QuantizerOutput(NamedTuple):

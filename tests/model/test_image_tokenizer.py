@@ -91,3 +91,49 @@ def test_mixed_documents_with_real_images(tokenizer: ImageTokenizer) -> None:
     assert ids_sft[n_prompt - 1] == mixed.vocab.sep_id
     sft_codes = mixed.vocab.ids_to_codes(ids_sft[2 : 2 + TINY.tokens_per_image])
     assert np.array_equal(sft_codes, tokenizer.encode([tall], mode="pad")[0])
+
+
+def _flat_diagram(side: int = 512) -> np.ndarray:
+    """A chart-like image: a white page, solid shapes, thin lines and text (large flat regions)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([40, 40, 250, 200], fill=(30, 90, 200))
+    draw.ellipse([280, 60, 470, 250], fill=(240, 160, 20))
+    draw.line([0, 400, side, 300], fill="black", width=6)
+    for y in range(260, 500, 40):
+        draw.line([40, y, 240, y], fill=(200, 200, 200), width=1)
+    draw.text((60, 320), "flat diagram 42%", fill="black")
+    return np.asarray(image)
+
+
+@pytest.mark.slow
+def test_codes_at_512_px_equal_a_float64_reference_on_photos_and_flat_diagrams() -> None:
+    """At 512 px, flat and smooth regions give GroupNorm groups whose mean is large against their spread; PyTorch's
+    channels_last CPU kernel then moved 12 of 3,072 codes here (Meta's reference tokenizer, NCHW, does not). The
+    fast tokenizer's codes equal a float64 NCHW copy of the same model wherever the nearest code is not a near-tie,
+    and equal our own contiguous fp32 path."""
+    torch.manual_seed(0)
+    config = VQConfig.from_preset("chameleon", ch=32, n_embed=1024)  # Meta's shape at 512 px, 1/4 the width
+    vqgan = VQGAN(config, with_decoder=False).eval()
+    photos = [REPO / "sample/images/chinese_tower_above_lake.jpg", REPO / "sample/images/espresso_cup_on_saucer.jpg"]
+    pixels = [preprocess(p, size=512).pixels for p in photos] + [_flat_diagram()]
+    with torch.no_grad():
+        init_codebook_from_latents(vqgan, to_tensor(pixels), torch.Generator().manual_seed(0))
+    reference = VQGAN(config, with_decoder=False).eval()
+    reference.load_state_dict(vqgan.state_dict())
+    contiguous = VQGAN(config, with_decoder=False).eval()
+    contiguous.load_state_dict(vqgan.state_dict())
+    reference.double()
+    with torch.no_grad():
+        latents = reference.latents(to_tensor(pixels).double())
+        distances = reference.quantize.distances(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]))
+    best_two = distances.topk(2, largest=False).values
+    exact = distances.argmin(1).view(len(pixels), -1).numpy()
+    clear = (best_two[:, 1] - best_two[:, 0] > 1e-4).view(len(pixels), -1).numpy()  # the median gap is ~0.15
+    assert clear.mean() > 0.98
+    fast = ImageTokenizer(vqgan).encode(pixels)
+    assert ImageTokenizer(vqgan).vqgan.is_channels_last
+    assert np.array_equal(fast[clear], exact[clear])
+    assert np.array_equal(fast, contiguous.encode(to_tensor(pixels)).numpy())
