@@ -1,4 +1,4 @@
-"""Generation speed: our `model.generation.Generator` vs Hugging Face transformers' `generate`, the same weights.
+"""Generation speed: our `model.generation.generator.Generator` vs transformers' `generate`, the same weights.
 
 Two measures, at two sizes (the `tiny` preset with its 8x8-code images, and a ~100M body with Chameleon's 65,536-id
 vocabulary and 32x32-code images), at batch 1 and batch 4:
@@ -8,7 +8,7 @@ vocabulary and 32x32-code images), at batch 1 and batch 4:
 
 How the comparison is kept fair:
 
-* The same weights: our random model is converted with `model.convert.state_to_hf` into HF's
+* The same weights: our random model is converted with `model.lm.convert.state_to_hf` into HF's
   `ChameleonForConditionalGeneration` (config from `hf_config_dict`, SDPA attention, a tiny frozen VQ-VAE that never
   runs) in memory; the script checks the two models' prompt logits agree (max |diff| printed) and, for greedy text,
   how many rows generate the same ids.
@@ -26,9 +26,9 @@ How the comparison is kept fair:
   `guidance=False` and the same sampling settings, so it too samples exactly `tokens_per_image` codes (it then
   appends EOI without sampling). Ours with classifier-free guidance (3 streams per prompt, Chameleon's default) is
   reported for information: HF has no counterpart.
-* On CUDA ours decodes one-token steps by replaying a CUDA graph (`model/decode_graph.py`, Generator's default
-  there); its text rows also time ours without the graph (`ours_eager`, information). `--static-steps off` times
-  ours without graphs throughout.
+* On CUDA ours decodes one-token steps by replaying a CUDA graph (`model/generation/decode_graph.py`,
+  Generator's default there); its text rows also time ours without the graph (`ours_eager`, information).
+  `--static-steps off` times ours without graphs throughout.
 * Timing: one untimed warm-up call of each (the text calls; on CPU the image calls then run on the warmed models,
   on CUDA they have their own warm-up call, which holds the image shape's graph capture), then
   the two alternate call by call (drift on a shared machine hits both); each figure is the median of `--repeats`
@@ -63,10 +63,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere without installin
 import transformers  # noqa: E402
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, LogitsProcessor  # noqa: E402
 
-from model.convert import hf_config_dict, state_to_hf  # noqa: E402
-from model.generation import Generator, allowed_mask  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
-from model.vocabulary import Modality, Vocabulary  # noqa: E402
+from model.generation.generator import Generator, allowed_mask  # noqa: E402
+from model.lm.convert import hf_config_dict, state_to_hf  # noqa: E402
+from model.lm.transformer import Transformer  # noqa: E402
+from model.tokenizers.vocabulary import Modality, Vocabulary  # noqa: E402
 from schemas.generate_config import GenerateConfig  # noqa: E402
 from schemas.model_config import ModelConfig  # noqa: E402
 from schemas.vocab import CHAMELEON, TINY, VocabLayout  # noqa: E402

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.image_preprocess import (
+from model.tokenizers.image_preprocess import (
     _crop_resize_size,
     _decode_scaled,
     _draft_eighths,

@@ -22,7 +22,7 @@ import cv2
 from bench_prepare import realistic_jpegs  # bench/ is on sys.path when this file is run
 from PIL import Image
 
-from model.image_preprocess import preprocess
+from model.tokenizers.image_preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".bench-venv" / "img2dataset"

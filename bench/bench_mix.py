@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.stage_loader import StageLoader
-from model.text_tokenizer import iter_texts, load_text_tokenizer, train_text_tokenizer
+from model.tokenizers.text_tokenizer import iter_texts, load_text_tokenizer, train_text_tokenizer
+from model.training.stage_loader import StageLoader
 from pipelines.mix_job import run_mix
 from pipelines.raw_records import Reject
 from pipelines.shard_writer import TokenizedSample, write_shard

@@ -19,12 +19,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from model.image_preprocess import preprocess
-from model.image_tokenizer import ImageTokenizer
-from model.mixed_tokenizer import ImageSegment, MixedModalTokenizer
-from model.text_tokenizer import iter_texts, train_text_tokenizer
-from model.vq_checkpoint import save_meta_vqgan
-from model.vqgan import VQGAN
+from model.tokenizers.image_preprocess import preprocess
+from model.tokenizers.image_tokenizer import ImageTokenizer
+from model.tokenizers.mixed_tokenizer import ImageSegment, MixedModalTokenizer
+from model.tokenizers.text_tokenizer import iter_texts, train_text_tokenizer
+from model.tokenizers.vq_checkpoint import save_meta_vqgan
+from model.tokenizers.vqgan import VQGAN
 from pipelines.face_detection import HaarFaceDetector
 from pipelines.prepare_job import run_prepare
 from pipelines.shard_writer import TokenizedSample, write_shard

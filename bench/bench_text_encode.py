@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from model.text_tokenizer import iter_texts, layout_for, train_text_tokenizer
+from model.tokenizers.text_tokenizer import iter_texts, layout_for, train_text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 
-from model.losses import lm_loss
-from model.optim import make_optimizer
-from model.transformer import Transformer
-from model.vocabulary import Modality, Vocabulary
+from model.lm.losses import lm_loss
+from model.lm.transformer import Transformer
+from model.tokenizers.vocabulary import Modality, Vocabulary
+from model.training.optim import make_optimizer
 from schemas.model_config import ModelConfig
 from schemas.train_config import OptimizerConfig, TrainConfig
 from schemas.vocab import CHAMELEON, IMAGE_CODE_OFFSET, TINY, VocabLayout
@@ -214,7 +214,7 @@ def main() -> None:
     torch.set_num_threads(2)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW (model.optim.make_optimizer)"
+        f"{'bf16 autocast' if bf16 else 'fp32'}, AdamW (model.training.optim.make_optimizer)"
     )
 
     tiny = ModelConfig.from_preset("tiny", max_seq_len=max(512, args.seq))

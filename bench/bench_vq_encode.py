@@ -1,8 +1,8 @@
 """VQ encode throughput on CPU (images/s) by batch size: channels_last vs contiguous, in one run, with the ratio.
 
-channels_last runs our accurate GroupNorm (model/vqgan.py); the column "before" is channels_last with PyTorch's own
-CPU kernel, which is faster but loses precision on flat regions (issue 17), measured alongside for the record.
-Random weights (speed does not depend on them). `--quick` keeps it to a few seconds of tiny and one
+channels_last runs our accurate GroupNorm (model/tokenizers/vqgan.py); the column "before" is channels_last
+with PyTorch's own CPU kernel, which is faster but loses precision on flat regions (issue 17), measured alongside for
+the record. Random weights (speed does not depend on them). `--quick` keeps it to a few seconds of tiny and one
 512 px Chameleon batch. Timings alternate between the two layouts so load from other processes hits both.
 
     .venv/bin/python bench/bench_vq_encode.py [--quick] [--threads N]
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model.vqgan import VQGAN, GroupNorm
+from model.tokenizers.vqgan import VQGAN, GroupNorm
 from schemas.vq_config import VQConfig
 
 FULL = {"tiny": ([1, 4, 16], 5), "chameleon": ([1, 2, 4], 1)}  # batch sizes, timed repetitions each

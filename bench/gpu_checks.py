@@ -1,12 +1,13 @@
 """Correctness of the two CUDA-only code paths, checked on a lent GPU machine in about a minute.
 
-1. The trainer's fused output layer + loss (`model/losses.py`, its CUDA layout) equals `lm_loss` on full logits, in
+1. The trainer's fused output layer + loss (`model/lm/losses.py`, its CUDA layout) equals `lm_loss` on full logits, in
    fp32 and under bf16 autocast, values and gradients.
-2. Document masking through FlexAttention (`model/document_attention.py`): the loss and every parameter's gradient
+2. Document masking through FlexAttention (`model/lm/document_attention.py`): the loss and every parameter's gradient
    of a tiny grouped-query model on packed documents equal those of the dense-mask SDPA path, in fp32, under bf16
    autocast (as the trainer runs on GPUs), and under bf16 autocast with compiled blocks.
-3. CUDA-graph decoding (`model/decode_graph.py`): greedy generations in text and mixed mode, with a padded prompt and
-   guidance rows, equal the eager decode's, and a second call (the kept graph, replayed) gives the same again.
+3. CUDA-graph decoding (`model/generation/decode_graph.py`): greedy generations in text and mixed mode, with a
+   padded prompt and guidance rows, equal the eager decode's, and a second call (the kept graph, replayed) gives the
+   same again.
 
 Prints one line per check, writes $OUT/gpu_checks.json when $OUT is set, and exits 1 if any check fails.
 `--cpu-smoke` runs the same code on CPU to check the script: FlexAttention forward only (it has no CPU backward), the
@@ -25,10 +26,10 @@ from tempfile import TemporaryDirectory
 import torch
 from torch import nn
 
-from model.generation import Generator
-from model.losses import fused_lm_loss, lm_loss
-from model.transformer import Transformer
-from model.vocabulary import Vocabulary
+from model.generation.generator import Generator
+from model.lm.losses import fused_lm_loss, lm_loss
+from model.lm.transformer import Transformer
+from model.tokenizers.vocabulary import Vocabulary
 from schemas.generate_config import GenerateConfig
 from schemas.model_config import ModelConfig
 from schemas.vocab import TINY

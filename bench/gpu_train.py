@@ -2,15 +2,15 @@
 
 One step = forward under bf16 autocast + the trainer's loss over every next-token target (the output layer fused
 with CE + z-loss, `Transformer.forward(..., loss_mask=...)`; `--logits-path` times full logits + plain CE instead)
-+ backward + AdamW step (`model.optim.make_optimizer`, fused); weights, grads and optimizer state stay fp32, as in
-`model/trainer.py`. Each
++ backward + AdamW step (`model.training.optim.make_optimizer`, fused); weights, grads and optimizer state stay fp32,
+as in `model/training/trainer.py`. Each
 `model.layers[i]` is compiled in place with `torch.compile` (the trainer's `compile: true`). The batch starts at
 `--batch` and halves on out-of-memory. Warm-up (compilation included) and the timed loop are both bounded in seconds
 so the whole run ends within ~5 minutes.
 
 MFU = tokens/s * (6 N + 12 L d S) / peak, N = parameters that do matmuls (all but the input embedding table),
-peak = the device's dense bf16 peak from `model.mfu` (989e12 for H100 SXM and H200). Prints the figures and writes
-them to $OUT/gpu_train.json when $OUT is set.
+peak = the device's dense bf16 peak from `model.training.mfu` (989e12 for H100 SXM and H200). Prints the figures and
+writes them to $OUT/gpu_train.json when $OUT is set.
 `--documents` then times the same step on packed documents (seq/16 to seq/2 tokens each: 256-2,048 at 4,096;
 positions restart per document; `doc_ids` masking as the trainer does by default: FlexAttention on CUDA), reported
 under "documents" with MFU by the same formula (it counts full causal attention: the figure to compare).
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.document_attention import resolve_document_attention
-from model.losses import DEFAULT_CHUNK_SIZE
-from model.mfu import PEAK_FLOPS, device_peak_flops, flops_per_token, matmul_params
-from model.optim import make_optimizer
-from model.transformer import Transformer
+from model.lm.document_attention import resolve_document_attention
+from model.lm.losses import DEFAULT_CHUNK_SIZE
+from model.lm.transformer import Transformer
+from model.training.mfu import PEAK_FLOPS, device_peak_flops, flops_per_token, matmul_params
+from model.training.optim import make_optimizer
 from schemas.model_config import ModelConfig
 from schemas.train_config import OptimizerConfig
 

@@ -15,8 +15,8 @@ import torch
 
 from flows.process_lifetime import die_with_parent
 from flows.train_launcher import LAUNCHER_PID_ENV, write_worker_error
-from model.cpu_memory import keep_freed_memory
-from model.trainer import INPUT_ERRORS, Trainer
+from model.training.cpu_memory import keep_freed_memory
+from model.training.trainer import INPUT_ERRORS, Trainer
 from schemas import SFTConfig, TrainConfig, load_config
 
 

@@ -19,7 +19,7 @@ from flows.artifacts import (
 )
 from flows.markup import code, md
 from flows.subprocess_task import cham, run_command, torchrun
-from model.checkpointing import latest_checkpoint
+from model.training.checkpointing import latest_checkpoint
 from schemas import SFTConfig, TrainConfig, dump_config
 
 NPROC = Field(1, description="processes (ranks) on this machine; more than 1 launches torchrun (DDP or FSDP)")

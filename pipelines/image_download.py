@@ -157,7 +157,7 @@ def inspect_image(data: bytes) -> dict[str, Any]:
     bomb guard is off): the image step applies the source's `max_pixels`, whatever it is, to what the cache holds."""
     from PIL import ExifTags, Image
 
-    from model.image_preprocess import pillow_pixel_limit
+    from model.tokenizers.image_preprocess import pillow_pixel_limit
 
     if not data:
         raise DownloadFailure("download_not_image", "the response is empty")

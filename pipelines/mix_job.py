@@ -23,9 +23,9 @@ import apache_beam as beam
 import numpy as np
 import webdataset as wds
 
-from model.file_reading import first_line, read_json_object, read_npy
-from model.text_tokenizer import load_text_tokenizer
-from model.vocabulary import Modality, Vocabulary
+from model.files.reading import first_line, read_json_object, read_npy
+from model.tokenizers.text_tokenizer import load_text_tokenizer
+from model.tokenizers.vocabulary import Modality, Vocabulary
 from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, plan_stage
 from pipelines.packing import PackedSequence, pack_pretraining, pack_sft
 from pipelines.prepare_job import MANIFEST

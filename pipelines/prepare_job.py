@@ -20,9 +20,9 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from model.image_tokenizer import ImageTokenizer
-from model.mixed_tokenizer import MixedModalTokenizer
-from model.text_tokenizer import load_text_tokenizer
+from model.tokenizers.image_tokenizer import ImageTokenizer
+from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
+from model.tokenizers.text_tokenizer import load_text_tokenizer
 from pipelines.documents import TEXT_SEPARATOR_BY_FORMAT
 from pipelines.face_detection import HaarFaceDetector
 from pipelines.image_download import UrlImages, download_totals

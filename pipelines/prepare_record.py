@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model.image_preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, preprocess
-from model.mixed_tokenizer import ImageSegment, MixedModalTokenizer
+from model.tokenizers.image_preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageError, preprocess
+from model.tokenizers.mixed_tokenizer import ImageSegment, MixedModalTokenizer
 from pipelines.documents import PARAGRAPH_SEPARATOR, document_segments, sft_segments
 from pipelines.face_detection import DEFAULT_MAX_SIDE, FaceDetector
 from pipelines.raw_records import RecordError, Reject

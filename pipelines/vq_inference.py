@@ -14,7 +14,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from model.image_tokenizer import ImageTokenizer
+from model.tokenizers.image_tokenizer import ImageTokenizer
 
 
 class VQModelHandler(ModelHandler[np.ndarray, PredictionResult, ImageTokenizer]):

@@ -44,11 +44,11 @@ def tiny_tokenizers(tmp_path_factory: pytest.TempPathFactory, sample_data: tuple
     sample photos' encoder outputs (untrained, but with well-separated codes), both saved as the jobs load them."""
     import torch
 
-    from model.image_preprocess import preprocess, to_tensor
-    from model.text_tokenizer import expand_inputs, iter_texts, train_text_tokenizer
-    from model.vq_checkpoint import save_meta_vqgan
-    from model.vq_training import init_codebook_from_latents
-    from model.vqgan import VQGAN
+    from model.tokenizers.image_preprocess import preprocess, to_tensor
+    from model.tokenizers.text_tokenizer import expand_inputs, iter_texts, train_text_tokenizer
+    from model.tokenizers.vq_checkpoint import save_meta_vqgan
+    from model.tokenizers.vq_training import init_codebook_from_latents
+    from model.tokenizers.vqgan import VQGAN
     from schemas.vocab import TINY
     from schemas.vq_config import VQConfig
 
@@ -102,7 +102,7 @@ def make_stage(tmp_path_factory: pytest.TempPathFactory, prepared_sources: Path)
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, make_stage) -> Path:
     """A tiny model pretrained 30 steps on a prose + photos stage: its out_dir (checkpoints/, metrics.jsonl)."""
-    from model.trainer import Trainer
+    from model.training.trainer import Trainer
     from schemas import TrainConfig, validate_config
 
     stage = make_stage(30_000)
@@ -148,7 +148,7 @@ def damage_stage():
 
     import numpy as np
 
-    from model.stage_loader import StageLoader
+    from model.training.stage_loader import StageLoader
 
     def damage(stage: Path, copy: Path) -> dict[int, str]:
         """Copy the stage and damage three sequences of its first shard in place (the tar stays intact); returns

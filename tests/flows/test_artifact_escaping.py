@@ -209,7 +209,7 @@ def test_artifacts_read_back_through_the_api_hold_no_markup(prefect_api) -> None
 
 def test_html_pages_escape_text_and_draw_only_images_beside_the_page(tmp_path: Path) -> None:
     from flows.html_report import dict_table, generation_html
-    from model.segment_output import segments_html
+    from model.generation.segment_output import segments_html
 
     records = [{"kind": "text", "text": HOSTILE[0] + HOSTILE[1] + '"><img src=x onerror=alert(1)>'}]
     paths = ("images/a-1.png", "http://127.0.0.1:9/x.png", " //evil/x", "javascript:alert(1)", "/etc/x", "../x.png")

@@ -704,7 +704,7 @@ def test_no_netrc_credentials_or_environment_proxy_reach_hosts_named_in_data(
 def test_the_download_leaves_pixel_limits_to_the_image_step() -> None:
     """A 200 MP image (above Pillow's own ~179 MP bomb error) is fetched and cached as what it is: whether it is too
     large is the source's `max_pixels` to say, at the image step, and a larger limit lets it through."""
-    from model.image_preprocess import ImageError, open_image
+    from model.tokenizers.image_preprocess import ImageError, open_image
 
     buffer = io.BytesIO()
     Image.new("1", (20_000, 10_000)).save(buffer, "PNG")  # a few kB on the wire

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from model.image_preprocess import preprocess
+from model.tokenizers.image_preprocess import preprocess
 from pipelines.prepare_record import PrepareSettings, prepare_record
 from tests.conftest import REPO
 

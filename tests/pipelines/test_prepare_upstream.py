@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.mixed_tokenizer import ImageSegment, MixedModalTokenizer
-from model.text_tokenizer import load_text_tokenizer
+from model.tokenizers.mixed_tokenizer import ImageSegment, MixedModalTokenizer
+from model.tokenizers.text_tokenizer import load_text_tokenizer
 from pipelines.prepare_job import MANIFEST, PrepareError, run_prepare
 from pipelines.shard_writer import read_shard
 from schemas import PrepareConfig, validate_config

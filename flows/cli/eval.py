@@ -1,0 +1,187 @@
+"""`cham eval`: held-out loss on stage shards, and the human-evaluation harness (prompts, compare, score)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from flows.cli.output import console, fail, output_file, output_folder
+from model.evaluation.annotation_score import read_annotations, read_blinding, score_annotations
+from model.evaluation.held_out import heldout_loss
+from model.evaluation.human_eval import (
+    ANNOTATE_PAGE,
+    BLINDING_FILE,
+    COMPARE_PAGE,
+    RESPONSES_FILE,
+    EvalFileError,
+    make_comparison,
+    read_prompts,
+    read_responses,
+    run_prompts,
+)
+from model.generation.inference import InferenceModel, load_inference_model, load_trained_model
+from model.generation.prompting import PromptError
+from model.training.checkpointing import CheckpointError
+from model.training.stage_loader import CorruptShardError
+from schemas.config_base import ConfigError
+from schemas.generate_config import GenerationMode
+
+app = typer.Typer(help="Evaluate a checkpoint: held-out loss, and mixed-modal prompts for human annotators.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)  # fmt: skip
+
+SHORT = {"partially_fulfills": "partly", "does_not_fulfill": "not", "win": "A wins", "loss": "B wins"}
+CHECKPOINT = typer.Option("--checkpoint", help="a run's out_dir, its checkpoints/ or a step folder")
+
+
+def _load(checkpoint: Path, text_tokenizer: Path | None = None, image_tokenizer: Path | None = None) -> InferenceModel:
+    try:
+        return load_inference_model(checkpoint, text_tokenizer, image_tokenizer)
+    except CheckpointError as err:
+        raise fail(str(err)) from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@app.command("loss")
+def loss(
+    checkpoint: Annotated[Path, CHECKPOINT],
+    stage: Annotated[Path, typer.Option("--stage", help="a stage folder written by `cham mix` (held-out data)")],
+    out: Annotated[Path, typer.Option("--out", help="the JSON file to write the results to")],
+    max_batches: Annotated[int | None, typer.Option(help="evaluate only the first N batches")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    document_masking: Annotated[
+        bool, typer.Option("--document-masking/--no-document-masking", help="attend within documents, as in training")
+    ] = True,
+) -> None:
+    """Held-out loss and perplexity of a checkpoint on stage shards, per source and per modality."""
+    if not (stage / "manifest.json").is_file():
+        raise fail(f"{stage}: not a stage folder (no manifest.json; write one with `cham mix`)")
+    try:  # held-out loss needs the model only, not its tokenizers (a converted folder has none)
+        model, folder, step = load_trained_model(checkpoint)
+    except CheckpointError as err:
+        raise fail(str(err)) from None
+    output_file(out)  # before the evaluation, not after it
+    columns = (TextColumn("held-out loss"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("batches", total=None)
+
+            def advance(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            result = heldout_loss(model, stage, batch_size=batch_size, max_batches=max_batches,
+                                  document_masking=document_masking, progress=advance)  # fmt: skip
+    except (ValueError, FileNotFoundError, CorruptShardError) as err:
+        raise fail(str(err)) from None
+    result = {"checkpoint": str(folder), "step": step, **result}
+    title = f"held-out loss: {folder} on {result['stage']} ({result['sequences']} sequences)"
+    table = Table("", "tokens", "loss", "perplexity", title=title)
+    rows = [("all", result), *((f"source {k}", v) for k, v in result["by_source"].items()),
+            *((f"modality {k}", v) for k, v in result["by_modality"].items())]  # fmt: skip
+    for name, r in rows:
+        table.add_row(name, f"{r['tokens']:,}", _fmt(r["loss"]), _fmt(r["perplexity"], 2))
+    console.print(table)
+    _write_json(out, result)
+    console.print(f"wrote {out}")
+
+
+@app.command("prompts")
+def prompts(
+    checkpoint: Annotated[Path, CHECKPOINT],
+    prompts_file: Annotated[Path, typer.Option("--prompts", help="a prompt file (jsonl: id, prompt, images, ...)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for responses.jsonl, annotate.html and images/")],
+    mode: Annotated[GenerationMode, typer.Option(help="text, image or mixed")] = "mixed",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="at most this many new tokens per response")] = 1024,
+    seed: Annotated[int, typer.Option(help="base seed; each prompt samples with a seed derived from its id")] = 0,
+    guidance: Annotated[bool, typer.Option("--cfg/--no-cfg", help="classifier-free guidance for images")] = True,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="prompts decoded together: faster; responses equal to one at a time up to "
+            "floating-point rounding (padding changes summation order)",
+        ),
+    ] = 1,
+    text_tokenizer: Annotated[Path | None, typer.Option(help="override the text tokenizer the run recorded")] = None,
+    image_tokenizer: Annotated[Path | None, typer.Option(help="override the image tokenizer the run recorded")] = None,
+) -> None:
+    """Answer every prompt of a prompt file and write the page annotators judge task fulfillment on."""
+    try:
+        items = read_prompts(prompts_file)
+    except EvalFileError as err:
+        raise fail(str(err)) from None
+    loaded = _load(checkpoint, text_tokenizer, image_tokenizer)
+    output_folder(out)
+    console.print(f"[dim]{loaded.checkpoint} (step {loaded.step}), {mode} mode, {len(items)} prompts[/dim]")
+
+    def show(record: dict[str, Any]) -> None:
+        images = sum(s["kind"] == "image" for s in record["response"])
+        console.print(f"{record['id']}: {record['new_tokens']} tokens, {images} images, {record['seconds']:.1f} s")
+
+    try:
+        run_prompts(loaded, items, out, mode=mode, max_new_tokens=max_new_tokens, seed=seed, guidance=guidance,
+                    on_response=show, batch_size=batch_size)  # fmt: skip
+    except (PromptError, EvalFileError, ConfigError) as err:
+        raise fail(str(err)) from None
+    console.print(f"wrote {out / RESPONSES_FILE}; annotators open {out / ANNOTATE_PAGE}")
+
+
+@app.command("compare")
+def compare(
+    responses_a: Annotated[Path, typer.Argument(help="responses.jsonl of system A")],
+    responses_b: Annotated[Path, typer.Argument(help="responses.jsonl of system B (same prompt file)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for compare.html, images/ and blinding.json")],
+    seed: Annotated[int | None, typer.Option(help="seed of the per-item order (default: random, recorded)")] = None,
+) -> None:
+    """A blinded A-vs-B page (order random per item) and the map that un-blinds the annotations."""
+    output_folder(out)
+    try:
+        mapping = make_comparison(responses_a, responses_b, out, seed=seed)
+    except EvalFileError as err:
+        raise fail(str(err)) from None
+    console.print(f"{len(mapping['items'])} items (seed {mapping['seed']}): annotators open {out / COMPARE_PAGE}; "
+                  f"keep {out / BLINDING_FILE} from them and pass it to `cham eval score --blinding`")  # fmt: skip
+
+
+@app.command("score")
+def score(
+    annotations: Annotated[list[Path], typer.Argument(help="annotation jsonl file(s), e.g. one per annotator")],
+    out: Annotated[Path, typer.Option("--out", help="the JSON file to write the scores to")],
+    blinding: Annotated[Path | None, typer.Option(help="blinding.json of `cham eval compare` (relative)")] = None,
+    responses: Annotated[Path | None, typer.Option(help="responses.jsonl: check every item is one of them")] = None,
+) -> None:
+    """Task fulfillment or win/tie/loss rates (majority of three annotators) and the agreement shares."""
+    output_file(out)
+    try:
+        mapping = read_blinding(blinding) if blinding is not None else None
+        known = {r["id"] for r in read_responses(responses)} if responses is not None else None
+        result = score_annotations(read_annotations(annotations), mapping, known)
+    except EvalFileError as err:
+        raise fail(str(err)) from None
+    outcomes = list(result["rates"])
+    title = f"{result['task']} evaluation, {result['items']} items"
+    if result["task"] == "relative":
+        title += f": A = {result['systems'].get('A')} vs B = {result['systems'].get('B')}"
+    # Short headers so the table fits 80 columns; the JSON has the full names.
+    table = Table("category", "items", *(SHORT.get(k, k) for k in outcomes), "3/3", "2/3", "none", box=box.SIMPLE_HEAD,
+                  title=title, caption="annotators who agree: all three (3/3), two (2/3), none")  # fmt: skip
+    for name, summary in [("overall", result), *result["by_category"].items()]:
+        shares = [f"{summary['rates'][k]:.1%}" for k in outcomes]
+        agree = [f"{v:.1%}" for v in summary["agreement"].values()]
+        table.add_row(name, str(summary["items"]), *shares, *agree)
+    console.print(table)
+    _write_json(out, result)
+    console.print(f"wrote {out}")

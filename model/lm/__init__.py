@@ -1,0 +1,1 @@
+"""The language model: the transformer, its losses and document attention, weight conversion (Meta, Hugging Face)."""

@@ -1,0 +1,364 @@
+"""The trainer for pretraining and SFT: Chameleon's recipe on stage shards, resumable exactly, DDP under torchrun.
+
+One optimizer step = `global_batch_size` sequences: each rank runs `accumulation` micro-batches of
+`micro_batch_size`, and the step's loss is the mean over all its supervised targets, on all ranks. A step whose
+gradients are not finite, or that has no supervised target, is not applied (and counted). Checkpoints hold the
+model, optimizer, schedule, step, loader position and RNG; a run resumes from the latest one by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model.lm.document_attention import resolve_document_attention
+from model.lm.transformer import Transformer
+from model.tokenizers.vocabulary import Modality, Vocabulary
+from model.training.checkpointing import (
+    LATEST,
+    CheckpointError,
+    TrainState,
+    apply_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    state_dict_mismatch,
+    trainer_state_part,
+)
+from model.training.lr_schedule import make_scheduler
+from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
+from model.training.optim import clip_and_check, make_optimizer
+from model.training.run_lock import RunLock, RunLockedError
+from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
+from schemas.train_config import SFTConfig, TrainConfig
+from schemas.vocab import VocabLayout
+
+METRICS_FILE = "metrics.jsonl"
+# What bad configs, data, checkpoints or output paths raise: reported as one line by `cham train` and its workers.
+INPUT_ERRORS = (ValueError, OSError, CheckpointError, CorruptShardError, ResumeMismatchError, RunLockedError)
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    ce: float
+    ce_text: float | None  # None (null in metrics.jsonl, no TensorBoard point) when the step had no text targets
+    ce_image: float | None  # the same for image targets: a mean over nothing is no loss, and 0.0 would read as perfect
+    z_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int  # positions the model ran over, all ranks (padding included: it costs compute too)
+    supervised_tokens: int  # targets the loss counted, all ranks
+    tokens_per_s: float
+    data_wait_share: float
+    mfu: float | None
+    skipped_steps: int  # steps not applied (non-finite gradients, or no targets), so far
+    damaged_sequences: int = 0  # sequences read as padding so far (skip_corrupt_shards), all ranks
+
+
+class Trainer:
+    """Pretraining (TrainConfig) or SFT (SFTConfig) of the Chameleon transformer on one stage."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
+        self.config, self.log = config, log
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.out_dir = Path(config.out_dir)
+        # Rank 0 writes the run (checkpoints, metrics): another live trainer of this out_dir is refused at once,
+        # before the model is built; train() holds the lock while it writes.
+        self.run_lock = RunLock(self.out_dir) if self.rank == 0 else None
+        if self.run_lock is not None:
+            self.run_lock.check()
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        per_step = config.micro_batch_size * self.world_size
+        if config.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
+                             f"{config.micro_batch_size} x {self.world_size} ranks")  # fmt: skip
+        self.accumulation = config.global_batch_size // per_step
+        torch.manual_seed(config.seed)
+        model_config = config.model
+        if isinstance(config, SFTConfig):
+            model_config = model_config.model_copy(update={"dropout": config.dropout})
+        self.model = Transformer(model_config).to(self.device)
+        if config.document_masking:
+            if config.document_attention == "flex" and self.device.type != "cuda":
+                raise ValueError("document_attention 'flex' needs a CUDA device (FlexAttention has no CPU backward); "
+                                 "use 'auto' or 'sdpa'")  # fmt: skip
+            kernel = resolve_document_attention(config.document_attention, self.device, model_config.head_dim)
+            self.model.document_attention = config.document_attention
+            if kernel == "flex":  # the first step is slow while it compiles: say so
+                log("document masking through FlexAttention (compiled on the first step)")
+        if config.init_from is not None:
+            start = resolve_checkpoint(config.init_from)
+            load_weights(start, self.model)
+            log(f"initialised from {start}")
+        self.module = self.model
+        # One code path: DDP replicates the model, FSDP2 shards each block (for models that don't fit one device).
+        self.fsdp = self.world_size > 1 and config.parallelism == "fsdp"
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.layers:
+                fully_shard(block)
+            fully_shard(self.model)
+        elif self.world_size > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+        if config.compile:
+            for block in self.model.layers:
+                block.compile()  # in place: parameter names (Meta's) stay as they are
+        self.optimizer = make_optimizer(self.model, config.optimizer)
+        self.scheduler = make_scheduler(self.optimizer, config.steps, config.schedule)
+        self.loader = StageLoader(config.data, batch_size=config.micro_batch_size, rank=self.rank,
+                                  world_size=self.world_size, num_workers=config.loader_workers,
+                                  skip_corrupt=config.skip_corrupt_shards)  # fmt: skip
+        if self.loader.seq_len != config.seq_len:
+            raise ValueError(f"the stage at {config.data} has sequences of {self.loader.seq_len}, config.seq_len is "
+                             f"{config.seq_len}")  # fmt: skip
+        layout = VocabLayout.model_validate(self.loader.manifest["vocab_layout"])
+        if layout.vocab_size != model_config.vocab_size:
+            raise ValueError(f"the stage's vocabulary has {layout.vocab_size} ids, the model {model_config.vocab_size}")
+        self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
+        # A step folder is self-describing (our `convert` format plus the tokenizers): generate/eval need nothing else.
+        self.checkpoint_files = {
+            "model_config.json": model_config.model_copy(update={"dropout": 0.0}).model_dump_json(indent=2) + "\n",
+            "tokenizers.json": json.dumps({**self.loader.manifest.get("tokenizers", {}),
+                                           "vocab_layout": self.loader.manifest["vocab_layout"]}, indent=2),
+            "training.json": json.dumps({"kind": "sft" if isinstance(config, SFTConfig) else "pretrain",
+                                         "data": str(config.data), "stage": self.loader.manifest.get("stage")}),
+        }  # fmt: skip
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.step, self.skipped, self.damaged = 0, 0, 0
+        self.flops_per_token = flops_per_token(matmul_params(self.model), model_config.n_layers, model_config.dim,
+                                               config.seq_len)  # fmt: skip
+        self.peak = device_peak_flops(self.device)
+        self._resume()
+
+    def _resume(self) -> None:
+        found = latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            pointer = self.ckpt_dir / LATEST
+            if pointer.is_file():  # starting over would overwrite a run whose checkpoints are lost
+                raise CheckpointError(f"{pointer} names a checkpoint that is not there, and no other is complete: "
+                                      f"restore it, or delete the file to start from step 0")  # fmt: skip
+            return
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            model_state, trainer, state = read_checkpoint(found)
+            # DTensor shapes are the full ones, so this names a mismatch as the unsharded load does.
+            problem = state_dict_mismatch({k: tuple(v.shape) for k, v in self.model.state_dict().items()}, model_state)
+            if problem:
+                raise CheckpointError(f"{found}: cannot load this checkpoint: {problem}")
+            optimizer_state = trainer_state_part(found, trainer, "optimizer")
+            scheduler_state = trainer_state_part(found, trainer, "scheduler")
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, model_state, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
+            self.scheduler.load_state_dict(scheduler_state)
+            apply_rng_state(trainer)
+        else:
+            state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
+        self.damaged = int(state.extra.get("damaged_sequences", 0))
+        self.loader.load_state_dict(state.loader, allow_fingerprint_change=self.config.allow_data_change)
+        self.log(f"resumed from {found} at step {self.step}")
+
+    def _autocast(self) -> Any:
+        precision = self.config.precision
+        if precision == "bf16" or (
+            precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        ):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # epochs follow each other; the loader keeps its own position
+            yield from self.loader
+
+    def train(self, stop_at: int | None = None) -> list[StepMetrics]:
+        """Run to `config.steps` (or stop early at `stop_at`), checkpointing as configured; returns the metrics."""
+        config, history = self.config, []
+        last = min(config.steps, stop_at) if stop_at is not None else config.steps
+        batches = self._batches()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_lock is not None:
+            self.run_lock.acquire()
+        metrics_file, self.tensorboard = None, None
+        try:
+            if self.rank == 0 and config.logging.jsonl:
+                # Steps after the checkpoint resumed from are redone: their records from the run that died go.
+                keep_metrics_until(self.out_dir / METRICS_FILE, self.step)
+                metrics_file = (self.out_dir / METRICS_FILE).open("a")
+            if self.rank == 0 and config.logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step: TensorBoard drops the earlier events of the steps this run redoes.
+                self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+            while self.step < last:
+                history.append(self._step(batches, metrics_file))
+        finally:
+            if metrics_file:
+                metrics_file.close()
+            if self.tensorboard:
+                self.tensorboard.close()
+            if self.run_lock is not None:
+                self.run_lock.release()
+        return history
+
+    def _step(self, batches: Iterator[dict[str, torch.Tensor]], metrics_file: Any) -> StepMetrics:
+        config = self.config
+        self.module.train()
+        started = time.perf_counter()
+        waited, micro_batches = 0.0, []
+        for _ in range(self.accumulation):
+            t = time.perf_counter()
+            micro_batches.append({k: v.to(self.device) for k, v in next(batches).items()})
+            waited += time.perf_counter() - t
+        # Every supervised target of the global batch weighs the same. Each micro-batch's loss is a mean over its
+        # own targets, so it is scaled by its share of the step's targets on all ranks; 1/accumulation would make a
+        # mean of means, over-weighting micro-batches with few targets (short SFT answers, padding). DDP and FSDP
+        # average gradients over ranks, hence the factor world_size.
+        counts = torch.stack([b["loss_mask"][:, 1:].sum() for b in micro_batches]).double()
+        total = counts.sum()
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        scales = (counts * self.world_size / total.clamp(min=1)).float()
+        # Sums over the step's targets, kept on the device (one host sync per step): loss, ce, z, ce_text * n_text,
+        # ce_image * n_image, n_text, n_image, and the damaged sequences read as padding (skip_corrupt_shards).
+        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        sums[7] = torch.stack([b["damaged"].sum() for b in micro_batches]).sum()
+        for micro, batch in enumerate(micro_batches):
+            sync = micro == self.accumulation - 1 or self.world_size == 1 or self.fsdp
+            context = nullcontext() if sync else self.module.no_sync()  # DDP: all-reduce once per step
+            with context, self._autocast():
+                # The loss is fused into the forward (no [B, S, vocab] logits); see Transformer.forward.
+                out = self.module(batch["tokens"], positions=batch["positions"],
+                                  doc_ids=batch["doc_ids"] if config.document_masking else None,
+                                  loss_mask=batch["loss_mask"], z_loss_weight=config.z_loss,
+                                  image_token_mask=self.image_mask, loss_chunk_size=config.loss_chunk_size)  # fmt: skip
+            (out.loss * scales[micro]).backward()
+            n = counts[micro]
+            sums[:7] += torch.stack([out.loss.detach() * n, out.ce * n, out.z_loss * n, out.ce_text * out.n_text,
+                                     out.ce_image * out.n_image, out.n_text, out.n_image]).double()  # fmt: skip
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        loss, ce, z, text, image, n_text, n_image, damaged = sums.tolist()
+        if damaged:
+            self.damaged += int(damaged)
+            self.log(f"step {self.step + 1}: {int(damaged)} damaged sequences read as padding (no targets)")
+        supervised = int(total)
+        positions = sum(b["tokens"].numel() for b in micro_batches)
+        grad_norm, finite = self._clip()
+        if finite and supervised:
+            self.optimizer.step()
+        else:  # AdamW would still move the weights (momentum, decay) on a batch with nothing to learn from
+            self.skipped += 1
+            why = f"non-finite gradients (norm {grad_norm})" if not finite else "no supervised targets in the batch"
+            self.log(f"step {self.step + 1}: {why}; update skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        seconds = time.perf_counter() - started
+        per_target = max(1, supervised)
+        metrics = StepMetrics(
+            step=self.step, loss=loss / per_target, ce=ce / per_target,
+            ce_text=text / n_text if n_text else None, ce_image=image / n_image if n_image else None,
+            z_loss=z / per_target,
+            grad_norm=float(grad_norm), lr=lr, tokens=positions * self.world_size, supervised_tokens=supervised,
+            tokens_per_s=positions * self.world_size / seconds, data_wait_share=waited / seconds,
+            # Per device: this rank's positions against this device's peak.
+            mfu=(positions / seconds * self.flops_per_token / self.peak) if self.peak else None,
+            skipped_steps=self.skipped, damaged_sequences=self.damaged,
+        )  # fmt: skip
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(asdict(metrics)) + "\n")
+            metrics_file.flush()
+        if self.tensorboard is not None:
+            for name, value in asdict(metrics).items():
+                if name != "step" and value is not None:
+                    self.tensorboard.add_scalar(f"train/{name}", value, self.step)
+        if self.step % config.logging.every_steps == 0 or self.step == config.steps:
+            self.log(f"step {self.step}/{config.steps} loss {metrics.loss:.4f} (text {_ce(metrics.ce_text)}, image "
+                     f"{_ce(metrics.ce_image)}, z {metrics.z_loss:.2e}) grad {metrics.grad_norm:.2f} lr {lr:.2e} "
+                     f"{metrics.tokens_per_s:,.0f} tok/s data wait {metrics.data_wait_share:.0%}")  # fmt: skip
+        if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
+            self.save()
+        return metrics
+
+    def _clip(self) -> tuple[float, bool]:
+        if not self.fsdp:
+            return clip_and_check(self.model, self.config.optimizer.grad_clip)
+        # Sharded gradients: torch computes the global norm across ranks as a DTensor.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return float(norm), bool(torch.isfinite(norm))
+
+    def save(self) -> None:
+        """Checkpoint on rank 0 (the loader position is the same on every rank); FSDP gathers full states first."""
+        model_state: Any = self.model
+        optimizer_state: Any = self.optimizer
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if self.rank == 0:
+            extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged}
+            state = TrainState(self.step, self.loader.state_dict(), extra)
+            save_checkpoint(self.ckpt_dir, state, model_state, optimizer_state, self.scheduler,
+                            keep_last=self.config.checkpoint.keep_last, files=self.checkpoint_files)  # fmt: skip
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _ce(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def keep_metrics_until(path: Path, step: int) -> int:
+    """Rewrite a metrics file (atomically) with only its records of steps <= `step`: a resumed run redoes the later
+    ones, and each step is recorded once. A line cut short by a kill is dropped too. Returns the lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+            except ValueError:
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            elif line.strip():
+                dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
