@@ -27,11 +27,9 @@ import hashlib
 import io
 import ipaddress
 import json
-import os
 import random
 import threading
 import time
-import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from model.files.atomic import write_atomic
 from pipelines.raw_records import Reject
 from schemas.download_config import DownloadConfig
 
@@ -342,12 +341,6 @@ def download_session(config: DownloadConfig) -> Any:
     return session
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class ImageCache:
     """Fetched images and failures on disk, looked up by URL: `ROOT/KKKK/KEY.EXT` and `ROOT/KKKK/KEY.json`."""
 
@@ -381,14 +374,14 @@ class ImageCache:
         name = f"{key}.{EXTENSIONS.get(info['format'], info['format'].lower() or 'bin')}"
         folder = self.root / key[:4]
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / name, fetched.data)
+        write_atomic(folder / name, fetched.data)
         meta = {"url": url, "key": key, "status": "success", "error_message": None,
                 "width": info["width"], "height": info["height"],  # no resize: as fetched
                 "original_width": info["width"], "original_height": info["height"], "exif": info["exif"],
                 "sha256": hashlib.sha256(fetched.data).hexdigest(), "file": name, "bytes": len(fetched.data),
                 "format": info["format"], "attempts": fetched.attempts,
                 "fetched_at": round(time.time(), 3)}  # fmt: skip
-        _write_atomic(self.json_path(key), json.dumps(meta, sort_keys=True).encode())  # last: marks it complete
+        write_atomic(self.json_path(key), json.dumps(meta, sort_keys=True).encode())  # last: marks it complete
         return CacheEntry(url, key, path=str(folder / name), fetched=True, attempts=fetched.attempts)
 
     def store_failure(self, url: str, failure: DownloadFailure, attempts: int) -> CacheEntry:
@@ -401,7 +394,7 @@ class ImageCache:
                 "reason": failure.reason, "retryable": failure.retryable, "attempts": attempts,
                 "fetched_at": round(time.time(), 3)}  # fmt: skip
         self.json_path(key).parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.json_path(key), json.dumps(meta, sort_keys=True).encode())
+        write_atomic(self.json_path(key), json.dumps(meta, sort_keys=True).encode())
         return CacheEntry(url, key, reason=failure.reason, detail=failure.detail, retryable=failure.retryable,
                           fetched=True, attempts=attempts)  # fmt: skip
 
@@ -621,7 +614,7 @@ class UrlImages:
             path.unlink(missing_ok=True)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(stats.as_dict(), indent=2, sort_keys=True).encode())
+        write_atomic(path, json.dumps(stats.as_dict(), indent=2, sort_keys=True).encode())
 
 
 def download_totals(out_dir: str | Path, shard_ids: Iterable[int]) -> dict[str, Any] | None:

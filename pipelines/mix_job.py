@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
 import time
 from collections import defaultdict
@@ -23,6 +22,7 @@ import apache_beam as beam
 import numpy as np
 import webdataset as wds
 
+from model.files.atomic import atomic_path, write_atomic
 from model.files.reading import first_line, read_json_object, read_npy
 from model.tokenizers.text_tokenizer import load_text_tokenizer
 from model.tokenizers.vocabulary import Modality, Vocabulary
@@ -30,7 +30,15 @@ from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, plan_stage
 from pipelines.packing import PackedSequence, pack_pretraining, pack_sft
 from pipelines.prepare_job import MANIFEST
 from pipelines.runners import pipeline_options
-from pipelines.shard_writer import STATS_SUFFIX, TAR_MTIME, encode_npy, shard_id_of, shard_name, token_dtype
+from pipelines.shard_writer import (
+    STATS_SUFFIX,
+    TAR_MTIME,
+    encode_npy,
+    remove_temporaries,
+    shard_id_of,
+    shard_name,
+    token_dtype,
+)
 from schemas import MixtureSpec
 from schemas.prepare_config import RunnerConfig
 
@@ -264,8 +272,7 @@ def write_stage_shard(
     name = shard_name(shard_id)
     dtype = token_dtype(vocab_size)
     by_source: dict[int, dict[str, int]] = defaultdict(lambda: {"tokens": 0, "image_tokens": 0, "supervised": 0})
-    tmp = folder / f".{name}.tar.tmp"
-    with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
+    with atomic_path(folder / f"{name}.tar") as tmp, wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
         for n, seq in enumerate(sequences):
             member = {"__key__": f"{stage}_{shard_id:05d}_{n:06d}", "tokens.npy": encode_npy(seq.tokens.astype(dtype)),
                       "docs.npy": encode_npy(np.stack([seq.doc_starts, seq.doc_lengths(), seq.doc_sources])
@@ -280,16 +287,13 @@ def write_stage_shard(
                 counts["tokens"] += int(length)
                 counts["image_tokens"] += int(is_image[start : start + length].sum())
                 counts["supervised"] += int(seq.loss_mask[start : start + length].sum())
-    os.replace(tmp, folder / f"{name}.tar")
     stats = {
         "shard": name, "fingerprint": fingerprint, "sequences": len(sequences),
         "tokens": int(sum(s.n_real for s in sequences)),
         "padding": int(sum(len(s.tokens) - s.n_real for s in sequences)),
         "by_source": {str(k): v for k, v in sorted(by_source.items())}, "dropped_too_long": dropped or {},
     }  # fmt: skip
-    stats_tmp = folder / f".{name}{STATS_SUFFIX}.tmp"
-    stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))
-    os.replace(stats_tmp, folder / f"{name}{STATS_SUFFIX}")
+    write_atomic(folder / f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=2, sort_keys=True))  # last: complete
     return stats
 
 
@@ -340,9 +344,7 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
         "tokenizers": next(iter(indexes.values())).manifest["tokenizers"],
         "shards": [{k: s[k] for k in ("shard", "sequences", "tokens", "padding")} for s in shards],
     }  # fmt: skip
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -360,6 +362,7 @@ def run_mix(spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None,
     for stage in stages:  # outputs of an earlier mix are replaced whole
         for old in (out / stage).glob("shard-*"):
             old.unlink()
+        remove_temporaries(out / stage)  # and what a killed mix was writing
     occurrences = []
     needed: set[tuple[str, str, int]] = set()
     for stage in stages.values():

@@ -13,13 +13,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
+from model.files.atomic import write_atomic
 from model.tokenizers.image_tokenizer import ImageTokenizer
 from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
 from model.tokenizers.text_tokenizer import load_text_tokenizer
@@ -29,7 +30,14 @@ from pipelines.image_download import UrlImages, download_totals
 from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_sample, prepare_record
 from pipelines.raw_records import Reject
 from pipelines.runners import pipeline_options
-from pipelines.shard_writer import STATS_SUFFIX, shard_id_of, shard_name, write_shard
+from pipelines.shard_writer import (
+    STATS_SUFFIX,
+    is_complete,
+    remove_temporaries,
+    shard_id_of,
+    shard_name,
+    write_shard,
+)
 from pipelines.source_reader import ReadTask, plan_read_tasks, read_task
 from pipelines.vq_inference import VQCodes
 from schemas.prepare_config import PrepareConfig, SourceConfig
@@ -45,18 +53,15 @@ class PrepareError(RuntimeError):
 
 
 def settings_for(config: PrepareConfig, source: SourceConfig) -> PrepareSettings:
-    """Per-record settings: the config's, with a source's `min_chars` / `max_chars` / `max_tokens` options."""
-    opts = source.options
-    limits = ("min_chars", "max_chars", "max_pixels", "min_side", "max_tokens")
-    return PrepareSettings(
-        image_size=config.image_size,
-        detect_faces=config.detect_faces,
-        fast_image_decode=config.fast_image_decode,
-        write_images=config.write_images,
-        caption_first_ratio=config.caption_first_ratio,
-        **{k: getattr(opts, k) for k in limits if getattr(opts, k, None) is not None},
-        text_separator=_text_separator(source),
-    )
+    """Per-record settings: each PrepareSettings field from the source's option of its name when set, else from the
+    config's shard setting of its name, else the step's default; the text separator as the format implies."""
+    job = config.shard_settings()
+    values = {}
+    for name in (f.name for f in fields(PrepareSettings)):
+        value = getattr(source.options, name, None)
+        values[name] = value if value is not None else job.get(name)
+    values["text_separator"] = _text_separator(source)
+    return PrepareSettings(**{name: value for name, value in values.items() if value is not None})
 
 
 def _text_separator(source: SourceConfig) -> str | None:
@@ -68,12 +73,14 @@ def _text_separator(source: SourceConfig) -> str | None:
 
 
 def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fps: dict[str, str]) -> str:
-    """Changes when anything that changes this source's samples changes."""
+    """Changes when anything that changes this source's samples changes: its own config, the per-record settings,
+    the job's other shard settings (samples_per_shard), the tokenizers' fingerprints and the download outcomes."""
     settings = asdict(settings_for(config, source))
     if settings["text_separator"] is None:  # kinds without one keep the fingerprints they had before it existed
         del settings["text_separator"]
-    payload = {"source": source.model_dump(mode="json"), "settings": settings,
-               "tokenizers": tokenizer_fps, "samples_per_shard": config.samples_per_shard}  # fmt: skip
+    payload = {"source": source.model_dump(mode="json"), "settings": settings, "tokenizers": tokenizer_fps}
+    # Shard settings the records never see sit beside "settings" (where samples_per_shard always was).
+    payload |= {k: v for k, v in config.shard_settings().items() if k not in settings}
     if config.download.outcome_fingerprint() is not None:  # downloads off: the fingerprints they always had
         payload["download"] = config.download.outcome_fingerprint()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -81,15 +88,6 @@ def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fp
 
 def task_signature(task: ReadTask) -> list[Any]:
     return [task.path, task.start, task.stop]
-
-
-def shard_is_complete(out_dir: Path, shard_id: int, fingerprint: str, task: ReadTask) -> bool:
-    """Stats present, same fingerprint, same read task: the shard needs no work."""
-    try:
-        stats = json.loads((out_dir / f"{shard_name(shard_id)}{STATS_SUFFIX}").read_text())
-    except (OSError, ValueError):
-        return False
-    return stats.get("fingerprint") == fingerprint and stats.get("task") == task_signature(task)
 
 
 def check_tokenizers(config: PrepareConfig) -> tuple[dict[str, str], MixedModalTokenizer, ImageTokenizer]:
@@ -237,7 +235,7 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
         except (ValueError, FileNotFoundError) as err:  # inputs gone, or a config loaded without its path checks
             raise PrepareError(f"source {source.name}: {err}") from None
         out_dir = Path(config.output_dir) / source.name
-        todo = [(i, t) for i, t in tasks if not shard_is_complete(out_dir, i, fp, t)]
+        todo = [(i, t) for i, t in tasks if not is_complete(out_dir, i, fp, {"task": task_signature(t)})]
         plans[source.name] = {"fingerprint": fp, "tasks": tasks, "todo": todo}
     return plans
 
@@ -275,10 +273,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
         "tokenizers": {"text": str(Path(config.tokenizers.text).resolve()),  # absolute: a run finds them from anywhere
                        "image": str(Path(config.tokenizers.image).resolve()), **{
             f"{k}_fingerprint": v for k, v in fps.items()}},
-        "config": {"source": source.model_dump(mode="json"), "image_size": config.image_size,
-                   "samples_per_shard": config.samples_per_shard, "detect_faces": config.detect_faces,
-                   "fast_image_decode": config.fast_image_decode,
-                   "write_images": config.write_images, "caption_first_ratio": config.caption_first_ratio},
+        "config": {"source": source.model_dump(mode="json"), **config.shard_settings()},
         "totals": totals | {"rejects_by_reason": dict(sorted(by_reason.items()))},
         "shards": [{k: s[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects", "records_in")}
                    for s in shards],
@@ -287,9 +282,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
     if downloads is not None:  # sources with URL images: what was fetched, dropped and why
         manifest["downloads"] = downloads
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out_dir / MANIFEST)
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -357,6 +350,8 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     plans = plan(config, fps)
     todo = {name: p for name, p in plans.items() if p["todo"]}
     failure: BaseException | None = None
+    for name in plans:  # what a killed run was writing (each writer's temporaries are named uniquely)
+        remove_temporaries(Path(config.output_dir) / name)
     if todo:
         for name in todo:  # stale stats of shards about to be redone must not count as progress
             (Path(config.output_dir) / name / MANIFEST).unlink(missing_ok=True)  # nor an old manifest as current

@@ -18,20 +18,28 @@ from pipelines.face_detection import DEFAULT_MAX_SIDE, FaceDetector
 from pipelines.raw_records import RecordError, Reject
 from pipelines.shard_writer import TokenizedSample
 from pipelines.text_cleanup import DEFAULT_MAX_CHARS, DEFAULT_MIN_CHARS, clean_text
+from schemas.prepare_config import PrepareConfig
 
 JPEG_QUALITY = 90
 FACE_SIDE = DEFAULT_MAX_SIDE
 
 
+def _job_default(name: str) -> Any:
+    """PrepareConfig's default for a field, so a setting's default is stated once, in the config."""
+    return PrepareConfig.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class PrepareSettings:
-    """What the per-record work needs from PrepareConfig (and a source's options)."""
+    """What the per-record work needs: fields named as PrepareConfig's shard settings or a source's options, filled
+    from them by prepare_job.settings_for (tests/pipelines/test_prepare_settings.py holds every field to that)."""
 
-    image_size: int = 512
-    detect_faces: bool = True
-    fast_image_decode: bool = True
-    write_images: bool = False
-    caption_first_ratio: float = 0.5
+    image_size: int = _job_default("image_size")
+    detect_faces: bool = _job_default("detect_faces")
+    fast_image_decode: bool = _job_default("fast_image_decode")
+    write_images: bool = _job_default("write_images")
+    caption_first_ratio: float = _job_default("caption_first_ratio")
+    # Source options: None in a config means these defaults of the steps that apply them.
     min_chars: int = DEFAULT_MIN_CHARS
     max_chars: int = DEFAULT_MAX_CHARS
     max_pixels: int = DEFAULT_MAX_PIXELS

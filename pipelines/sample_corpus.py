@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from model.files.atomic import atomic_path
 from schemas import records
 
 # Fixed tar mtime so the same corpus gives byte-identical shards.
@@ -205,20 +206,16 @@ def write_sample_data(out: Path, corpus: SampleCorpus | None = None, overwrite: 
     if (out / "manifest.json").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds sample data; pass overwrite=True (--force) to rewrite it")
     corpus = corpus or SampleCorpus.load()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    manifest = {
-        "text": write_text(corpus, tmp / "text"),
-        "image_text": write_image_text(corpus, tmp / "image_text"),
-        "interleaved": write_interleaved(corpus, tmp / "interleaved"),
-        "sft": write_sft(corpus, tmp / "sft"),
-    }
-    manifest["faces"] = sum(1 for im in corpus.images if im["has_face"])
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     # Whole folder written under a temporary name, then swapped in: no half-written sample data.
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_path(out, replace_folder=True) as tmp:
+        manifest = {
+            "text": write_text(corpus, tmp / "text"),
+            "image_text": write_image_text(corpus, tmp / "image_text"),
+            "interleaved": write_interleaved(corpus, tmp / "interleaved"),
+            "sft": write_sft(corpus, tmp / "sft"),
+        }
+        manifest["faces"] = sum(1 for im in corpus.images if im["has_face"])
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

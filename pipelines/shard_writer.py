@@ -1,15 +1,15 @@
 """Writing one output shard whole: the WebDataset tar, its rejects parquet, and last its stats file.
 
-Each file is written under a temporary name and renamed, and the stats file (the completion marker) comes
-last, so a killed job never leaves a shard that looks complete. Fixed mtimes and sorted samples make the
-same input and config give byte-identical shards.
+Each file is written under a temporary name and renamed (model/files/atomic.py), and the stats file (the
+completion marker) comes last, so a killed job never leaves a shard that looks complete. Fixed mtimes and sorted
+samples make the same input and config give byte-identical shards.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from model.files.atomic import atomic_path, write_atomic
 from pipelines.raw_records import Reject
 from schemas.records import REJECT
 
@@ -60,13 +61,29 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def is_complete(out_dir: Path, shard_id: int, fingerprint: str) -> bool:
-    """A shard whose stats file exists and was written with the same config fingerprint."""
-    stats = out_dir / (shard_name(shard_id) + STATS_SUFFIX)
+def is_complete(out_dir: Path, shard_id: int, fingerprint: str, extra: dict[str, Any] | None = None) -> bool:
+    """A shard that needs no work: its stats file (written last) exists, holds the same config fingerprint, and the
+    same values for the keys of `extra` that `write_shard` was given (the prepare job's read task)."""
+    stats_path = out_dir / (shard_name(shard_id) + STATS_SUFFIX)
     try:
-        return json.loads(stats.read_text()).get("fingerprint") == fingerprint
+        stats = json.loads(stats_path.read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(stats, dict) or stats.get("fingerprint") != fingerprint:
+        return False
+    return all(stats.get(key) == value for key, value in (extra or {}).items())
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the hidden temporaries (`.NAME....tmp`, model.files.atomic) that killed writers left in a shard
+    folder: each writer's are named uniquely, so a re-run never overwrites them. Only while no writer works there."""
+    stale = sorted(folder.glob(".*.tmp"))
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def write_shard(
@@ -85,23 +102,21 @@ def write_shard(
     name = shard_name(shard_id)
     dtype = token_dtype(vocab_size)
     samples = sorted(samples, key=lambda s: s.key)
-    tar_tmp, tar = out_dir / f".{name}.tar.tmp", out_dir / f"{name}.tar"
-    with wds.TarWriter(str(tar_tmp), mtime=TAR_MTIME) as sink:
-        for sample in samples:
-            if "." in sample.key:
-                raise ValueError(f"sample key {sample.key!r} has a dot; WebDataset would split it")
-            if sample.tokens.size and int(sample.tokens.max()) >= vocab_size:
-                raise ValueError(f"sample {sample.key}: id {int(sample.tokens.max())} >= vocab size {vocab_size}")
-            member = {"__key__": sample.key, "npy": encode_npy(sample.tokens.astype(dtype)),
-                      "json": json.dumps(sample.meta, sort_keys=True).encode()}  # fmt: skip
-            for n, jpg in enumerate(sample.images_jpg):
-                member[f"{n}.jpg"] = jpg
-            sink.write(member)
-    rejects = sorted(rejects, key=lambda r: (r.record_id, r.stage, r.reason))
-    rej_tmp, rej = out_dir / f".{name}.rejects.parquet.tmp", out_dir / f"{name}.rejects.parquet"
-    pq.write_table(pa.Table.from_pylist([r.as_row() for r in rejects], schema=REJECT), rej_tmp)
-    os.replace(tar_tmp, tar)
-    os.replace(rej_tmp, rej)
+    # Both data files are renamed into place only once both are written (model.files.atomic), the stats last.
+    with atomic_path(out_dir / f"{name}.tar") as tar_tmp, atomic_path(out_dir / f"{name}.rejects.parquet") as rej_tmp:
+        with wds.TarWriter(str(tar_tmp), mtime=TAR_MTIME) as sink:
+            for sample in samples:
+                if "." in sample.key:
+                    raise ValueError(f"sample key {sample.key!r} has a dot; WebDataset would split it")
+                if sample.tokens.size and int(sample.tokens.max()) >= vocab_size:
+                    raise ValueError(f"sample {sample.key}: id {int(sample.tokens.max())} >= vocab size {vocab_size}")
+                member = {"__key__": sample.key, "npy": encode_npy(sample.tokens.astype(dtype)),
+                          "json": json.dumps(sample.meta, sort_keys=True).encode()}  # fmt: skip
+                for n, jpg in enumerate(sample.images_jpg):
+                    member[f"{n}.jpg"] = jpg
+                sink.write(member)
+        rejects = sorted(rejects, key=lambda r: (r.record_id, r.stage, r.reason))
+        pq.write_table(pa.Table.from_pylist([r.as_row() for r in rejects], schema=REJECT), rej_tmp)
     stats = {
         "shard": name,
         "fingerprint": fingerprint,
@@ -115,9 +130,7 @@ def write_shard(
         "token_dtype": dtype.name,
         **(extra or {}),
     }
-    stats_tmp, stats_path = out_dir / f".{name}{STATS_SUFFIX}.tmp", out_dir / f"{name}{STATS_SUFFIX}"
-    stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))
-    os.replace(stats_tmp, stats_path)  # last: marks the shard complete
+    write_atomic(out_dir / f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=2, sort_keys=True))  # last: complete
     return stats
 
 

@@ -202,6 +202,21 @@ class RunnerConfig(StrictModel):
         return self
 
 
+# PrepareConfig fields that never change what a source's shards hold, so they stay out of its fingerprint and
+# manifest: changing one redoes nothing. Every other field is fingerprinted (see PrepareConfig.shard_settings).
+NOT_IN_SHARDS: dict[str, str] = {
+    "output_dir": "where the shards are written, not what they hold",
+    "runner": "where and how parallel the job runs: every runner writes byte-identical shards",
+}
+# Fields fingerprinted in a way of their own: each source by its own config, the tokenizers by their content's
+# fingerprints (not their paths), downloads by the settings that decide which images a record keeps.
+FINGERPRINTED_APART: dict[str, str] = {
+    "sources": "each source's shards hold its own config (SourceConfig dumped, options as set)",
+    "tokenizers": "the text and image tokenizers' fingerprints, so a moved tokenizer redoes nothing",
+    "download": "DownloadConfig.outcome_fingerprint(): which images a record keeps, not where or how fast",
+}
+
+
 class PrepareConfig(StrictModel):
     """The prepare job: raw sources -> tokenized WebDataset shards, one folder per source."""
 
@@ -231,3 +246,10 @@ class PrepareConfig(StrictModel):
         if duplicated:
             raise ValueError(f"source names must be unique; repeated: {', '.join(duplicated)}")
         return sources
+
+    def shard_settings(self) -> dict[str, Any]:
+        """The job-wide settings that shape every source's shards (image size, shard size, faces, ...), as JSON
+        values in field order: every field but those NOT_IN_SHARDS or FINGERPRINTED_APART, so a new field is part
+        of the shards' fingerprint and manifest unless it is declared not to change them."""
+        names = set(type(self).model_fields) - set(NOT_IN_SHARDS) - set(FINGERPRINTED_APART)
+        return self.model_dump(mode="json", include=names)

@@ -111,13 +111,15 @@ def test_one_source_failing_its_manifest_keeps_the_others(upstream) -> None:
     out = Path(config.output_dir)
     (out / "obelics" / MANIFEST).unlink()
     (out / "mmc4_lines" / MANIFEST).unlink()
-    blocker = out / "mmc4" / f".{MANIFEST}.tmp"
-    blocker.mkdir()  # the first source's manifest cannot be written
+    blocker = out / "mmc4" / MANIFEST
+    blocker.unlink()
+    blocker.mkdir()  # the first source's manifest cannot be written (renamed onto a folder)
     try:
         with pytest.raises(PrepareError, match=r"mmc4: manifest not written: .*Is a directory"):
             run_prepare(config)
     finally:
         blocker.rmdir()
+    assert not list((out / "mmc4").glob(".*.tmp"))  # the failed write left no temporary
     for name in ("obelics", "mmc4_lines"):  # the sources after it still get theirs
         assert json.loads((out / name / MANIFEST).read_text())["totals"]["samples"] == 1
     assert run_prepare(config)["shards_skipped"] == {"mmc4": 1, "obelics": 1, "mmc4_lines": 1}

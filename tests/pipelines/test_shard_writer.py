@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.raw_records import Reject
-from pipelines.shard_writer import TokenizedSample, is_complete, read_shard, write_shard
+from pipelines.shard_writer import TokenizedSample, is_complete, read_shard, remove_temporaries, write_shard
 
 
 def make_samples(n: int = 5) -> list[TokenizedSample]:
@@ -62,6 +63,17 @@ def test_completeness_is_stats_plus_fingerprint(tmp_path: Path) -> None:
     assert is_complete(tmp_path, 0, "f") and not is_complete(tmp_path, 0, "other")
     (tmp_path / "shard-00000.stats.json").write_text("{truncated")
     assert not is_complete(tmp_path, 0, "f")
+    (tmp_path / "shard-00000.stats.json").write_text("[]")
+    assert not is_complete(tmp_path, 0, "f")
+
+
+def test_completeness_also_checks_what_the_shard_was_written_with(tmp_path: Path) -> None:
+    task = {"task": ["/raw/a.jsonl", 0, 40]}  # what the prepare job passes: the read task, as write_shard stored it
+    assert not is_complete(tmp_path, 0, "f", task)
+    write_shard(tmp_path, 0, make_samples(1), [], vocab_size=65_536, fingerprint="f", extra=task)
+    assert is_complete(tmp_path, 0, "f", task) and is_complete(tmp_path, 0, "f")
+    assert not is_complete(tmp_path, 0, "f", {"task": ["/raw/a.jsonl", 40, 80]})
+    assert not is_complete(tmp_path, 0, "other", task)
 
 
 def test_large_vocabularies_use_int32_and_bad_samples_fail(tmp_path: Path) -> None:
@@ -73,6 +85,38 @@ def test_large_vocabularies_use_int32_and_bad_samples_fail(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="id 70000 >= vocab size 65536"):
         write_shard(tmp_path, 2, [sample], [], vocab_size=65_536, fingerprint="f")
     assert not is_complete(tmp_path, 2, "f")
+    assert sorted(p.name for p in tmp_path.iterdir() if "00002" in p.name) == []  # not even a temporary
+
+
+def test_files_are_renamed_into_place_data_first_stats_last(tmp_path: Path, monkeypatch) -> None:
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace(src, dst) -> None:
+        assert Path(src).name.startswith(".") and Path(src).parent == Path(dst).parent  # a temporary beside it
+        renamed.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    write_shard(tmp_path, 4, make_samples(2), REJECTS, vocab_size=65_536, fingerprint="f")
+    assert sorted(renamed[:2]) == ["shard-00004.rejects.parquet", "shard-00004.tar"]
+    assert renamed[2:] == ["shard-00004.stats.json"]  # last: the marker of a complete shard
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_temporaries_left_by_killed_writers_are_removed(tmp_path: Path) -> None:
+    write_shard(tmp_path, 0, make_samples(1), [], vocab_size=65_536, fingerprint="f")
+    left = [tmp_path / ".shard-00001.tar.4242.abcd1234.tmp", tmp_path / ".manifest.json.tmp"]
+    for path in left:
+        path.write_bytes(b"half")
+    (tmp_path / ".shard-00002.rejects.parquet.4242.0000ffff.tmp").mkdir()
+    assert len(remove_temporaries(tmp_path)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shard-00000.rejects.parquet",
+        "shard-00000.stats.json",
+        "shard-00000.tar",
+    ]
+    assert remove_temporaries(tmp_path / "absent") == []
 
 
 def test_shard_id_of_reads_any_width() -> None:
