@@ -108,8 +108,12 @@ def test_sft_masks_cover_exactly_the_prompts(mixed) -> None:
 
 def test_two_runs_are_byte_identical(mixed, prepared_sources, tmp_path: Path) -> None:
     out, result = mixed
+    for stage in result["manifests"]:  # what a mix killed while writing would leave
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / ".shard-00000.tar.4242.deadbeef.tmp").write_bytes(b"half a tar")
     again = run_mix(spec_for(prepared_sources), tmp_path)
     assert again["fingerprint"] == result["fingerprint"]
+    assert not list(tmp_path.rglob(".*"))  # temporaries: the killed run's removed, none of its own left
     for tar in sorted(out.rglob("shard-*.tar")):
         assert (tmp_path / tar.relative_to(out)).read_bytes() == tar.read_bytes()
     other = run_mix(spec_for(prepared_sources, seed=4), tmp_path / "other")
