@@ -3,10 +3,8 @@ training triggered when a dataset build completes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
@@ -16,35 +14,13 @@ from flows.build_dataset import build_dataset
 from flows.end_to_end import end_to_end
 from flows.evaluation_flows import evaluate, generate
 from flows.mixture_experiment import mixture_experiment
+from flows.serve_settings import ServeSettings
 from flows.training_flows import sft, train
 from schemas import PrepareConfig, SFTConfig, TrainConfig, load_config
 
 ON_DEMAND = "on-demand"  # deployments started from the UI (or the API) with a form
 NIGHTLY = "nightly"
 AFTER_BUILD = "after-build"
-
-
-@dataclass
-class ServeSettings:
-    """What `cham serve` was given: default configs for the forms, the build's schedule, the trigger switch."""
-
-    prepare_config: Path | None = None
-    train_config: Path | None = None
-    sft_config: Path | None = None
-    build_cron: str | None = "0 3 * * *"
-    timezone: str = "UTC"
-    train_after_build: bool = False
-    tags: tuple[str, ...] = ("chameleon",)
-
-    def __post_init__(self) -> None:
-        # Checked here, at `cham serve`'s start: Prefect takes any string and only fails when it schedules a run.
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {self.timezone!r}: give an IANA name such as 'UTC' or "
-                             f"'Europe/Paris'") from None  # fmt: skip
-        if self.build_cron:
-            Cron(self.build_cron, timezone=self.timezone)  # raises ValueError naming a bad cron string
 
 
 def _defaults(kind: type, path: Path | None) -> dict[str, Any]:

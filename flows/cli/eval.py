@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -12,25 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flows.cli.output import console, fail, output_file, output_folder
-from model.evaluation.annotation_score import read_annotations, read_blinding, score_annotations
-from model.evaluation.held_out import heldout_loss
-from model.evaluation.human_eval import (
-    ANNOTATE_PAGE,
-    BLINDING_FILE,
-    COMPARE_PAGE,
-    RESPONSES_FILE,
-    EvalFileError,
-    make_comparison,
-    read_prompts,
-    read_responses,
-    run_prompts,
-)
-from model.generation.inference import InferenceModel, load_inference_model, load_trained_model
-from model.generation.prompting import PromptError
-from model.training.checkpointing import CheckpointError
-from model.training.stage_loader import CorruptShardError
 from schemas.config_base import ConfigError
 from schemas.generate_config import GenerationMode
+
+if TYPE_CHECKING:
+    from model.generation.inference import InferenceModel
 
 app = typer.Typer(help="Evaluate a checkpoint: held-out loss, and mixed-modal prompts for human annotators.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)  # fmt: skip
@@ -40,6 +26,9 @@ CHECKPOINT = typer.Option("--checkpoint", help="a run's out_dir, its checkpoints
 
 
 def _load(checkpoint: Path, text_tokenizer: Path | None = None, image_tokenizer: Path | None = None) -> InferenceModel:
+    from model.generation.inference import load_inference_model
+    from model.training.checkpointing import CheckpointError
+
     try:
         return load_inference_model(checkpoint, text_tokenizer, image_tokenizer)
     except CheckpointError as err:
@@ -69,6 +58,11 @@ def loss(
     """Held-out loss and perplexity of a checkpoint on stage shards, per source and per modality."""
     if not (stage / "manifest.json").is_file():
         raise fail(f"{stage}: not a stage folder (no manifest.json; write one with `cham mix`)")
+    from model.evaluation.held_out import heldout_loss
+    from model.generation.inference import load_trained_model
+    from model.training.checkpointing import CheckpointError
+    from model.training.stage_loader import CorruptShardError
+
     try:  # held-out loss needs the model only, not its tokenizers (a converted folder has none)
         model, folder, step = load_trained_model(checkpoint)
     except CheckpointError as err:
@@ -119,6 +113,9 @@ def prompts(
     image_tokenizer: Annotated[Path | None, typer.Option(help="override the image tokenizer the run recorded")] = None,
 ) -> None:
     """Answer every prompt of a prompt file and write the page annotators judge task fulfillment on."""
+    from model.evaluation.human_eval import ANNOTATE_PAGE, RESPONSES_FILE, EvalFileError, read_prompts, run_prompts
+    from model.generation.prompting import PromptError
+
     try:
         items = read_prompts(prompts_file)
     except EvalFileError as err:
@@ -147,6 +144,8 @@ def compare(
     seed: Annotated[int | None, typer.Option(help="seed of the per-item order (default: random, recorded)")] = None,
 ) -> None:
     """A blinded A-vs-B page (order random per item) and the map that un-blinds the annotations."""
+    from model.evaluation.human_eval import BLINDING_FILE, COMPARE_PAGE, EvalFileError, make_comparison
+
     output_folder(out)
     try:
         mapping = make_comparison(responses_a, responses_b, out, seed=seed)
@@ -164,6 +163,9 @@ def score(
     responses: Annotated[Path | None, typer.Option(help="responses.jsonl: check every item is one of them")] = None,
 ) -> None:
     """Task fulfillment or win/tie/loss rates (majority of three annotators) and the agreement shares."""
+    from model.evaluation.annotation_score import read_annotations, read_blinding, score_annotations
+    from model.evaluation.human_eval import EvalFileError, read_responses
+
     output_file(out)
     try:
         mapping = read_blinding(blinding) if blinding is not None else None

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from PIL import Image, UnidentifiedImageError
 
 from flows.cli.output import console, fail, output_folder
-from model.generation.generator import Generator
-from model.generation.inference import load_inference_model
-from model.generation.prompting import PromptError, respond
-from model.generation.segment_output import html_page, save_segments, segments_html
-from model.tokenizers.mixed_tokenizer import ImageSegment, Segment
-from model.training.checkpointing import CheckpointError
 from schemas import ConfigError, GenerateConfig, load_config, validate_config
 from schemas.generate_config import GenerationMode
+
+if TYPE_CHECKING:
+    from model.tokenizers.mixed_tokenizer import Segment
 
 CHAT_HELP = "end the prompt with the SFT separator (default: yes for fine-tuned checkpoints)"
 PROMPT_THUMB = 256  # prompt images are shown at this width on the page
@@ -38,6 +34,8 @@ def _overrides(config: GenerateConfig, **changes: Any) -> GenerateConfig:
 
 def _prompt_images(files: list[Path], out: Path) -> list[dict[str, Any]]:
     """Check each prompt image opens, and keep a thumbnail of it for the page."""
+    from PIL import Image, UnidentifiedImageError
+
     records = []
     for k, file in enumerate(files):
         try:
@@ -81,6 +79,13 @@ def generate(
     """Generate text, images or both for one prompt; streams text, then writes an HTML page with images inline."""
     if not prompt and not image:
         raise fail("give a --prompt, an --image, or both")
+    from model.generation.generator import Generator
+    from model.generation.inference import load_inference_model
+    from model.generation.prompting import PromptError, respond
+    from model.generation.segment_output import html_page, save_segments, segments_html
+    from model.tokenizers.mixed_tokenizer import ImageSegment
+    from model.training.checkpointing import CheckpointError
+
     try:
         if config_file is not None:
             config = load_config(GenerateConfig, config_file)

@@ -4,21 +4,17 @@ model/tokenizers/image_tokenizer.py."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import numpy as np
 import typer
-from PIL import Image
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from flows.cli.output import console, err_console, fail, output_file, output_folder
-from model.files.reading import read_npy
-from model.tokenizers.image_preprocess import ImageError
-from model.tokenizers.image_tokenizer import ImageTokenizer
-from model.tokenizers.vq_checkpoint import VQCheckpointError
-from model.tokenizers.vq_training import VQTrainer, VQTrainSettings, find_images, load_perceptual_model
 from schemas.vq_config import VQ_PRESETS, VQConfig
+
+if TYPE_CHECKING:
+    from model.tokenizers.image_tokenizer import ImageTokenizer
 
 app = typer.Typer(help="Train and use the VQ image tokenizer.", no_args_is_help=True)
 
@@ -40,6 +36,8 @@ def train(
     """Train a VQ tokenizer; resumable; saved in Meta's format (vqgan.ckpt + vqgan.yaml)."""
     if preset not in VQ_PRESETS:
         raise fail(f"unknown preset {preset!r}; allowed: {', '.join(VQ_PRESETS)}")
+    from model.tokenizers.vq_training import VQTrainer, VQTrainSettings, find_images, load_perceptual_model
+
     try:
         found = find_images(images)
         output_folder(out)
@@ -72,6 +70,9 @@ def train(
 
 
 def _load(tokenizer: Path) -> ImageTokenizer:
+    from model.tokenizers.image_tokenizer import ImageTokenizer
+    from model.tokenizers.vq_checkpoint import VQCheckpointError
+
     try:
         return ImageTokenizer.load(tokenizer)
     except (FileNotFoundError, VQCheckpointError) as err:
@@ -86,6 +87,10 @@ def encode(
     out: Annotated[Path | None, typer.Option(help="write the codes as one .npy [n, codes] instead of printing")] = None,
 ) -> None:
     """Print (or save) the VQ codes of images, one line per image."""
+    import numpy as np
+
+    from model.tokenizers.image_preprocess import ImageError
+
     tok = _load(tokenizer)
     if out is not None:
         out = output_file(out if out.suffix == ".npy" else out.with_name(out.name + ".npy"))  # np.save's name
@@ -111,6 +116,10 @@ def decode(
     out: Annotated[Path, typer.Option(help="folder to write image-NNNN.png into")],
 ) -> None:
     """Decode VQ codes into PNG images."""
+    from PIL import Image
+
+    from model.files.reading import read_npy
+
     tok = _load(tokenizer)
     try:
         array = read_npy(codes.read_bytes(), str(codes))

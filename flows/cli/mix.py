@@ -10,9 +10,6 @@ import typer
 from rich.table import Table
 
 from flows.cli.output import console, fail, output_folder
-from pipelines.mix_job import run_mix
-from pipelines.mix_plan import MixPlanError
-from pipelines.mix_report import ROW_FIELDS, plot_shares, report_rows
 from schemas import ConfigError, MixtureSpec, load_config
 from schemas.prepare_config import RunnerConfig
 
@@ -24,6 +21,10 @@ def mix(
     workers: Annotated[int | None, typer.Option(help="local runner: worker processes")] = None,
 ) -> None:
     """Mix prepared sources into stage shards of packed sequences with exact, reproducible shares."""
+    from pipelines.mix_job import run_mix
+    from pipelines.mix_plan import MixPlanError
+    from pipelines.mix_report import ROW_FIELDS, plot_shares, report_rows
+
     try:
         spec = load_config(MixtureSpec, spec_file)
         output_folder(out)

@@ -10,9 +10,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flows.cli.output import console, fail, output_folder
-from model.tokenizers.text_tokenizer import TokenizerError
-from model.tokenizers.vq_checkpoint import VQCheckpointError
-from pipelines.prepare_job import PrepareError, run_prepare
 from schemas import ConfigError, PrepareConfig, load_config
 from schemas.prepare_config import RunnerConfig
 
@@ -33,6 +30,10 @@ def prepare(
     except (ConfigError, ValueError) as err:
         raise fail(str(err)) from None
     output_folder(Path(config.output_dir), f"{config_file}: output_dir")
+    from model.tokenizers.text_tokenizer import TokenizerError
+    from model.tokenizers.vq_checkpoint import VQCheckpointError
+    from pipelines.prepare_job import PrepareError, run_prepare
+
     columns = [TextColumn("prepare ({task.fields[runner]})"), BarColumn(), MofNCompleteColumn(),
                TextColumn("shards"), TimeElapsedColumn()]  # fmt: skip
     with Progress(*columns, console=console, transient=False) as progress:

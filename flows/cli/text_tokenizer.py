@@ -10,15 +10,6 @@ from typing import Annotated
 import typer
 
 from flows.cli.output import console, fail, output_folder
-from model.tokenizers.text_tokenizer import (
-    TextReadCounts,
-    TokenizerError,
-    expand_inputs,
-    iter_texts,
-    layout_for,
-    load_text_tokenizer,
-    train_text_tokenizer,
-)
 
 app = typer.Typer(help="Train and use the SentencePiece text tokenizer.", no_args_is_help=True)
 
@@ -35,6 +26,15 @@ def train(
     character_coverage: Annotated[float, typer.Option(help="share of characters covered by pieces")] = 0.9999,
 ) -> None:
     """Train a SentencePiece BPE whose pieces fill the layout's text ids exactly."""
+    from model.tokenizers.text_tokenizer import (
+        TextReadCounts,
+        TokenizerError,
+        expand_inputs,
+        iter_texts,
+        layout_for,
+        train_text_tokenizer,
+    )
+
     try:
         vocab_layout = layout_for(vocab_size, layout)
         files = expand_inputs(input)
@@ -69,6 +69,8 @@ def encode(
     text: Annotated[str | None, typer.Argument(help="the text; omit to read standard input")] = None,
 ) -> None:
     """Print the token ids of a text, space-separated."""
+    from model.tokenizers.text_tokenizer import TokenizerError, load_text_tokenizer
+
     try:
         tok = load_text_tokenizer(tokenizer)
     except TokenizerError as err:
@@ -92,6 +94,8 @@ def decode(
     ids: Annotated[list[int], typer.Argument(help="token ids")],
 ) -> None:
     """Print the text of token ids."""
+    from model.tokenizers.text_tokenizer import TokenizerError, load_text_tokenizer
+
     try:
         tok = load_text_tokenizer(tokenizer)
         text = tok.decode(ids)
