@@ -8,7 +8,6 @@ un-blinds with.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import zlib
@@ -20,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from model.evaluation.annotation_page import absolute_page, comparison_page
+from model.files.atomic import write_atomic
 from model.generation.generator import Generator
 from model.generation.inference import InferenceModel
 from model.generation.prompting import PromptError, Response, respond, respond_batch
@@ -112,12 +112,6 @@ def _copy_image(source: Path, folder: Path, relative: str, thumb: bool) -> str:
     return relative
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_prompts(
     loaded: InferenceModel,
     prompts: Sequence[EvalPrompt],
@@ -177,7 +171,7 @@ def run_prompts(
         }  # fmt: skip
         records.append(record)
         # Written after every prompt: hours of generation survive a later prompt's failure or a kill.
-        _write_atomic(out / RESPONSES_FILE, "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(out / RESPONSES_FILE, "".join(json.dumps(r) + "\n" for r in records))
         if on_response is not None:
             on_response(record)
 
@@ -185,7 +179,7 @@ def run_prompts(
         chunk = prompts[first : first + batch_size]
         for prompt, response in zip(chunk, answer(chunk), strict=True):
             keep(prompt, response)
-    _write_atomic(out / ANNOTATE_PAGE, absolute_page(records, title=f"Task fulfillment: {loaded.checkpoint.name}"))
+    write_atomic(out / ANNOTATE_PAGE, absolute_page(records, title=f"Task fulfillment: {loaded.checkpoint.name}"))
     return records
 
 
@@ -253,6 +247,6 @@ def make_comparison(responses_a: str | Path, responses_b: str | Path, out: str |
         })  # fmt: skip
         blinding[ra["id"]] = {"category": ra["category"], "first": first}
     mapping = {"seed": seed, "systems": {"A": str(paths[0]), "B": str(paths[1])}, "items": blinding}
-    _write_atomic(out / BLINDING_FILE, json.dumps(mapping, indent=2) + "\n")
-    _write_atomic(out / COMPARE_PAGE, comparison_page(items, title="Which response is better?"))
+    write_atomic(out / BLINDING_FILE, json.dumps(mapping, indent=2) + "\n")
+    write_atomic(out / COMPARE_PAGE, comparison_page(items, title="Which response is better?"))
     return mapping

@@ -2,9 +2,8 @@
 
 A path is resolved by `model.training.checkpointing.resolve_checkpoint`: a training run's `out_dir`, its
 `checkpoints/` folder or `latest` file, one `step-NNNNNNNN` folder, or a folder in our `convert` format. The trainer
-writes `model_config.json` and `tokenizers.json` into every step folder; folders without `tokenizers.json` (e.g.
-converted
-Meta weights) need the tokenizer paths given.
+writes `model_config.json` and `tokenizers.json` into every step folder (model/files/step_folder.py); folders without
+`tokenizers.json` (e.g. converted Meta weights) need the tokenizer paths given.
 """
 
 from __future__ import annotations
@@ -14,19 +13,18 @@ from pathlib import Path
 
 import torch
 
-from model.files.reading import read_json_object
-from model.lm.convert import OURS_CONFIG, ConversionError, load_ours
+from model.files import step_folder
+from model.files.step_folder import MODEL_CONFIG, TOKENIZERS
+from model.lm.convert import ConversionError, load_ours
 from model.lm.transformer import Transformer
 from model.tokenizers.image_tokenizer import ImageTokenizer
 from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
 from model.tokenizers.text_tokenizer import TokenizerError, load_text_tokenizer
 from model.tokenizers.vocabulary import Vocabulary
 from model.tokenizers.vq_checkpoint import VQCheckpointError
-from model.training.checkpointing import STATE, CheckpointError, resolve_checkpoint
+from model.training.checkpointing import CheckpointError, resolve_checkpoint
 from schemas.config_base import ConfigError
 from schemas.model_config import ModelConfig
-
-TOKENIZERS_FILE = "tokenizers.json"
 
 
 @dataclass
@@ -48,8 +46,8 @@ def load_trained_model(
     """The model of the checkpoint at `path` in eval mode (no tokenizers needed), its folder and its step (None for a
     converted folder); any missing or damaged file raises CheckpointError naming it."""
     folder = resolve_checkpoint(path)
-    if not (folder / OURS_CONFIG).is_file():
-        raise CheckpointError(f"{folder}: no {OURS_CONFIG}; checkpoints from before it was written can be loaded "
+    if not (folder / MODEL_CONFIG).is_file():
+        raise CheckpointError(f"{folder}: no {MODEL_CONFIG}; checkpoints from before it was written can be loaded "
                               f"with `cham convert` from the training config's model")  # fmt: skip
     try:
         config, state = load_ours(folder)
@@ -58,10 +56,7 @@ def load_trained_model(
     model = Transformer(config)
     model.load_state_dict(state)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    step_file = folder / STATE
-    step = read_json_object(step_file, ("step",), CheckpointError, "checkpoint state")["step"] if (
-        step_file.is_file()) else None  # fmt: skip
-    return model, folder, step
+    return model, folder, step_folder.read_step(folder, CheckpointError)
 
 
 def load_inference_model(
@@ -72,11 +67,10 @@ def load_inference_model(
 ) -> InferenceModel:
     """Load the checkpoint at `path` in eval mode; tokenizer paths override those recorded with the checkpoint."""
     model, folder, step = load_trained_model(path, device)
-    record = folder / TOKENIZERS_FILE
-    recorded = read_json_object(record, (), CheckpointError, "tokenizer record") if record.is_file() else {}
+    recorded = step_folder.read_tokenizers_record(folder, CheckpointError)
     text_path, image_path = text_tokenizer or recorded.get("text"), image_tokenizer or recorded.get("image")
     if text_path is None:
-        raise CheckpointError(f"{folder}: no {TOKENIZERS_FILE} names its tokenizers; pass the text tokenizer's path "
+        raise CheckpointError(f"{folder}: no {TOKENIZERS} names its tokenizers; pass the text tokenizer's path "
                               f"(--text-tokenizer)")  # fmt: skip
     for kind, p in (("text", text_path), ("image", image_path)):
         if p is not None and not Path(p).exists():
@@ -98,6 +92,5 @@ def load_inference_model(
         raise CheckpointError(f"{folder}: the image tokenizer has {image.config.n_embed} codes and "
                               f"{image.tokens_per_image} per image, the vocabulary {layout.image_codes} and "
                               f"{layout.tokens_per_image}")  # fmt: skip
-    training = folder / "training.json"
-    sft = training.is_file() and read_json_object(training, (), CheckpointError).get("kind") == "sft"
+    sft = step_folder.read_training_record(folder, CheckpointError).get("kind") == "sft"
     return InferenceModel(model, config, text.vocab, MixedModalTokenizer(text, image), folder, step, sft)

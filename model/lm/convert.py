@@ -15,18 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from model.files.reading import load_safetensors_file, load_state_dict_file, read_json, read_json_object
+from model.files import step_folder
+from model.files.reading import load_safetensors_file, load_state_dict_file, read_json_object
+from model.files.state_dicts import model_mismatch
 from model.lm.transformer import Transformer
-from model.training.checkpointing import WEIGHTS, state_dict_mismatch
 from schemas.model_config import QK_NORM_EPS, ModelConfig
 from schemas.vocab import IMAGE_CODE_OFFSET, VOCAB_PRESETS, VocabLayout
 
 StateDict = dict[str, torch.Tensor]
 
-OURS_WEIGHTS, OURS_CONFIG = WEIGHTS, "model_config.json"
+# Our format is a step folder's model part (model/files/step_folder.py).
+OURS_WEIGHTS, OURS_CONFIG = step_folder.WEIGHTS, step_folder.MODEL_CONFIG
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 HF_REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
@@ -93,16 +94,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor], source: str | Path | None = None) -> None:
     """Fail naming the tensor (and the `source` folder) if `state` lacks, adds, or mis-shapes any tensor of our model
     for `config`."""
-    problem = state_dict_mismatch(expected_shapes(config), state)
+    problem = model_mismatch(expected_shapes(config), state)
     if problem:
         raise ConversionError(f"{source}: {problem}" if source is not None else problem)
-
-
-def load_into(model: Transformer, state: Mapping[str, torch.Tensor]) -> Transformer:
-    """Copy `state` into `model` after checking every name and shape (errors name the tensor and both shapes)."""
-    check_state_dict(model.config, state)
-    model.load_state_dict(state)
-    return model
 
 
 def _state_of(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> StateDict:
@@ -120,16 +114,8 @@ def load_ours(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     for name in (OURS_WEIGHTS, OURS_CONFIG):
         if not (folder / name).is_file():
             raise ConversionError(f"{folder} has no {name} (our format is {OURS_WEIGHTS} + {OURS_CONFIG})")
-    raw = read_json(folder / OURS_CONFIG, ConversionError)
-    if isinstance(raw, dict) and "norm_eps" in raw and "qk_norm_eps" not in raw:
-        # Written before qk_norm_eps existed, when QK-norm used norm_eps: keep the function it was trained as.
-        raw = {**raw, "qk_norm_eps": raw["norm_eps"]}
-    try:
-        config = ModelConfig.model_validate(raw)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise ConversionError(f"{folder / OURS_CONFIG}: not a model config ({problems})") from None
-    state = load_state_dict_file(folder / OURS_WEIGHTS, ConversionError)
+    config = step_folder.read_model_config(folder, ConversionError)
+    state = step_folder.read_weights(folder, ConversionError)
     check_state_dict(config, state, folder)
     return config, state
 
@@ -138,10 +124,7 @@ def save_ours(model_or_state: nn.Module | Mapping[str, torch.Tensor], config: Mo
     """Write `model.pt` and `model_config.json` into `folder` (model.pt as the trainer's checkpoints hold it)."""
     state = _state_of(model_or_state)
     check_state_dict(config, state)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / OURS_WEIGHTS)
-    (folder / OURS_CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
+    step_folder.write_model(folder, state, config)
 
 
 # ---------------------------------------------------------------------------------------------------- Meta

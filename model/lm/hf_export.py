@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from model.files import step_folder
 from model.lm.convert import ConversionError, hf_config_dict, save_hf
 from model.tokenizers.hf_tokenizer import IMAGE_TOKEN, HFTokenizerError, control_names, write_hf_tokenizer
 from model.tokenizers.text_tokenizer import TextTokenizer
@@ -24,8 +25,8 @@ from model.tokenizers.vqgan import VQGAN
 from schemas.model_config import ModelConfig
 
 PREPROCESSOR_FILE, PROCESSOR_FILE = "preprocessor_config.json", "processor_config.json"
-# Beside a step folder's weights: the paths of its tokenizers (model/training/trainer.py).
-TOKENIZERS_RECORD = "tokenizers.json"
+# Beside a step folder's weights: the paths of its tokenizers (model/files/step_folder.py).
+TOKENIZERS_RECORD = step_folder.TOKENIZERS
 # PIL's LANCZOS, the filter of Meta's preprocessing (HF's ChameleonImageProcessor default too).
 PIL_LANCZOS = 1
 
@@ -103,10 +104,8 @@ def tokenizer_paths(src: Path, text: str | Path | None, image: str | Path | None
     folders) records in tokenizers.json; a ConversionError saying what to pass when either is unknown."""
     record = src / TOKENIZERS_RECORD
     recorded: dict[str, Any] = {}
-    if record.is_file() and (text is None or image is None):
-        from model.files.reading import read_json_object
-
-        recorded = read_json_object(record, (), ConversionError, "tokenizer record")
+    if text is None or image is None:
+        recorded = step_folder.read_tokenizers_record(src, ConversionError)
     text = text or recorded.get("text")
     image = image or recorded.get("image")
     missing = [opt for opt, path in (("--text-tokenizer", text), ("--image-tokenizer", image)) if path is None]

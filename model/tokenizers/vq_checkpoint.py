@@ -7,7 +7,6 @@ HF's converter drops every `decoder.*` key, so such a model is encode-only.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ import yaml
 from pydantic import ValidationError
 from torch import Tensor
 
+from model.files.atomic import atomic_path, write_atomic
 from model.files.reading import load_tensor_file
+from model.files.state_dicts import compare_state_dicts
 from model.tokenizers.vqgan import VQGAN
 from schemas.config_base import format_location
 from schemas.vq_config import VQConfig
@@ -162,19 +163,10 @@ def save_meta_vqgan(model: VQGAN, directory: str | Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     ckpt, cfg = directory / META_CKPT_NAME, directory / META_YAML_NAME
-    _atomic_write(ckpt, lambda tmp: torch.save({"state_dict": state}, tmp))
-    text = yaml.safe_dump(taming_config(model.config), sort_keys=False)
-    _atomic_write(cfg, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_path(ckpt) as tmp:
+        torch.save({"state_dict": state}, tmp)
+    write_atomic(cfg, yaml.safe_dump(taming_config(model.config), sort_keys=False))
     return ckpt, cfg
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- Hugging Face ChameleonVQVAE -----------------------------------------------------------------------------
@@ -279,27 +271,19 @@ def _read_safetensors(files: Iterable[Path], prefixes: tuple[str, ...]) -> dict[
 # --- shared ---------------------------------------------------------------------------------------------------
 
 
-def _shape(t: Tensor | torch.Size) -> tuple[int, ...]:
-    return tuple(t.shape if isinstance(t, Tensor) else t)
-
-
 def check_state_dict(
     expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str, ignore_prefixes: tuple[str, ...] = ()
 ) -> None:
     """Raise one VQCheckpointError naming every missing, unexpected or wrongly shaped tensor (expected vs found)."""
-    found = {k: v for k, v in found.items() if not k.startswith(ignore_prefixes)}
+    diff = compare_state_dicts(expected, found, ignore_prefixes)
     problems = []
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    if missing:
-        problems.append(f"{len(missing)} missing tensors: {_some(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors: {_some(unexpected)}")
-    for key, tensor in expected.items():
-        if key in found and _shape(found[key]) != _shape(tensor):
-            problems.append(
-                f"tensor {key}: expected shape {_shape(tensor)} (from the config), found {_shape(found[key])}"
-            )
+    if diff.missing:
+        problems.append(f"{len(diff.missing)} missing tensors: {_some(diff.missing)}")
+    if diff.unexpected:
+        problems.append(f"{len(diff.unexpected)} unexpected tensors: {_some(diff.unexpected)}")
+    problems += [
+        f"tensor {key}: expected shape {want} (from the config), found {got}" for key, want, got in diff.mismatched
+    ]
     if problems:
         raise VQCheckpointError(f"{source}: does not fit the VQ config: " + "; ".join(problems))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tarfile
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.files.atomic import atomic_path
 from model.tokenizers.image_preprocess import ImageError, preprocess, to_tensor
 from model.tokenizers.vq_checkpoint import save_meta_vqgan
 from model.tokenizers.vqgan import VQGAN
@@ -243,9 +243,9 @@ class VQTrainer:
     def save_state(self) -> Path:
         """Everything needed to resume, written atomically."""
         self.out.mkdir(parents=True, exist_ok=True)
-        path, tmp = self.out / STATE_FILE, self.out / f".{STATE_FILE}.tmp"
-        torch.save(self._state(), tmp)
-        os.replace(tmp, path)
+        path = self.out / STATE_FILE
+        with atomic_path(path) as tmp:
+            torch.save(self._state(), tmp)
         return path
 
     def try_resume(self) -> bool:

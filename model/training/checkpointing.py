@@ -1,15 +1,14 @@
 """Training checkpoints: model, optimizer, schedule, step, loader state and RNG, written whole, the last k kept.
 
-A checkpoint is a folder `step-NNNNNNNN/` written under a temporary name and renamed, so a crash never leaves a
-half checkpoint that looks complete; `latest` (a one-line text file, replaced atomically) names the newest.
-Everything is read back with `torch.load(..., weights_only=True)`.
+A checkpoint is a step folder `step-NNNNNNNN/` (its files: model/files/step_folder.py) written under a temporary name
+and renamed, so a crash never leaves a half checkpoint that looks complete; `latest` (a one-line text file, replaced
+atomically) names the newest. Everything is read back with `torch.load(..., weights_only=True)`. `load_checkpoint`
+is the one way back in, for a plain module and an FSDP-sharded one alike.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import shutil
 from collections.abc import Mapping
@@ -19,13 +18,13 @@ from typing import Any
 
 import torch
 
-from model.files.reading import load_state_dict_file, load_tensor_file, read_json_object
+from model.files import step_folder
+from model.files.atomic import write_atomic
+from model.files.state_dicts import model_mismatch
+from model.files.step_folder import TRAINER, WEIGHTS, StepRecords
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
-WEIGHTS = "model.pt"  # also the weights file of our `convert` format
-TRAINER = "trainer.pt"
-STATE = "state.json"
 PREFIX = "step-"
 
 
@@ -68,34 +67,31 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     scheduler: Any = None,
     keep_last: int = 3,
-    files: dict[str, str] | None = None,
+    records: StepRecords | None = None,
 ) -> Path:
     """Write checkpoint `step-NNNNNNNN` under `root`, point `latest` at it, and delete all but the last `keep_last`.
 
     `model` / `optimizer` may be modules or already gathered state dicts (FSDP gathers them on every rank first).
-    `files` are small text files (name -> content) written into the folder, e.g. the model config.
+    `records` make the folder self-describing (model config, tokenizers, training kind): see StepRecords.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(root, state.step)
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(model if isinstance(model, dict) else model.state_dict(), tmp / WEIGHTS)
-    trainer = {"rng": _rng_state(), "step": state.step}
+    # A writer killed mid-save leaves its hidden temporary; one run writes here at a time (RunLock), so any is stale.
+    for stale in root.glob(f".{PREFIX}*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    trainer: dict[str, Any] = {"rng": _rng_state(), "step": state.step}
     if optimizer is not None:
         trainer["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     if scheduler is not None:
         trainer["scheduler"] = scheduler.state_dict()
-    torch.save(trainer, tmp / TRAINER)
-    for name, content in (files or {}).items():
-        (tmp / name).write_text(content)
-    (tmp / STATE).write_text(json.dumps({"step": state.step, "loader": state.loader, "extra": state.extra}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / LATEST)
+    final = step_folder.write_step_folder(
+        checkpoint_dir(root, state.step),
+        model if isinstance(model, dict) else model.state_dict(),
+        trainer,
+        {"step": state.step, "loader": state.loader, "extra": state.extra},
+        records,
+    )
+    write_atomic(root / LATEST, final.name + "\n")
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
     return final
@@ -106,7 +102,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).exists())
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and step_folder.is_complete(p))
 
 
 # `latest` holds one short line; a larger file is not a pointer we wrote (read no more than this to say so).
@@ -147,7 +143,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     if pointer.is_file():
         named = root / read_latest_pointer(pointer)
-        if (named / STATE).is_file():
+        if step_folder.is_complete(named):
             return named
         # A checkpoint was lost (or `latest` edited): say so rather than quietly go back further.
         log.warning("%s names %s, which is not a complete checkpoint; %s", pointer, named.name,
@@ -175,57 +171,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no checkpoint here (expected {WEIGHTS}, step-NNNNNNNN folders or checkpoints/)")
 
 
-def state_dict_mismatch(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor]) -> str | None:
-    """Why `state` does not fit a model of `expected` names and shapes, naming the tensor and both shapes; or None."""
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        return (f"state dict does not match the model: missing {_first(missing)}, "
-                f"unexpected {_first(unexpected)}")  # fmt: skip
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != tuple(shape):
-            return f"tensor {name}: checkpoint shape {tuple(state[name].shape)} != model shape {tuple(shape)}"
-    return None
-
-
-def _first(names: list[str], most: int = 8) -> list[str]:
-    return names[:most] + ([f"... {len(names) - most} more"] if len(names) > most else [])
-
-
-def _load_model_state(path: Path, model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    problem = state_dict_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
+def _check_model_state(path: Path, model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    # A sharded (FSDP2) model's state dict holds DTensors of the full shapes, so one check serves both.
+    problem = model_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
     if problem:
         raise CheckpointError(f"{path}: cannot load {what}: {problem}")
-    model.load_state_dict(state)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], TrainState]:
     """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder; a missing,
     damaged or incomplete file raises CheckpointError naming it."""
-    path = Path(path)
-    model = load_state_dict_file(path / WEIGHTS, CheckpointError)
-    trainer = load_tensor_file(path / TRAINER, CheckpointError)
-    if not isinstance(trainer, dict) or "rng" not in trainer:
-        raise CheckpointError(f"{path / TRAINER}: not a trainer state (no rng)")
-    state = read_json_object(path / STATE, ("step", "loader", "extra"), CheckpointError, "checkpoint state")
-    if (
-        not isinstance(state["step"], int)
-        or not isinstance(state["loader"], dict)
-        or not isinstance(state["extra"], dict)
-    ):
-        raise CheckpointError(f"{path / STATE}: step must be an integer, loader and extra objects")
+    model = step_folder.read_weights(path, CheckpointError)
+    trainer = step_folder.read_trainer(path, CheckpointError)
+    state = step_folder.read_state(path, CheckpointError)
     return model, trainer, TrainState(step=state["step"], loader=state["loader"], extra=state["extra"])
 
 
-def trainer_state_part(path: Path, trainer: dict[str, Any], key: str) -> Any:
+def _trainer_part(path: Path, trainer: dict[str, Any], key: str) -> Any:
     """trainer[key] ('optimizer', 'scheduler') of the checkpoint at `path`, or a CheckpointError naming the file."""
     if key not in trainer:
         raise CheckpointError(f"{path / TRAINER}: no {key} state to resume from")
     return trainer[key]
-
-
-def apply_rng_state(trainer: dict[str, Any]) -> None:
-    """Put the RNG states a checkpoint saved back in place."""
-    _set_rng_state(trainer["rng"])
 
 
 def load_checkpoint(
@@ -234,20 +200,56 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     restore_rng: bool = True,
+    sharded: bool = False,
 ) -> TrainState:
-    """Load a checkpoint folder into the given objects (weights only) and return its TrainState."""
+    """Load a checkpoint folder into the given objects and return its TrainState. Everything is read and checked
+    before anything is loaded, so a bad checkpoint changes nothing.
+
+    `sharded`: `model` (and `optimizer`) are FSDP2-sharded; the full states the checkpoint holds are scattered into
+    the shards (every rank calls this)."""
+    path = Path(path)
     model_state, trainer, state = read_checkpoint(path)
-    _load_model_state(Path(path), model, model_state, "this checkpoint")
-    if optimizer is not None:
-        optimizer.load_state_dict(trainer_state_part(Path(path), trainer, "optimizer"))
+    _check_model_state(path, model, model_state, "this checkpoint")
+    optimizer_state = _trainer_part(path, trainer, "optimizer") if optimizer is not None else None
+    scheduler_state = _trainer_part(path, trainer, "scheduler") if scheduler is not None else None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_state, options=options)
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    else:
+        model.load_state_dict(model_state)
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_state)
     if scheduler is not None:
-        scheduler.load_state_dict(trainer_state_part(Path(path), trainer, "scheduler"))
+        scheduler.load_state_dict(scheduler_state)
     if restore_rng:
         _set_rng_state(trainer["rng"])
     return state
 
 
+def gathered_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The full (unsharded) model and optimizer state dicts of an FSDP2-sharded model, on the CPU, as a checkpoint
+    holds them (every rank calls this: it communicates)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Only the model's weights of a checkpoint folder (to start SFT from a pretrained run)."""
     path = Path(path)
-    _load_model_state(path, model, load_state_dict_file(path / WEIGHTS, CheckpointError), "its weights")
+    weights = step_folder.read_weights(path, CheckpointError)
+    _check_model_state(path, model, weights, "its weights")
+    model.load_state_dict(weights)

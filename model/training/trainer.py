@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from model.files.step_folder import StepRecords
 from model.lm.document_attention import resolve_document_attention
 from model.lm.transformer import Transformer
 from model.tokenizers.vocabulary import Modality, Vocabulary
@@ -27,15 +28,12 @@ from model.training.checkpointing import (
     LATEST,
     CheckpointError,
     TrainState,
-    apply_rng_state,
+    gathered_states,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
-    read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
-    state_dict_mismatch,
-    trainer_state_part,
 )
 from model.training.lr_schedule import make_scheduler
 from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
@@ -134,13 +132,16 @@ class Trainer:
             raise ValueError(f"the stage's vocabulary has {layout.vocab_size} ids, the model {model_config.vocab_size}")
         self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
         # A step folder is self-describing (our `convert` format plus the tokenizers): generate/eval need nothing else.
-        self.checkpoint_files = {
-            "model_config.json": model_config.model_copy(update={"dropout": 0.0}).model_dump_json(indent=2) + "\n",
-            "tokenizers.json": json.dumps({**self.loader.manifest.get("tokenizers", {}),
-                                           "vocab_layout": self.loader.manifest["vocab_layout"]}, indent=2),
-            "training.json": json.dumps({"kind": "sft" if isinstance(config, SFTConfig) else "pretrain",
-                                         "data": str(config.data), "stage": self.loader.manifest.get("stage")}),
-        }  # fmt: skip
+        manifest = self.loader.manifest
+        self.records = StepRecords(
+            model_config=model_config.model_copy(update={"dropout": 0.0}),
+            tokenizers={**manifest.get("tokenizers", {}), "vocab_layout": manifest["vocab_layout"]},
+            training={
+                "kind": "sft" if isinstance(config, SFTConfig) else "pretrain",
+                "data": str(config.data),
+                "stage": manifest.get("stage"),
+            },
+        )
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step, self.skipped, self.damaged = 0, 0, 0
         self.flops_per_token = flops_per_token(matmul_params(self.model), model_config.n_layers, model_config.dim,
@@ -156,27 +157,7 @@ class Trainer:
                 raise CheckpointError(f"{pointer} names a checkpoint that is not there, and no other is complete: "
                                       f"restore it, or delete the file to start from step 0")  # fmt: skip
             return
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            model_state, trainer, state = read_checkpoint(found)
-            # DTensor shapes are the full ones, so this names a mismatch as the unsharded load does.
-            problem = state_dict_mismatch({k: tuple(v.shape) for k, v in self.model.state_dict().items()}, model_state)
-            if problem:
-                raise CheckpointError(f"{found}: cannot load this checkpoint: {problem}")
-            optimizer_state = trainer_state_part(found, trainer, "optimizer")
-            scheduler_state = trainer_state_part(found, trainer, "scheduler")
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, model_state, options=options)
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
-            self.scheduler.load_state_dict(scheduler_state)
-            apply_rng_state(trainer)
-        else:
-            state = load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        state = load_checkpoint(found, self.model, self.optimizer, self.scheduler, sharded=self.fsdp)
         self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
         self.damaged = int(state.extra.get("damaged_sequences", 0))
         self.loader.load_state_dict(state.loader, allow_fingerprint_change=self.config.allow_data_change)
@@ -318,20 +299,12 @@ class Trainer:
         model_state: Any = self.model
         optimizer_state: Any = self.optimizer
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(self.model, options=options)
-            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+            model_state, optimizer_state = gathered_states(self.model, self.optimizer)
         if self.rank == 0:
             extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged}
             state = TrainState(self.step, self.loader.state_dict(), extra)
             save_checkpoint(self.ckpt_dir, state, model_state, optimizer_state, self.scheduler,
-                            keep_last=self.config.checkpoint.keep_last, files=self.checkpoint_files)  # fmt: skip
+                            keep_last=self.config.checkpoint.keep_last, records=self.records)  # fmt: skip
         if self.world_size > 1:
             dist.barrier()
 

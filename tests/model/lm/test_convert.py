@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from flows.cli.convert import convert
 from model.lm.convert import (
     ConversionError,
+    check_state_dict,
     detect_format,
     hf_config_dict,
     llama_ffn_dim,
     load_hf,
-    load_into,
     load_meta,
     load_ours,
     meta_config,
@@ -31,6 +31,14 @@ from model.lm.convert import (
 from model.lm.transformer import Transformer
 from schemas.model_config import ModelConfig
 from schemas.vocab import TINY
+
+
+def load_into(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
+    """Copy `state` into `model` after convert's check of every name and shape (as `load_ours` checks)."""
+    check_state_dict(model.config, state)
+    model.load_state_dict(state)
+    return model
+
 
 # Smallest VQGAN transformers will build (GroupNorm needs 32 channels); its weights are never compared.
 TINY_VQ = {

@@ -155,3 +155,20 @@ def test_a_damaged_latest_pointer_is_one_error_naming_it(tmp_path: Path, content
         latest_checkpoint(tmp_path)
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'latest'}: not a checkpoint pointer ({why};") and "\n" not in message
+
+
+def test_a_checkpoint_is_checked_whole_before_anything_is_loaded(tmp_path: Path) -> None:
+    model, _, _ = trained(1)
+    path = save_checkpoint(tmp_path, TrainState(1), model)  # no optimizer state saved
+    other = Transformer(CONFIG)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"trainer\.pt: no optimizer state to resume from"):
+        load_checkpoint(path, other, torch.optim.AdamW(other.parameters()))
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # the weights were not loaded
+
+
+def test_a_killed_save_leaves_nothing_the_next_save_keeps(tmp_path: Path) -> None:
+    model, _, _ = trained(1)
+    (tmp_path / ".step-00000002.1234.abcd1234.tmp").mkdir(parents=True)  # a writer killed mid-save
+    save_checkpoint(tmp_path, TrainState(2), model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]

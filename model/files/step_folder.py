@@ -1,0 +1,148 @@
+"""The step folder: what the trainer writes for each checkpoint, and what inference, `cham convert` and resuming read.
+
+    model.pt            the model's state dict (Meta's names)           } our `convert` format: a step folder
+    model_config.json   its ModelConfig (dropout 0: for inference)      } converts and loads as it is
+    tokenizers.json     the paths of its text and image tokenizers and the vocabulary layout
+    training.json       pretrain or sft, the stage folder and its name
+    trainer.pt          optimizer, schedule and RNG states (resuming only)
+    state.json          step, loader position and run counters; written last, so its presence marks a whole folder
+
+This module owns those names and how each file is read and written. A step folder is written under a temporary
+name and renamed into place (model/files/atomic.py), so a crash never leaves half of one that looks complete. Readers
+take the error type to raise (each caller has its own: CheckpointError, ConversionError) and name the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from model.files.atomic import atomic_path, write_atomic
+from model.files.reading import load_state_dict_file, load_tensor_file, read_json, read_json_object
+from schemas.model_config import ModelConfig
+
+WEIGHTS = "model.pt"
+MODEL_CONFIG = "model_config.json"
+TOKENIZERS = "tokenizers.json"
+TRAINING = "training.json"
+TRAINER = "trainer.pt"
+STATE = "state.json"
+
+
+@dataclass(frozen=True)
+class StepRecords:
+    """What makes a step folder self-describing: generation and evaluation need nothing else to load it."""
+
+    model_config: ModelConfig
+    tokenizers: Mapping[str, Any]  # {"text": path, "image": path, "vocab_layout": {...}}
+    training: Mapping[str, Any]  # {"kind": "pretrain" | "sft", "data": path, "stage": name}
+
+
+def write_step_folder(
+    folder: str | Path,
+    weights: Mapping[str, torch.Tensor],
+    trainer: Mapping[str, Any],
+    state: Mapping[str, Any],
+    records: StepRecords | None = None,
+) -> Path:
+    """Write a whole step folder at `folder` (replacing one already there): weights, trainer state, the records,
+    then state.json. Returns `folder`."""
+    folder = Path(folder)
+    with atomic_path(folder, replace_folder=True) as tmp:
+        tmp.mkdir()
+        torch.save(dict(weights), tmp / WEIGHTS)
+        torch.save(dict(trainer), tmp / TRAINER)
+        if records is not None:
+            _write_records(tmp, records)
+        (tmp / STATE).write_text(json.dumps(dict(state)))
+    return folder
+
+
+def _write_records(folder: Path, records: StepRecords) -> None:
+    (folder / MODEL_CONFIG).write_text(records.model_config.model_dump_json(indent=2) + "\n")
+    (folder / TOKENIZERS).write_text(json.dumps(dict(records.tokenizers), indent=2))
+    (folder / TRAINING).write_text(json.dumps(dict(records.training)))
+
+
+def write_model(folder: str | Path, weights: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
+    """Write our `convert` format into `folder`: model.pt and model_config.json (each atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        torch.save(dict(weights), tmp)
+    write_atomic(folder / MODEL_CONFIG, config.model_dump_json(indent=2) + "\n")
+
+
+def has_model(folder: str | Path) -> bool:
+    """Whether `folder` holds our `convert` format (model.pt and model_config.json)."""
+    return (Path(folder) / WEIGHTS).is_file() and (Path(folder) / MODEL_CONFIG).is_file()
+
+
+def read_weights(folder: str | Path, error: type[Exception]) -> dict[str, torch.Tensor]:
+    """model.pt of `folder`: a state dict of tensors, or `error` naming the file."""
+    return load_state_dict_file(Path(folder) / WEIGHTS, error)
+
+
+def read_model_config(folder: str | Path, error: type[Exception]) -> ModelConfig:
+    """model_config.json of `folder` as a ModelConfig, or `error` naming the file and every problem in one line."""
+    path = Path(folder) / MODEL_CONFIG
+    raw = read_json(path, error)
+    if isinstance(raw, dict) and "norm_eps" in raw and "qk_norm_eps" not in raw:
+        # Written before qk_norm_eps existed, when QK-norm used norm_eps: keep the function it was trained as.
+        raw = {**raw, "qk_norm_eps": raw["norm_eps"]}
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        raise error(f"{path}: not a model config ({problems})") from None
+
+
+def read_tokenizers_record(folder: str | Path, error: type[Exception]) -> dict[str, Any]:
+    """tokenizers.json of `folder` ({} when there is none, as in converted weights), or `error` naming it."""
+    path = Path(folder) / TOKENIZERS
+    return read_json_object(path, (), error, "tokenizer record") if path.is_file() else {}
+
+
+def read_training_record(folder: str | Path, error: type[Exception]) -> dict[str, Any]:
+    """training.json of `folder` ({} when there is none), or `error` naming it."""
+    path = Path(folder) / TRAINING
+    return read_json_object(path, (), error) if path.is_file() else {}
+
+
+def read_step(folder: str | Path, error: type[Exception]) -> int | None:
+    """The step state.json records, or None for a folder without one (converted weights)."""
+    path = Path(folder) / STATE
+    return read_json_object(path, ("step",), error, "checkpoint state")["step"] if path.is_file() else None
+
+
+def read_state(folder: str | Path, error: type[Exception]) -> dict[str, Any]:
+    """state.json of `folder`: an integer step, loader and extra objects; anything else raises `error` naming it."""
+    path = Path(folder) / STATE
+    state = read_json_object(path, ("step", "loader", "extra"), error, "checkpoint state")
+    if (
+        not isinstance(state["step"], int)
+        or not isinstance(state["loader"], dict)
+        or not isinstance(state["extra"], dict)
+    ):
+        raise error(f"{path}: step must be an integer, loader and extra objects")
+    return state
+
+
+def read_trainer(folder: str | Path, error: type[Exception]) -> dict[str, Any]:
+    """trainer.pt of `folder` (optimizer, scheduler and RNG states), or `error` naming it."""
+    path = Path(folder) / TRAINER
+    trainer = load_tensor_file(path, error)
+    if not isinstance(trainer, dict) or "rng" not in trainer:
+        raise error(f"{path}: not a trainer state (no rng)")
+    return trainer
+
+
+def is_complete(folder: str | Path) -> bool:
+    """Whether `folder` is a whole step folder (state.json is written last)."""
+    return (Path(folder) / STATE).is_file()
