@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
 from flows.artifacts import (
     markdown_artifact,
@@ -24,52 +24,16 @@ from flows.build_dataset import mix_task
 from flows.evaluation_flows import eval_loss_task
 from flows.markup import Markdown, code, md
 from flows.training_flows import launch_training
-from schemas import MixtureSpec, TrainConfig, dump_config, validate_config
-from schemas.model_config import MODEL_PRESETS, ModelPreset
-
-NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-class MixtureVariant(BaseModel):
-    """One mixture of the experiment: the spec with some sources' weights changed."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=NAME, description="folder-safe name of this mixture")
-    weights: dict[str, float] = Field(description="source name -> new weight, in every stage that lists the source")
-    stages: list[str] | None = Field(None, description="change only these stages (default: all)")
-
-
-class WeightSweep(BaseModel):
-    """A sweep over one source's weight: one mixture per value."""
-
-    model_config = ConfigDict(extra="forbid")
-    source: str = Field(description="the source whose weight is swept")
-    weights: list[float] = Field(min_length=1, description="the weights to try")
-    stages: list[str] | None = Field(None, description="change only these stages (default: all)")
-
-
-class ExperimentTraining(BaseModel):
-    """A short training run on each mixture, and the held-out stage every run is measured on."""
-
-    model_config = ConfigDict(extra="forbid")
-    stage: str | None = Field(None, description="the stage to train on (default: the spec's first)")
-    model_preset: ModelPreset = Field("tiny", description="model shape")
-    steps: int = Field(20, gt=0)
-    global_batch_size: int = Field(8, gt=0)
-    micro_batch_size: int = Field(2, gt=0)
-    lr: float = Field(3e-3, gt=0.0)
-    warmup_steps: int = Field(2, ge=0)
-    heldout: str | None = Field(None, description="a stage folder (from `cham mix`) to measure held-out loss on")
-    eval_max_batches: int = Field(8, ge=1)
-    nproc_per_node: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _batches(self) -> ExperimentTraining:
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError("global_batch_size must be a multiple of micro_batch_size")
-        if self.warmup_steps >= self.steps:
-            raise ValueError("warmup_steps must be < steps")
-        return self
+from schemas import (
+    ExperimentTraining,
+    MixtureSpec,
+    MixtureVariant,
+    TrainConfig,
+    WeightSweep,
+    dump_config,
+    validate_config,
+)
+from schemas.model_config import MODEL_PRESETS
 
 
 def expand_variants(variants: list[MixtureVariant] | None, sweep: WeightSweep | None) -> list[MixtureVariant]:

@@ -1,6 +1,7 @@
 """The contracts: Arrow schemas of every record, pydantic configs, and the vocabulary layout."""
 
 from schemas.config_base import ConfigError, dump_config, load_config, validate_config
+from schemas.experiment_config import ExperimentTraining, MixtureVariant, WeightSweep
 from schemas.generate_config import GenerateConfig
 from schemas.mixture_spec import MixtureSpec
 from schemas.model_config import ModelConfig
@@ -20,12 +21,15 @@ CONFIG_KINDS = {
 __all__ = [
     "CONFIG_KINDS",
     "ConfigError",
+    "ExperimentTraining",
     "GenerateConfig",
     "MixtureSpec",
+    "MixtureVariant",
     "ModelConfig",
     "PrepareConfig",
     "SFTConfig",
     "TrainConfig",
+    "WeightSweep",
     "dump_config",
     "load_config",
     "validate_config",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.mixture_experiment import ExperimentTraining, MixtureVariant, WeightSweep, apply_variant, mixture_experiment
-from schemas import MixtureSpec, validate_config
+from flows.mixture_experiment import apply_variant, mixture_experiment
+from schemas import ExperimentTraining, MixtureSpec, MixtureVariant, WeightSweep, validate_config
 
 pytestmark = pytest.mark.slow
 
