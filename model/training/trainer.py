@@ -8,12 +8,10 @@ model, optimizer, schedule, step, loader position and RNG; a run resumes from th
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from model.training.checkpointing import (
     save_checkpoint,
 )
 from model.training.lr_schedule import make_scheduler
+from model.training.metrics import MetricsSink, StepMetrics, close_sinks, open_sinks
 from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.training.optim import clip_and_check, make_optimizer
 from model.training.run_lock import RunLock, RunLockedError
@@ -43,28 +42,8 @@ from model.training.stage_loader import CorruptShardError, ResumeMismatchError, 
 from schemas.train_config import SFTConfig, TrainConfig
 from schemas.vocab import VocabLayout
 
-METRICS_FILE = "metrics.jsonl"
 # What bad configs, data, checkpoints or output paths raise: reported as one line by `cham train` and its workers.
 INPUT_ERRORS = (ValueError, OSError, CheckpointError, CorruptShardError, ResumeMismatchError, RunLockedError)
-
-
-@dataclass
-class StepMetrics:
-    step: int
-    loss: float
-    ce: float
-    ce_text: float | None  # None (null in metrics.jsonl, no TensorBoard point) when the step had no text targets
-    ce_image: float | None  # the same for image targets: a mean over nothing is no loss, and 0.0 would read as perfect
-    z_loss: float
-    grad_norm: float
-    lr: float
-    tokens: int  # positions the model ran over, all ranks (padding included: it costs compute too)
-    supervised_tokens: int  # targets the loss counted, all ranks
-    tokens_per_s: float
-    data_wait_share: float
-    mfu: float | None
-    skipped_steps: int  # steps not applied (non-finite gradients, or no targets), so far
-    damaged_sequences: int = 0  # sequences read as padding so far (skip_corrupt_shards), all ranks
 
 
 class Trainer:
@@ -175,37 +154,40 @@ class Trainer:
         while True:  # epochs follow each other; the loader keeps its own position
             yield from self.loader
 
-    def train(self, stop_at: int | None = None) -> list[StepMetrics]:
-        """Run to `config.steps` (or stop early at `stop_at`), checkpointing as configured; returns the metrics."""
+    def train(self, stop_at: int | None = None, extra_sinks: Sequence[MetricsSink] = ()) -> list[StepMetrics]:
+        """Run to `config.steps` (or stop early at `stop_at`), checkpointing as configured; returns the metrics.
+
+        Each step's metrics go to the sinks `config.logging` asks for (model/training/metrics.py) and to
+        `extra_sinks`, which the caller opens and closes."""
         config, history = self.config, []
         last = min(config.steps, stop_at) if stop_at is not None else config.steps
         batches = self._batches()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.run_lock is not None:
             self.run_lock.acquire()
-        metrics_file, self.tensorboard = None, None
+        sinks: list[MetricsSink] = []
         try:
-            if self.rank == 0 and config.logging.jsonl:
-                # Steps after the checkpoint resumed from are redone: their records from the run that died go.
-                keep_metrics_until(self.out_dir / METRICS_FILE, self.step)
-                metrics_file = (self.out_dir / METRICS_FILE).open("a")
-            if self.rank == 0 and config.logging.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # purge_step: TensorBoard drops the earlier events of the steps this run redoes.
-                self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+            # Rank 0 writes metrics.jsonl and TensorBoard; the steps after the checkpoint resumed from are redone, so
+            # the sinks drop what the run that died recorded of them.
+            sinks = open_sinks(config.logging, self.out_dir, self.step, config.steps, self.log, self.rank == 0)
             while self.step < last:
-                history.append(self._step(batches, metrics_file))
+                metrics = self._step(batches)
+                for sink in (*sinks, *extra_sinks):
+                    sink.write(metrics)
+                if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
+                    self.save()
+                history.append(metrics)
         finally:
-            if metrics_file:
-                metrics_file.close()
-            if self.tensorboard:
-                self.tensorboard.close()
-            if self.run_lock is not None:
-                self.run_lock.release()
+            try:
+                close_sinks(sinks)
+            finally:
+                if self.run_lock is not None:
+                    self.run_lock.release()
         return history
 
-    def _step(self, batches: Iterator[dict[str, torch.Tensor]], metrics_file: Any) -> StepMetrics:
+    def _step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepMetrics:
+        """One optimizer step over `accumulation` micro-batches; returns what it measured (recording it is the
+        sinks' job, in `train`)."""
         config = self.config
         self.module.train()
         started = time.perf_counter()
@@ -261,30 +243,24 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - started
         per_target = max(1, supervised)
-        metrics = StepMetrics(
-            step=self.step, loss=loss / per_target, ce=ce / per_target,
-            ce_text=text / n_text if n_text else None, ce_image=image / n_image if n_image else None,
+        return StepMetrics(
+            step=self.step,
+            loss=loss / per_target,
+            ce=ce / per_target,
+            ce_text=text / n_text if n_text else None,
+            ce_image=image / n_image if n_image else None,
             z_loss=z / per_target,
-            grad_norm=float(grad_norm), lr=lr, tokens=positions * self.world_size, supervised_tokens=supervised,
-            tokens_per_s=positions * self.world_size / seconds, data_wait_share=waited / seconds,
+            grad_norm=float(grad_norm),
+            lr=lr,
+            tokens=positions * self.world_size,
+            supervised_tokens=supervised,
+            tokens_per_s=positions * self.world_size / seconds,
+            data_wait_share=waited / seconds,
             # Per device: this rank's positions against this device's peak.
             mfu=(positions / seconds * self.flops_per_token / self.peak) if self.peak else None,
-            skipped_steps=self.skipped, damaged_sequences=self.damaged,
-        )  # fmt: skip
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(asdict(metrics)) + "\n")
-            metrics_file.flush()
-        if self.tensorboard is not None:
-            for name, value in asdict(metrics).items():
-                if name != "step" and value is not None:
-                    self.tensorboard.add_scalar(f"train/{name}", value, self.step)
-        if self.step % config.logging.every_steps == 0 or self.step == config.steps:
-            self.log(f"step {self.step}/{config.steps} loss {metrics.loss:.4f} (text {_ce(metrics.ce_text)}, image "
-                     f"{_ce(metrics.ce_image)}, z {metrics.z_loss:.2e}) grad {metrics.grad_norm:.2f} lr {lr:.2e} "
-                     f"{metrics.tokens_per_s:,.0f} tok/s data wait {metrics.data_wait_share:.0%}")  # fmt: skip
-        if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
-            self.save()
-        return metrics
+            skipped_steps=self.skipped,
+            damaged_sequences=self.damaged,
+        )
 
     def _clip(self) -> tuple[float, bool]:
         if not self.fsdp:
@@ -307,31 +283,3 @@ class Trainer:
                             keep_last=self.config.checkpoint.keep_last, records=self.records)  # fmt: skip
         if self.world_size > 1:
             dist.barrier()
-
-
-def _ce(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def keep_metrics_until(path: Path, step: int) -> int:
-    """Rewrite a metrics file (atomically) with only its records of steps <= `step`: a resumed run redoes the later
-    ones, and each step is recorded once. A line cut short by a kill is dropped too. Returns the lines dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
-            except ValueError:
-                keep = False
-            if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            elif line.strip():
-                dropped += 1
-    if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
-    return dropped

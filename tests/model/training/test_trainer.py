@@ -320,3 +320,24 @@ def test_a_step_without_targets_of_a_modality_logs_none_not_zero(train_and_sft_s
     assert [s for s, _ in tensorboard_scalars(tmp_path / "tensorboard", "train/ce_image")] == expected
     lines = [line for line in logged if line.startswith("step ")]
     assert ["image -," in line for line in lines] == [n == 0 for n in n_image]
+
+
+def test_the_step_returns_its_metrics_and_the_sinks_record_them(stage: Path, tmp_path: Path) -> None:
+    class Collect:
+        def __init__(self) -> None:
+            self.seen: list = []
+
+        def write(self, metrics) -> None:
+            self.seen.append(metrics)
+
+        def close(self) -> None:
+            raise AssertionError("the caller closes its own sinks")
+
+    cfg = config(stage, tmp_path, 4, logging={"every_steps": 2, "jsonl": False, "tensorboard": False})
+    logged: list[str] = []
+    trainer = Trainer(cfg, log=logged.append)
+    collect = Collect()
+    history = trainer.train(extra_sinks=[collect])
+    assert collect.seen == history and [m.step for m in history] == [1, 2, 3, 4]
+    assert [line.split()[1] for line in logged if line.startswith("step ")] == ["2/4", "4/4"]
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tensorboard").exists()
