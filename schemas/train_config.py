@@ -59,7 +59,12 @@ class TrainConfig(StrictModel):
     model: ModelConfig
     data: ExistingPath = Field(description="a stage folder written by `cham mix`")
     out_dir: OutputPath = Field(description="checkpoints, metrics and logs go here")
-    seq_len: int = Field(4096, gt=0)
+    seq_len: int | None = Field(
+        None,
+        gt=0,
+        description="the stage's packed sequence length, which its manifest.json records: leave it out to take it "
+        "from there; a value given must equal it",
+    )
     global_batch_size: int = Field(gt=0, description="sequences per optimizer step, across all ranks")
     micro_batch_size: int = Field(1, gt=0, description="sequences per rank per forward pass")
     steps: int = Field(gt=0, description="optimizer steps")
@@ -94,7 +99,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.seq_len > self.model.max_seq_len:
+        if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model.max_seq_len}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(

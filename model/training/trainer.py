@@ -103,9 +103,7 @@ class Trainer:
         self.loader = StageLoader(config.data, batch_size=config.micro_batch_size, rank=self.rank,
                                   world_size=self.world_size, num_workers=config.loader_workers,
                                   skip_corrupt=config.skip_corrupt_shards)  # fmt: skip
-        if self.loader.seq_len != config.seq_len:
-            raise ValueError(f"the stage at {config.data} has sequences of {self.loader.seq_len}, config.seq_len is "
-                             f"{config.seq_len}")  # fmt: skip
+        self.seq_len = stage_seq_len(config, self.loader.seq_len, model_config.max_seq_len)
         layout = VocabLayout.model_validate(self.loader.manifest["vocab_layout"])
         if layout.vocab_size != model_config.vocab_size:
             raise ValueError(f"the stage's vocabulary has {layout.vocab_size} ids, the model {model_config.vocab_size}")
@@ -124,7 +122,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step, self.skipped, self.damaged = 0, 0, 0
         self.flops_per_token = flops_per_token(matmul_params(self.model), model_config.n_layers, model_config.dim,
-                                               config.seq_len)  # fmt: skip
+                                               self.seq_len)  # fmt: skip
         self.peak = device_peak_flops(self.device)
         self._resume()
 
@@ -283,3 +281,18 @@ class Trainer:
                             keep_last=self.config.checkpoint.keep_last, records=self.records)  # fmt: skip
         if self.world_size > 1:
             dist.barrier()
+
+
+def stage_seq_len(config: TrainConfig, packed: int, max_seq_len: int) -> int:
+    """The run's sequence length: `packed`, the one the stage was packed to (its manifest.json), which
+    `config.seq_len` may restate but not change; it must fit the model."""
+    if config.seq_len is not None and config.seq_len != packed:
+        raise ValueError(
+            f"the stage at {config.data} has sequences of {packed}, config.seq_len is "
+            f"{config.seq_len}: leave seq_len out to use the stage's"
+        )
+    if packed > max_seq_len:
+        raise ValueError(
+            f"the stage at {config.data} has sequences of {packed}, longer than the model's max_seq_len {max_seq_len}"
+        )
+    return packed

@@ -289,7 +289,7 @@ def test_sft_defaults_follow_the_recipe(example_base: Path) -> None:
     }
     sft = validate_config(SFTConfig, data, base_dir=example_base)
     assert sft.optimizer.lr == 1e-5 and sft.schedule.kind == "cosine" and sft.schedule.warmup_steps == 0
-    assert sft.dropout == 0.05 and sft.global_batch_size == 128 and sft.seq_len == 4096
+    assert sft.dropout == 0.05 and sft.global_batch_size == 128 and sft.seq_len is None  # the stage's
     assert sft.optimizer.betas == (0.9, 0.95) and sft.optimizer.eps == 1e-5 and sft.optimizer.weight_decay == 0.1
     del data["init_from"]
     with pytest.raises(ConfigError, match="init_from: Field required"):

@@ -227,8 +227,16 @@ def test_damaged_sequences_stop_the_run_or_are_counted(stage: Path, tmp_path: Pa
 
 
 def test_config_mismatches_are_clear(stage: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"has sequences of 128, config\.seq_len is 256"):
+    with pytest.raises(ValueError, match=r"has sequences of 128, config\.seq_len is 256: leave seq_len out"):
         Trainer(config(stage, tmp_path, 10, seq_len=256), log=lambda _: None)
+    # seq_len is the stage's (its manifest.json): left out it is taken from there, and must fit the model.
+    derived = {k: v for k, v in config(stage, tmp_path, 10).model_dump().items() if k != "seq_len"}
+    trainer = Trainer(validate_config(TrainConfig, derived), log=lambda _: None)
+    assert trainer.config.seq_len is None and trainer.seq_len == 128
+    assert trainer.flops_per_token == Trainer(config(stage, tmp_path, 10), log=lambda _: None).flops_per_token
+    short = derived | {"model": {"preset": "tiny", "max_seq_len": 64}}
+    with pytest.raises(ValueError, match=r"has sequences of 128, longer than the model's max_seq_len 64"):
+        Trainer(validate_config(TrainConfig, short), log=lambda _: None)
     # FlexAttention has no CPU backward: asking for it on CPU fails before any step.
     with pytest.raises(ValueError, match="document_attention 'flex' needs a CUDA device"):
         Trainer(config(stage, tmp_path, 10, document_attention="flex"), log=lambda _: None)
