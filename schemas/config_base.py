@@ -77,7 +77,7 @@ def expand_paths(patterns: list[str] | tuple[str, ...]) -> list[Path]:
     files: list[Path] = []
     for pattern in map(str, patterns):
         matches = pattern_files(pattern)
-        if not matches:
+        if not matches and not Path(pattern).is_dir():  # an empty folder exists: its callers say "no images" etc.
             raise FileNotFoundError(f"input not found: {pattern}")
         files += matches
     return unique_files(files)
