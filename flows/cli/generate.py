@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from model.tokenizers.mixed_tokenizer import Segment
 
 CHAT_HELP = "end the prompt with the SFT separator (default: yes for fine-tuned checkpoints)"
-PROMPT_THUMB = 256  # prompt images are shown at this width on the page
 
 
 def _overrides(config: GenerateConfig, **changes: Any) -> GenerateConfig:
@@ -34,20 +33,15 @@ def _overrides(config: GenerateConfig, **changes: Any) -> GenerateConfig:
 
 def _prompt_images(files: list[Path], out: Path) -> list[dict[str, Any]]:
     """Check each prompt image opens, and keep a thumbnail of it for the page."""
-    from PIL import Image, UnidentifiedImageError
+    from model.generation.segment_output import save_thumbnail
 
     records = []
     for k, file in enumerate(files):
-        try:
-            with Image.open(file) as im:
-                im.load()
-                thumb = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise fail(f"--image {file}: cannot read this image ({err})") from None
-        thumb.thumbnail((PROMPT_THUMB, PROMPT_THUMB))
         path = Path("images") / f"prompt-{k}.png"
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        thumb.save(out / path)
+        try:
+            save_thumbnail(file, out / path)
+        except ValueError as err:
+            raise fail(f"--image {err}") from None
         records.append({"kind": "image", "path": path.as_posix(), "source": str(file)})
     return records
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from model.evaluation.annotation_page import absolute_page, comparison_page
@@ -23,14 +22,13 @@ from model.files.atomic import write_atomic
 from model.generation.generator import Generator
 from model.generation.inference import InferenceModel
 from model.generation.prompting import PromptError, Response, respond, respond_batch
-from model.generation.segment_output import save_segments
+from model.generation.segment_output import save_segments, save_thumbnail
 from schemas.config_base import ConfigError, validate_config
 from schemas.eval_prompts import EvalPrompt
 from schemas.generate_config import GenerateConfig, GenerationMode
 
 RESPONSES_FILE, ANNOTATE_PAGE = "responses.jsonl", "annotate.html"
 COMPARE_PAGE, BLINDING_FILE = "compare.html", "blinding.json"
-PROMPT_THUMB = 256  # prompt images are copied at most this size: the page shows them at 256 px
 RESPONSE_KEYS = ("id", "category", "prompt", "prompt_images", "response")
 M = TypeVar("M", bound=BaseModel)
 
@@ -97,13 +95,7 @@ def _copy_image(source: Path, folder: Path, relative: str, thumb: bool) -> str:
     target = folder / relative
     target.parent.mkdir(parents=True, exist_ok=True)
     if thumb:
-        try:
-            with Image.open(source) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise EvalFileError(f"{source}: cannot read this image ({err})") from None
-        image.thumbnail((PROMPT_THUMB, PROMPT_THUMB))
-        image.save(target)
+        save_thumbnail(source, target, EvalFileError)
     else:
         try:
             shutil.copyfile(source, target)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from model.tokenizers.mixed_tokenizer import ImageSegment, Segment
 
+PROMPT_THUMB = 256  # prompt images are copied at most this size: the pages show them 256 px wide (PAGE_STYLE)
 PAGE_STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
 .prompt { background: #f4f4f8; border-left: 4px solid #88a; padding: .6rem 1rem; white-space: pre-wrap; }
@@ -22,6 +23,21 @@ body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; 
 .response img, .prompt img { display: block; margin: .5rem 0; width: 256px; image-rendering: pixelated; }
 .meta { color: #777; font-size: .85rem; }
 """
+
+
+def save_thumbnail(source: str | Path, target: str | Path, error: type[Exception] = ValueError) -> None:
+    """A prompt image copied for a page: RGB, at most PROMPT_THUMB pixels a side, as PNG at `target` (folders made);
+    an image that cannot be read raises `error` naming `source`."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(source) as im:
+            image = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise error(f"{source}: cannot read this image ({err})") from None
+    image.thumbnail((PROMPT_THUMB, PROMPT_THUMB))
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    image.save(target, format="PNG")
 
 
 def save_segments(segments: Sequence[Segment], folder: str | Path, stem: str) -> list[dict[str, Any]]:
