@@ -25,6 +25,7 @@ from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
 from model.tokenizers.text_tokenizer import expand_inputs, iter_texts, load_text_tokenizer
 from model.tokenizers.vq_checkpoint import load_hf_vqvae
 from schemas.model_config import ModelConfig
+from tests.model.lm.test_convert import randomized as randomized_weights
 
 # Sides where Meta's rounding of the resized long side (round) and HF's (int) agree: a fair comparison of pixels.
 IMAGE_SIZES = [(64, 64), (150, 100), (96, 64), (192, 192)]
@@ -39,16 +40,9 @@ def cli() -> typer.Typer:
 
 
 def randomized(config: ModelConfig) -> Transformer:
-    """Large random weights and non-trivial norms, so a layout mistake changes the logits."""
+    """Large random weights and non-trivial norms, so a layout mistake changes the logits; seeded."""
     torch.manual_seed(0)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "normalization.weight" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.3 if "normalization" in name else 0.15)
-    return model
+    return randomized_weights(config)
 
 
 @pytest.fixture(scope="module")
