@@ -8,7 +8,7 @@ from typing import NamedTuple
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from schemas.config_base import ExistingPath, StrictModel
-from schemas.records import SftCategory
+from schemas.record_kinds import SftCategory
 
 
 class MixSource(StrictModel):

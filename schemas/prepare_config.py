@@ -17,7 +17,7 @@ from pydantic import (
 
 from schemas.config_base import ExistingPath, OutputPath, StrictModel, format_location, resolve_path
 from schemas.download_config import DownloadConfig
-from schemas.records import RecordKind
+from schemas.record_kinds import RecordKind
 from schemas.source_files import source_files
 
 SourceFormat = Literal["jsonl", "parquet", "webdataset"]

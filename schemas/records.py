@@ -6,15 +6,13 @@ Hugging Face datasets stores one (a struct of bytes and path), plus the URL it c
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import pyarrow as pa
 
-RecordKind = Literal["text", "image_text", "interleaved", "sft"]
-RECORD_KINDS: tuple[str, ...] = get_args(RecordKind)
-
-SftCategory = Literal["text", "code", "image_generation", "visual_chat", "interleaved", "safety"]
-SFT_CATEGORIES: tuple[str, ...] = get_args(SftCategory)
+# Re-exported: the kinds' names live in schemas/record_kinds.py, without pyarrow.
+from schemas.record_kinds import RECORD_KINDS as RECORD_KINDS
+from schemas.record_kinds import SFT_CATEGORIES as SFT_CATEGORIES
+from schemas.record_kinds import RecordKind as RecordKind
+from schemas.record_kinds import SftCategory as SftCategory
 
 # Exactly one of bytes / path should hold the image; a URL alone is fetched by the download stage (or, with
 # downloads off, a reject: `image_not_local`).
