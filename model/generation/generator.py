@@ -9,12 +9,18 @@ Unlike Meta, which re-prefills a fresh cache at every modality switch, one cache
 All rows get every token at the same cache column; a per-row validity mask decides which columns a row attends to
 (left padding, text in the guidance rows, earlier images in the unconditional row) and each row counts its own
 positions over its valid columns, so every row sees exactly the sequence Meta would have fed it.
+
+One generation (`Generator._steps`) is made of these parts: `_Stream`, each prompt's state (the modality state
+machine: in text or in an image, codes left, finished; its seen text ids and generator); `_prompt_grid`, the rows of
+the prompts and their guidance streams; `_Decode`, those grids on the device, filled one column per step;
+`_ModelSteps`, the model's logits of the prefill and of each step (eager, or the static step and its CUDA graph);
+and `_StepSampler`, each step's ids, inserted when forced, else sampled per allowed set (`model.generation.sampling`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -25,6 +31,7 @@ from torch import nn
 
 from model.generation.decode_graph import GraphedDecode
 from model.generation.decode_step import DecodeWeights, decode_linear, decode_step, decode_weights
+from model.generation.sampling import SeenIds, sample_group
 from model.lm.transformer import KVCache, Transformer, rotary_angles
 from model.tokenizers.mixed_tokenizer import MixedModalTokenizer, Segment
 from model.tokenizers.vocabulary import Modality, Vocabulary
@@ -41,8 +48,9 @@ def _kind_mask(vocab: Vocabulary, kinds: tuple[Modality, ...], extra: tuple[int,
     return mask
 
 
-def _allowed_parts(vocab: Vocabulary, mode: str, in_image: bool, codes_left: int,
-                   positions_left: int) -> tuple[tuple[Modality, ...], tuple[int, ...]]:  # fmt: skip
+def _allowed_parts(
+    vocab: Vocabulary, mode: str, in_image: bool, codes_left: int, positions_left: int
+) -> tuple[tuple[Modality, ...], tuple[int, ...]]:
     """The (modalities, extra ids) key of `allowed_mask`'s answer: hashable, so masks and plans can be cached."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -99,70 +107,16 @@ def _logit_plan(vocab: Vocabulary, keys: frozenset) -> tuple[tuple[tuple[int, in
     return tuple(runs), tuple(extra)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL / Meta penalty: where `seen` [.., V] is True, positive logits are divided and negative multiplied."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Logits [.., V] with -inf outside the smallest set of most likely ids whose probability reaches `top_p`."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    # Drop an id when the ids ranked above it already reach top_p; the most likely id always stays.
-    drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Index per row of unnormalised probabilities [R, N] by inverse CDF, one uniform number from each row's own
-    generator: a row's draw does not depend on the other rows of the batch."""
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    if not bool(torch.isfinite(total).all() and (total > 0).all()):
-        raise ValueError("cannot sample: the model's logits are not finite (NaN or inf weights or activations?)")
-    uniform = torch.cat([torch.rand(1, generator=g) for g in generators])[:, None]
-    # right=True: the first id whose cumulative mass exceeds u·total, never an id of zero probability.
-    return torch.searchsorted(cdf, uniform * total, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
-
-
-def sample_rows(scores: torch.Tensor, temperature: float, top_p: float,
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:  # fmt: skip
-    """One index per row of scores [R, N]: argmax when temperature is 0, else temperature, top-p and a draw; all
-    rows at once. Equals `sample` of each row (the draw is made in id order, whatever the top-p sort did)."""
-    if temperature == 0:
-        return scores.argmax(-1)
-    probs = (scores.float() / temperature).softmax(-1)
-    if top_p < 1.0:
-        ranked, order = probs.sort(dim=-1, descending=True)
-        # Drop an id when the ids ranked above it already reach top_p; the most likely id always stays.
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (ranked.cumsum(-1) - ranked) >= top_p)
-        probs = probs.masked_fill(drop, 0.0)
-    return _draw(probs, generators)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One id from logits [V], the obvious way: argmax at temperature 0, else temperature, `top_p_filter`, softmax
-    and the inverse-CDF draw of `sample_rows` (which the generator uses, on the allowed ids only)."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = top_p_filter(logits.float() / temperature, top_p).softmax(-1)
-    return int(_draw(probs[None], [generator])[0])
-
-
-def guided_logits(full: torch.Tensor, img: torch.Tensor, unc: torch.Tensor, s_txt: float, s_img: float) -> torch.Tensor:
-    """Meta's InstructPix2Pix-style guidance: u + s_img * (img - u) + s_txt * (full - img)."""
-    return unc + s_img * (img - unc) + s_txt * (full - img)
-
-
-def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                  cache: KVCache | None, start_pos: int, plan=None,
-                  weights: DecodeWeights | None = None) -> torch.Tensor | None:  # fmt: skip
+def _forward_last(
+    model: Transformer,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: KVCache | None,
+    start_pos: int,
+    plan=None,
+    weights: DecodeWeights | None = None,
+) -> torch.Tensor | None:
     """Float logits of the last position, on the CPU: [R, V], or with `plan` (see `_logit_plan`) only the planned
     ids' columns, in ascending id order (`_plan_columns`); `plan=()` runs the layers (filling the cache) and
     returns None. One new token per row with a cache takes `decode_step` (with `weights`, gathered if None).
@@ -174,9 +128,13 @@ def _forward_last(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
     cfg = model.config
     if cache is not None and tokens.shape[1] == 1:  # one new token per row: the lean decode path
         h = decode_step(
-            weights or decode_weights(model), tokens[:, 0], positions[:, 0], cache, start_pos,
+            weights or decode_weights(model),
+            tokens[:, 0],
+            positions[:, 0],
+            cache,
+            start_pos,
             None if mask is None else mask[:, 0],
-        )  # fmt: skip
+        )
     else:
         rope = rotary_angles(positions, cfg.head_dim, cfg.rope_theta, complex_rotation=True)  # once for all layers
         h = model.tok_embeddings(tokens)
@@ -243,43 +201,6 @@ def _group_columns(vocab: Vocabulary, plan: tuple | None, parts: tuple) -> torch
     return torch.from_numpy(np.searchsorted(ids, allowed))
 
 
-def _sample_group(logits: torch.Tensor, rows: list[int], columns: torch.Tensor | None, allowed_ids: torch.Tensor,
-                  temperature: float, top_p: float, generators: Sequence[torch.Generator | None],
-                  guidance: tuple | None = None, seen: Sequence[_SeenIds] = (),
-                  penalty: float = 1.0) -> list[int]:  # fmt: skip
-    """Ids for `rows` of a step's logits that share one allowed set: penalty, guidance and sampling over the allowed
-    ids only (the same as `sample` of the masked full rows), every row at once.
-
-    `columns`: where the allowed ids (`allowed_ids`, ascending) are among the logits' columns (None: all of them,
-    in order). `guidance` = (b, s_txt, s_img): row r is guided by rows r + b (image-only) and r + 2b (unconditional).
-    """
-    index = _id_tensor(tuple(rows))
-    take = (lambda r: logits[r]) if columns is None else (lambda r: logits[r[:, None], columns[None, :]])
-    scores = take(index)  # a copy: the penalty below may write into it
-    if guidance is not None:
-        b, s_txt, s_img = guidance
-        scores = guided_logits(scores, take(index + b), take(index + 2 * b), s_txt, s_img)
-    if seen and penalty != 1.0:
-        flat = _seen_places(allowed_ids.numpy(), [s.array() for s in seen])
-        if len(flat):
-            flat = torch.from_numpy(flat)
-            scores_flat = scores.view(-1)
-            vals = scores_flat.index_select(0, flat)
-            scores_flat.index_copy_(0, flat, torch.where(vals > 0, vals / penalty, vals * penalty))
-    picked = sample_rows(scores, temperature, top_p, generators)
-    return allowed_ids[picked].tolist()
-
-
-def _seen_places(allowed: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
-    """Flat indices into [rows, len(allowed)] of each row's seen ids among the (ascending) allowed ids, all rows in
-    one search; seen ids that are not allowed here are left out (they cannot be sampled)."""
-    ids = np.concatenate(seen)
-    rows = np.repeat(np.arange(len(seen)), [len(s) for s in seen])
-    where = np.searchsorted(allowed, ids).clip(max=len(allowed) - 1)
-    hit = allowed[where] == ids
-    return where[hit] + rows[hit] * len(allowed)
-
-
 def _attention_mask(valid: torch.Tensor, start_pos: int, n_new: int) -> torch.Tensor:
     """[R, n_new, start_pos + n_new]: causal over valid columns; every query also sees itself (no empty rows)."""
     end = start_pos + n_new
@@ -294,24 +215,111 @@ def _attention_mask(valid: torch.Tensor, start_pos: int, n_new: int) -> torch.Te
 
 @dataclass
 class _Stream:
-    """Decoding state of one prompt."""
+    """Decoding state of one prompt: where it stands in the modality grammar (in text, or in an image with codes
+    left), the text ids its context holds (for the repetition penalty) and its own generator."""
 
+    vocab: Vocabulary
+    mode: str
+    generator: torch.Generator
+    seen: SeenIds
     in_image: bool = False
     codes_left: int = 0
     boi_col: int = -1  # cache column of the current image's BOI
     done: bool = False
 
+    @classmethod
+    def after_prompt(
+        cls, vocab: Vocabulary, mode: str, ids: list[int], pad: int, max_new_tokens: int, seed: int
+    ) -> _Stream:
+        """The state after prompt `ids` (left-padded by `pad` columns), sampling with `seed`. A prompt may end
+        inside an image (e.g. with BOI): generation then continues it."""
+        # Meta penalizes the whole context; only text ids can repeat in text.
+        seen = SeenIds(t for t in set(ids) if vocab.modality(t) == Modality.TEXT)
+        state = cls(vocab, mode, torch.Generator(device="cpu").manual_seed(seed), seen)
+        open_image = _open_image(vocab, ids)
+        if open_image:
+            n_codes = len(open_image) - 1
+            state.in_image, state.boi_col = True, pad + len(ids) - len(open_image)
+            state.codes_left = vocab.tokens_per_image - n_codes
+            if mode == "text" or state.codes_left < 0:
+                raise ValueError(f"prompt ends inside an image ({n_codes} codes) in {mode} mode")
+            if state.codes_left + 1 > max_new_tokens:
+                raise ValueError(f"max_new_tokens {max_new_tokens} cannot finish the prompt's open image")
+        elif mode == "image" and max_new_tokens < vocab.tokens_per_image + 2:
+            raise ValueError(f"image mode needs max_new_tokens >= {vocab.tokens_per_image + 2}")
+        return state
+
+    def allowed(self, positions_left: int) -> tuple | None:
+        """The key of the ids the next token may be (`_allowed_parts`), or None once the prompt has finished."""
+        if self.done:
+            return None
+        return _allowed_parts(self.vocab, self.mode, self.in_image, self.codes_left, positions_left)
+
+    def advance(self, token: int, col: int) -> Modality:
+        """Move past `token`, written at cache column `col`, and return its modality: BOI opens an image of
+        `tokens_per_image` codes, EOI closes it (and ends an image-mode generation), `</s>` ends."""
+        vocab = self.vocab
+        kind = vocab.modality(token)
+        if kind == Modality.TEXT:
+            self.seen.add(token)
+        if kind == Modality.BOI:
+            self.in_image, self.codes_left, self.boi_col = True, vocab.tokens_per_image, col
+        elif kind == Modality.IMAGE:
+            self.codes_left -= 1
+        elif kind == Modality.EOI:
+            self.in_image = False
+            self.done = self.mode == "image"
+        elif token == vocab.eos_id:
+            self.done = True
+        return kind
+
+
+def _prompt_grid(
+    vocab: Vocabulary, prompts: list[list[int]], streams: list[_Stream], total: int, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and validity [groups * b, total] of the b prompts, left-padded to end at the same column.
+
+    Row g * b + i is prompt i's stream g: 0 the full prompt; with guidance (3 groups) 1 the prompt with only `<s>`
+    and its image blocks attended, 2 the unconditional `<s>` (plus the image the prompt leaves open). Every row holds
+    the prompt's tokens; validity says which columns the row attends.
+    """
+    b, plen = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((b * groups, total), vocab.pad_id, dtype=torch.long)
+    valid = torch.zeros((b * groups, total), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor(p)
+        for g in range(groups):
+            tokens[g * b + i, plen - len(p) : plen] = ids
+        valid[i, plen - len(p) : plen] = True
+        if groups == 3:
+            kinds = torch.from_numpy(vocab.modalities(p))
+            keep = (kinds == Modality.IMAGE) | (kinds == Modality.BOI) | (kinds == Modality.EOI)
+            valid[b + i, plen - len(p) : plen] = keep | (ids == vocab.bos_id)
+            valid[2 * b + i, plen - len(p)] = True  # the unconditional row: <s>
+            if streams[i].in_image:  # ... plus the open image of the prompt
+                valid[2 * b + i, streams[i].boi_col : plen] = True
+    return tokens, valid
+
 
 class _Decode:
-    """The token, validity and position grids of one generation (on the model's device) and the Python-side
-    bookkeeping that fills them one column per step: per-row counts of valid columns, and whether every row still
-    attends every column so far (`dense`: then no attention mask is needed).
+    """The token, validity and position grids of one generation (on the model's device, rows as in `_prompt_grid`)
+    and the Python-side bookkeeping that fills them one column per step: per-row counts of valid columns, and
+    whether every row still attends every column so far (`dense`: then no attention mask is needed).
     """
 
-    def __init__(self, tokens: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, n_valid: list[int],
-                 dense: bool, column: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        n_valid: list[int],
+        dense: bool,
+        groups: int,
+        column: torch.Tensor | None = None,
+    ):
         self.tokens, self.valid, self.positions = tokens, valid, positions
         self.n_valid, self.dense = n_valid, dense
+        self.groups, self.prompts = groups, tokens.shape[0] // groups
         # The newest column (tokens, validity, positions, its index), kept at one address for a CUDA graph to read.
         if column is None:
             column = torch.zeros((4, tokens.shape[0]), dtype=torch.long, device=tokens.device)
@@ -319,8 +327,26 @@ class _Decode:
         self.col_tokens: list[int] = []
         self.col_valid: list[bool] = []
 
-    def begin_column(self, rows: int, pad_id: int) -> None:
-        self.col_tokens, self.col_valid = [pad_id] * rows, [False] * rows
+    def begin_column(self, pad_id: int) -> None:
+        self.col_tokens, self.col_valid = [pad_id] * self.tokens.shape[0], [False] * self.tokens.shape[0]
+
+    def record(self, i: int, token: int, kind: Modality, col: int) -> None:
+        """Prompt i's new token (of modality `kind`) at column `col`, in each of its rows: its full row attends it,
+        its guidance rows only image tokens; at a BOI the unconditional row restarts as `<s>` + this image (Meta
+        rebuilds it as [<s>, BOI] per image)."""
+        b = self.prompts
+        for g in range(self.groups):
+            self.col_tokens[g * b + i] = token
+        self.col_valid[i] = True
+        if self.groups == 3 and kind in (Modality.BOI, Modality.IMAGE, Modality.EOI):
+            if kind == Modality.BOI:
+                r = 2 * b + i
+                first = int(self.valid[r].nonzero()[0, 0])
+                self.valid[r, first + 1 : col] = False
+                self.n_valid[r] = int(self.valid[r, :col].sum())
+                self.dense = False
+            self.col_valid[b + i] = True
+            self.col_valid[2 * b + i] = True
 
     def end_column(self, col: int) -> None:
         """Write the column: a row's position there is the number of valid columns before it."""
@@ -357,26 +383,110 @@ def _weights_key(weights: DecodeWeights) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in tensors)
 
 
-class _SeenIds:
-    """The text ids a prompt has seen, for the repetition penalty (applied to those ids only, not all V)."""
+class _ModelSteps:
+    """The model's side of one generation: logits of the prefill and of each new column, only for the ids some row
+    may sample (see `_logit_plan`).
 
-    def __init__(self, ids):
-        self.ids = set(ids)
-        self._buffer = np.array(sorted(self.ids), dtype=np.int64)  # numpy: an append is no torch op per token
-        self._count = len(self.ids)
+    With a workspace (`static`), one-token steps take the fixed-shape static step, captured as a CUDA graph at the
+    first of them on CUDA; if capture fails, the rest runs eagerly and `on_capture_failure` is called. Without a
+    cache every step recomputes the whole sequence.
+    """
 
-    def add(self, token: int) -> None:
-        if token in self.ids:
-            return
-        self.ids.add(token)
-        if self._count == len(self._buffer):  # grow by doubling: appends stay amortised O(1)
-            self._buffer = np.concatenate([self._buffer, np.empty(max(16, self._count), dtype=np.int64)])
-        self._buffer[self._count] = token
-        self._count += 1
+    def __init__(
+        self,
+        model: Transformer,
+        vocab: Vocabulary,
+        weights: DecodeWeights,
+        dec: _Decode,
+        cache: KVCache | None,
+        workspace: _StaticWorkspace | None,
+        on_capture_failure: Callable[[], None],
+    ):
+        self.model, self.vocab, self.weights, self.dec, self.cache = model, vocab, weights, dec, cache
+        self.workspace, self.static = workspace, workspace is not None
+        self.on_capture_failure = on_capture_failure
 
-    def array(self) -> np.ndarray:
-        """The seen ids (each once, in no particular order)."""
-        return self._buffer[: self._count]
+    def logits(self, start: int, end: int, parts: list[tuple | None]) -> tuple[torch.Tensor | None, tuple | None]:
+        """(logits, plan) after writing columns start..end-1 for rows whose next ids are `parts` (None: finished)."""
+        if self.cache is None:  # recompute everything: the reference the cached path must match
+            start = 0
+        # Logits only for ids some row may sample next (forced ids, e.g. EOI, need none).
+        keys = frozenset(p for p in parts if p is not None and _allowed_ids(self.vocab, p)[0] is None)
+        plan = _logit_plan(self.vocab, keys) if keys else ()
+        dec = self.dec
+        # no_grad here, not around the generation loop: a context held across `yield` would leak into the caller.
+        with torch.no_grad():
+            if self.static and end - start == 1 and start > 0:  # a one-token step after the prefill wrote `column`
+                h = self._static_step()
+                if h is not None:
+                    return (None if plan == () else _output_logits(self.model, h, plan)), plan
+            mask = None if dec.dense else _attention_mask(dec.valid[:, :end], start, end - start)
+            # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.
+            logits = _forward_last(
+                self.model,
+                dec.tokens[:, start:end],
+                dec.positions[:, start:end],
+                mask,
+                self.cache,
+                start,
+                plan,
+                self.weights,
+            )
+        return logits, plan
+
+    def _static_step(self) -> torch.Tensor | None:
+        """Hidden states [rows, dim] of the static step (capturing its graph first), or None if capture fails."""
+        ws = self.workspace
+        if ws.graphed is None:
+            try:  # on CUDA, also runs this step once (the same cache column the replay writes)
+                ws.graphed = GraphedDecode(self.weights, self.dec.column, self.dec.valid, self.cache)
+            except RuntimeError as err:
+                warnings.warn(f"CUDA graph capture failed, decoding without it: {err}", stacklevel=3)
+                self.static = False
+                self.on_capture_failure()
+                return None
+        return ws.graphed()
+
+
+class _StepSampler:
+    """One step's ids for every prompt: forced ids (BOI in image mode, EOI after the last code) are inserted, the
+    others sampled together per allowed set, text with the repetition penalty, image codes with guidance."""
+
+    def __init__(self, vocab: Vocabulary, config: GenerateConfig, guidance: tuple[int, float, float] | None):
+        self.vocab, self.text, self.image, self.guidance = vocab, config.text, config.image, guidance
+
+    def pick(
+        self, logits: torch.Tensor | None, plan: tuple | None, streams: list[_Stream], parts: list[tuple | None]
+    ) -> list[int | None]:
+        """The new id of each prompt (None for finished ones), from the step's logits and plan."""
+        new: list[int | None] = [None] * len(streams)
+        groups: dict[tuple, list[int]] = {}  # rows to sample, by allowed set: each group samples at once
+        for i, key in enumerate(parts):
+            if key is None:  # finished
+                continue
+            forced, _ = _allowed_ids(self.vocab, key)
+            if forced is not None:
+                new[i] = forced
+            else:
+                groups.setdefault(key, []).append(i)
+        for key, rows in groups.items():
+            picked = self._sample_group(logits, plan, key, rows, [streams[i] for i in rows])
+            for i, token in zip(rows, picked, strict=True):
+                new[i] = token
+        return new
+
+    def _sample_group(
+        self, logits: torch.Tensor, plan: tuple | None, key: tuple, rows: list[int], streams: list[_Stream]
+    ) -> list[int]:
+        columns, allowed = _group_columns(self.vocab, plan, key), _allowed_ids(self.vocab, key)[1]
+        """Ids for `rows`, which share the allowed set `key`: inside an image (an allowed set is either inside one or
+        outside) image sampling with guidance, else text sampling with the repetition penalty."""
+        if streams[0].in_image:
+            cfg, extra = self.image, {"guidance": self.guidance}
+        else:
+            cfg, extra = self.text, {"seen": [st.seen for st in streams], "penalty": self.text.repetition_penalty}
+        generators = [st.generator for st in streams]
+        return sample_group(logits, rows, columns, allowed, cfg.temperature, cfg.top_p, generators, **extra)
 
 
 class Generator:
@@ -389,12 +499,18 @@ class Generator:
     `static_steps`: the one-token steps with fixed shapes (`model/generation/decode_graph.py`), captured in a CUDA
     graph and replayed on a CUDA device. None (the default): on CUDA, for a model in eval mode; True: on any device
     (eagerly off CUDA: the tests' check of the same computation); False: never. If capturing the graph fails,
-    generation
-    goes on without it, with a warning.
+    generation goes on without it, with a warning.
     """
 
-    def __init__(self, model: Transformer, vocab: Vocabulary, config: GenerateConfig, guidance: bool = True,
-                 use_cache: bool = True, static_steps: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: Transformer,
+        vocab: Vocabulary,
+        config: GenerateConfig,
+        guidance: bool = True,
+        use_cache: bool = True,
+        static_steps: bool | None = None,
+    ):
         if model.config.vocab_size != vocab.size:
             raise ValueError(f"model has {model.config.vocab_size} ids but the vocabulary {vocab.size}")
         self.model, self.vocab, self.config = model, vocab, config
@@ -402,7 +518,6 @@ class Generator:
         self.use_cache = use_cache
         self.static_steps = static_steps
         self._workspace: _StaticWorkspace | None = None  # out while a generation uses it (streams may interleave)
-        self._text_ids = vocab.mask(Modality.TEXT)
 
     def _prompts(self, prompt_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
         rows = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else [list(map(int, p)) for p in prompt_ids]
@@ -419,153 +534,102 @@ class Generator:
             raise ValueError("no prompts")
         return prompts
 
-    def _start_state(self, ids: list[int], mode: str, pad: int, max_new_tokens: int) -> _Stream:
-        """State after the prompt: a prompt may end inside an image (e.g. with BOI) and then continues it."""
-        state = _Stream()
-        open_image = _open_image(self.vocab, ids)
-        if open_image:
-            n_codes = len(open_image) - 1
-            state.in_image, state.boi_col = True, pad + len(ids) - len(open_image)
-            state.codes_left = self.vocab.tokens_per_image - n_codes
-            if mode == "text" or state.codes_left < 0:
-                raise ValueError(f"prompt ends inside an image ({n_codes} codes) in {mode} mode")
-            if state.codes_left + 1 > max_new_tokens:
-                raise ValueError(f"max_new_tokens {max_new_tokens} cannot finish the prompt's open image")
-        elif mode == "image" and max_new_tokens < self.vocab.tokens_per_image + 2:
-            raise ValueError(f"image mode needs max_new_tokens >= {self.vocab.tokens_per_image + 2}")
-        return state
-
-    def _steps(self, prompt_ids, mode: GenerationMode, max_new_tokens: int, seed: int,
-               seeds: Sequence[int] | None = None) -> Iterator[list[int | None]]:  # fmt: skip
+    def _steps(
+        self, prompt_ids, mode: GenerationMode, max_new_tokens: int, seed: int, seeds: Sequence[int] | None = None
+    ) -> Iterator[list[int | None]]:
         """Yields, per step, the new id of every prompt (None once it has finished)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-        vocab, model, text_cfg, image_cfg = self.vocab, self.model, self.config.text, self.config.image
+        vocab = self.vocab
         prompts = self._prompts(prompt_ids)
         b, plen = len(prompts), max(len(p) for p in prompts)
-        total = plen + max_new_tokens
-        if total > model.config.max_seq_len:
+        if plen + max_new_tokens > self.model.config.max_seq_len:
             raise ValueError(f"prompt ({plen}) + max_new_tokens ({max_new_tokens}) > max_seq_len")
-        device = model.output.weight.device
-        states = [self._start_state(p, mode, plen - len(p), max_new_tokens) for p in prompts]
-        # Row i samples with its own generator (seeds[i], else seed + i): its output does not depend on its batch-mates.
-        if seeds is not None and len(seeds) != b:
-            raise ValueError(f"{len(seeds)} seeds for {b} prompts")
-        gens = [
-            torch.Generator(device="cpu").manual_seed(seeds[i] if seeds is not None else seed + i) for i in range(b)
-        ]
-        n_groups = 3 if self.guidance and mode != "text" else 1
-        rows = b * n_groups
+        streams = self._streams(prompts, mode, max_new_tokens, seed, seeds)
+        groups = 3 if self.guidance and mode != "text" else 1
+        tokens, valid = _prompt_grid(vocab, prompts, streams, plen + max_new_tokens, groups)
+        dec, model_steps = self._start_decoding(tokens, valid, plen, groups)
+        guidance = (b, self.config.image.cfg_text, self.config.image.cfg_image) if groups == 3 else None
+        sampler = _StepSampler(vocab, self.config, guidance)
 
-        tokens = torch.full((rows, total), vocab.pad_id, dtype=torch.long)
-        valid = torch.zeros((rows, total), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids = torch.tensor(p)
-            for g in range(n_groups):
-                tokens[g * b + i, plen - len(p) : plen] = ids
-            valid[i, plen - len(p) : plen] = True
-            if n_groups == 3:
-                kinds = torch.from_numpy(vocab.modalities(p))
-                keep = (kinds == Modality.IMAGE) | (kinds == Modality.BOI) | (kinds == Modality.EOI)
-                valid[b + i, plen - len(p) : plen] = keep | (ids == vocab.bos_id)
-                valid[2 * b + i, plen - len(p)] = True  # the unconditional row: <s>
-                if states[i].in_image:  # ... plus the open image of the prompt
-                    valid[2 * b + i, states[i].boi_col : plen] = True
-        # Each row numbers only the tokens it attends: left padding and dropped text do not shift positions.
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        weights = decode_weights(model)  # once per generation: the decode steps read plain tensors
+        parts = [st.allowed(max_new_tokens) for st in streams]
+        logits, plan = model_steps.logits(0, plen, parts)
+        for step in range(max_new_tokens):
+            col = plen + step
+            new = sampler.pick(logits, plan, streams, parts)
+            dec.begin_column(vocab.pad_id)
+            for i, token in enumerate(new):
+                if token is not None:
+                    dec.record(i, token, streams[i].advance(token, col), col)
+            dec.end_column(col)
+            yield new
+            if all(st.done for st in streams) or step == max_new_tokens - 1:
+                break
+            parts = [st.allowed(max_new_tokens - step - 1) for st in streams]
+            if mode == "image" and all(p is None or p == ((), (vocab.eoi_id,)) for p in parts):
+                continue  # every open image gets its EOI and then ends: no model step is needed for it
+            logits, plan = model_steps.logits(col, col + 1, parts)
+        if model_steps.static:  # back for the next generation (an abandoned stream keeps its own)
+            self._workspace = model_steps.workspace
+
+    def _streams(
+        self, prompts: list[list[int]], mode: str, max_new_tokens: int, seed: int, seeds: Sequence[int] | None
+    ) -> list[_Stream]:
+        """Each prompt's state after it. Row i samples with its own generator (seeds[i], else seed + i): its output
+        does not depend on its batch-mates."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        plen = max(len(p) for p in prompts)
+        return [
+            _Stream.after_prompt(
+                self.vocab, mode, p, plen - len(p), max_new_tokens, seeds[i] if seeds is not None else seed + i
+            )
+            for i, p in enumerate(prompts)
+        ]
+
+    def _use_static_steps(self, device: torch.device, weights: DecodeWeights) -> bool:
+        """Whether one-token steps take the fixed-shape static step (replayed as a CUDA graph on CUDA)."""
         static = self.static_steps
         if static is None:
             static = device.type == "cuda" and weights.dropout == 0  # graphs replay no fresh dropout masks
-        static = bool(static) and self.use_cache
+        return bool(static) and self.use_cache
+
+    def _stop_static_steps(self) -> None:
+        """After a failed graph capture: this Generator's later generations decode without static steps."""
+        self.static_steps = False
+
+    def _start_decoding(
+        self, tokens: torch.Tensor, valid: torch.Tensor, plen: int, groups: int
+    ) -> tuple[_Decode, _ModelSteps]:
+        """The grids of `_prompt_grid` on the model's device and the model steps over them: in the kept static
+        workspace (its cache and graph) when the static steps are used, else in new tensors and cache."""
+        model = self.model
+        device = model.output.weight.device
+        rows, total = tokens.shape
+        # Each row numbers only the tokens it attends: left padding and dropped text do not shift positions.
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        weights = decode_weights(model)  # once per generation: the decode steps read plain tensors
         n_valid, dense = valid.sum(1).tolist(), bool(valid[:, :plen].all())
         # Bookkeeping lives in Python and on the CPU; the device gets one new column per step (no per-row syncs).
-        if static:
+        if self._use_static_steps(device, weights):
             ws = self._take_workspace(rows, total, device, weights)
-            dec = _Decode(ws.tokens.copy_(tokens), ws.valid.copy_(valid), ws.positions.copy_(positions), n_valid,
-                          dense, ws.column)  # fmt: skip
+            dec = _Decode(
+                ws.tokens.copy_(tokens),
+                ws.valid.copy_(valid),
+                ws.positions.copy_(positions),
+                n_valid,
+                dense,
+                groups,
+                ws.column,
+            )
             cache = ws.cache
         else:
             ws = None
-            dec = _Decode(tokens.to(device), valid.to(device), positions.to(device), n_valid, dense)
+            dec = _Decode(tokens.to(device), valid.to(device), positions.to(device), n_valid, dense, groups)
             cache = model.make_cache(rows, total) if self.use_cache else None
-        # Meta penalizes the whole context; only text ids can repeat in text.
-        seen = [_SeenIds(t for t in set(p) if vocab.modality(t) == Modality.TEXT) for p in prompts]
-
-        def parts_at(step: int) -> list[tuple | None]:
-            left = max_new_tokens - step
-            return [None if st.done else _allowed_parts(vocab, mode, st.in_image, st.codes_left, left) for st in states]
-
-        def run(start: int, end: int, parts: list[tuple | None]) -> tuple[torch.Tensor | None, tuple | None]:
-            if cache is None:  # recompute everything: the reference the cached path must match
-                start = 0
-            # Logits only for ids some row may sample next (forced ids, e.g. EOI, need none).
-            keys = frozenset(p for p in parts if p is not None and _allowed_ids(vocab, p)[0] is None)
-            plan = _logit_plan(vocab, keys) if keys else ()
-            nonlocal static
-            if static and end - start == 1 and start > 0:  # a one-token step after the prefill wrote `column`
-                with torch.no_grad():
-                    if ws.graphed is None:
-                        try:  # on CUDA, also runs this step once (the same cache column the replay writes)
-                            ws.graphed = GraphedDecode(weights, dec.column, dec.valid, cache)
-                        except RuntimeError as err:
-                            warnings.warn(f"CUDA graph capture failed, decoding without it: {err}", stacklevel=2)
-                            static = self.static_steps = False  # and for this Generator's later generations
-                    if static:
-                        h = ws.graphed()
-                        return (None if plan == () else _output_logits(model, h, plan)), plan
-            mask = None if dec.dense else _attention_mask(dec.valid[:, :end], start, end - start)
-            # no_grad here, not around the loop: a context held across `yield` would leak into the caller.
-            with torch.no_grad():
-                # Sampled on the CPU with CPU generators, so a seed gives the same draws on any device.
-                logits = _forward_last(
-                    model, dec.tokens[:, start:end], dec.positions[:, start:end], mask, cache, start, plan, weights
-                )
-            return logits, plan
-
-        parts = parts_at(0)
-        logits, plan = run(0, plen, parts)
-        for step in range(max_new_tokens):
-            col = plen + step
-            new: list[int | None] = [None] * b
-            dec.begin_column(rows, vocab.pad_id)
-            groups: dict[tuple, list[int]] = {}  # rows to sample, by allowed set: each group samples at once
-            for i, st in enumerate(states):
-                if st.done:
-                    continue
-                forced, _ = _allowed_ids(vocab, parts[i])
-                if forced is not None:  # BOI in image mode, EOI after the last code: inserted, not sampled
-                    new[i] = forced
-                else:
-                    groups.setdefault(parts[i], []).append(i)
-            for key, group in groups.items():
-                where = (_group_columns(vocab, plan, key), _allowed_ids(vocab, key)[1])
-                gen_rows = [gens[i] for i in group]
-                if states[group[0]].in_image:  # an allowed set is either inside an image or outside one
-                    guide = (b, image_cfg.cfg_text, image_cfg.cfg_image) if n_groups == 3 else None
-                    picked = _sample_group(logits, group, *where, image_cfg.temperature, image_cfg.top_p,
-                                           gen_rows, guidance=guide)  # fmt: skip
-                else:
-                    picked = _sample_group(logits, group, *where, text_cfg.temperature, text_cfg.top_p,
-                                           gen_rows, seen=[seen[i] for i in group],
-                                           penalty=text_cfg.repetition_penalty)  # fmt: skip
-                for i, token in zip(group, picked, strict=True):
-                    new[i] = token
-            for i, token in enumerate(new):
-                if token is not None:
-                    self._advance(states[i], i, token, col, mode, b, n_groups, dec, seen)
-            dec.end_column(col)
-            yield new
-            if all(st.done for st in states) or step == max_new_tokens - 1:
-                break
-            parts = parts_at(step + 1)
-            if mode == "image" and all(p is None or p == ((), (vocab.eoi_id,)) for p in parts):
-                continue  # every open image gets its EOI and then ends: no model step is needed for it
-            logits, plan = run(col, col + 1, parts)
-        if ws is not None and static:  # back for the next generation (an abandoned stream keeps its own)
-            self._workspace = ws
+        return dec, _ModelSteps(model, self.vocab, weights, dec, cache, ws, self._stop_static_steps)
 
     def _take_workspace(self, rows: int, total: int, device: torch.device, weights: DecodeWeights) -> _StaticWorkspace:
         """The kept workspace if it fits this generation (its cache zeroed), else new buffers; taken out while used."""
@@ -578,44 +642,22 @@ class Generator:
         del ws  # free the old one's device memory before making the new
         long = {"dtype": torch.long, "device": device}
         return _StaticWorkspace(
-            key=key, tokens=torch.empty((rows, total), **long), valid=torch.empty((rows, total), dtype=torch.bool,
-            device=device), positions=torch.empty((rows, total), **long), column=torch.zeros((4, rows), **long),
+            key=key,
+            tokens=torch.empty((rows, total), **long),
+            valid=torch.empty((rows, total), dtype=torch.bool, device=device),
+            positions=torch.empty((rows, total), **long),
+            column=torch.zeros((4, rows), **long),
             cache=self.model.make_cache(rows, total),
-        )  # fmt: skip
+        )
 
-    def _advance(self, st: _Stream, i: int, token: int, col: int, mode: str, b: int, n_groups: int, dec: _Decode,
-                 seen: list[_SeenIds]) -> None:  # fmt: skip
-        """Record prompt i's new token in its rows and move its state machine."""
-        vocab = self.vocab
-        kind = vocab.modality(token)
-        for g in range(n_groups):
-            dec.col_tokens[g * b + i] = token
-        dec.col_valid[i] = True
-        if kind == Modality.TEXT:
-            seen[i].add(token)
-        if kind == Modality.BOI:
-            st.in_image, st.codes_left, st.boi_col = True, vocab.tokens_per_image, col
-            if n_groups == 3:
-                # The unconditional stream is `<s>` + this image only (Meta rebuilds it as [<s>, BOI] per image).
-                r = 2 * b + i
-                first = int(dec.valid[r].nonzero()[0, 0])
-                dec.valid[r, first + 1 : col] = False
-                dec.n_valid[r] = int(dec.valid[r, :col].sum())
-                dec.dense = False
-        elif kind == Modality.IMAGE:
-            st.codes_left -= 1
-        elif kind == Modality.EOI:
-            st.in_image = False
-            st.done = mode == "image"
-        elif token == vocab.eos_id:
-            st.done = True
-        if n_groups == 3 and kind in (Modality.BOI, Modality.IMAGE, Modality.EOI):
-            dec.col_valid[b + i] = True
-            dec.col_valid[2 * b + i] = True
-
-    def generate(self, prompt_ids: Sequence[Sequence[int]] | torch.Tensor, mode: GenerationMode | None = None,
-                 max_new_tokens: int | None = None, seed: int | None = None,
-                 seeds: Sequence[int] | None = None) -> list[list[int]]:  # fmt: skip
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]] | torch.Tensor,
+        mode: GenerationMode | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[int]]:
         """New ids for each prompt (a list of id lists, or a left-padded tensor), `</s>` included when sampled.
 
         `mode`, `max_new_tokens` and `seed` default to the config's. Row i samples with `seed + i`, or with
@@ -629,8 +671,13 @@ class Generator:
                     outs[i].append(token)
         return outs
 
-    def stream(self, prompt_ids: Sequence[int] | torch.Tensor, mode: GenerationMode | None = None,
-               max_new_tokens: int | None = None, seed: int | None = None) -> Iterator[int]:  # fmt: skip
+    def stream(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        mode: GenerationMode | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[int]:
         """The new ids of ONE prompt, one at a time as they are decoded (same ids as `generate` for that seed)."""
         if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() > 1 and prompt_ids.shape[0] != 1:
             raise ValueError(f"stream takes one prompt; got a tensor of {prompt_ids.shape[0]} rows (use generate)")
@@ -640,9 +687,14 @@ class Generator:
             if new[0] is not None:
                 yield new[0]
 
-    def stream_segments(self, tokenizer: MixedModalTokenizer, prompt_ids: Sequence[int] | torch.Tensor,
-                        mode: GenerationMode | None = None, max_new_tokens: int | None = None,
-                        seed: int | None = None) -> Iterator[Segment]:  # fmt: skip
+    def stream_segments(
+        self,
+        tokenizer: MixedModalTokenizer,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        mode: GenerationMode | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[Segment]:
         """`stream` turned into segments: text pieces as soon as they decode, each image when its EOI arrives (an
         image the prompt left open included: its BOI and codes so far start the detokenizer)."""
         ids = prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)

@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from model.generation.generator import (
-    Generator,
-    allowed_mask,
-    apply_repetition_penalty,
+from model.generation.generator import Generator, allowed_mask, stream_segments
+from model.generation.sampling import (
+    SeenIds,
+    draw,
     guided_logits,
-    sample,
-    stream_segments,
-    top_p_filter,
+    penalize_seen,
+    sample_group,
+    sample_rows,
+    top_p_drop,
 )
 from model.lm.transformer import Transformer
 from model.tokenizers.mixed_tokenizer import ImageSegment, MixedModalTokenizer
@@ -79,18 +80,67 @@ def check_mixed(out: list[int], max_new_tokens: int) -> int:
     return images
 
 
+# The obvious, one-row-over-all-V way to penalize and sample: references the generator's batched sampling over the
+# allowed ids (model.generation.sampling) must equal.
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL / Meta penalty: where `seen` [.., V] is True, positive logits are divided and negative multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits [.., V] with -inf outside the smallest set of most likely ids whose probability reaches `top_p`."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    # Drop an id when the ids ranked above it already reach top_p; the most likely id always stays.
+    drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One id from logits [V]: argmax at temperature 0, else temperature, `top_p_filter`, softmax and the
+    inverse-CDF draw the generator makes."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = top_p_filter(logits.float() / temperature, top_p).softmax(-1)
+    return int(draw(probs[None], [generator])[0])
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
     logits = torch.tensor([[2.0, -2.0, 3.0, -1.0, 0.5]])
+    expected = torch.tensor([[1.0, -4.0, 3.0, -1.0, 0.25]])
+    # The generator's penalty: in place, at each row's seen ids among the allowed ids (here ids 0-4).
+    scores = logits.clone()
+    penalize_seen(scores, torch.arange(5), [SeenIds([0, 1, 4, 99])], 2.0)  # 99 is not allowed: left alone
+    assert torch.equal(scores, expected)
+    scores = logits.clone()
+    penalize_seen(scores, torch.arange(5), [SeenIds([0, 1, 4])], 1.0)
+    assert torch.equal(scores, logits)
+    # Only the allowed ids are columns: ids 10, 12, 14 of which 12 and 14 were seen.
+    scores = torch.tensor([[2.0, -2.0, 3.0], [1.0, 1.0, 1.0]])
+    penalize_seen(scores, torch.tensor([10, 12, 14]), [SeenIds([12, 14]), SeenIds([])], 2.0)
+    assert torch.equal(scores, torch.tensor([[2.0, -4.0, 1.5], [1.0, 1.0, 1.0]]))
+    # The reference the other tests use.
     seen = torch.tensor([[True, True, False, False, True]])
-    out = apply_repetition_penalty(logits, seen, 2.0)
-    assert torch.equal(out, torch.tensor([[1.0, -4.0, 3.0, -1.0, 0.25]]))
+    assert torch.equal(apply_repetition_penalty(logits, seen, 2.0), expected)
     assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = torch.isfinite(top_p_filter(logits, 0.8))
-    assert kept.tolist() == [True, True, False, False]
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert (~top_p_drop(probs, 0.8)).tolist() == [True, True, False, False]
+    assert (~top_p_drop(probs, 0.01)).tolist() == [True, False, False, False]
+    assert (~top_p_drop(probs[[2, 0, 3, 1]], 0.8)).tolist() == [False, True, False, True]  # in any id order
+    assert (~top_p_drop(probs, 1.0)).all()
+    logits = torch.log(probs)
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [True, True, False, False]
     assert torch.isfinite(top_p_filter(logits, 0.01)).tolist() == [True, False, False, False]
 
 
@@ -406,8 +456,6 @@ def test_restricted_output_logits_equal_full_logits():
 def test_sampling_fast_paths_equal_reference_functions():
     # The generator samples a whole group of rows at once over the allowed ids only; row by row over all V with
     # the obvious functions (penalty over a seen mask, top_p_filter, softmax) must give the same ids.
-    from model.generation.generator import _sample_group, _SeenIds
-
     torch.manual_seed(0)
     image = VOCAB.mask(Modality.IMAGE)
     image_ids = image.nonzero().flatten()
@@ -415,11 +463,11 @@ def test_sampling_fast_paths_equal_reference_functions():
     text_ids = text.nonzero().flatten()
     logits = torch.randn(6, VOCAB.size) * 3
     gens = [torch.Generator().manual_seed(seed) for seed in range(3)]
-    for draw in range(20):
+    for n_drawn in range(20):
         rows = [0, 2, 5]
-        picked = _sample_group(logits, rows, image_ids, image_ids, 0.7, 0.9, gens)
+        picked = sample_group(logits, rows, image_ids, image_ids, 0.7, 0.9, gens)
         refs = [torch.Generator().manual_seed(seed) for seed in range(3)]
-        for _ in range(draw):  # the reference generators catch up with the draws already made
+        for _ in range(n_drawn):  # the reference generators catch up with the draws already made
             for g in refs:
                 torch.rand(1, generator=g)
         expected = [
@@ -427,21 +475,19 @@ def test_sampling_fast_paths_equal_reference_functions():
         ]
         assert picked == expected
     seen_ids = [[300, 301, 999, 2000], [], [5, 300]]
-    seen = [_SeenIds(ids) for ids in seen_ids]
-    greedy = _sample_group(logits, [0, 1, 2], text_ids, text_ids, 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
+    seen = [SeenIds(ids) for ids in seen_ids]
+    greedy = sample_group(logits, [0, 1, 2], text_ids, text_ids, 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
     for r, ids in enumerate(seen_ids):
         mask = torch.zeros(VOCAB.size, dtype=torch.bool)
         mask[ids] = True
         reference = apply_repetition_penalty(logits[r], mask, 1.3).masked_fill(~text, float("-inf"))
         assert greedy[r] == int(reference.argmax())
     unchanged = logits.clone()
-    _sample_group(logits, [0, 1, 2], None, torch.arange(VOCAB.size), 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
+    sample_group(logits, [0, 1, 2], None, torch.arange(VOCAB.size), 0.0, 1.0, [None] * 3, seen=seen, penalty=1.3)
     assert torch.equal(logits, unchanged)  # the penalty works on a copy
 
 
 def test_a_rows_draws_do_not_depend_on_its_batch_mates():
-    from model.generation.generator import sample_rows
-
     scores = torch.randn(4, 50)
     together = sample_rows(scores, 0.9, 0.8, [torch.Generator().manual_seed(s) for s in range(4)])
     alone = [int(sample_rows(scores[r : r + 1], 0.9, 0.8, [torch.Generator().manual_seed(r)])[0]) for r in range(4)]
@@ -450,8 +496,6 @@ def test_a_rows_draws_do_not_depend_on_its_batch_mates():
 
 def test_sample_rows_follows_the_top_p_distribution():
     # 40,000 draws of one row: each kept id's frequency is its renormalised probability; dropped ids never appear.
-    from model.generation.generator import sample_rows
-
     logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
     probs = logits.softmax(-1)
     kept = torch.isfinite(top_p_filter(logits, 0.9))
@@ -477,8 +521,6 @@ def test_padded_batch_equals_each_prompt_alone_greedy(tmp_path, mode):
 
 
 def test_sampling_non_finite_logits_is_a_clear_error():
-    from model.generation.generator import sample_rows
-
     scores = torch.randn(2, 10)
     scores[1, 3] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
