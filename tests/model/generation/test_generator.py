@@ -525,3 +525,48 @@ def test_sampling_non_finite_logits_is_a_clear_error():
     scores[1, 3] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         sample_rows(scores, 0.7, 0.9, [torch.Generator(), torch.Generator()])
+
+
+def test_stream_state_machine_walks_text_an_image_and_the_end():
+    from model.generation.generator import _Stream
+
+    text_key = ((Modality.TEXT,), (VOCAB.eos_id,))
+    st = _Stream.after_prompt(VOCAB, "mixed", text_prompt(0, 3), 2, BLOCK + 5, 0)
+    assert (st.in_image, st.done, st.allowed(BLOCK)) == (False, False, ((Modality.TEXT,), (VOCAB.eos_id, VOCAB.boi_id)))
+    assert st.allowed(BLOCK - 1) == text_key  # a whole image no longer fits
+    word = VOCAB.first_text_id + 3
+    assert st.advance(word, 10) == Modality.TEXT and word in st.seen.ids
+    assert st.advance(VOCAB.boi_id, 11) == Modality.BOI
+    assert (st.in_image, st.codes_left, st.boi_col) == (True, TPI, 11)
+    for n in range(TPI):
+        assert st.allowed(100) == ((Modality.IMAGE,), ()) and st.advance(4 + n, 12 + n) == Modality.IMAGE
+    assert st.codes_left == 0 and st.allowed(100) == ((), (VOCAB.eoi_id,))  # EOI is forced
+    assert st.advance(VOCAB.eoi_id, 12 + TPI) == Modality.EOI and not st.in_image and not st.done  # mixed goes on
+    assert st.allowed(100) == ((Modality.TEXT,), (VOCAB.eos_id, VOCAB.boi_id))
+    st.advance(VOCAB.eos_id, 13 + TPI)
+    assert st.done and st.allowed(100) is None
+    # Image mode: BOI is forced first and the EOI ends it; a prompt's open image is continued.
+    image = _Stream.after_prompt(VOCAB, "image", [*text_prompt(0, 3), VOCAB.boi_id, 4, 5], 1, BLOCK, 0)
+    assert (image.in_image, image.codes_left, image.boi_col) == (True, TPI - 2, 1 + 4)
+    image.codes_left = 0
+    image.advance(VOCAB.eoi_id, 30)
+    assert image.done
+    assert _Stream.after_prompt(VOCAB, "image", text_prompt(0, 3), 0, BLOCK, 0).allowed(BLOCK) == ((), (VOCAB.boi_id,))
+
+
+def test_a_failed_graph_capture_decodes_eagerly_with_a_warning(tmp_path, monkeypatch):
+    import model.generation.generator as generator
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("capture is not supported here")
+
+    config = make_config(tmp_path)
+    model = tiny_model(4, boi_bias=4.0, init_std=0.2)
+    prompts = [text_prompt(5, 1), image_prompt(6)]
+    eager = Generator(model, VOCAB, config).generate(prompts, "mixed", 80, 3)
+    monkeypatch.setattr(generator, "GraphedDecode", fail)
+    static = Generator(model, VOCAB, config, static_steps=True)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding without it: capture is not supported"):
+        assert static.generate(prompts, "mixed", 80, 3) == eager
+    # Later generations of this Generator do not try again, and no workspace is kept for them.
+    assert static.static_steps is False and static._workspace is None
