@@ -162,8 +162,9 @@ class NoImageMask:
             self.mapping.__dict__["image_tokens"] = self.saved
 
 
-def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: torch.device, dtype: torch.dtype,
-             config_dir: str) -> list[dict]:  # fmt: skip
+def run_case(
+    label: str, cfg: ModelConfig, layout: VocabLayout, args, device: torch.device, dtype: torch.dtype, config_dir: str
+) -> list[dict]:
     vocab = Vocabulary(layout)
     ours_model, hf = build_models(cfg, layout, device, dtype)
     n_params = sum(p.numel() for p in ours_model.parameters())
@@ -203,9 +204,16 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: to
             kwargs = {"do_sample": False, "repetition_penalty": REPETITION_PENALTY}
         with torch.no_grad():
             return hf.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=vocab.pad_id,
-                eos_token_id=vocab.eos_id, logits_processor=[processor], use_cache=True, **kwargs,
-            )  # fmt: skip
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=vocab.pad_id,
+                eos_token_id=vocab.eos_id,
+                logits_processor=[processor],
+                use_cache=True,
+                **kwargs,
+            )
 
     rows: list[dict] = []
     for batch in (1, 4):
@@ -266,11 +274,20 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, args, device: to
                 unit = "s/image"
             ratio = rate["ours"] / rate["hf"] if what == "text" else rate["hf"] / rate["ours"]
             row = {
-                "config": label, "what": what, "batch": batch, "unit": unit, "ours": rate["ours"], "hf": rate["hf"],
-                "ours_cfg": rate.get("ours_cfg"), "ours_eager": rate.get("ours_eager"), "ratio": ratio,
-                "repeats": repeats, "new_tokens": text_tokens if what == "text" else tpi, "check": check,
+                "config": label,
+                "what": what,
+                "batch": batch,
+                "unit": unit,
+                "ours": rate["ours"],
+                "hf": rate["hf"],
+                "ours_cfg": rate.get("ours_cfg"),
+                "ours_eager": rate.get("ours_eager"),
+                "ratio": ratio,
+                "repeats": repeats,
+                "new_tokens": text_tokens if what == "text" else tpi,
+                "check": check,
                 "max_logit_diff": max_diff,
-            }  # fmt: skip
+            }
             rows.append(row)
             cfg_part = f"  ours CFG(3 streams) {rate['ours_cfg']:.4g} {unit}" if "ours_cfg" in rate else ""
             if "ours_eager" in rate:
@@ -350,9 +367,14 @@ def main() -> None:
     tiny = ModelConfig.from_preset("tiny", max_seq_len=512)
     # ~100M non-embedding parameters (GPT-2-small widths) with Chameleon's 65,536 ids and 1,024-code images.
     big = ModelConfig(
-        dim=768, n_layers=args.big_layers, n_heads=12, n_kv_heads=12, ffn_dim=2048, vocab_size=65_536,
+        dim=768,
+        n_layers=args.big_layers,
+        n_heads=12,
+        n_kv_heads=12,
+        ffn_dim=2048,
+        vocab_size=65_536,
         max_seq_len=2048,
-    )  # fmt: skip
+    )
     cases = [("tiny", tiny, TINY)] + ([] if args.quick else [("100M", big, CHAMELEON)])
     if args.only:
         cases = [c for c in [("tiny", tiny, TINY), ("100M", big, CHAMELEON)] if c[0] == args.only]
@@ -364,10 +386,16 @@ def main() -> None:
     def write_json() -> None:
         # After every config, so a run cut short by its time limit still leaves what it measured.
         result = {
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": str(device), "device_name": where, "threads": torch.get_num_threads(), "dtype": args.dtype,
-            "quick": args.quick, "rows": rows,
-        }  # fmt: skip
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "device_name": where,
+            "threads": torch.get_num_threads(),
+            "dtype": args.dtype,
+            "quick": args.quick,
+            "rows": rows,
+        }
         for path in targets:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")

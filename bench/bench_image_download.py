@@ -95,15 +95,26 @@ def main() -> None:
     n = args.concurrency
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("sequential", 1, 1, "seq"), (f"concurrency {n}, per host {n}", n, n, "par"),
-                (f"concurrency {n}, per host 4 (default)", n, min(4, n), "host4"),
-                (f"warm cache (concurrency {n})", n, n, "par")]  # fmt: skip
+        runs = [
+            ("sequential", 1, 1, "seq"),
+            (f"concurrency {n}, per host {n}", n, n, "par"),
+            (f"concurrency {n}, per host 4 (default)", n, min(4, n), "host4"),
+            (f"warm cache (concurrency {n})", n, n, "par"),
+        ]
         for label, concurrency, per_host, cache in runs:
             before = sum(hits.values())
             seconds, ok = fetch_all(urls, Path(tmp) / cache, concurrency, per_host)
-            rows.append({"what": label, "concurrency": concurrency, "per_host": per_host, "seconds": round(seconds, 3),
-                         "images_per_s": round(len(urls) / seconds, 1), "ok": ok,
-                         "requests": sum(hits.values()) - before})  # fmt: skip
+            rows.append(
+                {
+                    "what": label,
+                    "concurrency": concurrency,
+                    "per_host": per_host,
+                    "seconds": round(seconds, 3),
+                    "images_per_s": round(len(urls) / seconds, 1),
+                    "ok": ok,
+                    "requests": sum(hits.values()) - before,
+                }
+            )
     server.shutdown()
     server.server_close()
     print(f"{len(urls)} images of {len(body)} bytes, {args.latency_ms:g} ms server latency, 127.0.0.1")
@@ -116,8 +127,13 @@ def main() -> None:
         print(f"{what} / sequential: {ratio:.2f}x")
     out = os.environ.get("OUT")
     if out:
-        result = {"images": len(urls), "bytes": len(body), "latency_ms": args.latency_ms, "rows": rows,
-                  "ratios": ratios}  # fmt: skip
+        result = {
+            "images": len(urls),
+            "bytes": len(body),
+            "latency_ms": args.latency_ms,
+            "rows": rows,
+            "ratios": ratios,
+        }
         Path(out, "bench_image_download.json").write_text(json.dumps(result, indent=2))
 
 

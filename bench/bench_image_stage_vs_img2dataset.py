@@ -78,8 +78,13 @@ def main() -> None:
         for n, data in enumerate(jpegs):
             Path(tmp, f"{n:05d}.jpg").write_bytes(data)
         env = os.environ | {"OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-        run = subprocess.run([str(img2dataset_python()), "-c", I2D_SCRIPT, tmp, str(repeats)], env=env,
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        run = subprocess.run(
+            [str(img2dataset_python()), "-c", I2D_SCRIPT, tmp, str(repeats)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         i2d = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
     with_encode = ours(jpegs, repeats, encode=True)
     without = ours(jpegs, repeats, encode=False)

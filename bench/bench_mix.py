@@ -37,16 +37,21 @@ def make_prepared_source(folder: Path, texts: list[str], copies: int, samples_pe
     shards, total = [], 0
     for shard_id, start in enumerate(range(0, len(samples), samples_per_shard)):
         batch = [
-            TokenizedSample(f"{folder.name}_{shard_id:05d}_{i:06d}", tokens,
-                            {"n_tokens": len(tokens), "has_face": False, "n_images": 0, "n_prompt_tokens": 0})
+            TokenizedSample(
+                f"{folder.name}_{shard_id:05d}_{i:06d}",
+                tokens,
+                {"n_tokens": len(tokens), "has_face": False, "n_images": 0, "n_prompt_tokens": 0},
+            )
             for i, (_, tokens) in enumerate(samples[start : start + samples_per_shard])
-        ]  # fmt: skip
+        ]
         stats = write_shard(folder, shard_id, batch, list[Reject](), vocab_size=TINY.vocab_size, fingerprint="bench")
         shards.append({k: stats[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects")})
         total += stats["tokens"]
-    manifest = {"fingerprint": "bench", "shards": shards,
-                "tokenizers": {"text": str(tok_dir), "text_fingerprint": tokenizer.fingerprint,
-                               "image_fingerprint": "none"}}  # fmt: skip
+    manifest = {
+        "fingerprint": "bench",
+        "shards": shards,
+        "tokenizers": {"text": str(tok_dir), "text_fingerprint": tokenizer.fingerprint, "image_fingerprint": "none"},
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return total
 
@@ -83,25 +88,40 @@ def main() -> None:
         a = make_prepared_source(base / "prose", texts[:130], copies, 1000, base / "tok")
         b = make_prepared_source(base / "code", texts[130:], copies, 1000, base / "tok")
         stage_tokens = int(0.9 * (a + b))
-        spec = validate_config(MixtureSpec, {
-            "seq_len": 2048, "tokens_per_image": 64, "seed": 0,
-            "stages": {"stage1": {"tokens": stage_tokens, "sources": [
-                {"name": "prose", "path": str(base / "prose"), "weight": 3.0},
-                {"name": "code", "path": str(base / "code"), "weight": 1.0}]}},
-        })  # fmt: skip
+        spec = validate_config(
+            MixtureSpec,
+            {
+                "seq_len": 2048,
+                "tokens_per_image": 64,
+                "seed": 0,
+                "stages": {
+                    "stage1": {
+                        "tokens": stage_tokens,
+                        "sources": [
+                            {"name": "prose", "path": str(base / "prose"), "weight": 3.0},
+                            {"name": "code", "path": str(base / "code"), "weight": 1.0},
+                        ],
+                    }
+                },
+            },
+        )
         started = time.perf_counter()
         result = run_mix(spec, base / "mixed")
         mix_seconds = time.perf_counter() - started
         mixed = result["manifests"]["stage1"]["tokens"]
-        print(f"mix job (embedded runner): {mixed:,} tokens into {result['manifests']['stage1']['sequences']:,} "
-              f"sequences of 2048 in {mix_seconds:.1f} s = {mixed / mix_seconds / 1e6:.2f} M tokens/s")  # fmt: skip
+        print(
+            f"mix job (embedded runner): {mixed:,} tokens into {result['manifests']['stage1']['sequences']:,} "
+            f"sequences of 2048 in {mix_seconds:.1f} s = {mixed / mix_seconds / 1e6:.2f} M tokens/s"
+        )
         stage = base / "mixed" / "stage1"
         raw_s, raw_tokens = raw_tar_rate(stage)
         print(f"raw tarfile read of the stage shards: {raw_tokens / raw_s / 1e6:.2f} M tokens/s")
         for workers in (0, 2):
             s, tokens = loader_rate(stage, batch_size=8, workers=workers)
-            print(f"stage loader, batch 8, {workers} workers: {tokens / s / 1e6:.2f} M tokens/s "
-                  f"= {raw_s / raw_tokens * tokens / s:.2f}x raw")  # fmt: skip
+            print(
+                f"stage loader, batch 8, {workers} workers: {tokens / s / 1e6:.2f} M tokens/s "
+                f"= {raw_s / raw_tokens * tokens / s:.2f}x raw"
+            )
 
 
 if __name__ == "__main__":

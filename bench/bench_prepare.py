@@ -70,12 +70,17 @@ def tokenizers(base: Path) -> dict[str, Path]:
 
 
 def time_pipeline(pairs: Path, toks: dict[str, Path], out: Path, kind: str, workers: int | None) -> float:
-    config = validate_config(PrepareConfig, {
-        "output_dir": str(out), "image_size": 64, "samples_per_shard": 16,
-        "runner": {"kind": kind, "workers": workers},
-        "tokenizers": {k: str(v) for k, v in toks.items()},
-        "sources": [{"name": "pairs", "kind": "image_text", "format": "webdataset", "paths": [str(pairs)]}],
-    })  # fmt: skip
+    config = validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(out),
+            "image_size": 64,
+            "samples_per_shard": 16,
+            "runner": {"kind": kind, "workers": workers},
+            "tokenizers": {k: str(v) for k, v in toks.items()},
+            "sources": [{"name": "pairs", "kind": "image_text", "format": "webdataset", "paths": [str(pairs)]}],
+        },
+    )
     start = time.perf_counter()
     result = run_prepare(config)
     assert result["manifests"]["pairs"]["totals"]["rejects"] == 0
@@ -93,22 +98,31 @@ def stage_shares(jpegs: list[bytes], toks: dict[str, Path], preset: str, n: int)
     t0 = time.perf_counter()
     pixels = [preprocess(j, size=size).pixels for j in sample]
     t1 = time.perf_counter()
-    faces = [detector.count_faces(p if size >= 256 else preprocess(j, size=256).pixels) for p, j in
-             zip(pixels, sample, strict=True)]  # fmt: skip
+    faces = [
+        detector.count_faces(p if size >= 256 else preprocess(j, size=256).pixels)
+        for p, j in zip(pixels, sample, strict=True)
+    ]
     t2 = time.perf_counter()
     codes = np.concatenate([tokenizer.encode_pixels(pixels[i : i + 4]) for i in range(0, len(pixels), 4)])
     t3 = time.perf_counter()
     grid = TINY.tokens_per_image
     samples = [
-        TokenizedSample(f"k{i:06d}", text.encode(["a caption of a photo", ImageSegment(c[:grid] % TINY.image_codes)]),
-                        {"has_face": f > 0, "n_images": 1})
+        TokenizedSample(
+            f"k{i:06d}",
+            text.encode(["a caption of a photo", ImageSegment(c[:grid] % TINY.image_codes)]),
+            {"has_face": f > 0, "n_images": 1},
+        )
         for i, (c, f) in enumerate(zip(codes, faces, strict=True))
-    ]  # fmt: skip
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         write_shard(Path(tmp), 0, samples, [], vocab_size=TINY.vocab_size, fingerprint="bench")
     t4 = time.perf_counter()
-    return {"decode + resize": (t1 - t0) / n, "face detection": (t2 - t1) / n, "VQ encode": (t3 - t2) / n,
-            "tokenize + write": (t4 - t3) / n}  # fmt: skip
+    return {
+        "decode + resize": (t1 - t0) / n,
+        "face detection": (t2 - t1) / n,
+        "VQ encode": (t3 - t2) / n,
+        "tokenize + write": (t4 - t3) / n,
+    }
 
 
 def main() -> None:

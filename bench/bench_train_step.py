@@ -120,9 +120,19 @@ def profile(name: str, step, rows: int = 14) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
 
 
-def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq: int, steps: int, warmup: int,
-             do_profile: bool, with_logits_path: bool = False, bf16: bool = False,
-             block: int = 1) -> float:  # fmt: skip
+def run_case(
+    label: str,
+    cfg: ModelConfig,
+    layout: VocabLayout,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    do_profile: bool,
+    with_logits_path: bool = False,
+    bf16: bool = False,
+    block: int = 1,
+) -> float:
     """Time ours and HF's train step, interleaved so drift on a shared machine hits both; returns ours / HF."""
     torch.manual_seed(0)
     ours = Transformer(cfg)
@@ -186,8 +196,10 @@ def run_case(label: str, cfg: ModelConfig, layout: VocabLayout, batch: int, seq:
     ratio = tps["ours"] / tps["hf"]
     print(f"  ratio ours / HF: {ratio:.2f}x (median), {best_ratio:.2f}x (best)   goal >= 1.3x")
     if "ours-logits" in tps:
-        print(f"  (reference) ours-logits / HF: {tps['ours-logits'] / tps['hf']:.2f}x (median); "
-              f"ours / ours-logits: {tps['ours'] / tps['ours-logits']:.2f}x")  # fmt: skip
+        print(
+            f"  (reference) ours-logits / HF: {tps['ours-logits'] / tps['hf']:.2f}x (median); "
+            f"ours / ours-logits: {tps['ours'] / tps['ours-logits']:.2f}x"
+        )
     if do_profile:
         for name, step in steps_by_name.items():
             profile(f"{label} {name}", step)
@@ -219,17 +231,44 @@ def main() -> None:
 
     tiny = ModelConfig.from_preset("tiny", max_seq_len=max(512, args.seq))
     if not args.skip_tiny:
-        run_case("tiny", tiny, TINY, 4, args.seq, args.steps or (5 if args.quick else 10), 2,
-                 args.profile and args.quick, args.logits_path, bf16, args.block)  # fmt: skip
+        run_case(
+            "tiny",
+            tiny,
+            TINY,
+            4,
+            args.seq,
+            args.steps or (5 if args.quick else 10),
+            2,
+            args.profile and args.quick,
+            args.logits_path,
+            bf16,
+            args.block,
+        )
     if args.quick:
         return
     # ~100M non-embedding parameters (GPT-2-small widths) with Chameleon's full 65,536-id vocabulary.
     big = ModelConfig(
-        dim=768, n_layers=args.big_layers, n_heads=12, n_kv_heads=12, ffn_dim=2048, vocab_size=65_536,
+        dim=768,
+        n_layers=args.big_layers,
+        n_heads=12,
+        n_kv_heads=12,
+        ffn_dim=2048,
+        vocab_size=65_536,
         max_seq_len=max(512, args.seq),
-    )  # fmt: skip
-    run_case("100M", big, CHAMELEON, args.big_batch, args.seq, args.steps or 3, 2, args.profile, args.logits_path, bf16,
-             args.block)  # fmt: skip
+    )
+    run_case(
+        "100M",
+        big,
+        CHAMELEON,
+        args.big_batch,
+        args.seq,
+        args.steps or 3,
+        2,
+        args.profile,
+        args.logits_path,
+        bf16,
+        args.block,
+    )
 
 
 if __name__ == "__main__":

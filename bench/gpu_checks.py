@@ -79,8 +79,11 @@ def check_flex_attention(device: torch.device) -> dict:
     outcome = {"passed": True, "backward": backward}
     reference = {precision: run("sdpa", precision, False) for precision in ("fp32", "bf16")}
     # bf16's tolerance allows its rounding (forward: 0.013 on CPU) and stays far below a wrong mask's (about 1.3).
-    for variant, precision, compiled, tolerance in (("fp32", "fp32", False, 1e-3), ("bf16", "bf16", False, 0.1),
-                                                    ("bf16_compiled", "bf16", True, 0.1)):  # fmt: skip
+    for variant, precision, compiled, tolerance in (
+        ("fp32", "fp32", False, 1e-3),
+        ("bf16", "bf16", False, 0.1),
+        ("bf16_compiled", "bf16", True, 0.1),
+    ):
         found = worst_relative_difference(reference[precision], run("flex", precision, compiled))
         outcome[variant] = {**found, "tolerance": tolerance}
         outcome["passed"] &= found["max_relative_diff"] <= tolerance
@@ -155,8 +158,11 @@ def check_graph_decoding(device: torch.device) -> dict:
     return outcome
 
 
-CHECKS = {"fused_loss": check_fused_loss, "graph_decoding": check_graph_decoding,
-          "flex_attention": check_flex_attention}  # fmt: skip  # cheapest first: flex compiles the longest
+CHECKS = {
+    "fused_loss": check_fused_loss,
+    "graph_decoding": check_graph_decoding,
+    "flex_attention": check_flex_attention,
+}  # cheapest first: flex compiles the longest
 
 
 def main() -> None:
@@ -166,8 +172,10 @@ def main() -> None:
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible to torch (use --cpu-smoke to check the script on CPU)")
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
-              "torch": torch.__version__}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+    }
     out = os.environ.get("OUT")
     for name, check in CHECKS.items():
         try:

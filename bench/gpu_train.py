@@ -75,9 +75,14 @@ def main() -> None:
         # TF32 for any matmul left in fp32 outside autocast (the optimizer's are elementwise anyway).
         torch.backends.cuda.matmul.allow_tf32 = True
         cfg = ModelConfig(
-            dim=2048, n_layers=args.layers, n_heads=16, n_kv_heads=16, ffn_dim=5632, vocab_size=65_536,
+            dim=2048,
+            n_layers=args.layers,
+            n_heads=16,
+            n_kv_heads=16,
+            ffn_dim=5632,
+            vocab_size=65_536,
             max_seq_len=args.seq,
-        )  # fmt: skip
+        )
         seq, batch, compile_blocks, autocast_dtype = args.seq, args.batch, not args.no_compile, torch.bfloat16
 
     model = Transformer(cfg).to(device)

@@ -88,15 +88,26 @@ def mermaid_lines(title: str, series: dict[str, Points], y_label: str = "loss", 
     series = {name: _thin(points, most) for name, points in drawn.items() if name not in gapped}
     steps = sorted({int(x) for points in series.values() for x, _ in points})
     values = [y for points in series.values() for _, y in points]
-    note = md("*Not in this chart (steps without a value, which it cannot show as gaps; see the PNG): {}.*",
-              ", ".join(gapped)) if gapped else Markdown("")  # fmt: skip
+    note = (
+        md(
+            "*Not in this chart (steps without a value, which it cannot show as gaps; see the PNG): {}.*",
+            ", ".join(gapped),
+        )
+        if gapped
+        else Markdown("")
+    )
     if not steps:
         return Markdown("\n\n".join(p for p in (md("*{}: no points yet*", title), note) if p))
     low, high = min(values), max(values)
     pad = (high - low) * 0.05 or 0.1
     axis = ", ".join(map(str, steps))
-    lines = ["```mermaid", "xychart-beta", f'    title "{_mermaid_string(title)}"', f'    x-axis "step" [{axis}]',
-             f'    y-axis "{_mermaid_string(y_label)}" {low - pad:.3f} --> {high + pad:.3f}']  # fmt: skip
+    lines = [
+        "```mermaid",
+        "xychart-beta",
+        f'    title "{_mermaid_string(title)}"',
+        f'    x-axis "step" [{axis}]',
+        f'    y-axis "{_mermaid_string(y_label)}" {low - pad:.3f} --> {high + pad:.3f}',
+    ]
     for points in series.values():
         by_step = dict((int(x), y) for x, y in points)
         filled, last = [], points[0][1]
@@ -119,10 +130,19 @@ def mermaid_bars(title: str, values: dict[str, float], y_label: str) -> Markdown
     low, high = min(values.values()), max(values.values())
     bottom = max(0.0, low - (high - low) * 0.5 - 0.05 * abs(low))
     names = ", ".join(f'"{_mermaid_string(n)}"' for n in values)
-    return Markdown("\n".join([
-        "```mermaid", "xychart-beta", f'    title "{_mermaid_string(title)}"', f"    x-axis [{names}]",
-        f'    y-axis "{_mermaid_string(y_label)}" {bottom:.3f} --> {high * 1.02 + 1e-3:.3f}',
-        f"    bar [{', '.join(f'{v:.4f}' for v in values.values())}]", "```"]))  # fmt: skip
+    return Markdown(
+        "\n".join(
+            [
+                "```mermaid",
+                "xychart-beta",
+                f'    title "{_mermaid_string(title)}"',
+                f"    x-axis [{names}]",
+                f'    y-axis "{_mermaid_string(y_label)}" {bottom:.3f} --> {high * 1.02 + 1e-3:.3f}',
+                f"    bar [{', '.join(f'{v:.4f}' for v in values.values())}]",
+                "```",
+            ]
+        )
+    )
 
 
 def png_data_uri(path: Path) -> str:
@@ -180,8 +200,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> Markdown:
         return Markdown("*(no rows)*")
     columns = list(rows[0])
     out = ["| " + " | ".join(escape_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(escape_cell("" if row.get(c) is None else row[c]) for c in columns) + " |"
-            for row in rows]  # fmt: skip
+    out += [
+        "| " + " | ".join(escape_cell("" if row.get(c) is None else row[c]) for c in columns) + " |" for row in rows
+    ]
     return Markdown("\n".join(out))
 
 
@@ -195,8 +216,9 @@ def task_progress_artifact(description: str) -> UUID:
 
     context = TaskRunContext.get()
     if context is not None and context.task_run.run_count > 1:
-        artifact_filter = ArtifactFilter(task_run_id=ArtifactFilterTaskRunId(any_=[context.task_run.id]),
-                                         type=ArtifactFilterType(any_=["progress"]))  # fmt: skip
+        artifact_filter = ArtifactFilter(
+            task_run_id=ArtifactFilterTaskRunId(any_=[context.task_run.id]), type=ArtifactFilterType(any_=["progress"])
+        )
         with get_client(sync_client=True) as client:
             found = client.read_artifacts(artifact_filter=artifact_filter)
         if found:

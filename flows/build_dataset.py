@@ -35,13 +35,21 @@ def reject_rows(manifests: dict[str, dict[str, Any]], written: dict[str, int]) -
     for name, manifest in manifests.items():
         t = manifest["totals"]
         shards = len(manifest["shards"])
-        rows.append({
-            "source": name, "kind": manifest["kind"], "records in": t["records_in"], "samples out": t["samples"],
-            "rejects": t["rejects"],
-            "rejects by reason": "; ".join(f"{r}: {n}" for r, n in t["rejects_by_reason"].items()) or "none",
-            "tokens": t["tokens"], "images": t["images"], "faces": t["faces"],
-            "shards new": written.get(name, 0), "shards skipped": shards - written.get(name, 0),
-        })  # fmt: skip
+        rows.append(
+            {
+                "source": name,
+                "kind": manifest["kind"],
+                "records in": t["records_in"],
+                "samples out": t["samples"],
+                "rejects": t["rejects"],
+                "rejects by reason": "; ".join(f"{r}: {n}" for r, n in t["rejects_by_reason"].items()) or "none",
+                "tokens": t["tokens"],
+                "images": t["images"],
+                "faces": t["faces"],
+                "shards new": written.get(name, 0),
+                "shards skipped": shards - written.get(name, 0),
+            }
+        )
     return rows
 
 
@@ -82,10 +90,18 @@ def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for stage, m in manifests.items():
         for name, s in m["sources"].items():
-            rows.append({"stage": stage, "source": name, "weight": s["weight"],
-                         "target share": round(s["target_share"], 4), "realized share": round(s["realized_share"], 4),
-                         "realized tokens": s["realized_tokens"], "samples": s["samples"],
-                         "repetitions": round(s["repetitions"], 3)})  # fmt: skip
+            rows.append(
+                {
+                    "stage": stage,
+                    "source": name,
+                    "weight": s["weight"],
+                    "target share": round(s["target_share"], 4),
+                    "realized share": round(s["realized_share"], 4),
+                    "realized tokens": s["realized_tokens"],
+                    "samples": s["samples"],
+                    "repetitions": round(s["repetitions"], 3),
+                }
+            )
     return rows
 
 
@@ -99,8 +115,9 @@ def build_dataset(
     logger = run_logger()
     prepared = prepare_task(config)
     rows = reject_rows(prepared["manifests"], prepared["written"])
-    table_artifact(rows, key="build-dataset-sources",
-                   description="records in, samples out and rejects by reason, per source")  # fmt: skip
+    table_artifact(
+        rows, key="build-dataset-sources", description="records in, samples out and rejects by reason, per source"
+    )
     summary: dict[str, Any] = {"output_dir": str(config.output_dir), "sources": rows}
     # A log line is plain text (not markdown): the rows as they are, one per line.
     logger.info(
@@ -109,8 +126,11 @@ def build_dataset(
     if mixture_file:
         out = Path(mixed_dir) if mixed_dir else Path(config.output_dir) / "mixed"
         stages = mix_task(Path(mixture_file), out)
-        table_artifact(stage_rows(stages), key="build-dataset-stages",
-                       description=f"stages mixed into {out}: target vs realized token shares")  # fmt: skip
+        table_artifact(
+            stage_rows(stages),
+            key="build-dataset-stages",
+            description=f"stages mixed into {out}: target vs realized token shares",
+        )
         summary["mixed_dir"] = str(out)
         summary["stages"] = {s: {"sequences": m["sequences"], "tokens": m["tokens"]} for s, m in stages.items()}
     return summary

@@ -25,12 +25,19 @@ SEQ_LEN = 512
 
 def demo_prepare_config(out: Path) -> PrepareConfig:
     """Every sample source, 64 px images, tokenized with the tokenizers trained under out/tokenizers."""
-    return validate_config(PrepareConfig, {
-        "output_dir": str(out / "prepared"), "image_size": 64, "samples_per_shard": 64, "write_images": True,
-        "tokenizers": {"text": str(out / "tokenizers" / "text"), "image": str(out / "tokenizers" / "vq")},
-        "sources": [{"name": n, "kind": k, "format": f, "paths": [str(out / "raw" / p)]}
-                    for n, k, f, p in SAMPLE_SOURCES],
-    })  # fmt: skip
+    return validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(out / "prepared"),
+            "image_size": 64,
+            "samples_per_shard": 64,
+            "write_images": True,
+            "tokenizers": {"text": str(out / "tokenizers" / "text"), "image": str(out / "tokenizers" / "vq")},
+            "sources": [
+                {"name": n, "kind": k, "format": f, "paths": [str(out / "raw" / p)]} for n, k, f, p in SAMPLE_SOURCES
+            ],
+        },
+    )
 
 
 def demo_mixture(prepared: Path) -> MixtureSpec:
@@ -40,33 +47,64 @@ def demo_mixture(prepared: Path) -> MixtureSpec:
     def src(name: str, weight: float) -> dict[str, Any]:
         return {"name": name, "path": str(prepared / name), "weight": weight}
 
-    return validate_config(MixtureSpec, {
-        "seq_len": SEQ_LEN, "tokens_per_image": TINY.tokens_per_image, "total_tokens": 60_000,
-        "max_repetitions": 16, "face_weight": 2.0, "seed": 0,
-        "stages": {
-            "stage1": {"fraction": 0.8, "sources": [src("prose", 2.9), src("photos", 1.5), src("howto", 0.4)]},
-            "stage2": {"fraction": 0.2, "inherit": {"stage": "stage1", "factor": 0.5}, "sources": [src("code", 1.2)]},
-            "sft": {"tokens": 4_000, "sft": True, "sources": [src("instructions", 1.0)]},
+    return validate_config(
+        MixtureSpec,
+        {
+            "seq_len": SEQ_LEN,
+            "tokens_per_image": TINY.tokens_per_image,
+            "total_tokens": 60_000,
+            "max_repetitions": 16,
+            "face_weight": 2.0,
+            "seed": 0,
+            "stages": {
+                "stage1": {"fraction": 0.8, "sources": [src("prose", 2.9), src("photos", 1.5), src("howto", 0.4)]},
+                "stage2": {
+                    "fraction": 0.2,
+                    "inherit": {"stage": "stage1", "factor": 0.5},
+                    "sources": [src("code", 1.2)],
+                },
+                "sft": {"tokens": 4_000, "sft": True, "sources": [src("instructions", 1.0)]},
+            },
         },
-    })  # fmt: skip
+    )
 
 
 def demo_train_config(data: Path, out: Path, steps: int, init_from: Path | None = None) -> TrainConfig:
     """A tiny model pretrained on one stage (stage 2 continues from stage 1's weights)."""
-    return validate_config(TrainConfig, {
-        "model": {"preset": "tiny"}, "data": str(data), "out_dir": str(out), "seq_len": SEQ_LEN, "steps": steps,
-        "global_batch_size": 8, "micro_batch_size": 4, "optimizer": {"lr": 3e-3},
-        "schedule": {"warmup_steps": max(1, steps // 10)}, "checkpoint": {"every_steps": steps, "keep_last": 1},
-        "logging": {"every_steps": max(1, steps // 10), "tensorboard": False},
-        **({"init_from": str(init_from)} if init_from else {}),
-    })  # fmt: skip
+    return validate_config(
+        TrainConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": str(data),
+            "out_dir": str(out),
+            "seq_len": SEQ_LEN,
+            "steps": steps,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "optimizer": {"lr": 3e-3},
+            "schedule": {"warmup_steps": max(1, steps // 10)},
+            "checkpoint": {"every_steps": steps, "keep_last": 1},
+            "logging": {"every_steps": max(1, steps // 10), "tensorboard": False},
+            **({"init_from": str(init_from)} if init_from else {}),
+        },
+    )
 
 
 def demo_sft_config(data: Path, out: Path, steps: int, init_from: Path) -> SFTConfig:
     """SFT of the pretrained tiny model on the sample instructions (prompts masked from the loss)."""
-    return validate_config(SFTConfig, {
-        "model": {"preset": "tiny"}, "data": str(data), "out_dir": str(out), "seq_len": SEQ_LEN, "steps": steps,
-        "global_batch_size": 8, "micro_batch_size": 4, "optimizer": {"lr": 1e-3}, "init_from": str(init_from),
-        "checkpoint": {"every_steps": steps, "keep_last": 1},
-        "logging": {"every_steps": max(1, steps // 5), "tensorboard": False},
-    })  # fmt: skip
+    return validate_config(
+        SFTConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": str(data),
+            "out_dir": str(out),
+            "seq_len": SEQ_LEN,
+            "steps": steps,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "optimizer": {"lr": 1e-3},
+            "init_from": str(init_from),
+            "checkpoint": {"every_steps": steps, "keep_last": 1},
+            "logging": {"every_steps": max(1, steps // 5), "tensorboard": False},
+        },
+    )

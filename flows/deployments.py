@@ -33,19 +33,31 @@ def build_deployments(settings: ServeSettings) -> list[RunnerDeployment]:
     tags = list(settings.tags)
     prepare = _defaults(PrepareConfig, settings.prepare_config)
     train_defaults = _defaults(TrainConfig, settings.train_config)
-    schedules = [Cron(settings.build_cron, timezone=settings.timezone, slug="nightly-build")] if (
-        prepare and settings.build_cron) else []  # fmt: skip
+    schedules = (
+        [Cron(settings.build_cron, timezone=settings.timezone, slug="nightly-build")]
+        if (prepare and settings.build_cron)
+        else []
+    )
     deployments = [
-        build_dataset.to_deployment(NIGHTLY, parameters=prepare, schedules=schedules, tags=tags,
-                                    description="Prepare the configured sources (complete shards are skipped)."),
+        build_dataset.to_deployment(
+            NIGHTLY,
+            parameters=prepare,
+            schedules=schedules,
+            tags=tags,
+            description="Prepare the configured sources (complete shards are skipped).",
+        ),
         mixture_experiment.to_deployment(ON_DEMAND, tags=tags, description="Mix, train and compare mixtures."),
         train.to_deployment(ON_DEMAND, parameters=train_defaults, tags=tags, description="Pretrain with a form."),
-        sft.to_deployment(ON_DEMAND, parameters=_defaults(SFTConfig, settings.sft_config), tags=tags,
-                          description="Fine-tune a pretrained checkpoint."),
+        sft.to_deployment(
+            ON_DEMAND,
+            parameters=_defaults(SFTConfig, settings.sft_config),
+            tags=tags,
+            description="Fine-tune a pretrained checkpoint.",
+        ),
         evaluate.to_deployment(ON_DEMAND, tags=tags, description="Held-out loss and prompt-set answers."),
         generate.to_deployment(ON_DEMAND, tags=tags, description="Prompt a checkpoint."),
         end_to_end.to_deployment(ON_DEMAND, tags=tags, description="The whole pipeline on the sample corpus."),
-    ]  # fmt: skip
+    ]
     if settings.train_after_build:
         if not train_defaults:
             raise ValueError("training after a dataset build needs a train config (--train-config)")
@@ -62,6 +74,13 @@ def build_deployments(settings: ServeSettings) -> list[RunnerDeployment]:
             ],
             parameters={**train_defaults, "run_name": "{{ event.resource.name }}"},
         )
-        deployments.append(train.to_deployment(AFTER_BUILD, parameters=train_defaults, triggers=[trigger], tags=tags,
-                                               description="Pretrain when a dataset build completes."))  # fmt: skip
+        deployments.append(
+            train.to_deployment(
+                AFTER_BUILD,
+                parameters=train_defaults,
+                triggers=[trigger],
+                tags=tags,
+                description="Pretrain when a dataset build completes.",
+            )
+        )
     return deployments

@@ -50,13 +50,40 @@ def sample_data_task(raw: Path) -> Path:
 @task(name="train-tokenizers")
 def tokenizers_task(raw: Path, out: Path, vq_steps: int) -> list[dict[str, Any]]:
     """A SentencePiece text tokenizer (tiny layout) and a tiny VQGAN image tokenizer, trained on the corpus."""
-    run_command(cham("text-tokenizer", "train", "--input", str(raw / "text"), "--layout", "tiny",
-                     "--vocab-size", str(TINY.vocab_size), "--out", str(out / "text")))  # fmt: skip
-    run_command(cham("image-tokenizer", "train", "--images", str(raw / "image_text"), "--preset", "tiny",
-                     "--steps", str(vq_steps), "--batch-size", "8", "--out", str(out / "vq")))  # fmt: skip
-    return [{"tokenizer": "text (SentencePiece BPE)", "vocabulary": TINY.vocab_size, "folder": str(out / "text")},
-            {"tokenizer": f"image (VQGAN, {vq_steps} steps)", "vocabulary": TINY.image_codes,
-             "folder": str(out / "vq")}]  # fmt: skip
+    run_command(
+        cham(
+            "text-tokenizer",
+            "train",
+            "--input",
+            str(raw / "text"),
+            "--layout",
+            "tiny",
+            "--vocab-size",
+            str(TINY.vocab_size),
+            "--out",
+            str(out / "text"),
+        )
+    )
+    run_command(
+        cham(
+            "image-tokenizer",
+            "train",
+            "--images",
+            str(raw / "image_text"),
+            "--preset",
+            "tiny",
+            "--steps",
+            str(vq_steps),
+            "--batch-size",
+            "8",
+            "--out",
+            str(out / "vq"),
+        )
+    )
+    return [
+        {"tokenizer": "text (SentencePiece BPE)", "vocabulary": TINY.vocab_size, "folder": str(out / "text")},
+        {"tokenizer": f"image (VQGAN, {vq_steps} steps)", "vocabulary": TINY.image_codes, "folder": str(out / "vq")},
+    ]
 
 
 def _prompt_subset(out: Path, n: int) -> Path:
@@ -74,9 +101,14 @@ def training_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """One run's row of the training table: a CE the run has no value for (null in metrics.jsonl: no targets of that
     modality at its last step) stays None, an empty cell, never 0."""
     final = result["final"]
-    return {"run": name, "steps": result["steps"], "final loss": _rounded(final.get("loss")),
-            "text CE": _rounded(final.get("ce_text")), "image CE": _rounded(final.get("ce_image")),
-            "checkpoint": result["checkpoint"]}  # fmt: skip
+    return {
+        "run": name,
+        "steps": result["steps"],
+        "final loss": _rounded(final.get("loss")),
+        "text CE": _rounded(final.get("ce_text")),
+        "image CE": _rounded(final.get("ce_image")),
+        "checkpoint": result["checkpoint"],
+    }
 
 
 def summary_markdown(page: Path, seconds: float, generations: list[dict[str, Any]]) -> Markdown:
@@ -88,11 +120,20 @@ def summary_markdown(page: Path, seconds: float, generations: list[dict[str, Any
 def write_summary(out: Path, report: dict[str, Any], evaluated: dict[str, Any]) -> Path:
     """OUT/demo-report.json: raw counts, prepared totals and stage manifests by name, runs, evaluation, timing."""
     raw = json.loads((out / "raw" / "manifest.json").read_text())
-    prepared = {row["source"]: json.loads((out / "prepared" / row["source"] / "manifest.json").read_text())["totals"]
-                for row in report["prepared"]}  # fmt: skip
-    summary = {"out": str(out), "raw": {k: raw[k]["records"] for k in ("text", "image_text", "interleaved", "sft")},
-               "prepared": prepared, "mixed": report["mixed"], "training": report["training"],
-               "evaluation": evaluated, "report": str(out / "report.html"), "seconds": report["seconds"]}  # fmt: skip
+    prepared = {
+        row["source"]: json.loads((out / "prepared" / row["source"] / "manifest.json").read_text())["totals"]
+        for row in report["prepared"]
+    }
+    summary = {
+        "out": str(out),
+        "raw": {k: raw[k]["records"] for k in ("text", "image_text", "interleaved", "sft")},
+        "prepared": prepared,
+        "mixed": report["mixed"],
+        "training": report["training"],
+        "evaluation": evaluated,
+        "report": str(out / "report.html"),
+        "seconds": report["seconds"],
+    }
     path = out / "demo-report.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
     return path
@@ -124,44 +165,89 @@ def end_to_end(
 
     runs = out / "runs"
     stage1 = train(config=demo_train_config(out / "mixed" / "stage1", runs / "stage1", train_steps))
-    stage2 = train(config=demo_train_config(out / "mixed" / "stage2", runs / "stage2", max(2, train_steps // 2),
-                                            init_from=runs / "stage1" / "checkpoints"))  # fmt: skip
+    stage2 = train(
+        config=demo_train_config(
+            out / "mixed" / "stage2",
+            runs / "stage2",
+            max(2, train_steps // 2),
+            init_from=runs / "stage1" / "checkpoints",
+        )
+    )
     tuned = sft(config=demo_sft_config(out / "mixed" / "sft", runs / "sft", sft_steps, runs / "stage2" / "checkpoints"))
     checkpoint = tuned["out_dir"]
 
     samples = out / "samples"
     generations = [
-        generate(checkpoint=checkpoint, prompt="How do I", out_dir=str(samples / "text"), mode="text",
-                 max_new_tokens=max_new_tokens, seed=1),
-        generate(checkpoint=checkpoint, prompt="A photo of a bird", out_dir=str(samples / "image"), mode="image",
-                 max_new_tokens=max_new_tokens, seed=1),
-        generate(checkpoint=checkpoint, prompt="What is in this picture?", out_dir=str(samples / "mixed"),
-                 mode="mixed", images=[str(sorted((REPO / SAMPLE_PHOTO).glob("*.jpg"))[0])],
-                 max_new_tokens=max_new_tokens, seed=1),
-    ]  # fmt: skip
-    evaluated = evaluate(checkpoint=checkpoint, out_dir=str(out / "eval"), stage=str(out / "mixed" / "stage2"),
-                         prompts=str(_prompt_subset(out, eval_prompts)) if eval_prompts else None, max_batches=4,
-                         mode="mixed", max_new_tokens=max_new_tokens)  # fmt: skip
+        generate(
+            checkpoint=checkpoint,
+            prompt="How do I",
+            out_dir=str(samples / "text"),
+            mode="text",
+            max_new_tokens=max_new_tokens,
+            seed=1,
+        ),
+        generate(
+            checkpoint=checkpoint,
+            prompt="A photo of a bird",
+            out_dir=str(samples / "image"),
+            mode="image",
+            max_new_tokens=max_new_tokens,
+            seed=1,
+        ),
+        generate(
+            checkpoint=checkpoint,
+            prompt="What is in this picture?",
+            out_dir=str(samples / "mixed"),
+            mode="mixed",
+            images=[str(sorted((REPO / SAMPLE_PHOTO).glob("*.jpg"))[0])],
+            max_new_tokens=max_new_tokens,
+            seed=1,
+        ),
+    ]
+    evaluated = evaluate(
+        checkpoint=checkpoint,
+        out_dir=str(out / "eval"),
+        stage=str(out / "mixed" / "stage2"),
+        prompts=str(_prompt_subset(out, eval_prompts)) if eval_prompts else None,
+        max_batches=4,
+        mode="mixed",
+        max_new_tokens=max_new_tokens,
+    )
 
     runs_done = {"stage 1": stage1, "stage 2": stage2, "sft": tuned}
     curves = {name: loss_points(read_metrics(Path(r["out_dir"]))) for name, r in runs_done.items()}
     loss_png = plot_loss_curves(curves, out / "loss-curves.png", "loss by step: stage 1, stage 2, SFT")
     training_rows = [training_row(name, r) for name, r in runs_done.items()]
-    evaluation_rows = [{"data": "stage 2 (seen in training: the sample corpus is small)",
-                        "loss": round(evaluated["loss"], 4), "perplexity": round(evaluated["perplexity"], 2),
-                        "tokens": evaluated["tokens"]}]  # fmt: skip
+    evaluation_rows = [
+        {
+            "data": "stage 2 (seen in training: the sample corpus is small)",
+            "loss": round(evaluated["loss"], 4),
+            "perplexity": round(evaluated["perplexity"], 2),
+            "tokens": evaluated["tokens"],
+        }
+    ]
     report = {
-        "out_dir": str(out), "tokenizers": tokenizers, "prepared": built["sources"], "mixed": stages,
-        "shares_png": str(shares_png), "loss_png": str(loss_png), "training": training_rows,
-        "evaluation": evaluation_rows, "annotate_page": evaluated.get("annotate_page"),
-        "generations": [(g["out_dir"], json.loads((Path(g["out_dir"]) / "generation.json").read_text()))
-                        for g in generations],
-    }  # fmt: skip
+        "out_dir": str(out),
+        "tokenizers": tokenizers,
+        "prepared": built["sources"],
+        "mixed": stages,
+        "shares_png": str(shares_png),
+        "loss_png": str(loss_png),
+        "training": training_rows,
+        "evaluation": evaluation_rows,
+        "annotate_page": evaluated.get("annotate_page"),
+        "generations": [
+            (g["out_dir"], json.loads((Path(g["out_dir"]) / "generation.json").read_text())) for g in generations
+        ],
+    }
     report["seconds"] = round(time.perf_counter() - started, 1)
     page = write_report(out / "report.html", report)
     table_artifact(training_rows, key="end-to-end-training", description="final metrics of every run")
-    markdown_artifact(summary_markdown(page, report["seconds"], generations), key="end-to-end-summary",
-                      description="where the report is, and what was generated")  # fmt: skip
+    markdown_artifact(
+        summary_markdown(page, report["seconds"], generations),
+        key="end-to-end-summary",
+        description="where the report is, and what was generated",
+    )
     write_summary(out, report, evaluated)
     return {
         "report": str(page),

@@ -22,8 +22,12 @@ def loss_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """`cham eval loss` output as rows: all tokens, then each source, then each modality."""
 
     def row(scope: str, r: dict[str, Any]) -> dict[str, Any]:
-        return {"scope": scope, "loss": round(r["loss"], 4), "perplexity": round(r["perplexity"], 2),
-                "tokens": r["tokens"]}  # fmt: skip
+        return {
+            "scope": scope,
+            "loss": round(r["loss"], 4),
+            "perplexity": round(r["perplexity"], 2),
+            "tokens": r["tokens"],
+        }
 
     # A scope with no supervised targets (e.g. a source outside the first --max-batches) has no loss to show.
     scoped = [(f"source: {n}", r) for n, r in result.get("by_source", {}).items()]
@@ -34,16 +38,42 @@ def loss_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 @task(name="eval-loss", retries=1)
 def eval_loss_task(checkpoint: str, stage: str, max_batches: int, out: Path) -> dict[str, Any]:
     """Held-out loss and perplexity of a checkpoint on a stage, overall, by source and by modality."""
-    run_command(cham("eval", "loss", "--checkpoint", checkpoint, "--stage", stage, "--max-batches", str(max_batches),
-                     "--out", str(out)))  # fmt: skip
+    run_command(
+        cham(
+            "eval",
+            "loss",
+            "--checkpoint",
+            checkpoint,
+            "--stage",
+            stage,
+            "--max-batches",
+            str(max_batches),
+            "--out",
+            str(out),
+        )
+    )
     return json.loads(out.read_text())
 
 
 @task(name="eval-prompts", retries=1)
 def eval_prompts_task(checkpoint: str, prompts: str, mode: str, max_new_tokens: int, out: Path) -> list[dict]:
     """Answers of a checkpoint to a prompt set: responses.jsonl and a page to annotate them."""
-    run_command(cham("eval", "prompts", "--checkpoint", checkpoint, "--prompts", prompts, "--mode", mode,
-                     "--max-new-tokens", str(max_new_tokens), "--out", str(out)))  # fmt: skip
+    run_command(
+        cham(
+            "eval",
+            "prompts",
+            "--checkpoint",
+            checkpoint,
+            "--prompts",
+            prompts,
+            "--mode",
+            mode,
+            "--max-new-tokens",
+            str(max_new_tokens),
+            "--out",
+            str(out),
+        )
+    )
     lines = (out / "responses.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
@@ -73,8 +103,7 @@ def evaluate(
     summary: dict[str, Any] = {"checkpoint": checkpoint}
     if stage:
         result = eval_loss_task(checkpoint, stage, max_batches, out / "eval-loss.json")
-        table_artifact(loss_rows(result), key="evaluate-loss",
-                       description=f"held-out loss of {checkpoint} on {stage}")  # fmt: skip
+        table_artifact(loss_rows(result), key="evaluate-loss", description=f"held-out loss of {checkpoint} on {stage}")
         summary |= {k: result[k] for k in ("loss", "perplexity", "tokens")}
     if prompts:
         responses = eval_prompts_task(checkpoint, prompts, mode, max_new_tokens, out / "prompts")
@@ -108,11 +137,25 @@ def generation_markdown(folder: Path, result: dict[str, Any]) -> Markdown:
 
 
 @task(name="generate", retries=1)
-def generate_task(checkpoint: str, prompt: str, mode: str, images: list[str], max_new_tokens: int, seed: int,
-                  out: Path) -> dict[str, Any]:  # fmt: skip
+def generate_task(
+    checkpoint: str, prompt: str, mode: str, images: list[str], max_new_tokens: int, seed: int, out: Path
+) -> dict[str, Any]:
     """`cham generate` into `out`; returns generation.json (segments, with image paths relative to `out`)."""
-    args = ["generate", "--checkpoint", checkpoint, "--prompt", prompt, "--mode", mode,
-            "--max-new-tokens", str(max_new_tokens), "--seed", str(seed), "--out", str(out)]  # fmt: skip
+    args = [
+        "generate",
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        prompt,
+        "--mode",
+        mode,
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
     for image in images:
         args += ["--image", image]
     run_command(cham(*args))
@@ -132,8 +175,14 @@ def generate(
     """Prompt a checkpoint for text, an image or both; the answer is shown as an artifact (images inline)."""
     out = Path(out_dir)
     result = generate_task(checkpoint, prompt, mode, list(images or []), max_new_tokens, seed, out)
-    markdown_artifact(generation_markdown(out, result), key=f"generate-{mode}",
-                      description=f"{mode} generation from {checkpoint}")  # fmt: skip
+    markdown_artifact(
+        generation_markdown(out, result), key=f"generate-{mode}", description=f"{mode} generation from {checkpoint}"
+    )
     text = "".join(s["text"] for s in result["segments"] if s["kind"] == "text")
-    return {"out_dir": str(out), "mode": mode, "text": text, "new_tokens": result["new_tokens"],
-            "images": [str(out / s["path"]) for s in result["segments"] if s["kind"] == "image"]}  # fmt: skip
+    return {
+        "out_dir": str(out),
+        "mode": mode,
+        "text": text,
+        "new_tokens": result["new_tokens"],
+        "images": [str(out / s["path"]) for s in result["segments"] if s["kind"] == "image"],
+    }

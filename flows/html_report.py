@@ -42,8 +42,10 @@ def image_tag(path: Path, alt: str) -> str:
 
 def generation_html(folder: Path, result: dict[str, Any]) -> str:
     """A generated answer: the prompt, then its text and images in order."""
-    parts = [f"<div class=sample><b>{html.escape(result['mode'])}</b> &middot; prompt: "
-             f"<i>{html.escape(result['prompt'])}</i><br>"]  # fmt: skip
+    parts = [
+        f"<div class=sample><b>{html.escape(result['mode'])}</b> &middot; prompt: "
+        f"<i>{html.escape(result['prompt'])}</i><br>"
+    ]
     for segment in result["segments"]:
         if segment["kind"] == "text":
             parts.append(f"<div class=text>{html.escape(segment['text'])}</div>")
@@ -55,11 +57,14 @@ def generation_html(folder: Path, result: dict[str, Any]) -> str:
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
     """The page: data prepared, mixtures, loss curves, final metrics, evaluation and generated samples."""
-    sections = [f"<h1>chameleon-pipeline: end-to-end run</h1><p class=muted>{html.escape(report['out_dir'])} "
-                f"&middot; {report['seconds']} s</p>"]  # fmt: skip
+    sections = [
+        f"<h1>chameleon-pipeline: end-to-end run</h1><p class=muted>{html.escape(report['out_dir'])} "
+        f"&middot; {report['seconds']} s</p>"
+    ]
     sections.append("<h2>1. Tokenizers</h2>" + dict_table(report["tokenizers"]))
-    sections.append("<h2>2. Prepared sources (records in, samples out, rejects by reason)</h2>"
-                    + dict_table(report["prepared"]))  # fmt: skip
+    sections.append(
+        "<h2>2. Prepared sources (records in, samples out, rejects by reason)</h2>" + dict_table(report["prepared"])
+    )
     sections.append("<h2>3. Mixtures: target vs realized token shares</h2>")
     for stage, manifest in report["mixed"].items():
         sections.append(
@@ -74,12 +79,15 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
     sections.append(dict_table(report["training"]))
     sections.append("<h2>5. Evaluation</h2>" + dict_table(report["evaluation"]))
     if report.get("annotate_page"):
-        sections.append(f"<p>Answers to the prompt set, to annotate: <code>{html.escape(report['annotate_page'])}"
-                        "</code></p>")  # fmt: skip
+        sections.append(
+            f"<p>Answers to the prompt set, to annotate: <code>{html.escape(report['annotate_page'])}</code></p>"
+        )
     sections.append("<h2>6. Generated samples</h2>")
     sections += [generation_html(Path(folder), result) for folder, result in report["generations"]]
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>chameleon-pipeline end-to-end</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")  # fmt: skip
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>chameleon-pipeline end-to-end</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

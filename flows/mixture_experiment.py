@@ -40,8 +40,14 @@ def expand_variants(variants: list[MixtureVariant] | None, sweep: WeightSweep | 
     """The mixtures to run: the explicit ones, then one per swept weight; none given means the spec as it is."""
     out = list(variants or [])
     if sweep:
-        out += [MixtureVariant(name=re.sub(r"[^A-Za-z0-9_.-]", "_", f"{sweep.source}-{w:g}"),
-                               weights={sweep.source: w}, stages=sweep.stages) for w in sweep.weights]  # fmt: skip
+        out += [
+            MixtureVariant(
+                name=re.sub(r"[^A-Za-z0-9_.-]", "_", f"{sweep.source}-{w:g}"),
+                weights={sweep.source: w},
+                stages=sweep.stages,
+            )
+            for w in sweep.weights
+        ]
     if not out:
         out = [MixtureVariant(name="base", weights={})]
     names = [v.name for v in out]
@@ -73,14 +79,22 @@ def apply_variant(spec: MixtureSpec, variant: MixtureVariant) -> MixtureSpec:
 def experiment_train_config(training: ExperimentTraining, spec: MixtureSpec, data: Path, out: Path) -> TrainConfig:
     """The short pretraining run of one mixture."""
     max_seq_len = max(spec.seq_len, MODEL_PRESETS[training.model_preset]["max_seq_len"])
-    return validate_config(TrainConfig, {
-        "model": {"preset": training.model_preset, "max_seq_len": max_seq_len}, "data": str(data), "out_dir": str(out),
-        "seq_len": spec.seq_len, "steps": training.steps, "global_batch_size": training.global_batch_size,
-        "micro_batch_size": training.micro_batch_size, "optimizer": {"lr": training.lr},
-        "schedule": {"warmup_steps": training.warmup_steps},
-        "checkpoint": {"every_steps": training.steps, "keep_last": 1},
-        "logging": {"every_steps": max(1, training.steps // 5), "tensorboard": False},
-    })  # fmt: skip
+    return validate_config(
+        TrainConfig,
+        {
+            "model": {"preset": training.model_preset, "max_seq_len": max_seq_len},
+            "data": str(data),
+            "out_dir": str(out),
+            "seq_len": spec.seq_len,
+            "steps": training.steps,
+            "global_batch_size": training.global_batch_size,
+            "micro_batch_size": training.micro_batch_size,
+            "optimizer": {"lr": training.lr},
+            "schedule": {"warmup_steps": training.warmup_steps},
+            "checkpoint": {"every_steps": training.steps, "keep_last": 1},
+            "logging": {"every_steps": max(1, training.steps // 5), "tensorboard": False},
+        },
+    )
 
 
 def _shares(manifest: dict[str, Any]) -> str:
@@ -126,17 +140,24 @@ def mixture_experiment(
         folder = out / variant.name
         manifests = mix_task(dump_config(mixture, folder / "mixture.yaml"), folder / "mixed")
         m = manifests[stage]
-        row: dict[str, Any] = {"mixture": variant.name, "stage": stage, "weights": _weights(mixture, stage),
-                               "realized shares": _shares(m), "tokens": m["tokens"], "sequences": m["sequences"],
-                               "image share": round(m["modality"]["image_share"], 4)}  # fmt: skip
+        row: dict[str, Any] = {
+            "mixture": variant.name,
+            "stage": stage,
+            "weights": _weights(mixture, stage),
+            "realized shares": _shares(m),
+            "tokens": m["tokens"],
+            "sequences": m["sequences"],
+            "image share": round(m["modality"]["image_share"], 4),
+        }
         if training:
             config = experiment_train_config(training, mixture, folder / "mixed" / stage, folder / "run")
             result = launch_training("train", config, training.nproc_per_node)
             curves[variant.name] = result["loss_curve"]
             row["final train loss"] = round(result["final"]["loss"], 4)
             if training.heldout:
-                evaluated = eval_loss_task(result["checkpoint"], training.heldout, training.eval_max_batches,
-                                           folder / "eval-loss.json")  # fmt: skip
+                evaluated = eval_loss_task(
+                    result["checkpoint"], training.heldout, training.eval_max_batches, folder / "eval-loss.json"
+                )
                 row["held-out loss"] = round(evaluated["loss"], 4)
                 row["held-out perplexity"] = round(evaluated["perplexity"], 2)
         rows.append(row)
@@ -144,21 +165,38 @@ def mixture_experiment(
     table_artifact(rows, key="mixture-experiment", description=f"mixtures of {out}: shares, losses")
     metric = "held-out loss" if training and training.heldout else "final train loss" if training else None
     charts = [mermaid_bars(f"{metric} by mixture", {r["mixture"]: r[metric] for r in rows}, metric)] if metric else []
-    charts.append(mermaid_bars(f"image token share of {stage}", {r["mixture"]: r["image share"] for r in rows},
-                               "image share"))  # fmt: skip
+    charts.append(
+        mermaid_bars(f"image token share of {stage}", {r["mixture"]: r["image share"] for r in rows}, "image share")
+    )
     if curves:
         charts.append(mermaid_lines("training loss by mixture", curves))
-        charts.append(png_markdown(plot_loss_curves(curves, out / "loss-curves.png", "training loss by mixture"),
-                                   "training loss by mixture"))  # fmt: skip
-    markdown_artifact(Markdown("\n\n".join(charts)), key="mixture-experiment-plot",
-                      description="held-out loss, image share and loss curves by mixture")  # fmt: skip
+        charts.append(
+            png_markdown(
+                plot_loss_curves(curves, out / "loss-curves.png", "training loss by mixture"),
+                "training loss by mixture",
+            )
+        )
+    markdown_artifact(
+        Markdown("\n\n".join(charts)),
+        key="mixture-experiment-plot",
+        description="held-out loss, image share and loss curves by mixture",
+    )
     best = min(rows, key=lambda r: r[metric]) if metric else None
     if best:
         why = "held-out loss" if metric == "held-out loss" else "final training loss (no held-out stage was given)"
-        headline = md("**Best mixture: {}** by {}: {} (weights of {}: {}).", code(best["mixture"]), why, best[metric],
-                      stage, best["weights"])  # fmt: skip
+        headline = md(
+            "**Best mixture: {}** by {}: {} (weights of {}: {}).",
+            code(best["mixture"]),
+            why,
+            best[metric],
+            stage,
+            best["weights"],
+        )
     else:
         headline = md("No training was asked for, so the mixtures are not ranked; their shares are below.")
-    markdown_artifact(md("# Mixture experiment\n\n{}\n\n{}\n\nFolder: {}", headline, markdown_table(rows), code(out)),
-                      key="mixture-experiment-summary", description="the best mixture")  # fmt: skip
+    markdown_artifact(
+        md("# Mixture experiment\n\n{}\n\n{}\n\nFolder: {}", headline, markdown_table(rows), code(out)),
+        key="mixture-experiment-summary",
+        description="the best mixture",
+    )
     return {"best": best["mixture"] if best else None, "metric": metric, "rows": rows}

@@ -75,8 +75,16 @@ def run_command(
     # Unbuffered, plain output: lines reach the logger as they are printed, without colour codes.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "160"}
     # Popen in this thread, which waits for the job: the death signal fires when the thread ends, not before.
-    process = subprocess.Popen(tied_to_this_process(command), cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)  # fmt: skip
+    process = subprocess.Popen(
+        tied_to_this_process(command),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
     tail: deque[str] = deque(maxlen=tail_lines)
     errors: list[str] = []  # the first error lines: under torchrun the last lines are its own summary, not the cause
 
@@ -111,6 +119,8 @@ def run_command(
     if process.returncode != 0:
         last = "\n".join(list(tail)[-12:])
         cause = "".join(f"\n  {e}" for e in errors if e not in last)
-        raise CommandError(f"`{_display(command)}` exited with status {process.returncode}"
-                           f"{'; error:' + cause if cause else ''}; last lines:\n{last}")  # fmt: skip
+        raise CommandError(
+            f"`{_display(command)}` exited with status {process.returncode}"
+            f"{'; error:' + cause if cause else ''}; last lines:\n{last}"
+        )
     return list(tail)

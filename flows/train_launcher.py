@@ -28,8 +28,14 @@ def write_worker_error(rank: int, err: BaseException, input_error: bool) -> bool
     folder = os.environ.get(WORKER_ERRORS_ENV)
     if not folder:
         return False
-    record = {"rank": rank, "time": time.time(), "input_error": input_error, "message": str(err),
-              "type": type(err).__name__, "traceback": "" if input_error else traceback.format_exc()}  # fmt: skip
+    record = {
+        "rank": rank,
+        "time": time.time(),
+        "input_error": input_error,
+        "message": str(err),
+        "type": type(err).__name__,
+        "traceback": "" if input_error else traceback.format_exc(),
+    }
     tmp = Path(folder) / f".rank-{rank}.json.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, Path(folder) / f"rank-{rank}.json")
@@ -54,8 +60,15 @@ def launcher_command(nproc_per_node: int, kind: str, config_file: str | Path) ->
 
 def torchrun_arguments(nproc_per_node: int, kind: str, config_file: str) -> list[str]:
     """torchrun's command line (without `torchrun`) for N ranks of flows.train_worker on this machine."""
-    return ["--standalone", f"--nproc_per_node={nproc_per_node}", "--max_restarts=0",
-            "-m", "flows.train_worker", kind, config_file]  # fmt: skip
+    return [
+        "--standalone",
+        f"--nproc_per_node={nproc_per_node}",
+        "--max_restarts=0",
+        "-m",
+        "flows.train_worker",
+        kind,
+        config_file,
+    ]
 
 
 def launch(nproc_per_node: int, kind: str, config_file: str) -> int:
@@ -77,8 +90,11 @@ def launch(nproc_per_node: int, kind: str, config_file: str) -> int:
         except ChildFailedError as err:
             return _report(read_worker_errors(Path(folder)), err)
         except SignalException as err:  # SIGTERM or SIGINT: torchrun stopped the ranks first
-            print(f"error: stopped by {signal.Signals(err.sigval).name}; the {nproc_per_node} ranks were stopped",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"error: stopped by {signal.Signals(err.sigval).name}; the {nproc_per_node} ranks were stopped",
+                file=sys.stderr,
+                flush=True,
+            )
             return 128 + int(err.sigval)
         except Exception as err:  # torchrun itself (rendezvous, a bad argument): its ranks are stopped already
             message = (str(err).splitlines() or [type(err).__name__])[0]

@@ -40,26 +40,39 @@ def launch_training(kind: str, config: TrainConfig, nproc_per_node: int) -> dict
     run_command(training_command(kind, config_file, nproc_per_node))
     metrics = read_metrics(out_dir)
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
-    return {"out_dir": str(out_dir), "checkpoint": str(checkpoint) if checkpoint else None,
-            "steps": metrics[-1]["step"] if metrics else 0, "final": metrics[-1] if metrics else {},
-            "loss_curve": loss_points(metrics)}  # fmt: skip
+    return {
+        "out_dir": str(out_dir),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "final": metrics[-1] if metrics else {},
+        "loss_curve": loss_points(metrics),
+    }
 
 
 def report_training(kind: str, result: dict[str, Any]) -> None:
     """Artifacts: the loss curve (mermaid chart and PNG) and a table of the final metrics."""
     out_dir = Path(result["out_dir"])
     metrics = read_metrics(out_dir)
-    series = {"loss": loss_points(metrics), "text CE": loss_points(metrics, "ce_text"),
-              "image CE": loss_points(metrics, "ce_image")}  # fmt: skip
+    series = {
+        "loss": loss_points(metrics),
+        "text CE": loss_points(metrics, "ce_text"),
+        "image CE": loss_points(metrics, "ce_image"),
+    }
     # A CE with no value at any step (null: no targets of that modality; 0.0 from older trainers) is not drawn.
     series = {k: v for k, v in series.items() if any(y for _, y in v)}
     png = plot_loss_curves(series, out_dir / "loss.png", title=f"{kind}: {out_dir.name}")
     markdown_artifact(
-        md("## {}: loss by step\n\n{}\n\n{}\n\nRun folder: {}; metrics: {}.", kind,
-           mermaid_lines(f"{kind} loss", series), png_markdown(png, "loss curves"), code(out_dir),
-           code(out_dir / "metrics.jsonl")),
-        key=f"{kind}-loss-curve", description=f"{kind} loss curves",
-    )  # fmt: skip
+        md(
+            "## {}: loss by step\n\n{}\n\n{}\n\nRun folder: {}; metrics: {}.",
+            kind,
+            mermaid_lines(f"{kind} loss", series),
+            png_markdown(png, "loss curves"),
+            code(out_dir),
+            code(out_dir / "metrics.jsonl"),
+        ),
+        key=f"{kind}-loss-curve",
+        description=f"{kind} loss curves",
+    )
     final = result["final"]
     rows = [{"metric": k, "value": v} for k, v in final.items() if v is not None]
     rows.append({"metric": "checkpoint", "value": result["checkpoint"]})

@@ -146,8 +146,9 @@ def read_limited(raw: Any, max_bytes: int, deadline: float) -> bytes:
         if len(buffer) > max_bytes:
             raise DownloadFailure("download_too_large", f"more than {max_bytes} bytes")
         if time.monotonic() > deadline:
-            raise DownloadFailure("download_timeout", f"still receiving after the total timeout ({len(buffer)} bytes)",
-                                  retryable=True)  # fmt: skip
+            raise DownloadFailure(
+                "download_timeout", f"still receiving after the total timeout ({len(buffer)} bytes)", retryable=True
+            )
 
 
 def inspect_image(data: bytes) -> dict[str, Any]:
@@ -174,8 +175,12 @@ def inspect_image(data: bytes) -> dict[str, Any]:
         detail = f"{type(err).__name__}: {err}; starts with {data[:16]!r}"
         raise DownloadFailure("download_not_image", detail[:300]) from None
     exif_json = json.dumps(exif, sort_keys=True)
-    return {"format": fmt, "width": width, "height": height,
-            "exif": exif_json if exif and len(exif_json) <= MAX_EXIF_CHARS else None}  # fmt: skip
+    return {
+        "format": fmt,
+        "width": width,
+        "height": height,
+        "exif": exif_json if exif and len(exif_json) <= MAX_EXIF_CHARS else None,
+    }
 
 
 def backoff_delay(attempt: int, config: DownloadConfig, retry_after: float | None, rng: random.Random) -> float:
@@ -196,8 +201,15 @@ class Fetched:
     attempts: int
 
 
-def fetch_image(url: str, session: Any, config: DownloadConfig, *, host_slot: Any = None,
-                rng: random.Random | None = None, sleep: Any = time.sleep) -> Fetched:  # fmt: skip
+def fetch_image(
+    url: str,
+    session: Any,
+    config: DownloadConfig,
+    *,
+    host_slot: Any = None,
+    rng: random.Random | None = None,
+    sleep: Any = time.sleep,
+) -> Fetched:
     """Fetch one image URL (retrying what may succeed later); raises DownloadFailure with `.attempts` set."""
     rng = rng or random.Random()
     check_url(url)
@@ -228,8 +240,9 @@ def _attempt(url: str, session: Any, config: DownloadConfig) -> bytes:
         with session.get(url, stream=True, timeout=(config.connect_timeout_s, config.read_timeout_s)) as response:
             if response.status_code >= 400:
                 raise _http_failure(response.status_code, url, response.headers.get("Retry-After"))
-            directive = _opted_out(response.headers.get("X-Robots-Tag"),
-                                   {d.lower() for d in config.disallowed_header_directives})  # fmt: skip
+            directive = _opted_out(
+                response.headers.get("X-Robots-Tag"), {d.lower() for d in config.disallowed_header_directives}
+            )
             if directive:
                 raise DownloadFailure("download_opted_out", f"X-Robots-Tag {directive} from {url[:200]}")
             length = response.headers.get("Content-Length", "")
@@ -244,8 +257,12 @@ def _attempt(url: str, session: Any, config: DownloadConfig) -> bytes:
         raise DownloadFailure(
             "download_too_many_redirects", f"more than {config.max_redirects} from {url[:200]}"
         ) from None
-    except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-            u3.LocationParseError) as err:  # fmt: skip
+    except (
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.InvalidURL,
+        requests.exceptions.MissingSchema,
+        u3.LocationParseError,
+    ) as err:
         # e.g. a redirect to ftp:// or file://: requests has no adapter for it, so nothing is fetched
         raise DownloadFailure("download_bad_url", f"{type(err).__name__}: {err}"[:300]) from None
     except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, u3.HTTPError, ConnectionError) as err:
@@ -290,8 +307,9 @@ def _public_only_adapter() -> type:
             public = [a for a in addresses if address_is_public(a)]
             if not public:
                 where = name if addresses == [name.strip("[]")] else f"{name} ({', '.join(addresses[:4])})"
-                raise DownloadFailure(PRIVATE_ADDRESS, f"{where[:300]} is not a public address "
-                                      "(download.allow_private_addresses is off)")  # fmt: skip
+                raise DownloadFailure(
+                    PRIVATE_ADDRESS, f"{where[:300]} is not a public address (download.allow_private_addresses is off)"
+                )
             try:  # connect to an address checked (as urllib3 would: each in turn), with urllib3's own errors
                 for address in public[:-1]:
                     self._dns_host = address
@@ -365,8 +383,9 @@ class ImageCache:
             return CacheEntry(url, key, path=str(path)) if path.is_file() else None
         if meta.get("retryable", True):
             return None
-        return CacheEntry(url, key, reason=meta.get("reason") or "download_http_error",
-                          detail=meta.get("error_message") or "")  # fmt: skip
+        return CacheEntry(
+            url, key, reason=meta.get("reason") or "download_http_error", detail=meta.get("error_message") or ""
+        )
 
     def store_success(self, url: str, fetched: Fetched) -> CacheEntry:
         key = cache_key(url)
@@ -375,28 +394,61 @@ class ImageCache:
         folder = self.root / key[:4]
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / name, fetched.data)
-        meta = {"url": url, "key": key, "status": "success", "error_message": None,
-                "width": info["width"], "height": info["height"],  # no resize: as fetched
-                "original_width": info["width"], "original_height": info["height"], "exif": info["exif"],
-                "sha256": hashlib.sha256(fetched.data).hexdigest(), "file": name, "bytes": len(fetched.data),
-                "format": info["format"], "attempts": fetched.attempts,
-                "fetched_at": round(time.time(), 3)}  # fmt: skip
+        meta = {
+            "url": url,
+            "key": key,
+            "status": "success",
+            "error_message": None,
+            "width": info["width"],
+            "height": info["height"],  # no resize: as fetched
+            "original_width": info["width"],
+            "original_height": info["height"],
+            "exif": info["exif"],
+            "sha256": hashlib.sha256(fetched.data).hexdigest(),
+            "file": name,
+            "bytes": len(fetched.data),
+            "format": info["format"],
+            "attempts": fetched.attempts,
+            "fetched_at": round(time.time(), 3),
+        }
         write_atomic(self.json_path(key), json.dumps(meta, sort_keys=True).encode())  # last: marks it complete
         return CacheEntry(url, key, path=str(folder / name), fetched=True, attempts=fetched.attempts)
 
     def store_failure(self, url: str, failure: DownloadFailure, attempts: int) -> CacheEntry:
         key = cache_key(url)
         # img2dataset's two failure statuses: an image that came but could not be used is failed_to_resize
-        status = "failed_to_resize" if failure.reason in ("download_not_image", "image_too_large") else (
-            "failed_to_download")  # fmt: skip
-        meta = {"url": url, "key": key, "status": status, "error_message": failure.detail, "width": None,
-                "height": None, "original_width": None, "original_height": None, "exif": None, "sha256": None,
-                "reason": failure.reason, "retryable": failure.retryable, "attempts": attempts,
-                "fetched_at": round(time.time(), 3)}  # fmt: skip
+        status = (
+            "failed_to_resize"
+            if failure.reason in ("download_not_image", "image_too_large")
+            else ("failed_to_download")
+        )
+        meta = {
+            "url": url,
+            "key": key,
+            "status": status,
+            "error_message": failure.detail,
+            "width": None,
+            "height": None,
+            "original_width": None,
+            "original_height": None,
+            "exif": None,
+            "sha256": None,
+            "reason": failure.reason,
+            "retryable": failure.retryable,
+            "attempts": attempts,
+            "fetched_at": round(time.time(), 3),
+        }
         self.json_path(key).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.json_path(key), json.dumps(meta, sort_keys=True).encode())
-        return CacheEntry(url, key, reason=failure.reason, detail=failure.detail, retryable=failure.retryable,
-                          fetched=True, attempts=attempts)  # fmt: skip
+        return CacheEntry(
+            url,
+            key,
+            reason=failure.reason,
+            detail=failure.detail,
+            retryable=failure.retryable,
+            fetched=True,
+            attempts=attempts,
+        )
 
 
 class ImageDownloader:
@@ -507,11 +559,17 @@ class DownloadStats:
 
     def as_dict(self) -> dict[str, Any]:
         failed_to_resize = sum(n for r, n in self.failures.items() if r in ("download_not_image", "image_too_large"))
-        return {"count": self.urls, "successes": self.successes,
-                "failed_to_download": sum(self.failures.values()) - failed_to_resize,
-                "failed_to_resize": failed_to_resize, "status_dict": dict(sorted(self.failures.items())),
-                "fetched": self.fetched, "from_cache": self.from_cache, "images_dropped": self.images_dropped,
-                "records_rejected": self.records_rejected}  # fmt: skip
+        return {
+            "count": self.urls,
+            "successes": self.successes,
+            "failed_to_download": sum(self.failures.values()) - failed_to_resize,
+            "failed_to_resize": failed_to_resize,
+            "status_dict": dict(sorted(self.failures.items())),
+            "fetched": self.fetched,
+            "from_cache": self.from_cache,
+            "images_dropped": self.images_dropped,
+            "records_rejected": self.records_rejected,
+        }
 
 
 NOT_LOCAL_HINT = "set download.cache_dir in the prepare config to fetch it"
@@ -574,8 +632,13 @@ class UrlImages:
         if futures is None:  # downloads are off
             stats.records_rejected += 1
             stats.failures["image_not_local"] += len(slots)
-            return Reject(self.source, item["id"], "read", "image_not_local",
-                          f"image given only as a URL: {slots[0][0][:200]}; {NOT_LOCAL_HINT}")  # fmt: skip
+            return Reject(
+                self.source,
+                item["id"],
+                "read",
+                "image_not_local",
+                f"image given only as a URL: {slots[0][0][:200]}; {NOT_LOCAL_HINT}",
+            )
         entries = {url: f.result() for url, f in futures.items()}
         failed: list[tuple[int | str, CacheEntry]] = []
         for url, container, index in slots:
@@ -600,8 +663,13 @@ class UrlImages:
                 return item
         stats.records_rejected += 1
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        return Reject(self.source, item["id"], DOWNLOAD_STAGE, first.reason or "download_http_error",
-                      f"{first.detail or first.url}{more}"[:1000])  # fmt: skip
+        return Reject(
+            self.source,
+            item["id"],
+            DOWNLOAD_STAGE,
+            first.reason or "download_http_error",
+            f"{first.detail or first.url}{more}"[:1000],
+        )
 
     def _report(self, shard_id: int | None, stats: DownloadStats) -> None:
         """shard-NNNNN.downloads.json beside the shard (only for tasks with URL images; a stale one is removed)."""

@@ -65,20 +65,25 @@ def read_index(name: str, path: Path) -> SourceIndex:
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise MixPlanError(f"source {name!r}: {path} is not a prepared source (no {MANIFEST}; run `cham prepare`)")
-    manifest = read_json_object(manifest_path, ("shards", "tokenizers", "fingerprint"), MixPlanError,
-                                "prepared-source manifest")  # fmt: skip
+    manifest = read_json_object(
+        manifest_path, ("shards", "tokenizers", "fingerprint"), MixPlanError, "prepared-source manifest"
+    )
     samples = []
     shards = manifest["shards"]
     if not isinstance(shards, list) or not all(
         isinstance(s, dict) and {"shard", "samples"} <= s.keys() for s in shards
     ):
-        raise MixPlanError(f"{manifest_path}: not a prepared-source manifest (each of its shards needs shard and "
-                           f"samples); re-run `cham prepare` for source {name!r}")  # fmt: skip
+        raise MixPlanError(
+            f"{manifest_path}: not a prepared-source manifest (each of its shards needs shard and "
+            f"samples); re-run `cham prepare` for source {name!r}"
+        )
     for shard in shards:
         tar_path = Path(path) / f"{shard['shard']}.tar"
         if not tar_path.is_file():
-            raise MixPlanError(f"source {name!r}: {tar_path} is listed in {MANIFEST} but missing; re-run `cham "
-                               "prepare` for this source")  # fmt: skip
+            raise MixPlanError(
+                f"source {name!r}: {tar_path} is listed in {MANIFEST} but missing; re-run `cham "
+                "prepare` for this source"
+            )
         samples += _index_shard(name, tar_path, shard_id_of(shard["shard"]), int(shard["samples"]))
     return SourceIndex(name, Path(path), samples, manifest)
 
@@ -92,20 +97,27 @@ def _index_shard(source: str, tar_path: Path, shard_id: int, expected: int) -> l
                 if member.name.endswith(".json"):
                     key = member.name[: -len(".json")]
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                    refs.append(SampleRef(shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"]),
-                                          meta.get("category", "")))  # fmt: skip
+                    refs.append(
+                        SampleRef(
+                            shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"]), meta.get("category", "")
+                        )
+                    )
     except (OSError, tarfile.TarError, EOFError) as err:
-        raise MixPlanError(f"source {source!r}: {tar_path} is damaged ({err}); re-run `cham prepare` for this "
-                           f"source") from None  # fmt: skip
+        raise MixPlanError(
+            f"source {source!r}: {tar_path} is damaged ({err}); re-run `cham prepare` for this source"
+        ) from None
     except (ValueError, KeyError, TypeError) as err:  # a member's metadata (JSON or its fields)
-        raise MixPlanError(f"source {source!r}: {tar_path}: sample {key!r} has damaged metadata "
-                           f"({type(err).__name__}: {err})") from None  # fmt: skip
+        raise MixPlanError(
+            f"source {source!r}: {tar_path}: sample {key!r} has damaged metadata ({type(err).__name__}: {err})"
+        ) from None
     no_tokens = [r.key for r in refs if f"{r.key}.npy" not in members]
     if no_tokens:
         raise MixPlanError(f"source {source!r}: {tar_path}: sample {no_tokens[0]!r} has no tokens (.npy)")
     if len(refs) != expected:  # a shard rewritten or cut short since prepare: its samples would silently go missing
-        raise MixPlanError(f"source {source!r}: {tar_path} holds {len(refs)} samples, its {MANIFEST} lists "
-                           f"{expected}; re-run `cham prepare` for this source")  # fmt: skip
+        raise MixPlanError(
+            f"source {source!r}: {tar_path} holds {len(refs)} samples, its {MANIFEST} lists "
+            f"{expected}; re-run `cham prepare` for this source"
+        )
     return refs
 
 
@@ -123,10 +135,13 @@ def mixture_fingerprint(spec: MixtureSpec, indexes: dict[str, SourceIndex], sequ
     """Changes with the spec, any input shard, or the shard size (documents are packed within a shard, so it changes
     the sequences)."""
     inputs = {
-        name: [ix.manifest["fingerprint"], [s["shard"] for s in ix.manifest["shards"]],
-               sum(s["tokens"] for s in ix.manifest["shards"])]
+        name: [
+            ix.manifest["fingerprint"],
+            [s["shard"] for s in ix.manifest["shards"]],
+            sum(s["tokens"] for s in ix.manifest["shards"]),
+        ]
         for name, ix in sorted(indexes.items())
-    }  # fmt: skip
+    }
     payload = {"spec": spec.model_dump(mode="json"), "inputs": inputs, "sequences_per_shard": sequences_per_shard}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -143,8 +158,9 @@ class StagePlan:
     excluded_too_long: dict[str, int]  # prepared source -> SFT samples longer than seq_len, never drawn
 
 
-def split_by_category(name: str, samples: list[SampleRef], weight: float,
-                      category_weights: dict[str, float]) -> dict[str, tuple[list[SampleRef], float]]:  # fmt: skip
+def split_by_category(
+    name: str, samples: list[SampleRef], weight: float, category_weights: dict[str, float]
+) -> dict[str, tuple[list[SampleRef], float]]:
     """An SFT source as one planned source per weighted category, `NAME/CATEGORY`, sharing its weight."""
     total = sum(category_weights.values())
     out = {}
@@ -194,8 +210,9 @@ def plan_mixture(
         mean_tokens = max(1.0, sum(r.n_tokens for _, r in sequence) / max(1, len(sequence)))
         docs_per_shard = max(1, round(sequences_per_shard * spec.seq_len / mean_tokens))
         weights = {name: weight for name, (_, weight) in planned.items()}
-        stages[stage_name] = StagePlan(stage_name, sorted(plans), plans, sequence, docs_per_shard, real, weights,
-                                       excluded)  # fmt: skip
+        stages[stage_name] = StagePlan(
+            stage_name, sorted(plans), plans, sequence, docs_per_shard, real, weights, excluded
+        )
     return stages, indexes
 
 
@@ -212,12 +229,16 @@ def _read_samples(item: tuple[str, str, int]) -> Iterator[tuple[tuple[str, int, 
             tokens = read_npy(sample["npy"], "tokens")
             n_prompt = int(meta.get("n_prompt_tokens", 0))
         except (ValueError, KeyError, TypeError) as err:
-            raise MixPlanError(f"source {source!r}: {path}: sample {sample['__key__']!r} is damaged "
-                               f"({type(err).__name__}: {first_line(err)}); re-run `cham prepare` for this "
-                               f"source") from None  # fmt: skip
+            raise MixPlanError(
+                f"source {source!r}: {path}: sample {sample['__key__']!r} is damaged "
+                f"({type(err).__name__}: {first_line(err)}); re-run `cham prepare` for this "
+                f"source"
+            ) from None
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise MixPlanError(f"source {source!r}: {path}: sample {sample['__key__']!r} has tokens of "
-                               f"{tokens.dtype} {tokens.shape}, expected a vector of integers")  # fmt: skip
+            raise MixPlanError(
+                f"source {source!r}: {path}: sample {sample['__key__']!r} has tokens of "
+                f"{tokens.dtype} {tokens.shape}, expected a vector of integers"
+            )
         yield (source, shard_id, sample["__key__"]), (tokens, n_prompt)
 
 
@@ -258,14 +279,28 @@ class PackAndWrite(beam.DoFn):
         dropped: dict[str, int] = defaultdict(int)
         for position in too_long:
             dropped[str(occurrences[position][1])] += 1
-        yield write_stage_shard(Path(self.out_dir) / stage, shard_id, stage, sequences, vocab, self.vocab_size,
-                                self.fingerprint, dropped=dict(dropped))  # fmt: skip
+        yield write_stage_shard(
+            Path(self.out_dir) / stage,
+            shard_id,
+            stage,
+            sequences,
+            vocab,
+            self.vocab_size,
+            self.fingerprint,
+            dropped=dict(dropped),
+        )
 
 
 def write_stage_shard(
-    folder: Path, shard_id: int, stage: str, sequences: list[PackedSequence], vocab: Vocabulary, vocab_size: int,
-    fingerprint: str, dropped: dict[str, int] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    folder: Path,
+    shard_id: int,
+    stage: str,
+    sequences: list[PackedSequence],
+    vocab: Vocabulary,
+    vocab_size: int,
+    fingerprint: str,
+    dropped: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """Sequences -> shard-NNNNN.tar + stats, last. Members per sequence: tokens.npy [seq_len], docs.npy
     [3, n_docs] (start, length, source id of each document piece), and mask.npy when any token is not a target."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -274,9 +309,11 @@ def write_stage_shard(
     by_source: dict[int, dict[str, int]] = defaultdict(lambda: {"tokens": 0, "image_tokens": 0, "supervised": 0})
     with atomic_path(folder / f"{name}.tar") as tmp, wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
         for n, seq in enumerate(sequences):
-            member = {"__key__": f"{stage}_{shard_id:05d}_{n:06d}", "tokens.npy": encode_npy(seq.tokens.astype(dtype)),
-                      "docs.npy": encode_npy(np.stack([seq.doc_starts, seq.doc_lengths(), seq.doc_sources])
-                                             .astype(np.int32))}  # fmt: skip
+            member = {
+                "__key__": f"{stage}_{shard_id:05d}_{n:06d}",
+                "tokens.npy": encode_npy(seq.tokens.astype(dtype)),
+                "docs.npy": encode_npy(np.stack([seq.doc_starts, seq.doc_lengths(), seq.doc_sources]).astype(np.int32)),
+            }
             if not seq.loss_mask.all():
                 member["mask.npy"] = encode_npy(seq.loss_mask.astype(np.uint8))
             sink.write(member)
@@ -288,25 +325,37 @@ def write_stage_shard(
                 counts["image_tokens"] += int(is_image[start : start + length].sum())
                 counts["supervised"] += int(seq.loss_mask[start : start + length].sum())
     stats = {
-        "shard": name, "fingerprint": fingerprint, "sequences": len(sequences),
+        "shard": name,
+        "fingerprint": fingerprint,
+        "sequences": len(sequences),
         "tokens": int(sum(s.n_real for s in sequences)),
         "padding": int(sum(len(s.tokens) - s.n_real for s in sequences)),
-        "by_source": {str(k): v for k, v in sorted(by_source.items())}, "dropped_too_long": dropped or {},
-    }  # fmt: skip
+        "by_source": {str(k): v for k, v in sorted(by_source.items())},
+        "dropped_too_long": dropped or {},
+    }
     write_atomic(folder / f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=2, sort_keys=True))  # last: complete
     return stats
 
 
-def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, SourceIndex], folder: Path,
-                   fingerprint: str, vocab: Vocabulary) -> dict[str, Any]:  # fmt: skip
+def stage_manifest(
+    spec: MixtureSpec,
+    stage: StagePlan,
+    indexes: dict[str, SourceIndex],
+    folder: Path,
+    fingerprint: str,
+    vocab: Vocabulary,
+) -> dict[str, Any]:
     """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
     # By shard number, not name: shard-100000 sorts before shard-10001 as text.
     stats_files = sorted(folder.glob(f"*{STATS_SUFFIX}"), key=lambda p: shard_id_of(p.name) or 0)
     shards = [json.loads(p.read_text()) for p in stats_files]
     weights = stage.weights
     total_weight = sum(weights.values())
-    totals = {"tokens": sum(s["tokens"] for s in shards), "padding": sum(s["padding"] for s in shards),
-              "sequences": sum(s["sequences"] for s in shards)}  # fmt: skip
+    totals = {
+        "tokens": sum(s["tokens"] for s in shards),
+        "padding": sum(s["padding"] for s in shards),
+        "sequences": sum(s["sequences"] for s in shards),
+    }
     realized: dict[str, dict[str, int]] = defaultdict(lambda: {"tokens": 0, "image_tokens": 0, "supervised": 0})
     for shard in shards:
         for source_id, counts in shard["by_source"].items():
@@ -334,30 +383,42 @@ def stage_manifest(spec: MixtureSpec, stage: StagePlan, indexes: dict[str, Sourc
             "face_share_source": sum(s.has_face for s in index.samples) / max(1, len(index.samples)),
         }
     manifest = {
-        "stage": stage.name, "fingerprint": fingerprint, "seq_len": spec.seq_len, "sft": spec.stages[stage.name].sft,
-        "target_tokens": spec.stage_tokens(stage.name), **totals,
-        "modality": {"text_tokens": totals["tokens"] - image_tokens, "image_tokens": image_tokens,
-                     "image_share": image_tokens / max(1, totals["tokens"])},
-        "sources": sources, "source_ids": stage.sources, "vocab_layout": vocab.layout.model_dump(),
+        "stage": stage.name,
+        "fingerprint": fingerprint,
+        "seq_len": spec.seq_len,
+        "sft": spec.stages[stage.name].sft,
+        "target_tokens": spec.stage_tokens(stage.name),
+        **totals,
+        "modality": {
+            "text_tokens": totals["tokens"] - image_tokens,
+            "image_tokens": image_tokens,
+            "image_share": image_tokens / max(1, totals["tokens"]),
+        },
+        "sources": sources,
+        "source_ids": stage.sources,
+        "vocab_layout": vocab.layout.model_dump(),
         "excluded_too_long": stage.excluded_too_long,
         # The tokenizers travel with the data, so a model trained on it can be prompted and its output decoded.
         "tokenizers": next(iter(indexes.values())).manifest["tokenizers"],
         "shards": [{k: s[k] for k in ("shard", "sequences", "tokens", "padding")} for s in shards],
-    }  # fmt: skip
+    }
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
-def run_mix(spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None,
-            sequences_per_shard: int = SEQUENCES_PER_SHARD) -> dict[str, Any]:  # fmt: skip
+def run_mix(
+    spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None, sequences_per_shard: int = SEQUENCES_PER_SHARD
+) -> dict[str, Any]:
     """Plan every stage, write its shards with Beam, and return the stage manifests."""
     started = time.perf_counter()
     out = Path(out)
     stages, indexes = plan_mixture(spec, sequences_per_shard)
     vocab = vocabulary_of(list(indexes.values()))
     if vocab.tokens_per_image != spec.tokens_per_image:
-        raise MixPlanError(f"tokens_per_image {spec.tokens_per_image} does not match the sources' "
-                           f"{vocab.tokens_per_image} codes per image")  # fmt: skip
+        raise MixPlanError(
+            f"tokens_per_image {spec.tokens_per_image} does not match the sources' "
+            f"{vocab.tokens_per_image} codes per image"
+        )
     fingerprint = mixture_fingerprint(spec, indexes, sequences_per_shard)
     for stage in stages:  # outputs of an earlier mix are replaced whole
         for old in (out / stage).glob("shard-*"):

@@ -10,19 +10,36 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-ROW_FIELDS = ("source", "weight", "target share", "realized share", "target tokens", "realized tokens", "samples",
-              "repetitions", "faces drawn / in source")  # fmt: skip
+ROW_FIELDS = (
+    "source",
+    "weight",
+    "target share",
+    "realized share",
+    "target tokens",
+    "realized tokens",
+    "samples",
+    "repetitions",
+    "faces drawn / in source",
+)
 
 
 def report_rows(manifest: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row of strings per source of a stage manifest, in ROW_FIELDS order."""
     rows = []
     for name, s in manifest["sources"].items():
-        rows.append((
-            name, f"{s['weight']:g}", f"{s['target_share']:.1%}", f"{s['realized_share']:.1%}",
-            f"{s['target_tokens']:,}", f"{s['realized_tokens']:,}", f"{s['samples']:,}", f"{s['repetitions']:.2f}",
-            f"{s['face_share_drawn']:.0%} / {s['face_share_source']:.0%}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                name,
+                f"{s['weight']:g}",
+                f"{s['target_share']:.1%}",
+                f"{s['realized_share']:.1%}",
+                f"{s['target_tokens']:,}",
+                f"{s['realized_tokens']:,}",
+                f"{s['samples']:,}",
+                f"{s['repetitions']:.2f}",
+                f"{s['face_share_drawn']:.0%} / {s['face_share_source']:.0%}",
+            )
+        )
     return rows
 
 

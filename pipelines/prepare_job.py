@@ -129,8 +129,9 @@ class ReadAndPrepare(beam.DoFn):
             if isinstance(item, Reject):
                 yield REJECT, (shard_id, item)
                 continue
-            prepared = prepare_record(self.source.name, self.source.kind, shard_id, index, item, self.settings,
-                                      self.detector)  # fmt: skip
+            prepared = prepare_record(
+                self.source.name, self.source.kind, shard_id, index, item, self.settings, self.detector
+            )
             index += 1
             yield (REJECT, (shard_id, prepared)) if isinstance(prepared, Reject) else (OK, prepared)
 
@@ -161,9 +162,15 @@ class WriteShard(beam.DoFn):
     def process(self, element: tuple[int, dict[str, Iterable[Any]]]) -> Iterator[dict[str, Any]]:
         shard_id, groups = element
         (task,) = groups["task"]
-        stats = write_shard(Path(self.out_dir), shard_id, list(groups["samples"]), list(groups["rejects"]),
-                            vocab_size=self.vocab_size, fingerprint=self.fingerprint,
-                            extra={"task": task_signature(task)})  # fmt: skip
+        stats = write_shard(
+            Path(self.out_dir),
+            shard_id,
+            list(groups["samples"]),
+            list(groups["rejects"]),
+            vocab_size=self.vocab_size,
+            fingerprint=self.fingerprint,
+            extra={"task": task_signature(task)},
+        )
         yield stats
 
 
@@ -188,9 +195,13 @@ def _images_of(record: PreparedRecord) -> Iterator[tuple[tuple[str, int], np.nda
 
 
 def add_source(
-    p: beam.Pipeline, config: PrepareConfig, source: SourceConfig, tasks: list[tuple[int, ReadTask]], fp: str,
+    p: beam.Pipeline,
+    config: PrepareConfig,
+    source: SourceConfig,
+    tasks: list[tuple[int, ReadTask]],
+    fp: str,
     vocab_size: int,
-) -> beam.PCollection:  # fmt: skip
+) -> beam.PCollection:
     """Add one source's branch of the job (labels prefixed with the source name); returns its shard stats."""
     settings = settings_for(config, source)
     name = source.name
@@ -270,14 +281,18 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
         "source": source.name,
         "kind": source.kind,
         "fingerprint": plan["fingerprint"],
-        "tokenizers": {"text": str(Path(config.tokenizers.text).resolve()),  # absolute: a run finds them from anywhere
-                       "image": str(Path(config.tokenizers.image).resolve()), **{
-            f"{k}_fingerprint": v for k, v in fps.items()}},
+        "tokenizers": {
+            "text": str(Path(config.tokenizers.text).resolve()),  # absolute: a run finds them from anywhere
+            "image": str(Path(config.tokenizers.image).resolve()),
+            **{f"{k}_fingerprint": v for k, v in fps.items()},
+        },
         "config": {"source": source.model_dump(mode="json"), **config.shard_settings()},
         "totals": totals | {"rejects_by_reason": dict(sorted(by_reason.items()))},
-        "shards": [{k: s[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects", "records_in")}
-                   for s in shards],
-    }  # fmt: skip
+        "shards": [
+            {k: s[k] for k in ("shard", "samples", "tokens", "images", "faces", "rejects", "records_in")}
+            for s in shards
+        ],
+    }
     downloads = download_totals(out_dir, [i for i, _ in plan["tasks"]])
     if downloads is not None:  # sources with URL images: what was fetched, dropped and why
         manifest["downloads"] = downloads
@@ -295,9 +310,10 @@ class ShardWatcher(threading.Thread):
     def __init__(self, config: PrepareConfig, plans: dict[str, dict[str, Any]], report: Callable[[int, int], None]):
         super().__init__(daemon=True)
         self.stats_files = [
-            Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}" for name, p in plans.items()
+            Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}"
+            for name, p in plans.items()
             for i, _ in p["todo"]
-        ]  # fmt: skip
+        ]
         self.report = report
         self.stop = threading.Event()
         self.started = time.time()
@@ -312,9 +328,12 @@ class ShardWatcher(threading.Thread):
 
 
 def _run_pipeline(
-    config: PrepareConfig, plans: dict[str, dict[str, Any]], todo: dict[str, dict[str, Any]], vocab_size: int,
+    config: PrepareConfig,
+    plans: dict[str, dict[str, Any]],
+    todo: dict[str, dict[str, Any]],
+    vocab_size: int,
     progress: Callable[[int, int], None] | None,
-) -> None:  # fmt: skip
+) -> None:
     """One Beam pipeline with a branch per source that has shards to do; returns when every branch is done."""
     watcher = ShardWatcher(config, todo, progress) if progress else None
     if watcher:
@@ -323,8 +342,9 @@ def _run_pipeline(
         pipeline = beam.Pipeline(options=pipeline_options(config.runner))
         stats = [
             add_source(pipeline, config, s, plans[s.name]["todo"], plans[s.name]["fingerprint"], vocab_size)
-            for s in config.sources if s.name in todo
-        ]  # fmt: skip
+            for s in config.sources
+            if s.name in todo
+        ]
         # One final transform downstream of every branch: Beam's DaskRunner computes only the last one.
         _ = tuple(stats) | "all shards" >> beam.Flatten() | "count" >> beam.combiners.Count.Globally()
         result = pipeline.run()

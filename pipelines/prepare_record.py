@@ -83,8 +83,14 @@ def _face_view(source: Any, pixels: np.ndarray, mode: str, settings: PrepareSett
     """The image faces are counted on: what the model sees, at FACE_SIDE px (a tiny tokenizer's 64 px is too small)."""
     if settings.image_size >= FACE_SIDE:
         return pixels  # the detector itself scales it down to FACE_SIDE
-    return preprocess(source, size=FACE_SIDE, mode=mode, max_pixels=settings.max_pixels,
-                      min_side=settings.min_side, fast=settings.fast_image_decode).pixels  # fmt: skip
+    return preprocess(
+        source,
+        size=FACE_SIDE,
+        mode=mode,
+        max_pixels=settings.max_pixels,
+        min_side=settings.min_side,
+        fast=settings.fast_image_decode,
+    ).pixels
 
 
 def prepare_record(
@@ -111,8 +117,14 @@ def prepare_record(
             if isinstance(seg, str):
                 converted.append(clean_text(seg, settings.min_chars if kind == "text" else 1, settings.max_chars))
                 continue
-            image = preprocess(seg, size=settings.image_size, mode=mode, max_pixels=settings.max_pixels,
-                               min_side=settings.min_side, fast=settings.fast_image_decode)  # fmt: skip
+            image = preprocess(
+                seg,
+                size=settings.image_size,
+                mode=mode,
+                max_pixels=settings.max_pixels,
+                min_side=settings.min_side,
+                fast=settings.fast_image_decode,
+            )
             converted.append(len(out.images))
             out.images.append(image.pixels)
             out.image_sizes.append(image.original_size)
@@ -150,8 +162,9 @@ def assemble_sample(
     else:
         ids, n_prompt = tokenizer.encode(segments(record.prompt)), 0
     if settings.max_tokens is not None and len(ids) > settings.max_tokens:
-        return Reject(record.source, record.record_id, "tokenize", "too_long",
-                      f"{len(ids)} tokens, maximum {settings.max_tokens}")  # fmt: skip
+        return Reject(
+            record.source, record.record_id, "tokenize", "too_long", f"{len(ids)} tokens, maximum {settings.max_tokens}"
+        )
     meta = {
         "source": record.source,
         "kind": record.kind,

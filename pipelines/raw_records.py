@@ -35,8 +35,13 @@ class Reject:
     detail: str
 
     def as_row(self) -> dict[str, str]:
-        return {"source": self.source, "record_id": self.record_id, "stage": self.stage, "reason": self.reason,
-                "detail": self.detail[:1000]}  # fmt: skip
+        return {
+            "source": self.source,
+            "record_id": self.record_id,
+            "stage": self.stage,
+            "reason": self.reason,
+            "detail": self.detail[:1000],
+        }
 
 
 def _field(row: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -119,8 +124,12 @@ def obelics_record(row: dict[str, Any], record_id: str, base_dir: Path | None) -
     if not out_texts:
         raise RecordError("empty_text", "the document has no entries")
     meta = row.get("metadata")
-    return {"id": record_id, "texts": out_texts, "images": out_images,
-            "metadata": meta if isinstance(meta, str) or meta is None else json.dumps(meta)}  # fmt: skip
+    return {
+        "id": record_id,
+        "texts": out_texts,
+        "images": out_images,
+        "metadata": meta if isinstance(meta, str) or meta is None else json.dumps(meta),
+    }
 
 
 def mmc4_record(row: dict[str, Any], record_id: str, options: dict[str, Any], base_dir: Path | None) -> dict:

@@ -110,8 +110,11 @@ def write_shard(
                     raise ValueError(f"sample key {sample.key!r} has a dot; WebDataset would split it")
                 if sample.tokens.size and int(sample.tokens.max()) >= vocab_size:
                     raise ValueError(f"sample {sample.key}: id {int(sample.tokens.max())} >= vocab size {vocab_size}")
-                member = {"__key__": sample.key, "npy": encode_npy(sample.tokens.astype(dtype)),
-                          "json": json.dumps(sample.meta, sort_keys=True).encode()}  # fmt: skip
+                member = {
+                    "__key__": sample.key,
+                    "npy": encode_npy(sample.tokens.astype(dtype)),
+                    "json": json.dumps(sample.meta, sort_keys=True).encode(),
+                }
                 for n, jpg in enumerate(sample.images_jpg):
                     member[f"{n}.jpg"] = jpg
                 sink.write(member)

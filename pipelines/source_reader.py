@@ -196,8 +196,13 @@ def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
             record_id = f"{prefix}:{offset}"
             if line is None:
                 offset += size
-                yield Reject(task.source, record_id, READ_STAGE, "record_too_large",
-                             f"a line of {size:,} bytes, limit {limit:,} (max_record_bytes)")  # fmt: skip
+                yield Reject(
+                    task.source,
+                    record_id,
+                    READ_STAGE,
+                    "record_too_large",
+                    f"a line of {size:,} bytes, limit {limit:,} (max_record_bytes)",
+                )
                 continue
             if offset == 0 and line.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark before the first record
                 line, offset = line[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
@@ -256,8 +261,13 @@ def _read_parquet(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
             record_id = location.format(row_index)
             row_index += 1
             if sizes is not None and sizes[k] > limit:
-                yield Reject(task.source, record_id, READ_STAGE, "record_too_large",
-                             f"a row of {sizes[k]:,} bytes, limit {limit:,} (max_record_bytes)")  # fmt: skip
+                yield Reject(
+                    task.source,
+                    record_id,
+                    READ_STAGE,
+                    "record_too_large",
+                    f"a row of {sizes[k]:,} bytes, limit {limit:,} (max_record_bytes)",
+                )
                 continue
             yield _to_record(task, rows[k] if rows is not None else table.slice(k, 1).to_pylist()[0], record_id)
 
@@ -290,8 +300,9 @@ def _read_tar(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
                 # webdataset raises on this; keeping one of the two silently would pick an image at random.
                 problems.append(("duplicate_member", f"{member.name}: a second .{ext} member for key {base}"))
             elif member.size > limit:  # from the member's header, before reading it
-                problems.append(("record_too_large", f"{member.name}: {member.size:,} bytes, limit {limit:,} "
-                                                     "(max_record_bytes)"))  # fmt: skip
+                problems.append(
+                    ("record_too_large", f"{member.name}: {member.size:,} bytes, limit {limit:,} (max_record_bytes)")
+                )
                 sample[ext] = None
             else:
                 sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]

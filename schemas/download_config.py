@@ -34,19 +34,21 @@ class DownloadConfig(StrictModel):
     max_bytes: int = Field(32 << 20, ge=1024, description="larger responses are refused (download_too_large)")
     max_redirects: int = Field(5, ge=0)
     allow_private_addresses: bool = Field(
-        False, description="also fetch from loopback, private-network and link-local addresses (the cloud metadata "
+        False,
+        description="also fetch from loopback, private-network and link-local addresses (the cloud metadata "
         "service among them); off, a host that resolves only to such addresses, directly or by a redirect, is "
-        "refused (download_private_address)"
-    )  # fmt: skip
+        "refused (download_private_address)",
+    )
     user_agent: str = "chameleon-pipeline/0.1 (image download; img2dataset-compatible cache)"
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES),
         description="X-Robots-Tag directives that opt an image out (download_opted_out); [] to ignore the header",
     )
     failed_image: Literal["drop", "reject"] = Field(
-        "drop", description="interleaved documents: drop an image that cannot be fetched (and count it), or reject "
-        "the whole document; an image-text pair or SFT sample without its image is always rejected"
-    )  # fmt: skip
+        "drop",
+        description="interleaved documents: drop an image that cannot be fetched (and count it), or reject "
+        "the whole document; an image-text pair or SFT sample without its image is always rejected",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +65,9 @@ class DownloadConfig(StrictModel):
         part of a source's fingerprint, so turning downloads on redoes the shards that rejected URLs."""
         if not self.enabled:
             return None
-        return {"max_bytes": self.max_bytes, "failed_image": self.failed_image,
-                "disallowed": sorted(d.lower() for d in self.disallowed_header_directives),
-                "allow_private_addresses": self.allow_private_addresses}  # fmt: skip
+        return {
+            "max_bytes": self.max_bytes,
+            "failed_image": self.failed_image,
+            "disallowed": sorted(d.lower() for d in self.disallowed_header_directives),
+            "allow_private_addresses": self.allow_private_addresses,
+        }

@@ -9,8 +9,20 @@ from pydantic import Field, model_validator
 from schemas.config_base import StrictModel
 
 # The task categories of Chameleon's evaluation prompts (paper, section 4.1); a prompt file may use others.
-CHAMELEON_CATEGORIES = ("how-to", "advice", "explanation", "hypothetical", "brainstorming", "reasoning",
-                        "comparison", "identification", "article", "report", "story", "other")  # fmt: skip
+CHAMELEON_CATEGORIES = (
+    "how-to",
+    "advice",
+    "explanation",
+    "hypothetical",
+    "brainstorming",
+    "reasoning",
+    "comparison",
+    "identification",
+    "article",
+    "report",
+    "story",
+    "other",
+)
 
 AbsoluteLabel = Literal["fulfills", "partially_fulfills", "does_not_fulfill"]
 ABSOLUTE_LABELS: tuple[str, ...] = get_args(AbsoluteLabel)

@@ -60,15 +60,19 @@ class ModelConfig(StrictModel):
     max_seq_len: int = Field(4096, gt=0)
     norm_eps: float = Field(1e-5, gt=0.0, description="epsilon of the RMSNorms (HF: rms_norm_eps)")
     qk_norm_eps: float = Field(
-        QK_NORM_EPS, gt=0.0, description="epsilon of the QK-norm LayerNorms; Meta and Hugging Face fix it at 1e-5 "
-        "whatever norm_eps is, so only 1e-5 converts to their formats"
-    )  # fmt: skip
+        QK_NORM_EPS,
+        gt=0.0,
+        description="epsilon of the QK-norm LayerNorms; Meta and Hugging Face fix it at 1e-5 "
+        "whatever norm_eps is, so only 1e-5 converts to their formats",
+    )
     rope_theta: float = Field(10_000.0, gt=0.0)
     qk_norm: bool = True
     qk_norm_groups: int = Field(
-        1, ge=1, description="distinct QK-norm affines, each for an equal run of heads: 1 (7B), or one per "
-        "model-parallel shard of Meta's release, which normalised each shard's heads with that shard's own (34B: 4)"
-    )  # fmt: skip
+        1,
+        ge=1,
+        description="distinct QK-norm affines, each for an equal run of heads: 1 (7B), or one per "
+        "model-parallel shard of Meta's release, which normalised each shard's heads with that shard's own (34B: 4)",
+    )
     swin_norm: bool = Field(False, description="h = x + norm(attn(x)); out = h + norm(ffn(h)) (34B)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="0 in pretraining; SFT sets 0.05")
     init_std: float = Field(0.02, gt=0.0)
@@ -87,8 +91,10 @@ class ModelConfig(StrictModel):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
         if self.qk_norm and (self.n_heads % self.qk_norm_groups or self.n_kv_heads % self.qk_norm_groups):
-            raise ValueError(f"qk_norm_groups {self.qk_norm_groups} must divide n_heads {self.n_heads} and n_kv_heads "
-                             f"{self.n_kv_heads}")  # fmt: skip
+            raise ValueError(
+                f"qk_norm_groups {self.qk_norm_groups} must divide n_heads {self.n_heads} and n_kv_heads "
+                f"{self.n_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} (dim / n_heads) must be even for rotary embeddings")
         return self

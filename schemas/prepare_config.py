@@ -64,9 +64,11 @@ class SourceOptions(StrictModel):
 
     max_tokens: int | None = Field(None, ge=1, description="longer samples are rejected as too_long")
     max_record_bytes: int | None = Field(
-        None, ge=1024, description="a jsonl line, tar member or parquet row larger than this is rejected as "
-        "record_too_large before it is decoded (default 32 MiB)"
-    )  # fmt: skip
+        None,
+        ge=1024,
+        description="a jsonl line, tar member or parquet row larger than this is rejected as "
+        "record_too_large before it is decoded (default 32 MiB)",
+    )
 
 
 class _TextLength(SourceOptions):
@@ -103,9 +105,10 @@ class InterleavedOptions(_TextLength, _ImageLimits):
 
     images_dir: ExistingPath | None = Field(None, description="MMC4 jsonl: folder of the image_name files")
     text_separator: str | None = Field(
-        None, description="put between consecutive texts (default: a space for MMC4 sentences, a blank line for "
-        "OBELICS texts)"
-    )  # fmt: skip
+        None,
+        description="put between consecutive texts (default: a space for MMC4 sentences, a blank line for "
+        "OBELICS texts)",
+    )
 
 
 class SftOptions(_TextLength, _ImageLimits):
@@ -227,9 +230,10 @@ class PrepareConfig(StrictModel):
     samples_per_shard: int = Field(1000, ge=1)
     detect_faces: bool = True
     fast_image_decode: bool = Field(
-        True, description="large JPEGs decoded at reduced scale, then Lanczos (3-5x faster, >= 40 dB from Chameleon's "
-        "exact path, typically ~50); false: Chameleon's exact path (full decode, Lanczos, crop) for every image"
-    )  # fmt: skip
+        True,
+        description="large JPEGs decoded at reduced scale, then Lanczos (3-5x faster, >= 40 dB from Chameleon's "
+        "exact path, typically ~50); false: Chameleon's exact path (full decode, Lanczos, crop) for every image",
+    )
     write_images: bool = Field(False, description="also store each normalized image as .jpg in the shards")
     caption_first_ratio: float = Field(
         0.5, ge=0.0, le=1.0, description="share of image-text pairs laid out caption first"

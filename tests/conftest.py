@@ -71,11 +71,16 @@ def prepared_sources(tmp_path_factory: pytest.TempPathFactory, sample_data, tiny
     from schemas import PrepareConfig, validate_config
 
     raw, out = sample_data[0], tmp_path_factory.mktemp("prepared_sources")
-    config = validate_config(PrepareConfig, {
-        "output_dir": str(out), "image_size": 64, "samples_per_shard": 40,
-        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [{"name": n, "kind": k, "format": f, "paths": [str(raw / p)]} for n, k, f, p in SAMPLE_SOURCES],
-    })  # fmt: skip
+    config = validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(out),
+            "image_size": 64,
+            "samples_per_shard": 40,
+            "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+            "sources": [{"name": n, "kind": k, "format": f, "paths": [str(raw / p)]} for n, k, f, p in SAMPLE_SOURCES],
+        },
+    )
     run_prepare(config)
     return out
 
@@ -88,11 +93,15 @@ def make_stage(tmp_path_factory: pytest.TempPathFactory, prepared_sources: Path)
 
     def build(tokens: int, seq_len: int = 128, sequences_per_shard: int = 64, prose_weight: float = 1.0) -> Path:
         out = tmp_path_factory.mktemp("stage")
-        sources = [{"name": "prose", "path": str(prepared_sources / "prose"), "weight": prose_weight},
-                   {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1.0}]  # fmt: skip
+        sources = [
+            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": prose_weight},
+            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1.0},
+        ]
         stages = {"stage1": {"tokens": tokens, "sources": sources}}
-        spec = validate_config(MixtureSpec, {"seq_len": seq_len, "tokens_per_image": 64, "max_repetitions": 16,
-                                             "seed": 1, "stages": stages})  # fmt: skip
+        spec = validate_config(
+            MixtureSpec,
+            {"seq_len": seq_len, "tokens_per_image": 64, "max_repetitions": 16, "seed": 1, "stages": stages},
+        )
         run_mix(spec, out, sequences_per_shard=sequences_per_shard)
         return out / "stage1"
 
@@ -107,12 +116,22 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, make_stage) -> Path:
 
     stage = make_stage(30_000)
     out = tmp_path_factory.mktemp("tiny_run")
-    config = validate_config(TrainConfig, {
-        "model": {"preset": "tiny"}, "data": str(stage), "out_dir": str(out), "seq_len": 128, "steps": 30,
-        "global_batch_size": 8, "micro_batch_size": 4, "optimizer": {"lr": 3e-3},
-        "schedule": {"kind": "warmup_exponential", "warmup_steps": 3}, "checkpoint": {"every_steps": 30},
-        "logging": {"every_steps": 30, "tensorboard": False},
-    })  # fmt: skip
+    config = validate_config(
+        TrainConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": str(stage),
+            "out_dir": str(out),
+            "seq_len": 128,
+            "steps": 30,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "optimizer": {"lr": 3e-3},
+            "schedule": {"kind": "warmup_exponential", "warmup_steps": 3},
+            "checkpoint": {"every_steps": 30},
+            "logging": {"every_steps": 30, "tensorboard": False},
+        },
+    )
     Trainer(config, log=lambda _: None).train()
     return out
 
@@ -124,16 +143,28 @@ def train_and_sft_stages(tmp_path_factory: pytest.TempPathFactory, prepared_sour
     from schemas import MixtureSpec, validate_config
 
     out = tmp_path_factory.mktemp("train_and_sft_stages")
-    spec = validate_config(MixtureSpec, {
-        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16,
-        "stages": {
-            "stage1": {"tokens": 20_000, "sources": [
-                {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
-                {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]},
-            "sft": {"tokens": 4_000, "sft": True, "sources": [
-                {"name": "instructions", "path": str(prepared_sources / "instructions"), "weight": 1}]},
+    spec = validate_config(
+        MixtureSpec,
+        {
+            "seq_len": 128,
+            "tokens_per_image": 64,
+            "max_repetitions": 16,
+            "stages": {
+                "stage1": {
+                    "tokens": 20_000,
+                    "sources": [
+                        {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
+                        {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1},
+                    ],
+                },
+                "sft": {
+                    "tokens": 4_000,
+                    "sft": True,
+                    "sources": [{"name": "instructions", "path": str(prepared_sources / "instructions"), "weight": 1}],
+                },
+            },
         },
-    })  # fmt: skip
+    )
     run_mix(spec, out, sequences_per_shard=64)
     return out
 

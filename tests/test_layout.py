@@ -58,23 +58,33 @@ def test_model_rooms_import_downward_only(room: str) -> None:
 
 
 def test_pipelines_import_only_the_tokenizers_and_files_of_model() -> None:
-    bad = [f"{path.relative_to(REPO)} imports {module}" for path in modules("pipelines")
-           for module, _ in imports_of(path)
-           if module.split(".")[0] == "flows" or (module.startswith("model") and room_of(module) not in ("tokenizers", "files"))]  # fmt: skip
+    bad = [
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in modules("pipelines")
+        for module, _ in imports_of(path)
+        if module.split(".")[0] == "flows"
+        or (module.startswith("model") and room_of(module) not in ("tokenizers", "files"))
+    ]
     assert bad == []
 
 
 def test_schemas_import_no_other_package_and_nothing_heavy() -> None:
-    bad = [f"{path.relative_to(REPO)} imports {module}" for path in modules("schemas")
-           for module, _ in imports_of(path)
-           if module.split(".")[0] in ("model", "pipelines", "flows", *HEAVY)]  # fmt: skip
+    bad = [
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in modules("schemas")
+        for module, _ in imports_of(path)
+        if module.split(".")[0] in ("model", "pipelines", "flows", *HEAVY)
+    ]
     assert bad == []
 
 
 def test_the_command_line_imports_heavy_libraries_only_inside_commands() -> None:
     """`cham --help` and a config error must not pay for torch, Beam or Prefect: flows/cli/ imports them (and the
     modules that do) inside the commands that need them."""
-    bad = [f"{path.relative_to(REPO)} imports {module}" for path in modules("flows/cli")
-           for module, top in imports_of(path)
-           if top and module.split(".")[0] in (*HEAVY, "model", "pipelines")]  # fmt: skip
+    bad = [
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in modules("flows/cli")
+        for module, top in imports_of(path)
+        if top and module.split(".")[0] in (*HEAVY, "model", "pipelines")
+    ]
     assert bad == []

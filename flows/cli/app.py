@@ -97,16 +97,27 @@ def demo(
     prefect_console_logging()
 
     result = end_to_end(out_dir=str(out), vq_steps=vq_steps, train_steps=train_steps, sft_steps=sft_steps)
-    table = Table("source", "records in", "samples out", "rejects", "tokens", "images", "faces",
-                  title=f"cham demo: the sample corpus prepared into {out / 'prepared'}")  # fmt: skip
+    table = Table(
+        "source",
+        "records in",
+        "samples out",
+        "rejects",
+        "tokens",
+        "images",
+        "faces",
+        title=f"cham demo: the sample corpus prepared into {out / 'prepared'}",
+    )
     for row in result["prepared"]:
-        table.add_row(row["source"], *(f"{row[k]:,}" for k in ("records in", "samples out", "rejects", "tokens",
-                                                                "images", "faces")))  # fmt: skip
+        table.add_row(
+            row["source"],
+            *(f"{row[k]:,}" for k in ("records in", "samples out", "rejects", "tokens", "images", "faces")),
+        )
     console.print(table)
     for manifest_file in sorted(Path(result["mixed_dir"]).glob("*/manifest.json")):
         manifest = json.loads(manifest_file.read_text())
-        mix_table = Table(*ROW_FIELDS, title=f"{manifest['stage']}: {manifest['sequences']} sequences of "
-                                             f"{manifest['seq_len']}")  # fmt: skip
+        mix_table = Table(
+            *ROW_FIELDS, title=f"{manifest['stage']}: {manifest['sequences']} sequences of {manifest['seq_len']}"
+        )
         for row in report_rows(manifest):
             mix_table.add_row(*row)
         console.print(mix_table)

@@ -39,8 +39,15 @@ def convert(
     try:
         from_format = from_format or detect_format(src)
         with console.status(f"converting {src} ({from_format}) to {out} ({to_format})"):
-            config = convert_checkpoint(src, out, from_format, to_format, model_parallel=model_parallel,
-                                        text_tokenizer=text_tokenizer, image_tokenizer=image_tokenizer)  # fmt: skip
+            config = convert_checkpoint(
+                src,
+                out,
+                from_format,
+                to_format,
+                model_parallel=model_parallel,
+                text_tokenizer=text_tokenizer,
+                image_tokenizer=image_tokenizer,
+            )
     except (ConversionError, ValueError, OSError) as err:
         raise fail(str(err)) from None
     console.print(

@@ -18,8 +18,12 @@ from schemas.generate_config import GenerationMode
 if TYPE_CHECKING:
     from model.generation.inference import InferenceModel
 
-app = typer.Typer(help="Evaluate a checkpoint: held-out loss, and mixed-modal prompts for human annotators.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)  # fmt: skip
+app = typer.Typer(
+    help="Evaluate a checkpoint: held-out loss, and mixed-modal prompts for human annotators.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 SHORT = {"partially_fulfills": "partly", "does_not_fulfill": "not", "win": "A wins", "loss": "B wins"}
 CHECKPOINT = typer.Option("--checkpoint", help="a run's out_dir, its checkpoints/ or a step folder")
@@ -76,15 +80,24 @@ def loss(
             def advance(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            result = heldout_loss(model, stage, batch_size=batch_size, max_batches=max_batches,
-                                  document_masking=document_masking, progress=advance)  # fmt: skip
+            result = heldout_loss(
+                model,
+                stage,
+                batch_size=batch_size,
+                max_batches=max_batches,
+                document_masking=document_masking,
+                progress=advance,
+            )
     except (ValueError, FileNotFoundError, CorruptShardError) as err:
         raise fail(str(err)) from None
     result = {"checkpoint": str(folder), "step": step, **result}
     title = f"held-out loss: {folder} on {result['stage']} ({result['sequences']} sequences)"
     table = Table("", "tokens", "loss", "perplexity", title=title)
-    rows = [("all", result), *((f"source {k}", v) for k, v in result["by_source"].items()),
-            *((f"modality {k}", v) for k, v in result["by_modality"].items())]  # fmt: skip
+    rows = [
+        ("all", result),
+        *((f"source {k}", v) for k, v in result["by_source"].items()),
+        *((f"modality {k}", v) for k, v in result["by_modality"].items()),
+    ]
     for name, r in rows:
         table.add_row(name, f"{r['tokens']:,}", _fmt(r["loss"]), _fmt(r["perplexity"], 2))
     console.print(table)
@@ -129,8 +142,17 @@ def prompts(
         console.print(f"{record['id']}: {record['new_tokens']} tokens, {images} images, {record['seconds']:.1f} s")
 
     try:
-        run_prompts(loaded, items, out, mode=mode, max_new_tokens=max_new_tokens, seed=seed, guidance=guidance,
-                    on_response=show, batch_size=batch_size)  # fmt: skip
+        run_prompts(
+            loaded,
+            items,
+            out,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            guidance=guidance,
+            on_response=show,
+            batch_size=batch_size,
+        )
     except (PromptError, EvalFileError, ConfigError) as err:
         raise fail(str(err)) from None
     console.print(f"wrote {out / RESPONSES_FILE}; annotators open {out / ANNOTATE_PAGE}")
@@ -151,8 +173,10 @@ def compare(
         mapping = make_comparison(responses_a, responses_b, out, seed=seed)
     except EvalFileError as err:
         raise fail(str(err)) from None
-    console.print(f"{len(mapping['items'])} items (seed {mapping['seed']}): annotators open {out / COMPARE_PAGE}; "
-                  f"keep {out / BLINDING_FILE} from them and pass it to `cham eval score --blinding`")  # fmt: skip
+    console.print(
+        f"{len(mapping['items'])} items (seed {mapping['seed']}): annotators open {out / COMPARE_PAGE}; "
+        f"keep {out / BLINDING_FILE} from them and pass it to `cham eval score --blinding`"
+    )
 
 
 @app.command("score")
@@ -178,8 +202,17 @@ def score(
     if result["task"] == "relative":
         title += f": A = {result['systems'].get('A')} vs B = {result['systems'].get('B')}"
     # Short headers so the table fits 80 columns; the JSON has the full names.
-    table = Table("category", "items", *(SHORT.get(k, k) for k in outcomes), "3/3", "2/3", "none", box=box.SIMPLE_HEAD,
-                  title=title, caption="annotators who agree: all three (3/3), two (2/3), none")  # fmt: skip
+    table = Table(
+        "category",
+        "items",
+        *(SHORT.get(k, k) for k in outcomes),
+        "3/3",
+        "2/3",
+        "none",
+        box=box.SIMPLE_HEAD,
+        title=title,
+        caption="annotators who agree: all three (3/3), two (2/3), none",
+    )
     for name, summary in [("overall", result), *result["by_category"].items()]:
         shares = [f"{summary['rates'][k]:.1%}" for k in outcomes]
         agree = [f"{v:.1%}" for v in summary["agreement"].values()]

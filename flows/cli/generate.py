@@ -87,8 +87,14 @@ def generate(
             config = validate_config(GenerateConfig, {"checkpoint": str(checkpoint)}, "--checkpoint")
         else:
             raise fail("give --checkpoint DIR or --config FILE")
-        config = _overrides(config, checkpoint=str(checkpoint) if checkpoint else None, mode=mode,
-                            max_new_tokens=max_new_tokens, seed=seed, **{"text.temperature": temperature})  # fmt: skip
+        config = _overrides(
+            config,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            **{"text.temperature": temperature},
+        )
         loaded = load_inference_model(config.checkpoint, text_tokenizer, image_tokenizer)
     except (ConfigError, CheckpointError) as err:
         raise fail(str(err)) from None
@@ -114,17 +120,26 @@ def generate(
     console.print()
     records = save_segments(response.segments, out, "response")
     result = {
-        "prompt": prompt, "prompt_images": [r["source"] for r in prompt_records], "mode": config.mode,
-        "checkpoint": str(loaded.checkpoint), "step": loaded.step, "segments": records,
-        "prompt_tokens": response.prompt_tokens, "new_tokens": response.new_tokens,
-        "seconds": round(response.seconds, 3), "config": config.model_dump(mode="json"),
-    }  # fmt: skip
+        "prompt": prompt,
+        "prompt_images": [r["source"] for r in prompt_records],
+        "mode": config.mode,
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "segments": records,
+        "prompt_tokens": response.prompt_tokens,
+        "new_tokens": response.new_tokens,
+        "seconds": round(response.seconds, 3),
+        "config": config.model_dump(mode="json"),
+    }
     (out / "generation.json").write_text(json.dumps(result, indent=2))
-    body = (f"<p class='meta'>{loaded.checkpoint}, step {loaded.step}, {config.mode} mode, seed {config.seed}: "
-            f"{response.new_tokens} new tokens in {response.seconds:.1f} s</p>\n"
-            f"<h2>Prompt</h2><div class='prompt'>{segments_html([*prompt_records, {'kind': 'text', 'text': prompt}])}"
-            f"</div>\n<h2>Response</h2><div class='response'>{segments_html(records)}</div>")  # fmt: skip
+    body = (
+        f"<p class='meta'>{loaded.checkpoint}, step {loaded.step}, {config.mode} mode, seed {config.seed}: "
+        f"{response.new_tokens} new tokens in {response.seconds:.1f} s</p>\n"
+        f"<h2>Prompt</h2><div class='prompt'>{segments_html([*prompt_records, {'kind': 'text', 'text': prompt}])}"
+        f"</div>\n<h2>Response</h2><div class='response'>{segments_html(records)}</div>"
+    )
     (out / "generation.html").write_text(html_page("cham generate", body))
     n_images = sum(r["kind"] == "image" for r in records)
-    console.print(f"{response.new_tokens} tokens ({n_images} images) in {response.seconds:.1f} s; "
-                  f"open {out / 'generation.html'}")  # fmt: skip
+    console.print(
+        f"{response.new_tokens} tokens ({n_images} images) in {response.seconds:.1f} s; open {out / 'generation.html'}"
+    )

@@ -48,8 +48,13 @@ def train(
         raise fail(str(err)) from None
     for skipped in trainer.skipped:
         err_console.print(f"[yellow]skipped[/yellow] {escape(skipped)}")
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[metrics]}")]  # fmt: skip
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+    ]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"VQ {preset}", total=steps, metrics="")
 

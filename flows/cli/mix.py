@@ -36,9 +36,13 @@ def mix(
     except (ConfigError, MixPlanError, ValueError) as err:
         raise fail(str(err)) from None
     for stage, manifest in result["manifests"].items():
-        table = Table(*ROW_FIELDS, title=(
-            f"{stage}: {manifest['sequences']:,} sequences of {manifest['seq_len']}, {manifest['tokens']:,} tokens "
-            f"({manifest['modality']['image_share']:.1%} image, {manifest['padding']:,} padding)"))  # fmt: skip
+        table = Table(
+            *ROW_FIELDS,
+            title=(
+                f"{stage}: {manifest['sequences']:,} sequences of {manifest['seq_len']}, {manifest['tokens']:,} tokens "
+                f"({manifest['modality']['image_share']:.1%} image, {manifest['padding']:,} padding)"
+            ),
+        )
         for row in report_rows(manifest):
             table.add_row(*row)
         console.print(table)

@@ -34,23 +34,39 @@ def prepare(
     from model.tokenizers.vq_checkpoint import VQCheckpointError
     from pipelines.prepare_job import PrepareError, run_prepare
 
-    columns = [TextColumn("prepare ({task.fields[runner]})"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("shards"), TimeElapsedColumn()]  # fmt: skip
+    columns = [
+        TextColumn("prepare ({task.fields[runner]})"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("shards"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("prepare", total=None, runner=config.runner.kind)
         try:
-            result = run_prepare(config, progress=lambda done, total: progress.update(task, completed=done,
-                                                                                      total=total))  # fmt: skip
+            result = run_prepare(
+                config, progress=lambda done, total: progress.update(task, completed=done, total=total)
+            )
         except (PrepareError, TokenizerError, VQCheckpointError, FileNotFoundError) as err:
             raise fail(str(err)) from None
-    table = Table("source", "records in", "samples", "rejects", "tokens", "images", "faces", "shards (new/skipped)",
-                  title=f"prepared into {config.output_dir} in {result['seconds']} s")  # fmt: skip
+    table = Table(
+        "source",
+        "records in",
+        "samples",
+        "rejects",
+        "tokens",
+        "images",
+        "faces",
+        "shards (new/skipped)",
+        title=f"prepared into {config.output_dir} in {result['seconds']} s",
+    )
     reasons = []
     for name, manifest in result["manifests"].items():
         t = manifest["totals"]
         shards = f"{result['shards_written'][name]}/{result['shards_skipped'][name]}"
-        table.add_row(name, *(f"{t[k]:,}" for k in ("records_in", "samples", "rejects", "tokens", "images", "faces")),
-                      shards)  # fmt: skip
+        table.add_row(
+            name, *(f"{t[k]:,}" for k in ("records_in", "samples", "rejects", "tokens", "images", "faces")), shards
+        )
         reasons += [f"{name}: {reason} x{n}" for reason, n in t["rejects_by_reason"].items()]
     console.print(table)
     if reasons:

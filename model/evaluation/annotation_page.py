@@ -46,9 +46,11 @@ function downloadAnnotations(task) {
 
 
 def _bar(task: str, n_items: int) -> str:
-    return (f"<div class='bar'><label>Annotator name <input id='annotator' autocomplete='off'></label> "
-            f"<button type='button' onclick=\"downloadAnnotations('{task}')\">Download annotations</button> "
-            f"<span class='meta'>{n_items} items</span></div>")  # fmt: skip
+    return (
+        f"<div class='bar'><label>Annotator name <input id='annotator' autocomplete='off'></label> "
+        f"<button type='button' onclick=\"downloadAnnotations('{task}')\">Download annotations</button> "
+        f"<span class='meta'>{n_items} items</span></div>"
+    )
 
 
 def _prompt(item: dict[str, Any]) -> str:
@@ -58,40 +60,55 @@ def _prompt(item: dict[str, Any]) -> str:
 
 def _choices(item_id: str, question: str, labels: dict[str, str]) -> str:
     name = html.escape(f"choice-{item_id}")
-    radios = "".join(f"<label><input type='radio' name='{name}' value='{value}'> {text}</label>"
-                     for value, text in labels.items())  # fmt: skip
+    radios = "".join(
+        f"<label><input type='radio' name='{name}' value='{value}'> {text}</label>" for value, text in labels.items()
+    )
     return f"<fieldset class='choices'><legend>{html.escape(question)}</legend>{radios}</fieldset>"
 
 
 def _section(item: dict[str, Any], k: int, body: str) -> str:
     item_id, category = html.escape(item["id"]), html.escape(item["category"])
-    return (f"<section class='item' data-item='{item_id}' data-category='{category}'>"
-            f"<h2>{k}. {item_id} <span class='meta'>({category})</span></h2>\n{body}</section>")  # fmt: skip
+    return (
+        f"<section class='item' data-item='{item_id}' data-category='{category}'>"
+        f"<h2>{k}. {item_id} <span class='meta'>({category})</span></h2>\n{body}</section>"
+    )
 
 
 def absolute_page(records: Sequence[dict[str, Any]], title: str = "Task fulfillment") -> str:
     """Per response record: the prompt, the response, and fulfills / partially fulfills / does not fulfill."""
-    intro = ("<p>For each item, read the prompt and the response, then judge whether the response fulfills the task "
-             "the prompt asks for. Choose one answer per item, then download your annotations.</p>")  # fmt: skip
+    intro = (
+        "<p>For each item, read the prompt and the response, then judge whether the response fulfills the task "
+        "the prompt asks for. Choose one answer per item, then download your annotations.</p>"
+    )
     sections = [
-        _section(r, k, f"<h3>Prompt</h3>{_prompt(r)}<h3>Response</h3><div class='response'>"
-                       f"{segments_html(r['response'])}</div>"
-                       f"{_choices(r['id'], 'Does the response fulfill the task?', ABSOLUTE_TEXT)}")
+        _section(
+            r,
+            k,
+            f"<h3>Prompt</h3>{_prompt(r)}<h3>Response</h3><div class='response'>"
+            f"{segments_html(r['response'])}</div>"
+            f"{_choices(r['id'], 'Does the response fulfill the task?', ABSOLUTE_TEXT)}",
+        )
         for k, r in enumerate(records, 1)
-    ]  # fmt: skip
+    ]
     return html_page(title, "\n".join([EXTRA_STYLE, intro, _bar("absolute", len(records)), *sections, SCRIPT]))
 
 
 def comparison_page(items: Sequence[dict[str, Any]], title: str = "Which response is better?") -> str:
     """Per item: the prompt, responses 1 and 2 side by side (blinded), and 1 better / tie / 2 better."""
-    intro = ("<p>For each item, read the prompt and both responses, then choose the one that fulfills the task "
-             "better, or a tie. Choose one answer per item, then download your annotations.</p>")  # fmt: skip
+    intro = (
+        "<p>For each item, read the prompt and both responses, then choose the one that fulfills the task "
+        "better, or a tie. Choose one answer per item, then download your annotations.</p>"
+    )
     sections = []
     for k, item in enumerate(items, 1):
-        pair = "".join(f"<div><h3>Response {slot}</h3><div class='response'>{segments_html(records)}</div></div>"
-                       for slot, records in enumerate(item["responses"], 1))  # fmt: skip
-        body = (f"<h3>Prompt</h3>{_prompt(item)}<div class='pair'>{pair}</div>"
-                f"{_choices(item['id'], 'Which response is better?', RELATIVE_TEXT)}")  # fmt: skip
+        pair = "".join(
+            f"<div><h3>Response {slot}</h3><div class='response'>{segments_html(records)}</div></div>"
+            for slot, records in enumerate(item["responses"], 1)
+        )
+        body = (
+            f"<h3>Prompt</h3>{_prompt(item)}<div class='pair'>{pair}</div>"
+            f"{_choices(item['id'], 'Which response is better?', RELATIVE_TEXT)}"
+        )
         sections.append(_section(item, k, body))
     return html_page(title, "\n".join([EXTRA_STYLE, intro, _bar("relative", len(items)), *sections, SCRIPT]))
 

@@ -37,8 +37,9 @@ def read_blinding(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EvalFileError(f"{path}: not a JSON blinding map ({err})") from None
     items = mapping.get("items") if isinstance(mapping, dict) else None
-    if not isinstance(items, dict) or not all(isinstance(v, dict) and v.get("first") in ("A", "B")
-                                              for v in items.values()):  # fmt: skip
+    if not isinstance(items, dict) or not all(
+        isinstance(v, dict) and v.get("first") in ("A", "B") for v in items.values()
+    ):
         raise EvalFileError(f"{path}: not a blinding map (expected items: {{id: {{first: A or B}}}})")
     return mapping
 
@@ -69,8 +70,11 @@ def _summary(task: str, labels_by_item: dict[str, list[str]]) -> dict[str, Any]:
     }
 
 
-def score_annotations(annotations: Sequence[tuple[str, Annotation]], blinding: dict[str, Any] | None = None,
-                      known_items: set[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def score_annotations(
+    annotations: Sequence[tuple[str, Annotation]],
+    blinding: dict[str, Any] | None = None,
+    known_items: set[str] | None = None,
+) -> dict[str, Any]:
     """Rates (majority label per item) and agreement shares, overall and per category; EvalFileError when the
     annotations are not three per item, mix tasks, or name items the blinding map / `known_items` lack."""
     if not annotations:
@@ -89,18 +93,24 @@ def score_annotations(annotations: Sequence[tuple[str, Annotation]], blinding: d
         if known_items is not None and a.item not in known_items:
             raise EvalFileError(f"{where}: item {a.item!r} is not one of the evaluated items")
         if a.annotator in annotators[a.item]:
-            raise EvalFileError(f"{where}: annotator {a.annotator!r} already judged item {a.item!r} at "
-                                f"{annotators[a.item][a.annotator]}")  # fmt: skip
+            raise EvalFileError(
+                f"{where}: annotator {a.annotator!r} already judged item {a.item!r} at "
+                f"{annotators[a.item][a.annotator]}"
+            )
         first_category = category.setdefault(a.item, (a.category, where))
         if first_category[0] != a.category:
-            raise EvalFileError(f"{where}: item {a.item!r} has category {a.category!r} here but "
-                                f"{first_category[0]!r} at {first_category[1]}")  # fmt: skip
+            raise EvalFileError(
+                f"{where}: item {a.item!r} has category {a.category!r} here but "
+                f"{first_category[0]!r} at {first_category[1]}"
+            )
         annotators[a.item][a.annotator] = where
         labels[a.item].append(_outcome(a, blinding))
     for item, who in annotators.items():
         if len(who) != ANNOTATORS:
-            raise EvalFileError(f"item {item!r} has {len(who)} annotator(s) ({', '.join(sorted(who))}); every item "
-                                f"needs exactly {ANNOTATORS}")  # fmt: skip
+            raise EvalFileError(
+                f"item {item!r} has {len(who)} annotator(s) ({', '.join(sorted(who))}); every item "
+                f"needs exactly {ANNOTATORS}"
+            )
     by_category: dict[str, dict[str, list[str]]] = defaultdict(dict)
     for item, item_labels in labels.items():
         by_category[category[item][0]][item] = item_labels

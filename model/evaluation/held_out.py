@@ -44,8 +44,9 @@ def heldout_loss(
     loader = StageLoader(stage_dir, batch_size=1)  # indexes every sequence; we batch ourselves to keep the tail
     layout = VocabLayout.model_validate(loader.manifest["vocab_layout"])
     if layout.vocab_size != model.config.vocab_size:
-        raise ValueError(f"{stage_dir}: the stage's vocabulary has {layout.vocab_size} ids, the model "
-                         f"{model.config.vocab_size}")  # fmt: skip
+        raise ValueError(
+            f"{stage_dir}: the stage's vocabulary has {layout.vocab_size} ids, the model {model.config.vocab_size}"
+        )
     device = torch.device(device) if device is not None else model.output.weight.device
     image_ids = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(device)
     names = list(loader.source_ids)
@@ -67,8 +68,11 @@ def heldout_loss(
                 members = loader.index[start : start + batch_size]
                 read = read_batch(members, loader.seq_len, files, loader.vocab_size, n_sources=len(names) or None)
                 batch = {k: v.to(device) for k, v in read.items()}
-                logits = model(batch["tokens"], positions=batch["positions"],
-                               doc_ids=batch["doc_ids"] if document_masking else None)  # fmt: skip
+                logits = model(
+                    batch["tokens"],
+                    positions=batch["positions"],
+                    doc_ids=batch["doc_ids"] if document_masking else None,
+                )
                 mask = batch["loss_mask"][:, 1:].bool()
                 targets = batch["tokens"][:, 1:][mask]
                 rows = logits[:, :-1][mask].float()  # only supervised rows in fp32, as lm_loss does

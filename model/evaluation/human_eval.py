@@ -153,14 +153,22 @@ def run_prompts(
 
     def keep(prompt: EvalPrompt, response: Response) -> None:
         record = {
-            "id": prompt.id, "category": prompt.category, "prompt": prompt.prompt,
-            "prompt_images": [_copy_image(Path(p), out, f"images/prompts/{prompt.id}-{k}.png", thumb=True)
-                              for k, p in enumerate(prompt.images)],
+            "id": prompt.id,
+            "category": prompt.category,
+            "prompt": prompt.prompt,
+            "prompt_images": [
+                _copy_image(Path(p), out, f"images/prompts/{prompt.id}-{k}.png", thumb=True)
+                for k, p in enumerate(prompt.images)
+            ],
             "response": save_segments(response.segments, out, prompt.id),
-            "new_tokens": response.new_tokens, "prompt_tokens": response.prompt_tokens,
-            "seconds": round(response.seconds, 3), "seed": prompt_seed(seed, prompt.id), "mode": mode,
-            "checkpoint": str(loaded.checkpoint), "step": loaded.step,
-        }  # fmt: skip
+            "new_tokens": response.new_tokens,
+            "prompt_tokens": response.prompt_tokens,
+            "seconds": round(response.seconds, 3),
+            "seed": prompt_seed(seed, prompt.id),
+            "mode": mode,
+            "checkpoint": str(loaded.checkpoint),
+            "step": loaded.step,
+        }
         records.append(record)
         # Written after every prompt: hours of generation survive a later prompt's failure or a kill.
         write_atomic(out / RESPONSES_FILE, "".join(json.dumps(r) + "\n" for r in records))
@@ -202,16 +210,19 @@ def _relocate(records: list[dict[str, Any]], source: Path, out: Path, stem: str)
     return moved
 
 
-def make_comparison(responses_a: str | Path, responses_b: str | Path, out: str | Path,
-                    seed: int | None = None) -> dict[str, Any]:  # fmt: skip
+def make_comparison(
+    responses_a: str | Path, responses_b: str | Path, out: str | Path, seed: int | None = None
+) -> dict[str, Any]:
     """Write out/compare.html (each item's two responses in a random order) and out/blinding.json; returns the map."""
     paths = Path(responses_a), Path(responses_b)
     a, b = (read_responses(p) for p in paths)
     by_id_b = {r["id"]: r for r in b}
     only_a, only_b = [r["id"] for r in a if r["id"] not in by_id_b], sorted(set(by_id_b) - {r["id"] for r in a})
     if only_a or only_b:
-        raise EvalFileError(f"{paths[0]} and {paths[1]} answer different prompts (only in A: {only_a[:5]}, only in "
-                            f"B: {only_b[:5]}); compare responses to the same prompt file")  # fmt: skip
+        raise EvalFileError(
+            f"{paths[0]} and {paths[1]} answer different prompts (only in A: {only_a[:5]}, only in "
+            f"B: {only_b[:5]}); compare responses to the same prompt file"
+        )
 
     def asked(r: dict[str, Any]) -> tuple[str, str, int]:
         return r["prompt"], r["category"], len(r["prompt_images"])
@@ -230,13 +241,21 @@ def make_comparison(responses_a: str | Path, responses_b: str | Path, out: str |
         first = rng.choice("AB")  # which system is shown as response 1
         shown = (ra, rb) if first == "A" else (rb, ra)
         roots = (paths[0].parent, paths[1].parent) if first == "A" else (paths[1].parent, paths[0].parent)
-        items.append({
-            "id": ra["id"], "category": ra["category"], "prompt": ra["prompt"],
-            "prompt_images": [_copy_image(paths[0].parent / p, out, f"images/prompts/{ra['id']}-{k}.png", False)
-                              for k, p in enumerate(ra["prompt_images"])],
-            "responses": [_relocate(r["response"], root, out, f"{ra['id']}-{slot}")
-                          for slot, (r, root) in enumerate(zip(shown, roots, strict=True), 1)],
-        })  # fmt: skip
+        items.append(
+            {
+                "id": ra["id"],
+                "category": ra["category"],
+                "prompt": ra["prompt"],
+                "prompt_images": [
+                    _copy_image(paths[0].parent / p, out, f"images/prompts/{ra['id']}-{k}.png", False)
+                    for k, p in enumerate(ra["prompt_images"])
+                ],
+                "responses": [
+                    _relocate(r["response"], root, out, f"{ra['id']}-{slot}")
+                    for slot, (r, root) in enumerate(zip(shown, roots, strict=True), 1)
+                ],
+            }
+        )
         blinding[ra["id"]] = {"category": ra["category"], "first": first}
     mapping = {"seed": seed, "systems": {"A": str(paths[0]), "B": str(paths[1])}, "items": blinding}
     write_atomic(out / BLINDING_FILE, json.dumps(mapping, indent=2) + "\n")

@@ -44,8 +44,9 @@ def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
         raise error(f"{path}: cannot read it ({err.strerror or err})") from None
 
 
-def read_json_object(path: str | Path, required: tuple[str, ...], error: type[Exception] = ValueError,
-                     what: str = "file") -> dict[str, Any]:  # fmt: skip
+def read_json_object(
+    path: str | Path, required: tuple[str, ...], error: type[Exception] = ValueError, what: str = "file"
+) -> dict[str, Any]:
     """`read_json` of a file that must hold an object with the `required` keys; `what` names the kind of file."""
     data = read_json(path, error)
     if not isinstance(data, dict):

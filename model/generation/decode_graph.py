@@ -24,8 +24,9 @@ def column_mask(valid: torch.Tensor, col: torch.Tensor, columns: torch.Tensor) -
     return valid | (columns == col)
 
 
-def static_decode_step(weights: DecodeWeights, column: torch.Tensor, valid: torch.Tensor, cache: KVCache,
-                       columns: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def static_decode_step(
+    weights: DecodeWeights, column: torch.Tensor, valid: torch.Tensor, cache: KVCache, columns: torch.Tensor
+) -> torch.Tensor:
     """`decode_step` for the new column described by `column` [4, B] (tokens, validity, positions, the column
     index in every entry), with fixed shapes: the function a CUDA graph captures, and runs eagerly on any device."""
     col = column[3, :1]

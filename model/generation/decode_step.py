@@ -129,8 +129,15 @@ def _rotate_heads(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(x.view(b, h, hd // 2, 2)) * rotation).view(b, h, hd)
 
 
-def _attention(x: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int | torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+def _attention(
+    x: torch.Tensor,
+    w: DecodeWeights,
+    layer: LayerWeights,
+    rope,
+    cache: KVCache,
+    pos: int | torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
     b, hd = x.shape[0], w.head_dim
     q = decode_linear(x, layer.wq).view(b, w.n_heads, hd)
     k = decode_linear(x, layer.wk).view(b, w.n_kv_heads, hd)
@@ -152,8 +159,15 @@ def _feed_forward(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
     return decode_linear(F.silu(decode_linear(x, layer.w1)) * decode_linear(x, layer.w3), layer.w2)
 
 
-def _block(h: torch.Tensor, w: DecodeWeights, layer: LayerWeights, rope, cache: KVCache, pos: int | torch.Tensor,
-           mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+def _block(
+    h: torch.Tensor,
+    w: DecodeWeights,
+    layer: LayerWeights,
+    rope,
+    cache: KVCache,
+    pos: int | torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
     """`TransformerBlock.forward` for one token per row: pre-norm, or the swin order (norms after sub-layers)."""
     p = w.dropout
     attn_eps, ffn_eps = layer.attention_norm_eps, layer.ffn_norm_eps
@@ -168,8 +182,14 @@ def _drop(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(x, p, training=True) if p > 0 else x
 
 
-def decode_step(weights: DecodeWeights, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                pos: int | torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def decode_step(
+    weights: DecodeWeights,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    pos: int | torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Final normed hidden states [B, dim] of one new token per row (tokens and positions [B]), written to `cache`
     column `pos`; `mask` [B, pos + 1] (bool) marks the columns each row attends (None: every one).
 

@@ -47,8 +47,10 @@ def load_trained_model(
     converted folder); any missing or damaged file raises CheckpointError naming it."""
     folder = resolve_checkpoint(path)
     if not (folder / MODEL_CONFIG).is_file():
-        raise CheckpointError(f"{folder}: no {MODEL_CONFIG}; checkpoints from before it was written can be loaded "
-                              f"with `cham convert` from the training config's model")  # fmt: skip
+        raise CheckpointError(
+            f"{folder}: no {MODEL_CONFIG}; checkpoints from before it was written can be loaded "
+            f"with `cham convert` from the training config's model"
+        )
     try:
         config, state = load_ours(folder)
     except ConversionError as err:
@@ -70,8 +72,9 @@ def load_inference_model(
     recorded = step_folder.read_tokenizers_record(folder, CheckpointError)
     text_path, image_path = text_tokenizer or recorded.get("text"), image_tokenizer or recorded.get("image")
     if text_path is None:
-        raise CheckpointError(f"{folder}: no {TOKENIZERS} names its tokenizers; pass the text tokenizer's path "
-                              f"(--text-tokenizer)")  # fmt: skip
+        raise CheckpointError(
+            f"{folder}: no {TOKENIZERS} names its tokenizers; pass the text tokenizer's path (--text-tokenizer)"
+        )
     for kind, p in (("text", text_path), ("image", image_path)):
         if p is not None and not Path(p).exists():
             raise CheckpointError(f"{folder}: its {kind} tokenizer {p} does not exist; pass its new path")
@@ -82,15 +85,18 @@ def load_inference_model(
         raise CheckpointError(f"cannot load the tokenizers of {folder}: {err}") from None
     config = model.config
     if text.vocab.size != config.vocab_size:
-        raise CheckpointError(f"{folder}: the model has {config.vocab_size} ids but the text tokenizer's vocabulary "
-                              f"{text.vocab.size}")  # fmt: skip
+        raise CheckpointError(
+            f"{folder}: the model has {config.vocab_size} ids but the text tokenizer's vocabulary {text.vocab.size}"
+        )
     layout = text.vocab.layout
     if image is not None and (image.config.n_embed, image.tokens_per_image) != (
         layout.image_codes,
         layout.tokens_per_image,
     ):
-        raise CheckpointError(f"{folder}: the image tokenizer has {image.config.n_embed} codes and "
-                              f"{image.tokens_per_image} per image, the vocabulary {layout.image_codes} and "
-                              f"{layout.tokens_per_image}")  # fmt: skip
+        raise CheckpointError(
+            f"{folder}: the image tokenizer has {image.config.n_embed} codes and "
+            f"{image.tokens_per_image} per image, the vocabulary {layout.image_codes} and "
+            f"{layout.tokens_per_image}"
+        )
     sft = step_folder.read_training_record(folder, CheckpointError).get("kind") == "sft"
     return InferenceModel(model, config, text.vocab, MixedModalTokenizer(text, image), folder, step, sft)

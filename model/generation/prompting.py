@@ -35,8 +35,9 @@ def encode_prompt(tokenizer: MixedModalTokenizer, segments: Sequence[Any], chat:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:  # lone surrogates: undecodable bytes on a command line, or JSON "\\ud800"
-            raise PromptError(f"the prompt's text is not valid Unicode at character {err.start} "
-                              f"({text[err.start]!r}: {err.reason})") from None  # fmt: skip
+            raise PromptError(
+                f"the prompt's text is not valid Unicode at character {err.start} ({text[err.start]!r}: {err.reason})"
+            ) from None
     body = tokenizer.encode_segments(segments, "pad" if chat else "crop").tolist()
     vocab = tokenizer.vocab
     return [vocab.bos_id, *body, *([vocab.sep_id] if chat else [])]
@@ -47,8 +48,10 @@ def room_for(loaded: InferenceModel, prompt_len: int, mode: GenerationMode, max_
     room = loaded.config.max_seq_len - prompt_len
     need = loaded.vocab.tokens_per_image + 2 if mode == "image" else 1
     if room < need:
-        raise PromptError(f"the prompt has {prompt_len} tokens; the model's context of {loaded.config.max_seq_len} "
-                          f"leaves {max(room, 0)} for the response ({mode} mode needs at least {need})")  # fmt: skip
+        raise PromptError(
+            f"the prompt has {prompt_len} tokens; the model's context of {loaded.config.max_seq_len} "
+            f"leaves {max(room, 0)} for the response ({mode} mode needs at least {need})"
+        )
     return min(max_new_tokens, room)
 
 

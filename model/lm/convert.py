@@ -252,8 +252,10 @@ def load_meta(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     keys = set(shards[0])
     for path, shard in zip(paths[1:], shards[1:], strict=True):
         if set(shard) != keys:
-            raise ConversionError(f"{path}: other tensor names than {paths[0].name}: lacks "
-                                  f"{sorted(keys - set(shard))[:8]}, adds {sorted(set(shard) - keys)[:8]}")  # fmt: skip
+            raise ConversionError(
+                f"{path}: other tensor names than {paths[0].name}: lacks "
+                f"{sorted(keys - set(shard))[:8]}, adds {sorted(set(shard) - keys)[:8]}"
+            )
     state = merge_meta_shards(shards)
     qk = [t for k, t in state.items() if _is_qk_norm(k)]
     groups = qk[0].shape[0] if qk and qk[0].dim() == 2 else 1
@@ -282,8 +284,10 @@ def split_meta_state(state: Mapping[str, torch.Tensor], config: ModelConfig, mod
             raise ConversionError(f"{what} {n} is not divisible by model_parallel {model_parallel}")
     groups = config.qk_norm_groups if config.qk_norm else 1
     if model_parallel % groups:
-        raise ConversionError(f"qk_norm_groups {groups}: Meta's format holds one QK-norm per shard, so model_parallel "
-                              f"must be a multiple of {groups} (got {model_parallel})")  # fmt: skip
+        raise ConversionError(
+            f"qk_norm_groups {groups}: Meta's format holds one QK-norm per shard, so model_parallel "
+            f"must be a multiple of {groups} (got {model_parallel})"
+        )
     shards: list[StateDict] = [{} for _ in range(model_parallel)]
     for name, tensor in state.items():
         dim = _split_dim(name)
@@ -303,8 +307,10 @@ def split_meta_state(state: Mapping[str, torch.Tensor], config: ModelConfig, mod
 def check_reference_qk_norm_eps(config: ModelConfig, target: str) -> None:
     """Refuse a model whose QK-norm eps is not the 1e-5 that Meta's and HF's code hard-code (`target` names them)."""
     if config.qk_norm and config.qk_norm_eps != QK_NORM_EPS:
-        raise ConversionError(f"{target}'s Chameleon fixes the QK-norm eps at {QK_NORM_EPS:g}; this model's "
-                              f"qk_norm_eps is {config.qk_norm_eps:g}: it would compute other logits")  # fmt: skip
+        raise ConversionError(
+            f"{target}'s Chameleon fixes the QK-norm eps at {QK_NORM_EPS:g}; this model's "
+            f"qk_norm_eps is {config.qk_norm_eps:g}: it would compute other logits"
+        )
 
 
 def meta_rope_freqs(config: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -429,8 +435,9 @@ def _read_safetensors(folder: Path) -> StateDict:
     state: StateDict = {}
     for f in files:
         # The VQGAN (model.vqmodel.*) is the image tokenizer's; it is loaded elsewhere.
-        state.update({k: v for k, v in load_safetensors_file(f, ConversionError).items()
-                      if not k.startswith("model.vqmodel.")})  # fmt: skip
+        state.update(
+            {k: v for k, v in load_safetensors_file(f, ConversionError).items() if not k.startswith("model.vqmodel.")}
+        )
     return state
 
 
@@ -613,15 +620,22 @@ def detect_format(folder: str | Path) -> str:
     if len(formats) == 1:
         return formats[0]
     if formats:
-        raise ConversionError(f"{folder} holds checkpoints in several formats ({', '.join(formats)}); "
-                              "say which to read with --from")  # fmt: skip
+        raise ConversionError(
+            f"{folder} holds checkpoints in several formats ({', '.join(formats)}); say which to read with --from"
+        )
     expected = "; ".join(f"{name}: {files}" for name, files in FORMAT_FILES.items())
     raise ConversionError(f"{folder} holds no checkpoint in a known format (expected {expected})")
 
 
-def convert_checkpoint(src: str | Path, out: str | Path, from_format: str | None, to_format: str,
-                       model_parallel: int = 1, text_tokenizer: str | Path | None = None,
-                       image_tokenizer: str | Path | None = None):  # fmt: skip
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    from_format: str | None,
+    to_format: str,
+    model_parallel: int = 1,
+    text_tokenizer: str | Path | None = None,
+    image_tokenizer: str | Path | None = None,
+):
     """Read `src` in from_format (None: `detect_format`) and write `out` in to_format ('ours', 'meta' or 'hf');
     returns the ModelConfig. An HF export also holds the tokenizers (`model.lm.hf_export`): `text_tokenizer` and
     `image_tokenizer`, by default those `src` records (a step folder's tokenizers.json)."""

@@ -50,8 +50,10 @@ def resolve_document_attention(
     if choice == "auto":
         return "flex" if device.type == "cuda" and head_dim >= FLEX_MIN_HEAD_DIM else "sdpa"
     if choice == "flex" and device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
-        raise ValueError(f"FlexAttention on CUDA needs head_dim >= {FLEX_MIN_HEAD_DIM}, this model's is {head_dim}: "
-                         "use document_attention 'sdpa'")  # fmt: skip
+        raise ValueError(
+            f"FlexAttention on CUDA needs head_dim >= {FLEX_MIN_HEAD_DIM}, this model's is {head_dim}: "
+            "use document_attention 'sdpa'"
+        )
     return choice
 
 

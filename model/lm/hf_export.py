@@ -60,11 +60,14 @@ def check_exportable(config: ModelConfig, text: TextTokenizer, vqgan: VQGAN) -> 
     """Refuse, naming it, what HF's Chameleon cannot hold or what does not fit together."""
     layout, vq = text.vocab.layout, vqgan.config
     if text.vocab.size != config.vocab_size:
-        raise ConversionError(f"the model has {config.vocab_size} ids but the text tokenizer's vocabulary "
-                              f"{text.vocab.size}")  # fmt: skip
+        raise ConversionError(
+            f"the model has {config.vocab_size} ids but the text tokenizer's vocabulary {text.vocab.size}"
+        )
     if (vq.n_embed, vq.tokens_per_image) != (layout.image_codes, layout.tokens_per_image):
-        raise ConversionError(f"the image tokenizer has {vq.n_embed} codes and {vq.tokens_per_image} per image, the "
-                              f"vocabulary {layout.image_codes} and {layout.tokens_per_image}")  # fmt: skip
+        raise ConversionError(
+            f"the image tokenizer has {vq.n_embed} codes and {vq.tokens_per_image} per image, the "
+            f"vocabulary {layout.image_codes} and {layout.tokens_per_image}"
+        )
     if vq.in_channels != 3:
         raise ConversionError(f"HF's image processor gives RGB pixels; this VQ takes {vq.in_channels} channels")
 
@@ -84,8 +87,13 @@ def export_hf(
         raise ConversionError(str(err)) from None
     hf_config = hf_config_dict(config, text.vocab.layout, hf_vq_config(vqgan.config))
     folder = Path(folder)
-    save_hf(state, config, folder, config_dict={**hf_config, "vocabulary_map": vocabulary_map},
-            extra_tensors=hf_vq_state_dict(vqgan))  # fmt: skip
+    save_hf(
+        state,
+        config,
+        folder,
+        config_dict={**hf_config, "vocabulary_map": vocabulary_map},
+        extra_tensors=hf_vq_state_dict(vqgan),
+    )
     try:
         written = write_hf_tokenizer(text, folder, config.max_seq_len)
     except HFTokenizerError as err:
@@ -111,8 +119,10 @@ def tokenizer_paths(src: Path, text: str | Path | None, image: str | Path | None
     missing = [opt for opt, path in (("--text-tokenizer", text), ("--image-tokenizer", image)) if path is None]
     if missing:
         where = f"{record} does not name" if recorded else f"{src} has no {TOKENIZERS_RECORD} naming"
-        raise ConversionError(f"an HF export holds the model's text and image tokenizers, and {where} them all: "
-                              f"pass {' and '.join(missing)}")  # fmt: skip
+        raise ConversionError(
+            f"an HF export holds the model's text and image tokenizers, and {where} them all: "
+            f"pass {' and '.join(missing)}"
+        )
     for kind, path in (("text", text), ("image", image)):
         if not Path(path).exists():
             raise ConversionError(f"the {kind} tokenizer {path} does not exist")

@@ -121,8 +121,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, z_loss_weight: float, denom: Tensor,
-                chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, z_loss_weight: float, denom: Tensor, chunk_size: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
         n_rows, device = hidden.shape[0], hidden.device
         want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_grad = want_grad_h or want_grad_w
@@ -251,5 +252,6 @@ def fused_lm_loss(
         ce = _safe_mean(ce_per.sum(), n)
         z = z_loss_weight * _safe_mean(lse.square().sum(), n)
     ce_text, n_text, ce_image, n_image = _split_by_modality(ce_per, targets, n, image_token_mask)
-    return LossOutput(loss=loss, ce=ce, z_loss=z, n_tokens=n, ce_text=ce_text, n_text=n_text, ce_image=ce_image,
-                      n_image=n_image)  # fmt: skip
+    return LossOutput(
+        loss=loss, ce=ce, z_loss=z, n_tokens=n, ce_text=ce_text, n_text=n_text, ce_image=ce_image, n_image=n_image
+    )

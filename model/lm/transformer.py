@@ -104,8 +104,9 @@ class KVCache:
         self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def update_one(self, layer: int, pos: int | torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def update_one(
+        self, layer: int, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`update` for one position: k, v [B, n_kv, hd] stored at column `pos`; keys and values up to it.
 
         `pos` as a one-element long tensor on the cache's device (CUDA graphs: no host value) returns every column.
@@ -183,9 +184,16 @@ class Attention(nn.Module):
         rope = rope if rope is not None else rotary_angles(positions, self.head_dim, self.rope_theta)
         return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | BlockMask | None = None,
-                cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
-                rope: Rope | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | BlockMask | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start_pos: int = 0,
+        rope: Rope | None = None,
+    ) -> torch.Tensor:
         """Attention output [B, S, dim]; `mask` is a boolean SDPA mask, a FlexAttention block mask (packed documents),
         or None for plain causal attention."""
         b, s, _ = x.shape
@@ -242,9 +250,15 @@ class TransformerBlock(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.ffn_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | BlockMask | None = None,
-                cache: KVCache | None = None, start_pos: int = 0,
-                rope: Rope | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | BlockMask | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        rope: Rope | None = None,
+    ) -> torch.Tensor:
         """Block output [B, S, dim]; `rope`: the rotary cos/sin of `positions` when computed once for all layers."""
         attn_args = (positions, mask, cache, self.layer_id, start_pos, rope)
         if self.swin_norm:
@@ -293,10 +307,19 @@ class Transformer(nn.Module):
         p = self.output.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=p.device, dtype=p.dtype)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0, *, loss_mask: torch.Tensor | None = None,
-                z_loss_weight: float = 1e-5, image_token_mask: torch.Tensor | None = None,
-                loss_chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor | LossOutput:  # fmt: skip
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        loss_mask: torch.Tensor | None = None,
+        z_loss_weight: float = 1e-5,
+        image_token_mask: torch.Tensor | None = None,
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> torch.Tensor | LossOutput:
         """Logits [B, S, vocab] for `tokens` [B, S]; or, given `loss_mask`, the training loss without any logits.
 
         `positions` [B, S] default to start_pos, start_pos+1, ...; `doc_ids` [B, S] restrict attention to the same
@@ -328,5 +351,4 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if loss_mask is None:
             return self.output(h)
-        return fused_lm_loss(h, self.output.weight, tokens, loss_mask, z_loss_weight, image_token_mask,
-                             loss_chunk_size)  # fmt: skip
+        return fused_lm_loss(h, self.output.weight, tokens, loss_mask, z_loss_weight, image_token_mask, loss_chunk_size)

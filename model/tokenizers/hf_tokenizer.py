@@ -36,9 +36,11 @@ def image_token_id(vocab: Vocabulary) -> int:
     `<reserved08707>`, 8711), which Chameleon never emits."""
     token_id = vocab.sep_id + 1
     if token_id >= vocab.first_text_id:
-        raise HFTokenizerError(f"the vocabulary has no reserved id after the prompt separator {vocab.sep_id} for "
-                               f"HF's {IMAGE_TOKEN} placeholder (n_reserved {vocab.layout.n_reserved}, sep_offset "
-                               f"{vocab.layout.sep_offset})")  # fmt: skip
+        raise HFTokenizerError(
+            f"the vocabulary has no reserved id after the prompt separator {vocab.sep_id} for "
+            f"HF's {IMAGE_TOKEN} placeholder (n_reserved {vocab.layout.n_reserved}, sep_offset "
+            f"{vocab.layout.sep_offset})"
+        )
     return token_id
 
 
@@ -50,8 +52,15 @@ def control_names(vocab: Vocabulary) -> dict[int, str]:
 
 
 def _added(token_id: int, content: str) -> dict[str, Any]:
-    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}  # fmt: skip
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
 
 
 def _sentencepiece_bpe(tokenizer: SentencePieceTokenizer) -> dict[str, Any]:
@@ -67,8 +76,10 @@ def _sentencepiece_bpe(tokenizer: SentencePieceTokenizer) -> dict[str, Any]:
     for piece_id in range(1, sp.get_piece_size()):  # piece 0 is SentencePiece's <unk>: our id 3
         piece = sp.id_to_piece(piece_id)
         if piece in pieces:
-            raise HFTokenizerError(f"text piece {piece!r} (id {offset + piece_id}) has the name of id {pieces[piece]}; "
-                                   "a tokenizer.json vocabulary needs distinct names")  # fmt: skip
+            raise HFTokenizerError(
+                f"text piece {piece!r} (id {offset + piece_id}) has the name of id {pieces[piece]}; "
+                "a tokenizer.json vocabulary needs distinct names"
+            )
         pieces[piece] = offset + piece_id
         if not (sp.is_byte(piece_id) or sp.is_control(piece_id) or sp.is_unused(piece_id)):
             scores[piece] = sp.get_score(piece_id)
@@ -153,8 +164,13 @@ def tokenizer_json(tokenizer: TextTokenizer) -> dict[str, Any]:
 
 def special_tokens(vocab: Vocabulary) -> dict[str, str]:
     """The tokenizer's named special tokens (HF's sep_token is Chameleon's prompt separator)."""
-    return {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": UNK_TOKEN, "pad_token": PAD_TOKEN,
-            "sep_token": vocab.special_name(vocab.sep_id)}  # fmt: skip
+    return {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": UNK_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "sep_token": vocab.special_name(vocab.sep_id),
+    }
 
 
 def write_hf_tokenizer(tokenizer: TextTokenizer, folder: str | Path, max_length: int) -> list[Path]:

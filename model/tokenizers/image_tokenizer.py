@@ -27,8 +27,14 @@ ImageInput = ImageSource | np.ndarray  # file bytes or path, or an already prepr
 class ImageTokenizer:
     """Images -> codes [n, grid*grid] and codes -> uint8 images, in batches, with one model copy."""
 
-    def __init__(self, vqgan: VQGAN, batch_size: int = 16, fast: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side: int = DEFAULT_MIN_SIDE):  # fmt: skip
+    def __init__(
+        self,
+        vqgan: VQGAN,
+        batch_size: int = 16,
+        fast: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int = DEFAULT_MIN_SIDE,
+    ):
         self.vqgan = vqgan.eval().channels_last()
         self.config = vqgan.config
         self.size = vqgan.config.resolution

@@ -194,8 +194,9 @@ def hf_vq_state_dict(model: VQGAN, prefix: str = HF_PREFIXES[0]) -> dict[str, Te
     """The VQ tensors of a HF Chameleon checkpoint (`model.vqmodel.*`): encoder, quant_conv, codebook and
     post_quant_conv, contiguous on the CPU. HF's ChameleonVQVAE has no decoder, so ours is left out; an encode-only
     model's missing post_quant_conv (it feeds only the decoder, unused by transformers) is written as zeros."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-             if not k.startswith("decoder.")}  # fmt: skip
+    state = {
+        k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith("decoder.")
+    }
     if model.post_quant_conv is None:
         cfg = model.config
         state["post_quant_conv.weight"] = torch.zeros(cfg.z_channels, cfg.embed_dim, 1, 1)

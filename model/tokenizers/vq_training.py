@@ -202,8 +202,10 @@ class VQTrainer:
             skipped = "; ".join(self.skipped[:3]) + (
                 f"; ... {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
             )
-            raise ValueError(f"not enough usable images to train on: {len(usable)} of {len(images)} (one to train on "
-                             f"and one to hold out are needed){'; skipped ' + skipped if skipped else ''}")  # fmt: skip
+            raise ValueError(
+                f"not enough usable images to train on: {len(usable)} of {len(images)} (one to train on "
+                f"and one to hold out are needed){'; skipped ' + skipped if skipped else ''}"
+            )
         train_idx, held_idx = split_holdout(len(usable), s.holdout)
         big, pool, kept = round(size * s.augment_scale), [], []
         for i in train_idx:  # the larger crop pool; an image can fail at this size only (too long a side)
@@ -290,16 +292,22 @@ class VQTrainer:
             with torch.no_grad():
                 restart_dead_codes(self.model, self.usage, self.model.latents(batch), self.generator)
             self.usage.zero_()
-        return {"step": self.step, "loss": loss.item(), "l1": l1.item(), "psnr": psnr_from_mse(l2.item()),
-                "codebook_usage": usage}  # fmt: skip
+        return {
+            "step": self.step,
+            "loss": loss.item(),
+            "l1": l1.item(),
+            "psnr": psnr_from_mse(l2.item()),
+            "codebook_usage": usage,
+        }
 
     def run(self, resume: bool = True, progress: Callable[[dict[str, float]], None] | None = None) -> VQTrainResult:
         """Train to `settings.steps`, checkpointing as it goes; save the tokenizer in Meta's format at the end."""
         started = time.perf_counter()
         if not (resume and self.try_resume()):
             self.initial_mse = reconstruction_mse(self.model, self.holdout)[0]
-            init_codebook_from_latents(self.model, self.pool[:, :, : self.config.resolution, : self.config.resolution],
-                                       self.generator)  # fmt: skip
+            init_codebook_from_latents(
+                self.model, self.pool[:, :, : self.config.resolution, : self.config.resolution], self.generator
+            )
         s = self.settings
         while self.step < s.steps:
             metrics = self.train_step()

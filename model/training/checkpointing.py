@@ -125,9 +125,11 @@ def read_latest_pointer(pointer: Path) -> str:
     else:
         why = "more than one short line" if len(data) > _POINTER_MAX_BYTES else f"it holds {name[:40]!r}"
     if name is None or len(data) > _POINTER_MAX_BYTES or not _is_step_name(name):
-        raise CheckpointError(f"{pointer}: not a checkpoint pointer ({why}; expected one line naming a "
-                              f"{PREFIX}NNNNNNNN folder): fix it, or delete it to resume from the newest complete "
-                              f"checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"{pointer}: not a checkpoint pointer ({why}; expected one line naming a "
+            f"{PREFIX}NNNNNNNN folder): fix it, or delete it to resume from the newest complete "
+            f"checkpoint"
+        )
     return name
 
 
@@ -146,8 +148,12 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         if step_folder.is_complete(named):
             return named
         # A checkpoint was lost (or `latest` edited): say so rather than quietly go back further.
-        log.warning("%s names %s, which is not a complete checkpoint; %s", pointer, named.name,
-                    f"using {found[-1].name}" if found else "no other is")  # fmt: skip
+        log.warning(
+            "%s names %s, which is not a complete checkpoint; %s",
+            pointer,
+            named.name,
+            f"using {found[-1].name}" if found else "no other is",
+        )
     return found[-1] if found else None
 
 

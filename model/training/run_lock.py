@@ -39,8 +39,10 @@ class RunLock:
             file.seek(0)
             holder = file.read(200).strip() or "another process"
             file.close()
-            raise RunLockedError(f"{self.path.parent}: another trainer writes this run ({holder}); stop it first, "
-                                 f"or train into another out_dir") from None  # fmt: skip
+            raise RunLockedError(
+                f"{self.path.parent}: another trainer writes this run ({holder}); stop it first, "
+                f"or train into another out_dir"
+            ) from None
         except BaseException:
             file.close()
             raise

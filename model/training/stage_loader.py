@@ -62,9 +62,19 @@ def index_shard(path: Path, expected: int) -> list[Member]:
 class StageDataset(IterableDataset):
     """Batches of one rank, from `start_batch` on; yields dicts of tensors (see `read_batch`)."""
 
-    def __init__(self, index: list[Member], seq_len: int, rank: int, world_size: int, batch_size: int,
-                 n_batches: int, start_batch: int = 0, vocab_size: int | None = None,
-                 skip_damaged: bool = False, n_sources: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        index: list[Member],
+        seq_len: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        n_batches: int,
+        start_batch: int = 0,
+        vocab_size: int | None = None,
+        skip_damaged: bool = False,
+        n_sources: int | None = None,
+    ):
         self.index, self.seq_len, self.vocab_size, self.skip_damaged = index, seq_len, vocab_size, skip_damaged
         self.n_sources = n_sources
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -101,8 +111,9 @@ def _read(member: Member, suffix: str, files: dict[str, Any]) -> np.ndarray:
     return read_npy(f.read(size), f"{member.shard}: member {suffix} at byte {offset}", CorruptShardError)
 
 
-def read_sequence(member: Member, seq_len: int, files: dict[str, Any], vocab_size: int | None = None,
-                  n_sources: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def read_sequence(
+    member: Member, seq_len: int, files: dict[str, Any], vocab_size: int | None = None, n_sources: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sequence's tokens [S], loss mask [S] and documents [3, n] (start, length, source), checked for shape and
     range: a damaged member raises CorruptShardError naming the shard and byte, never a wrong batch or an index
     error inside the model."""
@@ -130,8 +141,14 @@ def read_sequence(member: Member, seq_len: int, files: dict[str, Any], vocab_siz
     return tokens, mask.astype(bool), docs
 
 
-def read_batch(members: list[Member], seq_len: int, files: dict[str, Any], vocab_size: int | None = None,
-               skip_damaged: bool = False, n_sources: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def read_batch(
+    members: list[Member],
+    seq_len: int,
+    files: dict[str, Any],
+    vocab_size: int | None = None,
+    skip_damaged: bool = False,
+    n_sources: int | None = None,
+) -> dict[str, torch.Tensor]:
     """tokens [B, S] int64, loss_mask [B, S] bool, doc_ids [B, S] (document index, -1 on padding),
     positions [B, S] (reset at each document), source_ids [B, S] (-1 on padding), damaged [B] bool.
 
@@ -157,8 +174,14 @@ def read_batch(members: list[Member], seq_len: int, files: dict[str, Any], vocab
             doc_ids[i, start : start + length] = d
             positions[i, start : start + length] = np.arange(length)
             sources[i, start : start + length] = src
-    arrays = {"tokens": tokens, "loss_mask": mask, "doc_ids": doc_ids, "positions": positions, "source_ids": sources,
-              "damaged": damaged}  # fmt: skip
+    arrays = {
+        "tokens": tokens,
+        "loss_mask": mask,
+        "doc_ids": doc_ids,
+        "positions": positions,
+        "source_ids": sources,
+        "damaged": damaged,
+    }
     return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
@@ -172,8 +195,15 @@ class StageLoader:
     CorruptShardError naming the shard.
     """
 
-    def __init__(self, stage_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, skip_corrupt: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        stage_dir: str | Path,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        skip_corrupt: bool = False,
+    ):
         self.stage_dir = Path(stage_dir)
         manifest_path = self.stage_dir / MANIFEST
         if not manifest_path.is_file():
@@ -201,8 +231,10 @@ class StageLoader:
                 self.skipped_shards.append(str(path))
         self.batches_per_epoch = len(self.index) // (world_size * batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.stage_dir}: {len(self.index)} sequences are fewer than one global batch "
-                             f"({world_size} ranks x {batch_size})")  # fmt: skip
+            raise ValueError(
+                f"{self.stage_dir}: {len(self.index)} sequences are fewer than one global batch "
+                f"({world_size} ranks x {batch_size})"
+            )
         self.epoch, self.batches_done = 0, 0
 
     def __len__(self) -> int:
@@ -231,13 +263,27 @@ class StageLoader:
         """Batches from the saved position to the end of the epoch; the next iteration starts the next epoch."""
         if self.batches_done >= self.batches_per_epoch:
             self.epoch, self.batches_done = self.epoch + 1, 0
-        dataset = StageDataset(self.index, self.seq_len, self.rank, self.world_size, self.batch_size,
-                               self.batches_per_epoch, self.batches_done, vocab_size=self.vocab_size,
-                               skip_damaged=self.skip_corrupt, n_sources=len(self.source_ids) or None)  # fmt: skip
+        dataset = StageDataset(
+            self.index,
+            self.seq_len,
+            self.rank,
+            self.world_size,
+            self.batch_size,
+            self.batches_per_epoch,
+            self.batches_done,
+            vocab_size=self.vocab_size,
+            skip_damaged=self.skip_corrupt,
+            n_sources=len(self.source_ids) or None,
+        )
         # A generator of its own: otherwise each new DataLoader iterator draws its base seed from torch's global RNG,
         # which dropout also draws from, and a resumed run (a new iterator mid-epoch) would get other dropout masks.
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                            generator=torch.Generator().manual_seed(self.epoch))  # fmt: skip
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.epoch),
+        )
         for batch in loader:
             if ERROR_KEY in batch:
                 raise CorruptShardError(batch[ERROR_KEY])

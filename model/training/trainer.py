@@ -64,8 +64,10 @@ class Trainer:
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         per_step = config.micro_batch_size * self.world_size
         if config.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
-                             f"{config.micro_batch_size} x {self.world_size} ranks")  # fmt: skip
+            raise ValueError(
+                f"global_batch_size {config.global_batch_size} is not a multiple of micro_batch_size "
+                f"{config.micro_batch_size} x {self.world_size} ranks"
+            )
         self.accumulation = config.global_batch_size // per_step
         torch.manual_seed(config.seed)
         model_config = config.model
@@ -74,8 +76,10 @@ class Trainer:
         self.model = Transformer(model_config).to(self.device)
         if config.document_masking:
             if config.document_attention == "flex" and self.device.type != "cuda":
-                raise ValueError("document_attention 'flex' needs a CUDA device (FlexAttention has no CPU backward); "
-                                 "use 'auto' or 'sdpa'")  # fmt: skip
+                raise ValueError(
+                    "document_attention 'flex' needs a CUDA device (FlexAttention has no CPU backward); "
+                    "use 'auto' or 'sdpa'"
+                )
             kernel = resolve_document_attention(config.document_attention, self.device, model_config.head_dim)
             self.model.document_attention = config.document_attention
             if kernel == "flex":  # the first step is slow while it compiles: say so
@@ -100,9 +104,14 @@ class Trainer:
                 block.compile()  # in place: parameter names (Meta's) stay as they are
         self.optimizer = make_optimizer(self.model, config.optimizer)
         self.scheduler = make_scheduler(self.optimizer, config.steps, config.schedule)
-        self.loader = StageLoader(config.data, batch_size=config.micro_batch_size, rank=self.rank,
-                                  world_size=self.world_size, num_workers=config.loader_workers,
-                                  skip_corrupt=config.skip_corrupt_shards)  # fmt: skip
+        self.loader = StageLoader(
+            config.data,
+            batch_size=config.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=config.loader_workers,
+            skip_corrupt=config.skip_corrupt_shards,
+        )
         self.seq_len = stage_seq_len(config, self.loader.seq_len, model_config.max_seq_len)
         layout = VocabLayout.model_validate(self.loader.manifest["vocab_layout"])
         if layout.vocab_size != model_config.vocab_size:
@@ -121,8 +130,9 @@ class Trainer:
         )
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step, self.skipped, self.damaged = 0, 0, 0
-        self.flops_per_token = flops_per_token(matmul_params(self.model), model_config.n_layers, model_config.dim,
-                                               self.seq_len)  # fmt: skip
+        self.flops_per_token = flops_per_token(
+            matmul_params(self.model), model_config.n_layers, model_config.dim, self.seq_len
+        )
         self.peak = device_peak_flops(self.device)
         self._resume()
 
@@ -131,8 +141,10 @@ class Trainer:
         if found is None:
             pointer = self.ckpt_dir / LATEST
             if pointer.is_file():  # starting over would overwrite a run whose checkpoints are lost
-                raise CheckpointError(f"{pointer} names a checkpoint that is not there, and no other is complete: "
-                                      f"restore it, or delete the file to start from step 0")  # fmt: skip
+                raise CheckpointError(
+                    f"{pointer} names a checkpoint that is not there, and no other is complete: "
+                    f"restore it, or delete the file to start from step 0"
+                )
             return
         state = load_checkpoint(found, self.model, self.optimizer, self.scheduler, sharded=self.fsdp)
         self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
@@ -212,14 +224,28 @@ class Trainer:
             context = nullcontext() if sync else self.module.no_sync()  # DDP: all-reduce once per step
             with context, self._autocast():
                 # The loss is fused into the forward (no [B, S, vocab] logits); see Transformer.forward.
-                out = self.module(batch["tokens"], positions=batch["positions"],
-                                  doc_ids=batch["doc_ids"] if config.document_masking else None,
-                                  loss_mask=batch["loss_mask"], z_loss_weight=config.z_loss,
-                                  image_token_mask=self.image_mask, loss_chunk_size=config.loss_chunk_size)  # fmt: skip
+                out = self.module(
+                    batch["tokens"],
+                    positions=batch["positions"],
+                    doc_ids=batch["doc_ids"] if config.document_masking else None,
+                    loss_mask=batch["loss_mask"],
+                    z_loss_weight=config.z_loss,
+                    image_token_mask=self.image_mask,
+                    loss_chunk_size=config.loss_chunk_size,
+                )
             (out.loss * scales[micro]).backward()
             n = counts[micro]
-            sums[:7] += torch.stack([out.loss.detach() * n, out.ce * n, out.z_loss * n, out.ce_text * out.n_text,
-                                     out.ce_image * out.n_image, out.n_text, out.n_image]).double()  # fmt: skip
+            sums[:7] += torch.stack(
+                [
+                    out.loss.detach() * n,
+                    out.ce * n,
+                    out.z_loss * n,
+                    out.ce_text * out.n_text,
+                    out.ce_image * out.n_image,
+                    out.n_text,
+                    out.n_image,
+                ]
+            ).double()
         if self.world_size > 1:
             dist.all_reduce(sums)
         loss, ce, z, text, image, n_text, n_image, damaged = sums.tolist()
@@ -277,8 +303,15 @@ class Trainer:
         if self.rank == 0:
             extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged}
             state = TrainState(self.step, self.loader.state_dict(), extra)
-            save_checkpoint(self.ckpt_dir, state, model_state, optimizer_state, self.scheduler,
-                            keep_last=self.config.checkpoint.keep_last, records=self.records)  # fmt: skip
+            save_checkpoint(
+                self.ckpt_dir,
+                state,
+                model_state,
+                optimizer_state,
+                self.scheduler,
+                keep_last=self.config.checkpoint.keep_last,
+                records=self.records,
+            )
         if self.world_size > 1:
             dist.barrier()
 

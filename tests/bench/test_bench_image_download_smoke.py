@@ -14,8 +14,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_image_download_benchmark_quick_mode(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "bench/bench_image_download.py", "--quick"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "bench/bench_image_download.py", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "bench_image_download.json").read_text())
     rows = result["rows"]

@@ -13,8 +13,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_gpu_checks_cpu_smoke_passes_and_reports(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "bench/gpu_checks.py", "--cpu-smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_checks.py", "--cpu-smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_checks.json").read_text())
     flex, graph, loss = report["flex_attention"], report["graph_decoding"], report["fused_loss"]

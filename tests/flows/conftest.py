@@ -46,8 +46,15 @@ def read_artifacts(flow_run_ids: list[UUID]) -> list[dict[str, Any]]:
         data = artifact.data
         if artifact.type == "table" and isinstance(data, str):
             data = json.loads(data)
-        out.append({"key": artifact.key, "type": artifact.type, "data": data, "description": artifact.description,
-                    "flow_run_id": artifact.flow_run_id})  # fmt: skip
+        out.append(
+            {
+                "key": artifact.key,
+                "type": artifact.type,
+                "data": data,
+                "description": artifact.description,
+                "flow_run_id": artifact.flow_run_id,
+            }
+        )
     return out
 
 

@@ -41,14 +41,39 @@ HOSTILE = [
     "<!-- comment --> <?php ?> <![CDATA[x]]>",
 ]
 MARKDOWN = MarkdownIt("commonmark").enable(["table", "strikethrough"])  # html=True in this preset: raw HTML passes
-STRUCTURE = {"p", "br", "blockquote", "table", "thead", "tbody", "tr", "th", "td", "h1", "h2", "h3", "em", "strong",
-             "code", "pre", "ul", "ol", "li", "hr", "s", "h4", "h5", "h6"}  # fmt: skip
+STRUCTURE = {
+    "p",
+    "br",
+    "blockquote",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "h1",
+    "h2",
+    "h3",
+    "em",
+    "strong",
+    "code",
+    "pre",
+    "ul",
+    "ol",
+    "li",
+    "hr",
+    "s",
+    "h4",
+    "h5",
+    "h6",
+}
 URL_ATTRIBUTE = re.compile(r"<[A-Za-z][^>]*\s(href|src)\s*=")  # a tag that links or fetches
 # GFM autolink literals as they would appear in the escaped source: scheme:, www., an e-mail's @.
 AUTOLINK = re.compile(r"(?i)[a-z]:(?=\S)|(?<![a-z0-9\\])www\.|[\w.+-]@[\w-]")
 # Text that mixes markdown syntax with letters, digits, spaces, line breaks and a few non-ASCII characters.
-MARKUP_TEXT = st.text(st.sampled_from(list("<>&[]()!`*_~|#+-=.:@/\\\"' \t\n\r") + list("aZ09;xwh") + ["é", "\u00a0"]),
-                      max_size=60) | st.text(max_size=40)  # fmt: skip
+MARKUP_TEXT = st.text(
+    st.sampled_from(list("<>&[]()!`*_~|#+-=.:@/\\\"' \t\n\r") + list("aZ09;xwh") + ["é", "\u00a0"]), max_size=60
+) | st.text(max_size=40)
 
 
 def tags(rendered: str) -> set[str]:
@@ -118,8 +143,14 @@ def test_table_artifact_cells_with_hostile_text(text: str) -> None:
 
 
 def test_ordinary_table_cells_are_left_alone() -> None:
-    plain = ["image_text", "/tmp/runs/stage-1/checkpoints/step-00000004", "source: prose", "too_short: 3; dup: 1",
-             "Don't (really) -- 50% of *this*", "2026-12-07T06:53:09"]  # fmt: skip
+    plain = [
+        "image_text",
+        "/tmp/runs/stage-1/checkpoints/step-00000004",
+        "source: prose",
+        "too_short: 3; dup: 1",
+        "Don't (really) -- 50% of *this*",
+        "2026-12-07T06:53:09",
+    ]
     assert [escape_table_cell(t) for t in plain] == plain
     assert [escape_table_cell(v) for v in (1, 2.5, None, True)] == [1, 2.5, None, True]
 
@@ -158,8 +189,13 @@ def test_generation_markdown_shows_the_prompt_and_the_answer_as_text(tmp_path: P
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "g-1.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     answer = "Sure!\n<img src=http://127.0.0.1:9/x>\n[click](javascript:alert(1))\n# heading\n    code"
-    result = {"mode": "mixed", "prompt": HOSTILE[0] + " " + HOSTILE[2], "new_tokens": 7, "seconds": 0.5,
-              "segments": [{"kind": "text", "text": answer}, {"kind": "image", "path": "images/g-1.png"}]}  # fmt: skip
+    result = {
+        "mode": "mixed",
+        "prompt": HOSTILE[0] + " " + HOSTILE[2],
+        "new_tokens": 7,
+        "seconds": 0.5,
+        "segments": [{"kind": "text", "text": answer}, {"kind": "image", "path": "images/g-1.png"}],
+    }
     shown = generation_markdown(tmp_path, result)
     rendered = MARKDOWN.render(shown)
     assert "<img src=http" not in shown and "](javascript:" not in shown
@@ -185,10 +221,16 @@ def test_artifact_markdown_must_be_built_escaped() -> None:
 
 @flow
 def shows_hostile_text() -> None:
-    markdown_artifact(md("**Prompt:** {}\n\n{}", HOSTILE[0], markdown_table([{"text": t} for t in HOSTILE])),
-                      key="hostile-markdown", description=HOSTILE[2])  # fmt: skip
-    table_artifact([{"prompt": t, "n": k} for k, t in enumerate(HOSTILE)], key="hostile-table",
-                   description="rows of <img src=http://127.0.0.1:9/x>")  # fmt: skip
+    markdown_artifact(
+        md("**Prompt:** {}\n\n{}", HOSTILE[0], markdown_table([{"text": t} for t in HOSTILE])),
+        key="hostile-markdown",
+        description=HOSTILE[2],
+    )
+    table_artifact(
+        [{"prompt": t, "n": k} for k, t in enumerate(HOSTILE)],
+        key="hostile-table",
+        description="rows of <img src=http://127.0.0.1:9/x>",
+    )
 
 
 def test_artifacts_read_back_through_the_api_hold_no_markup(prefect_api) -> None:

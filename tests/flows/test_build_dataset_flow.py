@@ -21,13 +21,24 @@ def prepare_config(tmp_path: Path, sample_data, tiny_tokenizers) -> PrepareConfi
     shutil.copy(next((raw / "text").glob("*.jsonl")), prose)
     with prose.open("a") as f:  # two broken lines: each must come back as a reject with its reason
         f.write('{"id": "broken-1", "text": \n{"id": "broken-2", "text": "fine"\n')
-    return validate_config(PrepareConfig, {
-        "output_dir": str(tmp_path / "prepared"), "image_size": 64, "samples_per_shard": 40,
-        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [{"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(prose)]},
-                    {"name": "photos", "kind": "image_text", "format": "webdataset",
-                     "paths": [str(raw / "image_text" / "*.tar")]}],
-    })  # fmt: skip
+    return validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(tmp_path / "prepared"),
+            "image_size": 64,
+            "samples_per_shard": 40,
+            "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+            "sources": [
+                {"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(prose)]},
+                {
+                    "name": "photos",
+                    "kind": "image_text",
+                    "format": "webdataset",
+                    "paths": [str(raw / "image_text" / "*.tar")],
+                },
+            ],
+        },
+    )
 
 
 def test_build_dataset_reports_counts_and_skips_complete_shards(prefect_api, prepare_config: PrepareConfig) -> None:
@@ -40,7 +51,10 @@ def test_build_dataset_reports_counts_and_skips_complete_shards(prefect_api, pre
         totals = json.loads((out / name / "manifest.json").read_text())["totals"]
         row = rows[name]
         assert (row["records in"], row["samples out"], row["rejects"]) == (
-            totals["records_in"], totals["samples"], totals["rejects"])  # fmt: skip
+            totals["records_in"],
+            totals["samples"],
+            totals["rejects"],
+        )
         assert row["records in"] == row["samples out"] + row["rejects"]  # every record is accounted for
         assert row["shards skipped"] == 0 and row["shards new"] == len(list((out / name).glob("*.stats.json")))
     assert rows["prose"]["rejects"] == 2 and "bad_json: 2" in rows["prose"]["rejects by reason"]
@@ -50,7 +64,11 @@ def test_build_dataset_reports_counts_and_skips_complete_shards(prefect_api, pre
 
     again = build_dataset(config=prepare_config, return_state=True)  # what a retry or the next night does
     assert again.is_completed(), again.message
-    rows2 = {r["source"]: r for r in prefect_api.by_key(
-        prefect_api.artifacts(again.state_details.flow_run_id), "build-dataset-sources")["data"]}  # fmt: skip
+    rows2 = {
+        r["source"]: r
+        for r in prefect_api.by_key(prefect_api.artifacts(again.state_details.flow_run_id), "build-dataset-sources")[
+            "data"
+        ]
+    }
     assert all(r["shards new"] == 0 and r["shards skipped"] == rows[n]["shards new"] for n, r in rows2.items())
     assert all(rows2[n]["samples out"] == rows[n]["samples out"] for n in rows)

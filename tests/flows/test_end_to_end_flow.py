@@ -16,14 +16,30 @@ pytestmark = pytest.mark.slow
 
 
 def test_end_to_end_writes_the_report(prefect_api, tmp_path: Path) -> None:
-    state = end_to_end(out_dir=str(tmp_path), vq_steps=10, train_steps=4, sft_steps=2, max_new_tokens=70,
-                       eval_prompts=1, return_state=True)  # fmt: skip
+    state = end_to_end(
+        out_dir=str(tmp_path),
+        vq_steps=10,
+        train_steps=4,
+        sft_steps=2,
+        max_new_tokens=70,
+        eval_prompts=1,
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     result = state.result()
     artifacts = prefect_api.artifacts(state.state_details.flow_run_id, subflows=True)
     keys = {a["key"] for a in artifacts}
-    assert {"build-dataset-sources", "train-loss-curve", "sft-final-metrics", "generate-text", "generate-image",
-            "generate-mixed", "evaluate-loss", "evaluate-prompts", "end-to-end-training"} <= keys  # fmt: skip
+    assert {
+        "build-dataset-sources",
+        "train-loss-curve",
+        "sft-final-metrics",
+        "generate-text",
+        "generate-image",
+        "generate-mixed",
+        "evaluate-loss",
+        "evaluate-prompts",
+        "end-to-end-training",
+    } <= keys
 
     prepared = {r["source"]: r for r in result["prepared"]}
     assert set(prepared) == {"prose", "code", "photos", "howto", "instructions"}

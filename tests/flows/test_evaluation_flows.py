@@ -28,8 +28,15 @@ def no_markup(markdown: str) -> None:
 def test_generate_flow_shows_text_and_images(prefect_api, tiny_run: Path, tmp_path: Path) -> None:
     from flows.markup import escape_markdown
 
-    text = generate(checkpoint=str(tiny_run), prompt=HOSTILE_PROMPT, out_dir=str(tmp_path / "text"), mode="text",
-                    max_new_tokens=16, seed=3, return_state=True)  # fmt: skip
+    text = generate(
+        checkpoint=str(tiny_run),
+        prompt=HOSTILE_PROMPT,
+        out_dir=str(tmp_path / "text"),
+        mode="text",
+        max_new_tokens=16,
+        seed=3,
+        return_state=True,
+    )
     assert text.is_completed(), text.message
     record = json.loads((tmp_path / "text" / "generation.json").read_text())
     words = "".join(s["text"] for s in record["segments"])
@@ -41,8 +48,14 @@ def test_generate_flow_shows_text_and_images(prefect_api, tiny_run: Path, tmp_pa
     no_markup(shown)
 
     photo = sorted((REPO / "sample" / "images").glob("*.jpg"))[0]
-    image = generate(checkpoint=str(tiny_run), prompt="A photo like this", out_dir=str(tmp_path / "image"),
-                     mode="image", images=[str(photo)], return_state=True)  # fmt: skip
+    image = generate(
+        checkpoint=str(tiny_run),
+        prompt="A photo like this",
+        out_dir=str(tmp_path / "image"),
+        mode="image",
+        images=[str(photo)],
+        return_state=True,
+    )
     assert image.is_completed(), image.message
     (png,) = image.result()["images"]
     shown = prefect_api.by_key(prefect_api.artifacts(image.state_details.flow_run_id), "generate-image")["data"]
@@ -58,8 +71,16 @@ def test_evaluate_flow_reports_heldout_loss_and_responses(prefect_api, tiny_run:
     lines = (REPO / "sample" / "eval" / "prompts.jsonl").read_text().splitlines()[:1]
     lines.append(json.dumps({"id": "hostile", "category": "other", "prompt": HOSTILE_PROMPT + "\n# heading | a | b |"}))
     prompts.write_text("\n".join(lines) + "\n")
-    state = evaluate(checkpoint=str(tiny_run), out_dir=str(tmp_path / "eval"), stage=str(heldout),
-                     prompts=str(prompts), max_batches=2, mode="text", max_new_tokens=8, return_state=True)  # fmt: skip
+    state = evaluate(
+        checkpoint=str(tiny_run),
+        out_dir=str(tmp_path / "eval"),
+        stage=str(heldout),
+        prompts=str(prompts),
+        max_batches=2,
+        mode="text",
+        max_new_tokens=8,
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     result = json.loads((tmp_path / "eval" / "eval-loss.json").read_text())
     artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
@@ -81,7 +102,11 @@ def test_loss_rows_leave_out_scopes_without_targets() -> None:
     from flows.evaluation_flows import loss_rows
 
     empty = {"loss": None, "perplexity": None, "tokens": 0}
-    result = {"loss": 2.0, "perplexity": 7.389, "tokens": 10,
-              "by_source": {"prose": {"loss": 2.0, "perplexity": 7.389, "tokens": 10}, "photos": empty},
-              "by_modality": {"text": {"loss": 2.0, "perplexity": 7.389, "tokens": 10}, "image": empty}}  # fmt: skip
+    result = {
+        "loss": 2.0,
+        "perplexity": 7.389,
+        "tokens": 10,
+        "by_source": {"prose": {"loss": 2.0, "perplexity": 7.389, "tokens": 10}, "photos": empty},
+        "by_modality": {"text": {"loss": 2.0, "perplexity": 7.389, "tokens": 10}, "image": empty},
+    }
     assert [r["scope"] for r in loss_rows(result)] == ["all", "source: prose", "modality: text"]

@@ -19,16 +19,21 @@ IMAGE_CE = {1: 5.5, 2: None, 3: None, 4: 5.0, 5: None, 6: 4.5}
 
 def write_metrics(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"step": step, "loss": 4.0 - 0.1 * step, "ce_text": None, "ce_image": ce, "lr": 1e-3})
-             for step, ce in IMAGE_CE.items()]  # fmt: skip
+    lines = [
+        json.dumps({"step": step, "loss": 4.0 - 0.1 * step, "ce_text": None, "ce_image": ce, "lr": 1e-3})
+        for step, ce in IMAGE_CE.items()
+    ]
     (out_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return out_dir
 
 
 def series_of(out_dir: Path) -> dict[str, list]:
     metrics = read_metrics(out_dir)
-    return {"loss": loss_points(metrics), "text CE": loss_points(metrics, "ce_text"),
-            "image CE": loss_points(metrics, "ce_image")}  # fmt: skip
+    return {
+        "loss": loss_points(metrics),
+        "text CE": loss_points(metrics, "ce_text"),
+        "image CE": loss_points(metrics, "ce_image"),
+    }
 
 
 def test_null_steps_are_gaps_not_zeros(tmp_path: Path) -> None:
@@ -36,7 +41,10 @@ def test_null_steps_are_gaps_not_zeros(tmp_path: Path) -> None:
     assert series["image CE"] == list(IMAGE_CE.items())
     assert series["text CE"] == [(s, None) for s in IMAGE_CE]
     assert loss_points([{"step": 1, "loss": float("nan")}, {"step": 2}, {"step": 3, "loss": True}]) == [
-        (1, None), (2, None), (3, None)]  # fmt: skip
+        (1, None),
+        (2, None),
+        (3, None),
+    ]
 
 
 def test_png_lines_have_nan_gaps_and_no_all_null_series(tmp_path: Path) -> None:

@@ -15,12 +15,24 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 def spec(prepared_sources: Path) -> MixtureSpec:
-    return validate_config(MixtureSpec, {
-        "seq_len": 128, "tokens_per_image": 64, "max_repetitions": 16, "seed": 3,
-        "stages": {"stage1": {"tokens": 6_000, "sources": [
-            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
-            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1}]}},
-    })  # fmt: skip
+    return validate_config(
+        MixtureSpec,
+        {
+            "seq_len": 128,
+            "tokens_per_image": 64,
+            "max_repetitions": 16,
+            "seed": 3,
+            "stages": {
+                "stage1": {
+                    "tokens": 6_000,
+                    "sources": [
+                        {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 1},
+                        {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1},
+                    ],
+                }
+            },
+        },
+    )
 
 
 def test_variant_changes_only_named_weights(spec: MixtureSpec) -> None:
@@ -32,10 +44,16 @@ def test_variant_changes_only_named_weights(spec: MixtureSpec) -> None:
 
 def test_sweep_trains_each_mixture_and_names_the_best(prefect_api, spec: MixtureSpec, make_stage, tmp_path) -> None:
     heldout = make_stage(3_000)
-    training = ExperimentTraining(steps=3, warmup_steps=1, global_batch_size=4, heldout=str(heldout),
-                                  eval_max_batches=2)  # fmt: skip
-    state = mixture_experiment(spec=spec, out_dir=str(tmp_path), sweep=WeightSweep(source="photos", weights=[0.25, 4]),
-                               training=training, return_state=True)  # fmt: skip
+    training = ExperimentTraining(
+        steps=3, warmup_steps=1, global_batch_size=4, heldout=str(heldout), eval_max_batches=2
+    )
+    state = mixture_experiment(
+        spec=spec,
+        out_dir=str(tmp_path),
+        sweep=WeightSweep(source="photos", weights=[0.25, 4]),
+        training=training,
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
     rows = {r["mixture"]: r for r in prefect_api.by_key(artifacts, "mixture-experiment")["data"]}
@@ -63,8 +81,9 @@ def test_inputs_are_checked_before_any_mixture_is_mixed(prefect_api, spec: Mixtu
     assert state.is_failed() and "mixture 'bad': no stage lists the sources ['nope']" in state.message
     assert not (tmp_path / "a" / "good").exists()  # the good one was not mixed first
     training = ExperimentTraining(steps=3, heldout=str(tmp_path / "no-such-stage"))
-    state = mixture_experiment(spec=spec, out_dir=str(tmp_path / "b"), variants=variants[:1], training=training,
-                               return_state=True)  # fmt: skip
+    state = mixture_experiment(
+        spec=spec, out_dir=str(tmp_path / "b"), variants=variants[:1], training=training, return_state=True
+    )
     assert state.is_failed() and "is not a stage folder" in state.message
     assert not (tmp_path / "b" / "good").exists()
 

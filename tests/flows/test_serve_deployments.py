@@ -56,8 +56,12 @@ def server(tmp_path: Path):
     """`prefect server start` with its own PREFECT_HOME (SQLite there) on a free port of 127.0.0.1."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}  # fmt: skip
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
     log = (tmp_path / "server.log").open("w")
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -85,25 +89,55 @@ def test_train_deployment_runs_when_started_through_the_api(
 
     from schemas import TrainConfig, validate_config
 
-    config = validate_config(TrainConfig, {
-        "model": {"preset": "tiny"}, "data": str(make_stage(4_000)), "out_dir": str(tmp_path / "runs"),
-        "seq_len": 128, "steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "schedule": {"warmup_steps": 1},
-    })  # fmt: skip
+    config = validate_config(
+        TrainConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": str(make_stage(4_000)),
+            "out_dir": str(tmp_path / "runs"),
+            "seq_len": 128,
+            "steps": 2,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "schedule": {"warmup_steps": 1},
+        },
+    )
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     prepare_yaml = tmp_path / "prepare.yaml"
-    prepare_yaml.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "prepared"), "image_size": 64,
-        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [{"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(sample_data[0] / "text")]}],
-    }))  # fmt: skip
+    prepare_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "prepared"),
+                "image_size": 64,
+                "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+                "sources": [
+                    {"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(sample_data[0] / "text")]}
+                ],
+            }
+        )
+    )
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows", "serve", "--train-config", str(train_yaml), "--prepare-config",
-         str(prepare_yaml), "--build-cron", "30 2 * * *", "--train-after-build"],
-        cwd=REPO, env=server | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"}, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "flows",
+            "serve",
+            "--train-config",
+            str(train_yaml),
+            "--prepare-config",
+            str(prepare_yaml),
+            "--build-cron",
+            "30 2 * * *",
+            "--train-after-build",
+        ],
+        cwd=REPO,
+        env=server | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
 
@@ -127,8 +161,10 @@ def test_train_deployment_runs_when_started_through_the_api(
             # serve() creates a deployment's trigger automation just after the deployment itself: wait for it.
             automations = wait_for(
                 lambda: client.read_automations_by_name("train when build-dataset completes"),
-                "the automation of the after-build trigger", 60, [serve],
-            )  # fmt: skip
+                "the automation of the after-build trigger",
+                60,
+                [serve],
+            )
             assert "prefect.flow-run.Completed" in automations[0].trigger.model_dump_json()
             assert str(after_build.id) in automations[0].model_dump_json()  # its action runs train/after-build
 
@@ -176,11 +212,20 @@ def test_cancelling_a_training_run_through_the_api_ends_every_rank(server: dict,
 
     from schemas import TrainConfig, validate_config
 
-    config = validate_config(TrainConfig, {
-        "model": {"preset": "tiny"}, "data": str(make_stage(4_000)), "out_dir": str(tmp_path / "runs"),
-        "seq_len": 128, "steps": 100_000, "global_batch_size": 4, "micro_batch_size": 2,
-        "schedule": {"warmup_steps": 1}, "logging": {"every_steps": 1, "tensorboard": False},
-    })  # fmt: skip
+    config = validate_config(
+        TrainConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": str(make_stage(4_000)),
+            "out_dir": str(tmp_path / "runs"),
+            "seq_len": 128,
+            "steps": 100_000,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "schedule": {"warmup_steps": 1},
+            "logging": {"every_steps": 1, "tensorboard": False},
+        },
+    )
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     out = tmp_path / "runs" / "cancel-me"
@@ -192,9 +237,12 @@ def test_cancelling_a_training_run_through_the_api_ends_every_rank(server: dict,
     log = (tmp_path / "serve.log").open("w")
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows", "serve", "--train-config", str(train_yaml), "--build-cron", ""],
-        cwd=REPO, env=server | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"}, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=server | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
 
@@ -205,12 +253,20 @@ def test_cancelling_a_training_run_through_the_api_ends_every_rank(server: dict,
                     return None
 
             on_demand = wait_for(deployment, "the deployments", 120, [serve])
-            parameters = {"config": config.model_dump(mode="json"), "run_name": "cancel-me", "nproc_per_node": 2,
-                          "retries": 0}  # fmt: skip
+            parameters = {
+                "config": config.model_dump(mode="json"),
+                "run_name": "cancel-me",
+                "nproc_per_node": 2,
+                "retries": 0,
+            }
             run = client.create_flow_run_from_deployment(on_demand.id, parameters=parameters)
             metrics = out / "metrics.jsonl"
-            wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, "the ranks to train",
-                     240, [serve])  # fmt: skip
+            wait_for(
+                lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2,
+                "the ranks to train",
+                240,
+                [serve],
+            )
             ranks = [p for p in processes() if "flows.train_worker" in p.info["cmdline"]]
             assert len(ranks) >= 2
 

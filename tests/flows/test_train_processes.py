@@ -29,9 +29,18 @@ def stage(make_stage) -> Path:
 
 
 def write_config(stage: Path, out: Path, steps: int) -> Path:
-    data = {"model": {"preset": "tiny"}, "data": str(stage), "out_dir": str(out), "seq_len": 128, "steps": steps,
-            "global_batch_size": 8, "micro_batch_size": 2, "schedule": {"warmup_steps": 1},
-            "checkpoint": {"every_steps": 2}, "logging": {"every_steps": 1, "tensorboard": False}}  # fmt: skip
+    data = {
+        "model": {"preset": "tiny"},
+        "data": str(stage),
+        "out_dir": str(out),
+        "seq_len": 128,
+        "steps": steps,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+        "schedule": {"warmup_steps": 1},
+        "checkpoint": {"every_steps": 2},
+        "logging": {"every_steps": 1, "tensorboard": False},
+    }
     path = out.with_name(out.name + ".yaml")
     path.write_text(yaml.safe_dump(data))
     return path
@@ -73,8 +82,13 @@ def test_killing_the_launcher_ends_every_rank(stage: Path, tmp_path: Path, how: 
     out = tmp_path / "run"
     config = write_config(stage, out, 100_000)
     log = (tmp_path / "train.log").open("w")
-    launcher = subprocess.Popen([sys.executable, "-m", "flows", "train", str(config), "--nproc-per-node", "2"],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flows", "train", str(config), "--nproc-per-node", "2"],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: metric_steps(out) >= 3, "the ranks to train (step 2 checkpointed)", 180)
         ranks = [p for p in processes_naming(str(config)) if "flows.train_worker" in p.info["cmdline"]]
@@ -102,8 +116,10 @@ def test_killing_the_launcher_ends_every_rank(stage: Path, tmp_path: Path, how: 
 
 def hold_run_lock(out: Path) -> subprocess.Popen:
     """A process holding the run lock of `out` (as a live trainer's rank 0 does) until it is killed."""
-    code = ("import sys, time; from model.training.run_lock import RunLock; lock = RunLock(sys.argv[1]); "
-            "lock.acquire(); print('held', flush=True); time.sleep(600)")  # fmt: skip
+    code = (
+        "import sys, time; from model.training.run_lock import RunLock; lock = RunLock(sys.argv[1]); "
+        "lock.acquire(); print('held', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     return holder
@@ -131,8 +147,14 @@ def test_one_trainer_per_run_folder(stage: Path, tmp_path: Path) -> None:
 
 def cham_lines(*args: str) -> tuple[int, list[str]]:
     """Exit status and non-empty output lines (stdout and stderr, every process's) of `cham ARGS` in a subprocess."""
-    done = subprocess.run([sys.executable, "-m", "flows", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "NO_COLOR": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
 
 
@@ -173,9 +195,11 @@ def test_a_failure_under_torchrun_is_one_line(stage: Path, tmp_path: Path) -> No
 def test_worker_errors_name_the_cause_first(tmp_path: Path) -> None:
     from flows.train_launcher import read_worker_errors
 
-    records = [{"rank": 1, "time": 1.0, "input_error": False, "message": "Connection closed by peer"},
-               {"rank": 0, "time": 2.0, "input_error": True, "message": "config.yaml: bad"},
-               {"rank": 2, "time": 0.5, "input_error": True, "message": "shard-00001.tar: damaged"}]  # fmt: skip
+    records = [
+        {"rank": 1, "time": 1.0, "input_error": False, "message": "Connection closed by peer"},
+        {"rank": 0, "time": 2.0, "input_error": True, "message": "config.yaml: bad"},
+        {"rank": 2, "time": 0.5, "input_error": True, "message": "shard-00001.tar: damaged"},
+    ]
     for r in records:
         (tmp_path / f"rank-{r['rank']}.json").write_text(json.dumps(r))
     (tmp_path / "rank-3.json").write_text('{"rank": 3, "ti')  # cut short: ignored

@@ -43,11 +43,22 @@ def flow_logs(flow_run_id, until: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pretrain(prefect_api, stages: Path, tmp_path_factory) -> tuple:
-    config = validate_config(TrainConfig, {
-        "model": {"preset": "tiny"}, "data": str(stages / "stage1"), "out_dir": str(tmp_path_factory.mktemp("runs")),
-        "seq_len": 128, "steps": 4, "global_batch_size": 8, "micro_batch_size": 2, "optimizer": {"lr": 3e-3},
-        "schedule": {"warmup_steps": 1}, "checkpoint": {"every_steps": 2}, "logging": {"every_steps": 1},
-    })  # fmt: skip
+    config = validate_config(
+        TrainConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": str(stages / "stage1"),
+            "out_dir": str(tmp_path_factory.mktemp("runs")),
+            "seq_len": 128,
+            "steps": 4,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "optimizer": {"lr": 3e-3},
+            "schedule": {"warmup_steps": 1},
+            "checkpoint": {"every_steps": 2},
+            "logging": {"every_steps": 1},
+        },
+    )
     state = train(config=config, run_name="first", return_state=True)
     return state, Path(config.out_dir) / "first"
 
@@ -87,11 +98,23 @@ def test_rerun_resumes_from_latest_checkpoint(prefect_api, pretrain) -> None:
 
 def test_sft_flow_under_torchrun(prefect_api, pretrain, stages: Path, tmp_path: Path) -> None:
     _, pretrained = pretrain
-    config = validate_config(SFTConfig, {
-        "model": {"preset": "tiny"}, "data": str(stages / "sft"), "out_dir": str(tmp_path / "sft"), "seq_len": 128,
-        "steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "init_from": str(pretrained / "checkpoints"),
-        "logging": {"every_steps": 1, "jsonl": False},  # the flow turns it back on: its artifacts read metrics.jsonl
-    })  # fmt: skip
+    config = validate_config(
+        SFTConfig,
+        {
+            "model": {"preset": "tiny"},
+            "data": str(stages / "sft"),
+            "out_dir": str(tmp_path / "sft"),
+            "seq_len": 128,
+            "steps": 3,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "init_from": str(pretrained / "checkpoints"),
+            "logging": {
+                "every_steps": 1,
+                "jsonl": False,
+            },  # the flow turns it back on: its artifacts read metrics.jsonl
+        },
+    )
     state = sft(config=config, nproc_per_node=2, return_state=True)
     assert state.is_completed(), state.message
     artifacts = prefect_api.artifacts(state.state_details.flow_run_id)

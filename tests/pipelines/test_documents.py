@@ -22,14 +22,18 @@ def test_segments_of_each_kind() -> None:
     assert document_segments("image_text", {"id": "a", "text": "cap", "image": REF}, 0.0) == [b"\xff\xd8", "cap"]
     doc = {"texts": ["a", None, "b"], "images": [None, {"bytes": None, "path": "/x.jpg", "url": None}, None]}
     assert document_segments("interleaved", doc) == ["a", Path("/x.jpg"), "b"]
-    pair = {"prompt": [{"text": "q", "image": None}, {"text": None, "image": REF}],
-            "answer": [{"text": "a", "image": None}]}  # fmt: skip
+    pair = {
+        "prompt": [{"text": "q", "image": None}, {"text": None, "image": REF}],
+        "answer": [{"text": "a", "image": None}],
+    }
     assert sft_segments(pair) == (["q", b"\xff\xd8"], ["a"])
 
 
 def test_consecutive_texts_are_joined_with_the_separator() -> None:
-    record = {"texts": ["One sentence.", "Another one.", None, "After.", " Spaced.", "", "Last.\n", "Line."],
-              "images": [None, None, REF, None, None, None, None, None]}  # fmt: skip
+    record = {
+        "texts": ["One sentence.", "Another one.", None, "After.", " Spaced.", "", "Last.\n", "Line."],
+        "images": [None, None, REF, None, None, None, None, None],
+    }
     assert document_segments("interleaved", record, text_separator=" ") == [
         "One sentence. Another one.",
         REF["bytes"],

@@ -193,9 +193,19 @@ def server() -> Iterator[Server]:
 
 
 def settings(cache: Path, **kw) -> DownloadConfig:
-    base = {"cache_dir": str(cache), "connect_timeout_s": 1.0, "read_timeout_s": 0.3, "total_timeout_s": 0.6,
-            "retries": 2, "backoff_s": 0.01, "max_backoff_s": 0.05, "max_bytes": MAX_BYTES, "concurrency": 4,
-            "per_host": 4, "allow_private_addresses": True}  # fmt: skip
+    base = {
+        "cache_dir": str(cache),
+        "connect_timeout_s": 1.0,
+        "read_timeout_s": 0.3,
+        "total_timeout_s": 0.6,
+        "retries": 2,
+        "backoff_s": 0.01,
+        "max_backoff_s": 0.05,
+        "max_bytes": MAX_BYTES,
+        "concurrency": 4,
+        "per_host": 4,
+        "allow_private_addresses": True,
+    }
     return DownloadConfig(**(base | kw))
 
 
@@ -248,8 +258,13 @@ def test_each_outcome_has_its_reason_and_retries_only_what_may_succeed(server: S
 
 def test_bad_schemes_are_never_fetched(tmp_path: Path) -> None:
     downloader = ImageDownloader(settings(tmp_path / "cache"))
-    bad = ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "http:///nohost.jpg", "http://[::1/x.jpg",
-           "http://" + "a" * 300 + ".example/x.jpg"]  # fmt: skip
+    bad = [
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x.jpg",
+        "http:///nohost.jpg",
+        "http://[::1/x.jpg",
+        "http://" + "a" * 300 + ".example/x.jpg",
+    ]
     try:
         entries = downloader.get_many(bad)
     finally:
@@ -333,13 +348,30 @@ def test_cache_holds_img2dataset_files_and_metadata_written_atomically(server: S
     image, meta_path = cache / key[:4] / f"{key}.jpg", cache / key[:4] / f"{key}.json"
     assert entries[server.url("/ok.jpg")].path == str(image) and image.read_bytes() == JPEG
     meta = json.loads(meta_path.read_text())
-    img2dataset_keys = {"url", "key", "status", "error_message", "width", "height", "original_width",
-                        "original_height", "exif", "sha256"}  # fmt: skip
+    img2dataset_keys = {
+        "url",
+        "key",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "sha256",
+    }
     assert img2dataset_keys <= set(meta)
     assert meta | {"exif": None} == meta | {
-        "url": server.url("/ok.jpg"), "key": key, "status": "success", "error_message": None, "width": 80,
-        "height": 60, "original_width": 80, "original_height": 60, "sha256": hashlib.sha256(JPEG).hexdigest(),
-    }  # fmt: skip
+        "url": server.url("/ok.jpg"),
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "width": 80,
+        "height": 60,
+        "original_width": 80,
+        "original_height": 60,
+        "sha256": hashlib.sha256(JPEG).hexdigest(),
+    }
     png_key = cache_key(server.url("/ok.png"))
     assert (cache / png_key[:4] / f"{png_key}.png").read_bytes() == PNG
     failed_key = cache_key(server.url("/missing"))
@@ -360,10 +392,21 @@ def test_a_second_run_fetches_only_what_failed_transiently(server: Server, tmp_p
         finally:
             downloader.close()
     assert {p: server.hits[p] for p in paths} == {
-        "/ok.jpg": 1, "/ok.png": 1, "/missing": 1, "/page.html": 1, "/always500": 2, "/slow": 2,
-    }  # fmt: skip
-    assert [entries[u].reason for u in urls] == [None, None, "download_not_found", "download_not_image",
-                                                 "download_http_error", "download_timeout"]  # fmt: skip
+        "/ok.jpg": 1,
+        "/ok.png": 1,
+        "/missing": 1,
+        "/page.html": 1,
+        "/always500": 2,
+        "/slow": 2,
+    }
+    assert [entries[u].reason for u in urls] == [
+        None,
+        None,
+        "download_not_found",
+        "download_not_image",
+        "download_http_error",
+        "download_timeout",
+    ]
     assert [entries[u].fetched for u in urls] == [False, False, False, False, True, True]
 
 
@@ -385,8 +428,9 @@ def test_a_damaged_or_colliding_cache_entry_is_fetched_again(server: Server, tmp
 
 
 def test_concurrency_is_bounded_per_host(server: Server, tmp_path: Path) -> None:
-    downloader = ImageDownloader(settings(tmp_path / "cache", concurrency=6, per_host=2, read_timeout_s=2.0,
-                                          total_timeout_s=5.0))  # fmt: skip
+    downloader = ImageDownloader(
+        settings(tmp_path / "cache", concurrency=6, per_host=2, read_timeout_s=2.0, total_timeout_s=5.0)
+    )
     try:
         entries = downloader.get_many(server.url(f"/slow-image?n={n}") for n in range(8))
     finally:
@@ -406,8 +450,12 @@ def test_the_same_url_in_flight_twice_is_fetched_once(server: Server, tmp_path: 
 
 
 def obelics(record_id: str, texts: list, urls: list) -> dict:
-    return {"id": record_id, "texts": texts, "images": [None if u is None else image_ref(u, None) for u in urls],
-            "metadata": None}  # fmt: skip
+    return {
+        "id": record_id,
+        "texts": texts,
+        "images": [None if u is None else image_ref(u, None) for u in urls],
+        "metadata": None,
+    }
 
 
 def test_url_images_rewrites_refs_drops_failed_interleaved_images_and_reports(server: Server, tmp_path: Path) -> None:
@@ -430,9 +478,17 @@ def test_url_images_rewrites_refs_drops_failed_interleaved_images_and_reports(se
     assert (c.stage, c.reason) == ("download", "download_not_found") and "HTTP 404" in c.detail
     assert d == obelics("d", ["just text"], [None])
     report = json.loads((tmp_path / "out" / "shard-00003.downloads.json").read_text())
-    assert report == {"count": 3, "successes": 1, "failed_to_download": 2, "failed_to_resize": 0,
-                      "status_dict": {"download_not_found": 2}, "fetched": 1, "from_cache": 0, "images_dropped": 1,
-                      "records_rejected": 1}  # fmt: skip
+    assert report == {
+        "count": 3,
+        "successes": 1,
+        "failed_to_download": 2,
+        "failed_to_resize": 0,
+        "status_dict": {"download_not_found": 2},
+        "fetched": 1,
+        "from_cache": 0,
+        "images_dropped": 1,
+        "records_rejected": 1,
+    }
     assert server.hits["/missing"] == 1  # one fetch for both documents
 
 
@@ -444,15 +500,22 @@ def test_failed_image_reject_policy_and_pairs_and_sft(server: Server, tmp_path: 
     assert isinstance(doc, Reject) and doc.reason == "download_not_found"
 
     pairs = UrlImages(settings(tmp_path / "cache"), "pairs", "image_text")
-    out = list(pairs.resolve([{"id": "p1", "text": "cat", "image": image_ref(ok, None)},
-                              {"id": "p2", "text": "dog", "image": image_ref(missing, None)}]))  # fmt: skip
+    out = list(
+        pairs.resolve(
+            [
+                {"id": "p1", "text": "cat", "image": image_ref(ok, None)},
+                {"id": "p2", "text": "dog", "image": image_ref(missing, None)},
+            ]
+        )
+    )
     pairs.close()
     assert Path(out[0]["image"]["path"]).read_bytes() == JPEG and out[1].reason == "download_not_found"
 
     sft = UrlImages(settings(tmp_path / "cache"), "chat", "sft")
     prompt = [{"text": "what is this?", "image": None}, {"text": None, "image": image_ref(server.url("/ok.png"), None)}]
-    (sample,) = sft.resolve([{"id": "s", "category": "visual_chat", "prompt": prompt,
-                              "answer": [{"text": "noise", "image": None}]}])  # fmt: skip
+    (sample,) = sft.resolve(
+        [{"id": "s", "category": "visual_chat", "prompt": prompt, "answer": [{"text": "noise", "image": None}]}]
+    )
     sft.close()
     assert Path(sample["prompt"][1]["image"]["path"]).read_bytes() == PNG
 
@@ -468,8 +531,11 @@ def test_with_downloads_off_a_url_is_image_not_local_with_a_hint(tmp_path: Path)
 def test_image_refs_keep_http_urls_and_refuse_other_schemes() -> None:
     from pipelines.raw_records import RecordError
 
-    assert image_ref("https://example.com/a.jpg", None) == {"bytes": None, "path": None,
-                                                            "url": "https://example.com/a.jpg"}  # fmt: skip
+    assert image_ref("https://example.com/a.jpg", None) == {
+        "bytes": None,
+        "path": None,
+        "url": "https://example.com/a.jpg",
+    }
     assert image_ref({"url": "HTTP://example.com/a.jpg"}, None)["url"] == "HTTP://example.com/a.jpg"
     for value in ("s3://bucket/a.jpg", "ftp://host/a.jpg", "gs://b/a.jpg"):
         with pytest.raises(RecordError) as err:
@@ -490,8 +556,14 @@ def write_obelics_parquet(path: Path, docs: list[tuple[list, list]]) -> None:
 def prepare_config(tmp_path: Path, tiny_tokenizers: dict, sources: list[dict], out: str, download: dict | None):
     from schemas import PrepareConfig, validate_config
 
-    raw = {"output_dir": str(tmp_path / out), "image_size": 64, "samples_per_shard": 4, "detect_faces": False,
-           "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()}, "sources": sources}  # fmt: skip
+    raw = {
+        "output_dir": str(tmp_path / out),
+        "image_size": 64,
+        "samples_per_shard": 4,
+        "detect_faces": False,
+        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "sources": sources,
+    }
     if download is not None:
         raw["download"] = download
     return validate_config(PrepareConfig, raw)
@@ -524,28 +596,43 @@ def test_prepare_fetches_obelics_mmc4_and_url_pairs_and_resumes(server: Server, 
     ]
     by_url = [(t, [None if p is None else u(p) for p in i]) for t, i in docs]
     fetched = {"/img0.jpg", "/img1.jpg", "/img2.jpg", "/img3.jpg"}
-    as_local = [([x for x, p in zip(t, i, strict=True) if p is None or p in fetched],
-                 [None if p is None else str(local / p.strip("/")) for p in i if p is None or p in fetched])
-                for t, i in docs]  # fmt: skip
+    as_local = [
+        (
+            [x for x, p in zip(t, i, strict=True) if p is None or p in fetched],
+            [None if p is None else str(local / p.strip("/")) for p in i if p is None or p in fetched],
+        )
+        for t, i in docs
+    ]
     for folder, rows in (("web", by_url), ("disk", as_local)):
         (tmp_path / folder).mkdir()
         write_obelics_parquet(tmp_path / folder / "obelics.parquet", rows)
     mmc4 = [
-        {"text_list": ["First sentence.", "Second sentence."], "image_info": [
-            {"image_name": "not-downloaded.jpg", "raw_url": u("/img4.jpg"), "matched_text_index": 1}]},
-        {"text_list": ["Only text here.", "And more."], "image_info": [
-            {"raw_url": u("/gone"), "matched_text_index": 0}, {"raw_url": u("/img5.jpg"), "matched_text_index": 1}]},
-    ]  # fmt: skip
+        {
+            "text_list": ["First sentence.", "Second sentence."],
+            "image_info": [{"image_name": "not-downloaded.jpg", "raw_url": u("/img4.jpg"), "matched_text_index": 1}],
+        },
+        {
+            "text_list": ["Only text here.", "And more."],
+            "image_info": [
+                {"raw_url": u("/gone"), "matched_text_index": 0},
+                {"raw_url": u("/img5.jpg"), "matched_text_index": 1},
+            ],
+        },
+    ]
     (tmp_path / "web" / "mmc4.jsonl").write_text("".join(json.dumps(d) + "\n" for d in mmc4))
     pairs = pa.table({"url": [u("/img6.jpg"), u("/missing"), u("/huge")], "caption": ["six", "none", "big"]})
     pq.write_table(pairs, tmp_path / "web" / "pairs.parquet")
 
     sources = [
-        {"name": "obelics", "kind": "interleaved", "format": "parquet",
-         "paths": [str(tmp_path / "web/obelics.parquet")]},
+        {
+            "name": "obelics",
+            "kind": "interleaved",
+            "format": "parquet",
+            "paths": [str(tmp_path / "web/obelics.parquet")],
+        },
         {"name": "mmc4", "kind": "interleaved", "format": "jsonl", "paths": [str(tmp_path / "web/mmc4.jsonl")]},
         {"name": "pairs", "kind": "image_text", "format": "parquet", "paths": [str(tmp_path / "web/pairs.parquet")]},
-    ]  # fmt: skip
+    ]
     download = settings(tmp_path / "cache").model_dump(mode="json")
     result = run_prepare(prepare_config(tmp_path, tiny_tokenizers, sources, "out", download))
     totals = {name: m["totals"] for name, m in result["manifests"].items()}
@@ -564,8 +651,14 @@ def test_prepare_fetches_obelics_mmc4_and_url_pairs_and_resumes(server: Server, 
     assert manifests["mmc4"]["downloads"]["images_dropped"] == 1
 
     # The fetched documents tokenize exactly as the same documents read from local files.
-    disk = [{"name": "obelics", "kind": "interleaved", "format": "parquet",
-             "paths": [str(tmp_path / "disk/obelics.parquet")]}]  # fmt: skip
+    disk = [
+        {
+            "name": "obelics",
+            "kind": "interleaved",
+            "format": "parquet",
+            "paths": [str(tmp_path / "disk/obelics.parquet")],
+        }
+    ]
     run_prepare(prepare_config(tmp_path, tiny_tokenizers, disk, "out-disk", None))
     web_tokens, disk_tokens = (
         tokens_by_record(tmp_path / "out/obelics"),
@@ -635,10 +728,17 @@ def test_a_run_killed_mid_write_leaves_nothing_that_looks_fetched(server: Server
 
 def test_private_addresses_are_refused_by_default_before_any_request(server: Server, tmp_path: Path) -> None:
     port = server.httpd.server_address[1]
-    urls = [server.url("/ok.jpg"), f"http://localhost:{port}/ok.jpg", f"http://[::1]:{port}/ok.jpg",
-            f"http://2130706433:{port}/ok.jpg", f"http://[::ffff:127.0.0.1]:{port}/ok.jpg", f"http://0.0.0.0:{port}/x",
-            "http://169.254.169.254/latest/meta-data/", "https://10.1.2.3/a.jpg",
-            "http://192.168.0.1/a.jpg"]  # fmt: skip
+    urls = [
+        server.url("/ok.jpg"),
+        f"http://localhost:{port}/ok.jpg",
+        f"http://[::1]:{port}/ok.jpg",
+        f"http://2130706433:{port}/ok.jpg",
+        f"http://[::ffff:127.0.0.1]:{port}/ok.jpg",
+        f"http://0.0.0.0:{port}/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "https://10.1.2.3/a.jpg",
+        "http://192.168.0.1/a.jpg",
+    ]
     strict = settings(tmp_path / "cache", allow_private_addresses=False)
     assert not DownloadConfig().allow_private_addresses  # the default
     downloader = ImageDownloader(strict)

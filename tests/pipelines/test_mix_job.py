@@ -22,18 +22,32 @@ from schemas.vocab import TINY
 
 def spec_for(prepared: Path, **changes) -> MixtureSpec:
     data = {
-        "seq_len": 256, "tokens_per_image": 64, "seed": 3, "total_tokens": 60_000, "max_repetitions": 16,
+        "seq_len": 256,
+        "tokens_per_image": 64,
+        "seed": 3,
+        "total_tokens": 60_000,
+        "max_repetitions": 16,
         "stages": {
-            "stage1": {"fraction": 0.8, "sources": [
-                {"name": "prose", "path": str(prepared / "prose"), "weight": 2.9},
-                {"name": "photos", "path": str(prepared / "photos"), "weight": 1.5},
-                {"name": "howto", "path": str(prepared / "howto"), "weight": 0.4}]},
-            "stage2": {"fraction": 0.15, "inherit": {"stage": "stage1", "factor": 0.5},
-                       "sources": [{"name": "code", "path": str(prepared / "code"), "weight": 0.6}]},
-            "sft": {"tokens": 6_000, "sft": True,
-                    "sources": [{"name": "instructions", "path": str(prepared / "instructions"), "weight": 1.0}]},
+            "stage1": {
+                "fraction": 0.8,
+                "sources": [
+                    {"name": "prose", "path": str(prepared / "prose"), "weight": 2.9},
+                    {"name": "photos", "path": str(prepared / "photos"), "weight": 1.5},
+                    {"name": "howto", "path": str(prepared / "howto"), "weight": 0.4},
+                ],
+            },
+            "stage2": {
+                "fraction": 0.15,
+                "inherit": {"stage": "stage1", "factor": 0.5},
+                "sources": [{"name": "code", "path": str(prepared / "code"), "weight": 0.6}],
+            },
+            "sft": {
+                "tokens": 6_000,
+                "sft": True,
+                "sources": [{"name": "instructions", "path": str(prepared / "instructions"), "weight": 1.0}],
+            },
         },
-    } | changes  # fmt: skip
+    } | changes
     return validate_config(MixtureSpec, data)
 
 
@@ -60,8 +74,10 @@ def test_realized_shares_follow_the_targets(mixed) -> None:
         assert 0 <= s["planned_tokens"] - s["target_tokens"] < 1_200, name
         assert s["realized_tokens"] == s["planned_tokens"], name
     assert {n: round(s["target_share"], 3) for n, s in stage1["sources"].items()} == {
-        "howto": 0.083, "photos": 0.312, "prose": 0.604,
-    }  # fmt: skip
+        "howto": 0.083,
+        "photos": 0.312,
+        "prose": 0.604,
+    }
     assert abs(stage1["sources"]["prose"]["realized_share"] - 0.604) < 0.02
     assert stage1["modality"]["image_tokens"] > 0 and stage1["tokens"] == sum(
         s["realized_tokens"] for s in stage1["sources"].values()
@@ -157,9 +173,16 @@ def test_category_weights_need_an_sft_stage(prepared_sources: Path) -> None:
     from schemas import ConfigError
 
     with pytest.raises(ConfigError, match="category_weights apply to SFT stages only"):
-        spec_for(prepared_sources, stages={"s": {"tokens": 10, "category_weights": {"code": 1},
-                                                 "sources": [{"name": "p", "path": str(prepared_sources / "prose"),
-                                                              "weight": 1}]}})  # fmt: skip
+        spec_for(
+            prepared_sources,
+            stages={
+                "s": {
+                    "tokens": 10,
+                    "category_weights": {"code": 1},
+                    "sources": [{"name": "p", "path": str(prepared_sources / "prose"), "weight": 1}],
+                }
+            },
+        )
 
 
 def test_stage_two_draws_what_stage_one_left_and_sft_skips_what_cannot_fit(prepared_sources: Path) -> None:

@@ -71,14 +71,20 @@ def test_realized_within_one_sample_and_repetition_limit() -> None:
     samples = source(50, list(range(10, 60)))
     plan = draw_source("text", samples, target_tokens=3_001, face_weight=2.0, max_repetitions=2, seed=0)
     assert 0 <= plan.realized_tokens - 3_001 < max(s.n_tokens for s in samples)
-    with pytest.raises(MixPlanError, match=r"source 'text' needs 5,000 tokens but 2 repetitions of its 1,725 tokens "
-                                           r"give 3,450: 1,550 tokens missing"):  # fmt: skip
+    with pytest.raises(
+        MixPlanError,
+        match=r"source 'text' needs 5,000 tokens but 2 repetitions of its 1,725 tokens "
+        r"give 3,450: 1,550 tokens missing",
+    ):
         draw_source("text", samples, target_tokens=5_000, face_weight=2.0, max_repetitions=2, seed=0)
 
 
 def test_stage_plan_for_three_sources_of_very_different_sizes() -> None:
-    sources = {"text": source(5000, 300, name="text"), "pairs": source(400, 1100, 0.4, "pairs"),
-               "docs": source(12, 2500, 0.2, "docs")}  # fmt: skip
+    sources = {
+        "text": source(5000, 300, name="text"),
+        "pairs": source(400, 1100, 0.4, "pairs"),
+        "docs": source(12, 2500, 0.2, "docs"),
+    }
     weights = {"text": 2.9, "pairs": 1.5, "docs": 0.4}
     reps = dict.fromkeys(weights, 8.0)
     plans, sequence = plan_stage(sources, weights, 600_000, 2.0, reps, seed=7)
@@ -102,15 +108,25 @@ def test_stage_two_inherits_stage_one_at_half_weight(tmp_path) -> None:
 
     for name in ("a", "b", "hq"):
         (tmp_path / name).mkdir()
-    spec = validate_config(MixtureSpec, {
-        "total_tokens": 1_000_000, "seq_len": 2048,
-        "stages": {
-            "stage1": {"fraction": 0.8, "sources": [{"name": "a", "path": "a", "weight": 2.0},
-                                                    {"name": "b", "path": "b", "weight": 1.0}]},
-            "stage2": {"fraction": 0.2, "inherit": {"stage": "stage1", "factor": 0.5},
-                       "sources": [{"name": "hq", "path": "hq", "weight": 1.5}]},
+    spec = validate_config(
+        MixtureSpec,
+        {
+            "total_tokens": 1_000_000,
+            "seq_len": 2048,
+            "stages": {
+                "stage1": {
+                    "fraction": 0.8,
+                    "sources": [{"name": "a", "path": "a", "weight": 2.0}, {"name": "b", "path": "b", "weight": 1.0}],
+                },
+                "stage2": {
+                    "fraction": 0.2,
+                    "inherit": {"stage": "stage1", "factor": 0.5},
+                    "sources": [{"name": "hq", "path": "hq", "weight": 1.5}],
+                },
+            },
         },
-    }, base_dir=tmp_path)  # fmt: skip
+        base_dir=tmp_path,
+    )
     weights = {s.name: s.weight for s in spec.sources_of("stage2")}
     assert weights == {"a": 1.0, "b": 0.5, "hq": 1.5}
     assert apportion(spec.stage_tokens("stage2"), weights) == {"a": 66_667, "b": 33_333, "hq": 100_000}

@@ -25,8 +25,11 @@ def document(rng: np.random.Generator, n_text: list[int]) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 150), min_size=1, max_size=4), min_size=1, max_size=12),
-       st.integers(BLOCK, 300), st.integers(0, 2**16))  # fmt: skip
+@given(
+    st.lists(st.lists(st.integers(0, 150), min_size=1, max_size=4), min_size=1, max_size=12),
+    st.integers(BLOCK, 300),
+    st.integers(0, 2**16),
+)
 def test_pretraining_packing(doc_shapes: list[list[int]], seq_len: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     docs = [(i % 3, document(rng, shape)) for i, shape in enumerate(doc_shapes)]

@@ -87,26 +87,38 @@ def broken_corpus(tmp_path_factory) -> Path:
     rows = [
         {"texts": ["Intro", None], "images": [None, {"bytes": PHOTO, "path": None, "url": None}], "metadata": None},
         {"texts": ["a", None, "b"], "images": [None, None], "metadata": None},
-        {"texts": [None, "b"], "images": [{"bytes": None, "path": None, "url": "https://x.org/a.jpg"}, None],
-         "metadata": None},
+        {
+            "texts": [None, "b"],
+            "images": [{"bytes": None, "path": None, "url": "https://x.org/a.jpg"}, None],
+            "metadata": None,
+        },
         {"texts": [None], "images": [{"bytes": None, "path": "missing.jpg", "url": None}], "metadata": None},
-    ]  # fmt: skip
+    ]
     (root / "docs").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), root / "docs" / "obelics.parquet")
     return root
 
 
 def test_broken_input_is_counted_not_lost(broken_corpus: Path, tiny_tokenizers, tmp_path: Path) -> None:
-    config = validate_config(PrepareConfig, {
-        "output_dir": str(tmp_path / "out"), "image_size": 64,
-        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [
-            {"name": "pairs", "kind": "image_text", "format": "webdataset", "paths": [str(broken_corpus / "pairs")]},
-            {"name": "text", "kind": "text", "format": "jsonl", "paths": [str(broken_corpus / "text/*.jsonl")]},
-            {"name": "wrongschema", "kind": "text", "format": "parquet", "paths": [str(broken_corpus / "text")]},
-            {"name": "docs", "kind": "interleaved", "format": "parquet", "paths": [str(broken_corpus / "docs")]},
-        ],
-    })  # fmt: skip
+    config = validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(tmp_path / "out"),
+            "image_size": 64,
+            "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+            "sources": [
+                {
+                    "name": "pairs",
+                    "kind": "image_text",
+                    "format": "webdataset",
+                    "paths": [str(broken_corpus / "pairs")],
+                },
+                {"name": "text", "kind": "text", "format": "jsonl", "paths": [str(broken_corpus / "text/*.jsonl")]},
+                {"name": "wrongschema", "kind": "text", "format": "parquet", "paths": [str(broken_corpus / "text")]},
+                {"name": "docs", "kind": "interleaved", "format": "parquet", "paths": [str(broken_corpus / "docs")]},
+            ],
+        },
+    )
     result = run_prepare(config)
     totals = {name: m["totals"] for name, m in result["manifests"].items()}
     for name, t in totals.items():
@@ -154,14 +166,19 @@ def test_one_odd_record_is_one_reject_and_the_rest_of_its_file_goes_on(tiny_toke
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     with gzip.open(tmp_path / "text" / "b.jsonl.gz", "wb") as f:  # read as it decompresses
         f.write(good * 3 + b"not json\n")
-    config = validate_config(PrepareConfig, {
-        "output_dir": str(tmp_path / "out"), "image_size": 64, "runner": {"kind": "embedded"},
-        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [
-            {"name": "text", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "text")]},
-            {"name": "sft", "kind": "sft", "format": "jsonl", "paths": [str(tmp_path / "sft.jsonl")]},
-        ],
-    })  # fmt: skip
+    config = validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(tmp_path / "out"),
+            "image_size": 64,
+            "runner": {"kind": "embedded"},
+            "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+            "sources": [
+                {"name": "text", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "text")]},
+                {"name": "sft", "kind": "sft", "format": "jsonl", "paths": [str(tmp_path / "sft.jsonl")]},
+            ],
+        },
+    )
     result = run_prepare(config)  # finishes: no record can fail the job
     text, sft_totals = (result["manifests"][name]["totals"] for name in ("text", "sft"))
     # Every line is a sample or a reject; each file's good lines all came through.
@@ -178,15 +195,25 @@ def test_a_rerun_with_fewer_shards_leaves_no_stale_ones(tiny_tokenizers, tmp_pat
     (tmp_path / "a.jsonl").write_text("\n".join(docs) + "\n")  # 30 KB: jsonl tasks hold at least 4 KB each
 
     def run(samples_per_shard: int) -> dict:
-        return run_prepare(validate_config(PrepareConfig, {
-            "output_dir": str(tmp_path / "out"), "image_size": 64, "runner": {"kind": "embedded"},
-            "samples_per_shard": samples_per_shard, "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-            "sources": [{"name": "t", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "a.jsonl")]}],
-        }))  # fmt: skip
+        return run_prepare(
+            validate_config(
+                PrepareConfig,
+                {
+                    "output_dir": str(tmp_path / "out"),
+                    "image_size": 64,
+                    "runner": {"kind": "embedded"},
+                    "samples_per_shard": samples_per_shard,
+                    "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+                    "sources": [{"name": "t", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "a.jsonl")]}],
+                },
+            )
+        )
 
     assert len(run(5)["manifests"]["t"]["shards"]) > 2
     manifest = run(1000)["manifests"]["t"]
     assert len(manifest["shards"]) == 1 and manifest["totals"]["samples"] == 400
     assert sorted(p.name for p in (tmp_path / "out" / "t").glob("shard-*")) == [
-        "shard-00000.rejects.parquet", "shard-00000.stats.json", "shard-00000.tar"
-    ]  # fmt: skip
+        "shard-00000.rejects.parquet",
+        "shard-00000.stats.json",
+        "shard-00000.tar",
+    ]

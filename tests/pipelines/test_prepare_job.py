@@ -41,8 +41,12 @@ def test_counts_add_up_for_every_source(prepared) -> None:
     _, result = prepared
     totals = {name: m["totals"] for name, m in result["manifests"].items()}
     assert {n: t["samples"] for n, t in totals.items()} == {
-        "prose": 130, "code": 70, "photos": 24, "howto": 12, "instructions": 30,
-    }  # fmt: skip
+        "prose": 130,
+        "code": 70,
+        "photos": 24,
+        "howto": 12,
+        "instructions": 30,
+    }
     for t in totals.values():
         assert t["records_in"] == t["samples"] + t["rejects"] and t["rejects"] == 0
     assert (totals["photos"]["images"], totals["howto"]["images"], totals["instructions"]["images"]) == (24, 15, 18)

@@ -22,10 +22,12 @@ def test_kill_and_rerun(tmp_path: Path, sample_data, tiny_tokenizers) -> None:
 
     def write_config(out: Path) -> Path:
         config = {
-            "output_dir": str(out), "image_size": 64, "samples_per_shard": 2,
+            "output_dir": str(out),
+            "image_size": 64,
+            "samples_per_shard": 2,
             "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
             "sources": [{"name": "prose", "kind": "text", "format": "jsonl", "paths": [str(raw / "text/*.jsonl")]}],
-        }  # fmt: skip
+        }
         path = out.parent / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
@@ -33,9 +35,11 @@ def test_kill_and_rerun(tmp_path: Path, sample_data, tiny_tokenizers) -> None:
     killed_cfg = write_config(tmp_path / "killed")
     process = subprocess.Popen(
         [sys.executable, "-c", "from flows.cli import app; app()", "prepare", str(killed_cfg)],
-        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "killed" / "prose").glob("*.stats.json")):
         time.sleep(0.002)

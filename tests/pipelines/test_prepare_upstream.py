@@ -51,8 +51,13 @@ def write_mmc4_shard(folder: Path) -> Path:
 
 def write_obelics(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    images = [None, None, {"bytes": PHOTOS[1].read_bytes(), "path": None}, None, {"bytes": PHOTOS[2].read_bytes(),
-                                                                                  "path": None}]  # fmt: skip
+    images = [
+        None,
+        None,
+        {"bytes": PHOTOS[1].read_bytes(), "path": None},
+        None,
+        {"bytes": PHOTOS[2].read_bytes(), "path": None},
+    ]
     path = folder / "obelics.parquet"
     pq.write_table(pa.Table.from_pylist([{"texts": OBELICS_TEXTS, "images": images, "metadata": "[]"}]), path)
     return path
@@ -62,16 +67,26 @@ def write_obelics(folder: Path) -> Path:
 def upstream(tmp_path_factory, tiny_tokenizers) -> tuple[PrepareConfig, dict]:
     raw = tmp_path_factory.mktemp("upstream")
     mmc4, obelics = write_mmc4_shard(raw / "mmc4"), write_obelics(raw / "obelics")
-    config = validate_config(PrepareConfig, {
-        "output_dir": str(raw / "out"), "image_size": 64, "detect_faces": False,
-        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [
-            {"name": "mmc4", "kind": "interleaved", "format": "jsonl", "paths": [str(raw / "mmc4")]},
-            {"name": "obelics", "kind": "interleaved", "format": "parquet", "paths": [str(obelics)]},
-            {"name": "mmc4_lines", "kind": "interleaved", "format": "jsonl", "paths": [str(mmc4)],
-             "options": {"text_separator": "\n"}},
-        ],
-    })  # fmt: skip
+    config = validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(raw / "out"),
+            "image_size": 64,
+            "detect_faces": False,
+            "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+            "sources": [
+                {"name": "mmc4", "kind": "interleaved", "format": "jsonl", "paths": [str(raw / "mmc4")]},
+                {"name": "obelics", "kind": "interleaved", "format": "parquet", "paths": [str(obelics)]},
+                {
+                    "name": "mmc4_lines",
+                    "kind": "interleaved",
+                    "format": "jsonl",
+                    "paths": [str(mmc4)],
+                    "options": {"text_separator": "\n"},
+                },
+            ],
+        },
+    )
     return config, run_prepare(config)
 
 
@@ -89,8 +104,10 @@ def decoded(config: PrepareConfig, source: str, tokenizer_dir: Path) -> list[lis
 def test_interleaved_texts_decode_as_a_reader_expects(upstream, tiny_tokenizers) -> None:
     config, result = upstream
     assert {n: (m["totals"]["samples"], m["totals"]["rejects"]) for n, m in result["manifests"].items()} == {
-        "mmc4": (1, 0), "obelics": (1, 0), "mmc4_lines": (1, 0)
-    }  # fmt: skip
+        "mmc4": (1, 0),
+        "obelics": (1, 0),
+        "mmc4_lines": (1, 0),
+    }
     # MMC4: sentences of one document, a space between them (the empty one adds nothing); the image goes before
     # its matched sentence and parts the texts itself.
     assert decoded(config, "mmc4", tiny_tokenizers["text"]) == [
@@ -127,10 +144,15 @@ def test_one_source_failing_its_manifest_keeps_the_others(upstream) -> None:
 
 def test_inputs_that_changed_since_the_config_was_loaded_are_one_error(tmp_path, tiny_tokenizers) -> None:
     (tmp_path / "notes.txt").write_text("{}")
-    config = validate_config(PrepareConfig, {
-        "output_dir": str(tmp_path / "out"), "image_size": 64,
-        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
-        "sources": [{"name": "t", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "notes.txt")]}],
-    }, check_paths=False)  # fmt: skip
+    config = validate_config(
+        PrepareConfig,
+        {
+            "output_dir": str(tmp_path / "out"),
+            "image_size": 64,
+            "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+            "sources": [{"name": "t", "kind": "text", "format": "jsonl", "paths": [str(tmp_path / "notes.txt")]}],
+        },
+        check_paths=False,
+    )
     with pytest.raises(PrepareError, match=r"source t: .*notes.txt is not a jsonl file"):
         run_prepare(config)

@@ -17,8 +17,10 @@ def test_options_name_the_runner_explicitly() -> None:
     assert opts["runner"].endswith("FnApiRunner")
     local = pipeline_options(RunnerConfig(kind="local", workers=3)).get_all_options()
     assert (local["runner"], local["direct_running_mode"], local["direct_num_workers"]) == (
-        "DirectRunner", "multi_processing", 3,
-    )  # fmt: skip
+        "DirectRunner",
+        "multi_processing",
+        3,
+    )
     dask_options = pipeline_options(RunnerConfig(kind="dask", address="tcp://127.0.0.1:8786"))
     from apache_beam.runners.dask.dask_runner import DaskOptions
 

@@ -34,8 +34,10 @@ def test_write_and_read_back(tmp_path: Path) -> None:
     samples = make_samples()
     stats = write_shard(tmp_path, 3, samples, REJECTS, vocab_size=65_536, fingerprint="abc")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "shard-00003.rejects.parquet", "shard-00003.stats.json", "shard-00003.tar",
-    ]  # fmt: skip
+        "shard-00003.rejects.parquet",
+        "shard-00003.stats.json",
+        "shard-00003.tar",
+    ]
     assert (stats["samples"], stats["rejects"], stats["faces"], stats["records_in"]) == (5, 1, 3, 6)
     assert stats["rejects_by_reason"] == {"image_truncated": 1} and stats["token_dtype"] == "uint16"
     back = read_shard(tmp_path / "shard-00003.tar")

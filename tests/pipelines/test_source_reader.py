@@ -94,10 +94,13 @@ def broken(tmp_path: Path, sample_data) -> Path:
         info.size = 3
         tar.addfile(info, io.BytesIO(b"abc"))
     (tmp_path / "sft.jsonl").write_text(
-        json.dumps({"prompt": "hi", "answer": [{"text": "a", "image": "x.jpg"}]}) + "\n"
-        + json.dumps({"prompt": "hi", "answer": "ok", "category": "poetry"}) + "\n"
-        + json.dumps({"prompt": "hi", "answer": "ok"}) + "\n"
-    )  # fmt: skip
+        json.dumps({"prompt": "hi", "answer": [{"text": "a", "image": "x.jpg"}]})
+        + "\n"
+        + json.dumps({"prompt": "hi", "answer": "ok", "category": "poetry"})
+        + "\n"
+        + json.dumps({"prompt": "hi", "answer": "ok"})
+        + "\n"
+    )
     return tmp_path
 
 
@@ -168,8 +171,9 @@ def test_image_text_parquet_layouts(sample_data, tmp_path: Path) -> None:
     out, _ = sample_data
     photos = sorted((out / "sft" / "images").glob("*.jpg"))[:3]
     # img2dataset's parquet output: jpg bytes and caption columns.
-    pq.write_table(pa.table({"jpg": [p.read_bytes() for p in photos], "caption": ["a", "b", "c"]}),
-                   tmp_path / "i2d.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"jpg": [p.read_bytes() for p in photos], "caption": ["a", "b", "c"]}), tmp_path / "i2d.parquet"
+    )
     # Image-text parquet with local paths (relative to the file) and a Hugging Face image struct.
     (tmp_path / "imgs").mkdir()
     for p in photos:
@@ -186,9 +190,13 @@ def test_image_text_parquet_layouts(sample_data, tmp_path: Path) -> None:
 def test_mmc4_jsonl_places_images_before_their_sentence(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "b.jpg").write_bytes(b"x")  # downloaded beside it: image_name wins over raw_url
-    doc = {"text_list": ["First.", "Second.", "Third."],
-           "image_info": [{"image_name": "b.jpg", "matched_text_index": 1, "raw_url": "http://x/b.jpg"},
-                          {"image_name": "a.jpg", "matched_text_index": 0}]}  # fmt: skip
+    doc = {
+        "text_list": ["First.", "Second.", "Third."],
+        "image_info": [
+            {"image_name": "b.jpg", "matched_text_index": 1, "raw_url": "http://x/b.jpg"},
+            {"image_name": "a.jpg", "matched_text_index": 0},
+        ],
+    }
     bad = {"text_list": ["Only."], "image_info": [{"image_name": "c.jpg", "matched_text_index": 4}]}
     (tmp_path / "docs.jsonl").write_text(json.dumps(doc) + "\n" + json.dumps(bad) + "\n")
     src = source("m", "interleaved", "jsonl", tmp_path / "docs.jsonl", images_dir=str(tmp_path / "images"))
@@ -201,10 +209,15 @@ def test_mmc4_jsonl_places_images_before_their_sentence(tmp_path: Path) -> None:
 def test_sft_parquet(tmp_path: Path) -> None:
     from schemas.records import SFT
 
-    row = {"id": "x", "category": "visual_chat",
-           "prompt": [{"text": None, "image": {"bytes": b"\xff\xd8", "path": None, "url": None}},
-                      {"text": "What is it?", "image": None}],
-           "answer": [{"text": "A cat.", "image": None}]}  # fmt: skip
+    row = {
+        "id": "x",
+        "category": "visual_chat",
+        "prompt": [
+            {"text": None, "image": {"bytes": b"\xff\xd8", "path": None, "url": None}},
+            {"text": "What is it?", "image": None},
+        ],
+        "answer": [{"text": "A cat.", "image": None}],
+    }
     pq.write_table(pa.Table.from_pylist([row], schema=SFT), tmp_path / "sft.parquet")
     records, rejects = read_all(source("s", "sft", "parquet", tmp_path / "sft.parquet"))
     assert rejects == [] and records[0]["prompt"][0]["image"]["bytes"] == b"\xff\xd8"
@@ -242,10 +255,23 @@ def write_mmc4_zip(path: Path, docs: list[dict]) -> Path:
 def mmc4_doc(sentences: list[str], images: dict[int, str]) -> dict:
     """A document with MMC4's fields: text_list, image_info (image_name, raw_url, matched_text_index,
     matched_sim, face_detections), similarity_matrix, url, could_have_url_duplicate."""
-    infos = [{"image_name": name, "raw_url": f"https://example.com/{name}", "matched_text_index": index,
-              "matched_sim": 0.3, "face_detections": None} for index, name in images.items()]  # fmt: skip
-    return {"text_list": sentences, "image_info": infos, "url": "https://example.com/doc",
-            "similarity_matrix": [[0.1] * len(sentences) for _ in infos], "could_have_url_duplicate": 0}  # fmt: skip
+    infos = [
+        {
+            "image_name": name,
+            "raw_url": f"https://example.com/{name}",
+            "matched_text_index": index,
+            "matched_sim": 0.3,
+            "face_detections": None,
+        }
+        for index, name in images.items()
+    ]
+    return {
+        "text_list": sentences,
+        "image_info": infos,
+        "url": "https://example.com/doc",
+        "similarity_matrix": [[0.1] * len(sentences) for _ in infos],
+        "could_have_url_duplicate": 0,
+    }
 
 
 def test_mmc4_zip_shards_are_read_as_shipped(tmp_path: Path) -> None:
@@ -268,8 +294,10 @@ def test_a_zip_without_jsonl_or_a_broken_zip_is_a_counted_reject(tmp_path: Path)
         archive.writestr("readme.txt", "no documents here")
     (tmp_path / "broken.jsonl.zip").write_bytes(b"PK\x03\x04 and then nothing")
     _, rejects = read_all(source("m", "interleaved", "jsonl", tmp_path))
-    assert [(r.record_id, r.reason) for r in rejects] == [("broken.jsonl.zip", "file_unreadable"),
-                                                           ("other.jsonl.zip", "file_unreadable")]  # fmt: skip
+    assert [(r.record_id, r.reason) for r in rejects] == [
+        ("broken.jsonl.zip", "file_unreadable"),
+        ("other.jsonl.zip", "file_unreadable"),
+    ]
 
 
 def test_a_file_named_explicitly_must_be_of_the_format(tmp_path: Path) -> None:
@@ -312,8 +340,13 @@ def _peak_memory_of(code: str) -> int:
 
     imports = "import pipelines.source_reader, schemas.prepare_config, tracemalloc"
     script = f"{imports}\ntracemalloc.start()\n{code}\nprint(tracemalloc.get_traced_memory()[1])"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     return int(done.stdout.split()[-1])
 
 
@@ -392,14 +425,24 @@ def test_oversized_tar_members_and_parquet_rows_are_rejected_before_reading(tmp_
 def test_a_tar_sample_with_two_members_of_one_extension_is_rejected(tmp_path: Path) -> None:
     jpg = (Path(__file__).resolve().parents[2] / "sample" / "images").glob("*.jpg").__next__().read_bytes()
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
-        members = [("k1.jpg", jpg), ("k1.txt", b"one"), ("k1.JPG", b"other"), ("k2.jpg", jpg), ("k2.txt", b"two"),
-                   ("k2.txt", b"two again"), ("k3.jpg", jpg), ("k3.txt", b"ok")]  # fmt: skip
+        members = [
+            ("k1.jpg", jpg),
+            ("k1.txt", b"one"),
+            ("k1.JPG", b"other"),
+            ("k2.jpg", jpg),
+            ("k2.txt", b"two"),
+            ("k2.txt", b"two again"),
+            ("k3.jpg", jpg),
+            ("k3.txt", b"ok"),
+        ]
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     records, rejects = read_all(source("w", "image_text", "webdataset", tmp_path / "00000.tar"))
     assert [r["id"] for r in records] == ["00000.tar/k3"]
-    assert [(r.record_id, r.reason) for r in rejects] == [("00000.tar/k1", "duplicate_member"),
-                                                          ("00000.tar/k2", "duplicate_member")]  # fmt: skip
+    assert [(r.record_id, r.reason) for r in rejects] == [
+        ("00000.tar/k1", "duplicate_member"),
+        ("00000.tar/k2", "duplicate_member"),
+    ]
     assert "k1.JPG: a second .jpg member" in rejects[0].detail

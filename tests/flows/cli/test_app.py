@@ -83,8 +83,11 @@ def test_serve_refuses_a_bad_time_zone_or_cron_at_start() -> None:
 def test_config_check_names_odd_files(tmp_path: Path) -> None:
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "deep.yaml").write_text("[" * 5000 + "]" * 5000)
-    cases = {str(tmp_path): "a folder, not a config file", str(tmp_path / "empty.yaml"): "the file is empty",
-             str(tmp_path / "deep.yaml"): "nested too deeply to be a config"}  # fmt: skip
+    cases = {
+        str(tmp_path): "a folder, not a config file",
+        str(tmp_path / "empty.yaml"): "the file is empty",
+        str(tmp_path / "deep.yaml"): "nested too deeply to be a config",
+    }
     for path, message in cases.items():
         result = runner.invoke(app, ["config", "check", "mixture", path])
         assert result.exit_code == 1 and f"{path}: {message}" in " ".join(result.output.split()), result.output

@@ -40,11 +40,22 @@ def test_train_encode_decode(tmp_path: Path) -> None:
     expected = ImageTokenizer.load(out).encode(photos)
     assert [int(c) for c in lines[1].split("\t")[1].split()] == expected[1].tolist()
 
-    result = runner.invoke(app, ["image-tokenizer", "encode", "--tokenizer", str(out), *photos, "--out",
-                                 str(tmp_path / "codes.npy")])  # fmt: skip
+    result = runner.invoke(
+        app, ["image-tokenizer", "encode", "--tokenizer", str(out), *photos, "--out", str(tmp_path / "codes.npy")]
+    )
     assert np.array_equal(np.load(tmp_path / "codes.npy"), expected)
-    result = runner.invoke(app, ["image-tokenizer", "decode", "--tokenizer", str(out), str(tmp_path / "codes.npy"),
-                                 "--out", str(tmp_path / "png")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "image-tokenizer",
+            "decode",
+            "--tokenizer",
+            str(out),
+            str(tmp_path / "codes.npy"),
+            "--out",
+            str(tmp_path / "png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert [p.name for p in pngs] == ["image-0000.png", "image-0001.png"]
@@ -86,18 +97,24 @@ def test_bad_images_codes_and_paths_are_one_line(tmp_path: Path, tiny_tokenizers
     (tmp_path / "cut.jpg").write_bytes(photo.read_bytes()[:2000])
     one_line(["encode", "--tokenizer", vq, str(photo), str(tmp_path / "cut.jpg")], f"{tmp_path / 'cut.jpg'}: image_")
     one_line(["encode", "--tokenizer", vq, "--mode", "weird", str(photo)], "Invalid value for '--mode'", 2)
-    result = runner.invoke(app, ["image-tokenizer", "encode", "--tokenizer", vq, str(photo), "--out",
-                                 str(tmp_path / "codes")])  # fmt: skip
+    result = runner.invoke(
+        app, ["image-tokenizer", "encode", "--tokenizer", vq, str(photo), "--out", str(tmp_path / "codes")]
+    )
     assert result.exit_code == 0 and f"-> {tmp_path / 'codes.npy'}" in " ".join(result.output.split())
     np.save(tmp_path / "empty.npy", np.zeros((0, 64), np.int64))
     np.save(tmp_path / "flat.npy", np.zeros(64, np.int64))
-    for codes, message in [("empty.npy", "codes of shape (0, 64); expected [n >= 1, 64]"),
-                           ("flat.npy", "codes of shape (64,); expected [n >= 1, 64]"),
-                           ("cut.jpg", "not a .npy array"), ("none.npy", "cannot read its codes")]:  # fmt: skip
+    for codes, message in [
+        ("empty.npy", "codes of shape (0, 64); expected [n >= 1, 64]"),
+        ("flat.npy", "codes of shape (64,); expected [n >= 1, 64]"),
+        ("cut.jpg", "not a .npy array"),
+        ("none.npy", "cannot read its codes"),
+    ]:
         one_line(["decode", "--tokenizer", vq, str(tmp_path / codes), "--out", str(tmp_path / "png")], message)
     (tmp_path / "file").write_text("x")
-    one_line(["decode", "--tokenizer", vq, str(tmp_path / "codes.npy"), "--out", str(tmp_path / "file")],
-             "a file is in the way")  # fmt: skip
+    one_line(
+        ["decode", "--tokenizer", vq, str(tmp_path / "codes.npy"), "--out", str(tmp_path / "file")],
+        "a file is in the way",
+    )
     one_line(["train", "-i", str(PHOTOS), "--out", str(tmp_path / "file")], "a file is in the way")
     one_line(
         ["train", "-i", str(PHOTOS), "--out", str(tmp_path / "vq"), "--steps", "0"], "Invalid value for '--steps'", 2
@@ -106,6 +123,7 @@ def test_bad_images_codes_and_paths_are_one_line(tmp_path: Path, tiny_tokenizers
     for n, name in enumerate(["a.jpg", "b.jpg"]):
         (tmp_path / "few" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "few" / name).write_bytes(photo.read_bytes() if n == 0 else b"not an image")
-    one_line(["train", "-i", str(tmp_path / "few"), "--out", str(tmp_path / "vq")],
-             "not enough usable images to train on: 1 of 2 (one to train on and one to hold out are needed); "
-             "skipped")  # fmt: skip
+    one_line(
+        ["train", "-i", str(tmp_path / "few"), "--out", str(tmp_path / "vq")],
+        "not enough usable images to train on: 1 of 2 (one to train on and one to hold out are needed); skipped",
+    )

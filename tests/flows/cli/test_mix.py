@@ -14,11 +14,19 @@ runner = CliRunner()
 
 def test_mix_command(tmp_path: Path, prepared_sources: Path) -> None:
     spec = {
-        "seq_len": 256, "tokens_per_image": 64, "max_repetitions": 16,
-        "stages": {"stage1": {"tokens": 20_000, "sources": [
-            {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 2.9},
-            {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1.5}]}},
-    }  # fmt: skip
+        "seq_len": 256,
+        "tokens_per_image": 64,
+        "max_repetitions": 16,
+        "stages": {
+            "stage1": {
+                "tokens": 20_000,
+                "sources": [
+                    {"name": "prose", "path": str(prepared_sources / "prose"), "weight": 2.9},
+                    {"name": "photos", "path": str(prepared_sources / "photos"), "weight": 1.5},
+                ],
+            }
+        },
+    }
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(spec))
     result = runner.invoke(app, ["mix", str(path), "--out", str(tmp_path / "out")])

@@ -17,9 +17,19 @@ def test_train_encode_decode(tmp_path: Path) -> None:
     out = tmp_path / "tok"
     result = runner.invoke(
         app,
-        ["text-tokenizer", "train", "--input", str(REPO / "sample/text/*.jsonl"), "--vocab-size", "2100",
-         "--layout", "tiny", "--out", str(out)],
-    )  # fmt: skip
+        [
+            "text-tokenizer",
+            "train",
+            "--input",
+            str(REPO / "sample/text/*.jsonl"),
+            "--vocab-size",
+            "2100",
+            "--layout",
+            "tiny",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "2100 ids (1822 text pieces from id 278)" in result.output
     tokenizer = load_text_tokenizer(out)
@@ -60,11 +70,37 @@ def test_training_input_without_text_and_odd_bytes(tmp_path: Path) -> None:
     assert "no text to train on in 2 files (field 'text'): 0 documents; skipped: bad_json 1 (first:" in text
     assert "binary 1" in text and "no_text_field 1" in text
     (tmp_path / "file").write_text("x")
-    result = runner.invoke(app, ["text-tokenizer", "train", "--input", str(REPO / "sample/text/*.jsonl"), "--layout",
-                                 "tiny", "--vocab-size", "2100", "--out", str(tmp_path / "file")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "text-tokenizer",
+            "train",
+            "--input",
+            str(REPO / "sample/text/*.jsonl"),
+            "--layout",
+            "tiny",
+            "--vocab-size",
+            "2100",
+            "--out",
+            str(tmp_path / "file"),
+        ],
+    )
     assert result.exit_code == 1 and "a file is in the way" in result.output
-    result = runner.invoke(app, ["text-tokenizer", "train", "--input", str(REPO / "sample/text/*.jsonl"), "--layout",
-                                 "tiny", "--vocab-size", "2100", "--out", str(tmp_path / "tok")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "text-tokenizer",
+            "train",
+            "--input",
+            str(REPO / "sample/text/*.jsonl"),
+            "--layout",
+            "tiny",
+            "--vocab-size",
+            "2100",
+            "--out",
+            str(tmp_path / "tok"),
+        ],
+    )
     assert result.exit_code == 0 and "read 200 documents; skipped: none" in result.output
     stdin = runner.invoke(app, ["text-tokenizer", "encode", "--tokenizer", str(tmp_path / "tok")], input=b"\xff\xfe x")
     assert stdin.exit_code == 1 and "standard input is not UTF-8 text (invalid start byte at byte 0)" in stdin.output

@@ -26,9 +26,18 @@ def write(path: Path, data: dict) -> Path:
 
 
 def train_config(stages: Path, out: Path, steps: int) -> dict:
-    return {"model": {"preset": "tiny"}, "data": str(stages / "stage1"), "out_dir": str(out), "seq_len": 128,
-            "steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "optimizer": {"lr": 3e-3},
-            "schedule": {"warmup_steps": 1}, "checkpoint": {"every_steps": 2}}  # fmt: skip
+    return {
+        "model": {"preset": "tiny"},
+        "data": str(stages / "stage1"),
+        "out_dir": str(out),
+        "seq_len": 128,
+        "steps": steps,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 1},
+        "checkpoint": {"every_steps": 2},
+    }
 
 
 def test_train_then_sft(stages: Path, tmp_path: Path) -> None:
@@ -39,9 +48,16 @@ def test_train_then_sft(stages: Path, tmp_path: Path) -> None:
     again = runner.invoke(app, ["train", str(path)])
     assert "resumed from" in again.output and "nothing to do: already at step 4" in again.output
 
-    sft = {"model": {"preset": "tiny"}, "data": str(stages / "sft"), "out_dir": str(tmp_path / "sft"), "seq_len": 128,
-           "steps": 3, "global_batch_size": 4, "micro_batch_size": 2,
-           "init_from": str(tmp_path / "pretrain/checkpoints/latest")}  # fmt: skip
+    sft = {
+        "model": {"preset": "tiny"},
+        "data": str(stages / "sft"),
+        "out_dir": str(tmp_path / "sft"),
+        "seq_len": 128,
+        "steps": 3,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "init_from": str(tmp_path / "pretrain/checkpoints/latest"),
+    }
     result = runner.invoke(app, ["sft", str(write(tmp_path / "sft.yaml", sft))])
     assert result.exit_code == 0, result.output
     assert "initialised from" in result.output and "step-00000004" in result.output

@@ -36,8 +36,14 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def relative_file(path: Path, votes: dict[str, tuple[str, str, str]], category: str = "how-to") -> Path:
-    return write_lines(path, [annotation_line("relative", item, category, f"ann{k}", label)
-                              for item, labels in votes.items() for k, label in enumerate(labels, 1)])  # fmt: skip
+    return write_lines(
+        path,
+        [
+            annotation_line("relative", item, category, f"ann{k}", label)
+            for item, labels in votes.items()
+            for k, label in enumerate(labels, 1)
+        ],
+    )
 
 
 # --- the scorer -----------------------------------------------------------------------------------------------
@@ -50,18 +56,23 @@ def test_absolute_scores_of_the_hand_made_example_are_exact() -> None:
     assert result["rates"] == {"fulfills": 0.5, "partially_fulfills": 0.25, "does_not_fulfill": 0.25}
     assert result["agreement"] == {"all_agree": 0.25, "two_agree": 0.5, "none_agree": 0.25}
     assert result["agreement_counts"] == {"all_agree": 1, "two_agree": 2, "none_agree": 1}
-    assert result["by_category"]["how-to"]["rates"] == {"fulfills": 1.0, "partially_fulfills": 0.0,
-                                                        "does_not_fulfill": 0.0}  # fmt: skip
+    assert result["by_category"]["how-to"]["rates"] == {
+        "fulfills": 1.0,
+        "partially_fulfills": 0.0,
+        "does_not_fulfill": 0.0,
+    }
     assert result["by_category"]["explanation"]["rates"]["partially_fulfills"] == 1.0
     assert result["by_category"]["explanation"]["agreement"]["none_agree"] == 1.0
-    assert result["by_category"]["report"]["counts"] == {"fulfills": 0, "partially_fulfills": 0,
-                                                         "does_not_fulfill": 1}  # fmt: skip
+    assert result["by_category"]["report"]["counts"] == {"fulfills": 0, "partially_fulfills": 0, "does_not_fulfill": 1}
 
 
 def test_relative_scores_are_unblinded_with_the_map(tmp_path: Path) -> None:
     firsts = {"x1": "A", "x2": "B", "x3": "B", "x4": "A"}
-    blinding = {"seed": 7, "systems": {"A": "a.jsonl", "B": "b.jsonl"},
-                "items": {item: {"first": first} for item, first in firsts.items()}}  # fmt: skip
+    blinding = {
+        "seed": 7,
+        "systems": {"A": "a.jsonl", "B": "b.jsonl"},
+        "items": {item: {"first": first} for item, first in firsts.items()},
+    }
     votes = {
         "x1": ("first_wins", "first_wins", "first_wins"),  # A shown first, all pick it: A wins, all agree
         "x2": ("first_wins", "first_wins", "tie"),  # B shown first, two pick it: B wins (loss for A)
@@ -86,12 +97,18 @@ def test_annotations_may_come_in_one_file_per_annotator(tmp_path: Path) -> None:
 def test_bad_annotation_files_get_clear_errors(tmp_path: Path) -> None:
     good = [annotation_line("absolute", "q1", "story", f"ann{k}", "fulfills") for k in (1, 2, 3)]
     bad_label = write_lines(tmp_path / "label.jsonl", [*good[:2], good[2].replace('"fulfills"', '"great"')])
-    with pytest.raises(EvalFileError, match=r"label\.jsonl:3: label: 'great' is not a absolute label; allowed: "
-                                            r"fulfills, partially_fulfills, does_not_fulfill"):  # fmt: skip
+    with pytest.raises(
+        EvalFileError,
+        match=r"label\.jsonl:3: label: 'great' is not a absolute label; allowed: "
+        r"fulfills, partially_fulfills, does_not_fulfill",
+    ):
         read_annotations([bad_label])
     two = write_lines(tmp_path / "two.jsonl", good[:2])
-    with pytest.raises(EvalFileError, match=r"item 'q1' has 2 annotator\(s\) \(ann1, ann2\); every item needs "
-                                            r"exactly 3"):  # fmt: skip
+    with pytest.raises(
+        EvalFileError,
+        match=r"item 'q1' has 2 annotator\(s\) \(ann1, ann2\); every item needs "
+        r"exactly 3",
+    ):
         score_annotations(read_annotations([two]))
     four = write_lines(tmp_path / "four.jsonl", [*good, good[0].replace("ann1", "ann4")])
     with pytest.raises(EvalFileError, match="has 4 annotator"):
@@ -143,10 +160,12 @@ def test_bad_prompt_lines_name_file_line_and_field(tmp_path: Path) -> None:
         "bad id": ({"id": "a b", "prompt": "hi", "category": "x"}, r":2: id: String should match pattern"),
         "empty": ({"id": "p2", "prompt": " ", "category": "x"}, r":2: prompt: give prompt text, images, or both"),
         "extra key": ({"id": "p2", "prompt": "hi", "category": "x", "img": []}, r":2: img: unknown key"),
-        "no image": ({"id": "p2", "prompt": "hi", "category": "x", "images": ["nope.jpg"]},
-                     r":2: images\[0\]: no such image file .*nope\.jpg"),
+        "no image": (
+            {"id": "p2", "prompt": "hi", "category": "x", "images": ["nope.jpg"]},
+            r":2: images\[0\]: no such image file .*nope\.jpg",
+        ),
         "same id": ({"id": "p1", "prompt": "again", "category": "x"}, r":2: id: 'p1' is already used on line 1"),
-    }  # fmt: skip
+    }
     for name, (record, message) in cases.items():
         path = write_lines(tmp_path / f"{name}.jsonl", [ok, json.dumps(record)])
         with pytest.raises(EvalFileError, match=re.escape(str(path)) + message):
@@ -165,8 +184,10 @@ def loaded(tiny_run: Path):
 
 def test_run_prompts_writes_responses_images_and_the_page(loaded, tmp_path: Path) -> None:
     photo = REPO / "sample" / "images" / "tabby_cat_chelsea.jpg"
-    prompts = [EvalPrompt(id="cat", prompt="Draw a cat like this one.", images=[str(photo)], category="story"),
-               EvalPrompt(id="sky", prompt="A sky at dusk.", category="report")]  # fmt: skip
+    prompts = [
+        EvalPrompt(id="cat", prompt="Draw a cat like this one.", images=[str(photo)], category="story"),
+        EvalPrompt(id="sky", prompt="A sky at dusk.", category="report"),
+    ]
     tpi = loaded.vocab.tokens_per_image
     records = run_prompts(loaded, prompts, tmp_path / "a", mode="image", max_new_tokens=tpi + 2, seed=3)
     assert [r["id"] for r in records] == ["cat", "sky"]
@@ -192,9 +213,11 @@ def test_run_prompts_writes_responses_images_and_the_page(loaded, tmp_path: Path
 @pytest.mark.parametrize("mode", ["text", "image"])
 def test_batched_prompts_give_the_responses_of_one_at_a_time(loaded, tmp_path: Path, mode: str) -> None:
     photo = REPO / "sample" / "images" / "tabby_cat_chelsea.jpg"
-    prompts = [EvalPrompt(id="a", prompt="The function", category="how-to"),
-               EvalPrompt(id="b", prompt="Lists are mutable sequences, typically used to", category="report"),
-               EvalPrompt(id="c", prompt="What is this?", images=[str(photo)], category="story")]  # fmt: skip
+    prompts = [
+        EvalPrompt(id="a", prompt="The function", category="how-to"),
+        EvalPrompt(id="b", prompt="Lists are mutable sequences, typically used to", category="report"),
+        EvalPrompt(id="c", prompt="What is this?", images=[str(photo)], category="story"),
+    ]
     budget = loaded.vocab.tokens_per_image + 2 if mode == "image" else 12
     alone = run_prompts(loaded, prompts, tmp_path / "one", mode=mode, max_new_tokens=budget, seed=5)
     batched = run_prompts(loaded, prompts, tmp_path / "two", mode=mode, max_new_tokens=budget, seed=5, batch_size=2)
@@ -212,8 +235,10 @@ def test_batched_prompts_give_the_responses_of_one_at_a_time(loaded, tmp_path: P
 def test_a_failing_prompt_keeps_the_responses_before_it(loaded, tmp_path: Path) -> None:
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a picture")
-    prompts = [EvalPrompt(id="p1", prompt="The function", category="how-to"),
-               EvalPrompt(id="p2", prompt="What is this?", images=[str(not_an_image)], category="report")]  # fmt: skip
+    prompts = [
+        EvalPrompt(id="p1", prompt="The function", category="how-to"),
+        EvalPrompt(id="p2", prompt="What is this?", images=[str(not_an_image)], category="report"),
+    ]
     for batch_size in (1, 2):  # decoded together, the batch falls back to one at a time to name the bad prompt
         out = tmp_path / f"out{batch_size}"
         with pytest.raises(PromptError, match=r"prompt 'p2': .*the 1 responses before it are in .*responses\.jsonl"):
@@ -228,9 +253,18 @@ def _fake_responses(folder: Path, system: str, ids: list[str]) -> Path:
     records = []
     for i in ids:
         Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(folder / "images" / f"{i}-1.png")
-        records.append({"id": i, "category": "how-to", "prompt": f"question {i}", "prompt_images": [],
-                        "response": [{"kind": "text", "text": f"answer of {system}"},
-                                     {"kind": "image", "codes": [0], "path": f"images/{i}-1.png"}]})  # fmt: skip
+        records.append(
+            {
+                "id": i,
+                "category": "how-to",
+                "prompt": f"question {i}",
+                "prompt_images": [],
+                "response": [
+                    {"kind": "text", "text": f"answer of {system}"},
+                    {"kind": "image", "codes": [0], "path": f"images/{i}-1.png"},
+                ],
+            }
+        )
     path = folder / "responses.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -283,8 +317,10 @@ downloadAnnotations('absolute');
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node runs the page's script")
 def test_the_download_button_writes_what_the_scorer_reads(tmp_path: Path) -> None:
-    records = [{"id": i, "category": "story", "prompt": "p", "prompt_images": [],
-                "response": [{"kind": "text", "text": "r"}]} for i in ("s1", "s2")]  # fmt: skip
+    records = [
+        {"id": i, "category": "story", "prompt": "p", "prompt_images": [], "response": [{"kind": "text", "text": "r"}]}
+        for i in ("s1", "s2")
+    ]
     assert SCRIPT in absolute_page(records)
     script = SCRIPT.removeprefix("<script>").removesuffix("</script>")
     harness = script + DOM_STUB

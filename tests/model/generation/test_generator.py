@@ -371,8 +371,13 @@ def reference_greedy(model: Transformer, prompt: list[int], mode: str, max_new_t
             keep = (Modality.IMAGE, Modality.BOI, Modality.EOI)
             image_only = [t for t in seq if t == VOCAB.bos_id or VOCAB.modality(t) in keep]
             unconditional = [VOCAB.bos_id, *seq[boi_at:]]
-            scores = guided_logits(last_logits(seq), last_logits(image_only), last_logits(unconditional),
-                                   config.image.cfg_text, config.image.cfg_image)  # fmt: skip
+            scores = guided_logits(
+                last_logits(seq),
+                last_logits(image_only),
+                last_logits(unconditional),
+                config.image.cfg_text,
+                config.image.cfg_image,
+            )
             token = int(scores.masked_fill(~allowed, float("-inf")).argmax())
         else:
             seen = torch.zeros(VOCAB.size, dtype=torch.bool)

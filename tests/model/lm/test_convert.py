@@ -208,8 +208,9 @@ def test_rms_norm_eps_other_than_1e5_converts_with_hf_logits(tmp_path: Path) -> 
     save_hf(state, loaded_config, tmp_path / "to", vq_config=TINY_VQ)
     again = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "to").eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=tokens).logits[..., cols], our_logits[..., cols], atol=2e-5,
-                                   rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            again(input_ids=tokens).logits[..., cols], our_logits[..., cols], atol=2e-5, rtol=1e-5
+        )
 
 
 def test_checkpoints_from_before_qk_norm_eps_load_as_they_were_trained(tmp_path: Path) -> None:
@@ -264,8 +265,17 @@ META_MODEL_ARGS = {
     "swin_norm",
 }
 # Model-parallel split dimension of each sharded tensor in Meta's Transformer (by the last two name parts).
-META_SPLIT = {"tok_embeddings.weight": 1, "wq.weight": 0, "wk.weight": 0, "wv.weight": 0, "w1.weight": 0,
-              "w3.weight": 0, "output.weight": 0, "wo.weight": 1, "w2.weight": 1}  # fmt: skip
+META_SPLIT = {
+    "tok_embeddings.weight": 1,
+    "wq.weight": 0,
+    "wk.weight": 0,
+    "wv.weight": 0,
+    "w1.weight": 0,
+    "w3.weight": 0,
+    "output.weight": 0,
+    "wo.weight": 1,
+    "w2.weight": 1,
+}
 
 
 def meta_loader_load(folder: Path, rank: int | None, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -429,8 +439,9 @@ def test_cli_converts_ours_to_meta_to_hf_and_back(tmp_path: Path, tiny_tokenizer
     for name, tensor in original.items():
         assert torch.equal(state[name], tensor), name
 
-    result = runner.invoke(cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--from", "meta",
-                                   "--to", "ours"])  # fmt: skip
+    result = runner.invoke(
+        cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--from", "meta", "--to", "ours"]
+    )
     assert result.exit_code == 1
     assert "params.json" in result.output
 
@@ -453,8 +464,9 @@ def test_cli_requires_the_target_and_finds_the_source_format_or_says_why_not(tmp
     save_meta(state, config, tmp_path / "ours")
     result = runner.invoke(cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "hf"])
     assert result.exit_code == 1 and "in several formats (ours, meta); say which to read with --from" in result.output
-    result = runner.invoke(cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "ours",
-                                   "--from", "meta"])  # fmt: skip
+    result = runner.invoke(
+        cli(), ["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "ours", "--from", "meta"]
+    )
     assert result.exit_code == 0, result.output
     save_hf(state, config, tmp_path / "hf")
     assert (detect_format(tmp_path / "hf"), detect_format(tmp_path / "x")) == ("hf", "ours")
@@ -486,21 +498,40 @@ def test_damaged_inputs_fail_naming_the_file(tmp_path: Path) -> None:
     del hf_config["hidden_size"]
     cases = [
         (load_hf, damaged("hf", "model.safetensors", safetensors[:100]), "model.safetensors: truncated or damaged"),
-        (load_hf, damaged("hf", "config.json", json.dumps(hf_config).encode()),
-         r"config\.json: not a Chameleon config \(no hidden_size\)"),
+        (
+            load_hf,
+            damaged("hf", "config.json", json.dumps(hf_config).encode()),
+            r"config\.json: not a Chameleon config \(no hidden_size\)",
+        ),
         (load_hf, damaged("hf", "config.json", b"{oops"), r"config\.json: not valid JSON \(line 1, column 2"),
         (load_meta, damaged("meta", "params.json", b""), r"params\.json: not valid JSON"),
-        (load_meta, damaged("meta", "consolidated.00.pth", shard[: len(shard) // 3]),
-         r"consolidated\.00\.pth: truncated or damaged PyTorch file"),
-        (load_meta, damaged("meta", "consolidated.01.pth", b"garbage" * 9),
-         r"consolidated\.01\.pth: not a weights-only PyTorch file"),
-        (load_ours, damaged("ours", "model_config.json", b'{"dim": "wide"}'),
-         r"model_config\.json: not a model config \(dim: Input should be a valid integer"),
-        (load_meta, damaged("meta", "consolidated.00.pth", without("meta/consolidated.00.pth", "norm.weight")),
-         r"consolidated\.01\.pth: other tensor names than consolidated\.00\.pth: lacks \[\], adds \['norm\.weight'\]"),
-        (load_ours, damaged("ours", "model.pt", without("ours/model.pt", "norm.weight")),
-         r"ours-model\.pt-\d+: state dict does not match the model: missing \['norm\.weight'\]"),
-    ]  # fmt: skip
+        (
+            load_meta,
+            damaged("meta", "consolidated.00.pth", shard[: len(shard) // 3]),
+            r"consolidated\.00\.pth: truncated or damaged PyTorch file",
+        ),
+        (
+            load_meta,
+            damaged("meta", "consolidated.01.pth", b"garbage" * 9),
+            r"consolidated\.01\.pth: not a weights-only PyTorch file",
+        ),
+        (
+            load_ours,
+            damaged("ours", "model_config.json", b'{"dim": "wide"}'),
+            r"model_config\.json: not a model config \(dim: Input should be a valid integer",
+        ),
+        (
+            load_meta,
+            damaged("meta", "consolidated.00.pth", without("meta/consolidated.00.pth", "norm.weight")),
+            r"consolidated\.01\.pth: other tensor names than consolidated\.00\.pth: "
+            r"lacks \[\], adds \['norm\.weight'\]",
+        ),
+        (
+            load_ours,
+            damaged("ours", "model.pt", without("ours/model.pt", "norm.weight")),
+            r"ours-model\.pt-\d+: state dict does not match the model: missing \['norm\.weight'\]",
+        ),
+    ]
     for loader, folder, message in cases:
         with pytest.raises(ConversionError, match=message) as info:
             loader(folder)

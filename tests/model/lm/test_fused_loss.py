@@ -42,8 +42,13 @@ def _both(hidden, weight, tokens, mask, z, chunk, image_mask=IMAGE_MASK):
 def _assert_same(ref, fused):
     (a, (gha, gwa)), (b, (ghb, gwb)) = ref, fused
     for name in a._fields:
-        torch.testing.assert_close(getattr(b, name).double(), getattr(a, name).double(), rtol=1e-5, atol=1e-7,
-                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            getattr(b, name).double(),
+            getattr(a, name).double(),
+            rtol=1e-5,
+            atol=1e-7,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
     torch.testing.assert_close(ghb, gha, rtol=1e-5, atol=1e-5 * float(gha.abs().max()))
     torch.testing.assert_close(gwb, gwa, rtol=1e-5, atol=1e-5 * float(gwa.abs().max()))
 
@@ -155,15 +160,21 @@ def test_transformer_loss_path_equals_logits_path():
     ref.loss.backward()
     ref_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    out = model(tokens, doc_ids=doc_ids, loss_mask=mask, z_loss_weight=1e-3, image_token_mask=IMAGE_MASK,
-                loss_chunk_size=11)  # fmt: skip
+    out = model(
+        tokens, doc_ids=doc_ids, loss_mask=mask, z_loss_weight=1e-3, image_token_mask=IMAGE_MASK, loss_chunk_size=11
+    )
     out.loss.backward()
     for name in ref._fields:
         torch.testing.assert_close(getattr(out, name).double(), getattr(ref, name).double(), rtol=1e-5, atol=1e-7)
     for name, p in model.named_parameters():
         expected = ref_grads[name]
-        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()) + 1e-12,
-                                   msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            p.grad,
+            expected,
+            rtol=1e-5,
+            atol=1e-5 * float(expected.abs().max()) + 1e-12,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 def test_a_second_backward_through_the_same_loss_is_refused():
@@ -180,5 +191,13 @@ def test_logit_rows_are_aligned_and_never_a_power_of_two_apart() -> None:
     from model.lm.losses import _padded_stride
 
     assert [_padded_stride(c) for c in (1, 7, 8, 9, 16, 1016, 1020, 1024, 2048)] == [
-        8, 8, 8, 24, 24, 1016, 1032, 1032, 2056,
-    ]  # fmt: skip
+        8,
+        8,
+        8,
+        24,
+        24,
+        1016,
+        1032,
+        1032,
+        2056,
+    ]

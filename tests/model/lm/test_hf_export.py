@@ -85,8 +85,17 @@ def test_transformers_runs_the_export_on_text_and_images_as_we_do(
     exported: Path, step: Path, images: list[Path], tiny_tokenizers: dict[str, Path]
 ) -> None:
     files = sorted(p.name for p in exported.iterdir())
-    assert files == sorted(["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                            "special_tokens_map.json", PREPROCESSOR_FILE, "processor_config.json"])  # fmt: skip
+    assert files == sorted(
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            PREPROCESSOR_FILE,
+            "processor_config.json",
+        ]
+    )
     processor = AutoProcessor.from_pretrained(exported)
     hf, info = ChameleonForConditionalGeneration.from_pretrained(exported, output_loading_info=True)
     hf = hf.eval()
@@ -149,7 +158,10 @@ def test_exported_tokenizer_gives_our_ids_and_text_back(
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 2, 1)
     assert tokenizer.sep_token_id == vocab.sep_id
     assert tokenizer.convert_tokens_to_ids(["<racm3:break>", "<eoss>", IMAGE_TOKEN]) == [
-        vocab.boi_id, vocab.eoi_id, vocab.sep_id + 1]  # fmt: skip
+        vocab.boi_id,
+        vocab.eoi_id,
+        vocab.sep_id + 1,
+    ]
     assert tokenizer.convert_ids_to_tokens([4, 4 + 53]) == ["IMGIMGAZ", "IMGIMGFDZ"]
     assert len(tokenizer) == vocab.size
     config = json.loads((exported / "config.json").read_text())
@@ -174,8 +186,14 @@ def test_export_refuses_what_hf_cannot_hold_naming_it(step: Path, tmp_path: Path
     small = ModelConfig.from_preset("tiny", vocab_size=4096)
     save_ours(Transformer(small).state_dict(), small, tmp_path / "big")
     with pytest.raises(ConversionError, match="the model has 4096 ids but the text tokenizer's vocabulary 2048"):
-        convert_checkpoint(tmp_path / "big", tmp_path / "o2", None, "hf", text_tokenizer=tiny_tokenizers["text"],
-                           image_tokenizer=tiny_tokenizers["image"])  # fmt: skip
+        convert_checkpoint(
+            tmp_path / "big",
+            tmp_path / "o2",
+            None,
+            "hf",
+            text_tokenizer=tiny_tokenizers["text"],
+            image_tokenizer=tiny_tokenizers["image"],
+        )
     with pytest.raises(ConversionError, match="tokenizers are written only by --to hf"):
         convert_checkpoint(step, tmp_path / "o3", None, "meta", text_tokenizer=tiny_tokenizers["text"])
 
@@ -207,8 +225,9 @@ def test_meta_style_tokenizer_exports_with_its_own_ids(tmp_path: Path, sample_da
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     texts = list(iter_texts(expand_inputs([sample_data[0] / "text"])))[:50]
     tok.train_from_iterator(texts, trainer)
     tok.save(str(tmp_path / "text_tokenizer.json"))

@@ -73,8 +73,11 @@ def test_output_shape_and_dtype_follows_parameters() -> None:
 def test_parameter_names_and_shapes_are_metas() -> None:
     config = tiny()
     hd, kv = config.head_dim, config.n_kv_heads * config.head_dim
-    expected = {"tok_embeddings.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,),
-                "output.weight": (config.vocab_size, config.dim)}  # fmt: skip
+    expected = {
+        "tok_embeddings.weight": (config.vocab_size, config.dim),
+        "norm.weight": (config.dim,),
+        "output.weight": (config.vocab_size, config.dim),
+    }
     for i in range(config.n_layers):
         p = f"layers.{i}."
         expected |= {

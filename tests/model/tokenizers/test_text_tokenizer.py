@@ -196,8 +196,14 @@ def test_unreadable_records_and_files_are_skipped_and_counted(tmp_path: Path) ->
     texts = list(iter_texts(sorted(tmp_path.iterdir()), counts=counts))
     assert texts == ["good one", "caf\u00e9 text \ufffd\n", "latin-1 caf\ufffd" + " plain" * 20]
     assert counts.documents == 3
-    assert counts.skipped == {"not_an_object": 1, "no_text_field": 3, "bad_json": 1, "binary": 1,
-                              "file_unreadable": 1, "unsupported_file": 1}  # fmt: skip
+    assert counts.skipped == {
+        "not_an_object": 1,
+        "no_text_field": 3,
+        "bad_json": 1,
+        "binary": 1,
+        "file_unreadable": 1,
+        "unsupported_file": 1,
+    }
     assert counts.first["bad_json"] == f"{tmp_path / 'a.jsonl'}:3"
     assert counts.first["file_unreadable"] == f"{tmp_path / 'c.jsonl.gz'} (BadGzipFile)"
     assert "3 documents; skipped: bad_json 1 (first: " in counts.summary()

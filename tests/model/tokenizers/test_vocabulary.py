@@ -19,9 +19,18 @@ def test_meta_image_token_names() -> None:
 def test_chameleon_vocabulary_ranges() -> None:
     vocab = Vocabulary()
     assert [vocab.modality(i) for i in (0, 3, 4, 8195, 8196, 8197, 8198, 8710, 16383, 16384, 65535)] == [
-        Modality.SPECIAL, Modality.SPECIAL, Modality.IMAGE, Modality.IMAGE, Modality.EOI, Modality.BOI,
-        Modality.RESERVED, Modality.RESERVED, Modality.RESERVED, Modality.TEXT, Modality.TEXT,
-    ]  # fmt: skip
+        Modality.SPECIAL,
+        Modality.SPECIAL,
+        Modality.IMAGE,
+        Modality.IMAGE,
+        Modality.EOI,
+        Modality.BOI,
+        Modality.RESERVED,
+        Modality.RESERVED,
+        Modality.RESERVED,
+        Modality.TEXT,
+        Modality.TEXT,
+    ]
     assert vocab.special_id("<reserved08706>") == 8710 == vocab.sep_id
     assert vocab.special_id("<racm3:break>") == 8197 and vocab.special_id("</s>") == 2
     assert vocab.special_name(8710) == "<reserved08706>" and vocab.special_name(4 + 53) == "IMGIMGFDZ"

@@ -165,8 +165,9 @@ def test_channels_last_gives_the_same_codes(tiny: VQGAN) -> None:
 
 
 def _group_norm_reference(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
-    return torch.nn.functional.group_norm(x.double(), norm.num_groups, norm.weight.double(), norm.bias.double(),
-                                          norm.eps)  # fmt: skip
+    return torch.nn.functional.group_norm(
+        x.double(), norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps
+    )
 
 
 @pytest.mark.parametrize(

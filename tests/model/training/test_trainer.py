@@ -24,10 +24,19 @@ def stage(make_stage) -> Path:
 
 
 def config(stage: Path, out: Path, steps: int, **changes) -> TrainConfig:
-    data = {"model": {"preset": "tiny"}, "data": str(stage), "out_dir": str(out), "seq_len": 128, "steps": steps,
-            "global_batch_size": 8, "micro_batch_size": 4, "optimizer": {"lr": 3e-3},
-            "schedule": {"kind": "warmup_exponential", "warmup_steps": 3},
-            "checkpoint": {"every_steps": 5, "keep_last": 2}, "logging": {"every_steps": 5}} | changes  # fmt: skip
+    data = {
+        "model": {"preset": "tiny"},
+        "data": str(stage),
+        "out_dir": str(out),
+        "seq_len": 128,
+        "steps": steps,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"kind": "warmup_exponential", "warmup_steps": 3},
+        "checkpoint": {"every_steps": 5, "keep_last": 2},
+        "logging": {"every_steps": 5},
+    } | changes
     return validate_config(TrainConfig, data)
 
 
@@ -100,9 +109,18 @@ def test_mfu_and_data_wait_by_value(stage: Path, tmp_path: Path) -> None:
 
 
 def sft_config(stages: Path, init: Path, out: Path, steps: int, **changes) -> SFTConfig:
-    data = {"model": {"preset": "tiny"}, "data": str(stages / "sft"), "out_dir": str(out), "seq_len": 128,
-            "steps": steps, "global_batch_size": 8, "micro_batch_size": 8, "init_from": str(init),
-            "optimizer": {"lr": 1e-3}, "logging": {"every_steps": 1, "tensorboard": False}} | changes  # fmt: skip
+    data = {
+        "model": {"preset": "tiny"},
+        "data": str(stages / "sft"),
+        "out_dir": str(out),
+        "seq_len": 128,
+        "steps": steps,
+        "global_batch_size": 8,
+        "micro_batch_size": 8,
+        "init_from": str(init),
+        "optimizer": {"lr": 1e-3},
+        "logging": {"every_steps": 1, "tensorboard": False},
+    } | changes
     return validate_config(SFTConfig, data)
 
 
@@ -143,14 +161,20 @@ def test_sft_uses_dropout_and_pretraining_none(train_and_sft_stages, tiny_run, s
 
 
 def test_sft_resume_with_dropout_is_exact(train_and_sft_stages, tiny_run, tmp_path) -> None:
-    straight = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path / "a", 4, micro_batch_size=4),
-                       log=lambda _: None)  # fmt: skip
+    straight = Trainer(
+        sft_config(train_and_sft_stages, tiny_run, tmp_path / "a", 4, micro_batch_size=4), log=lambda _: None
+    )
     expected = straight.train()
-    first = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path / "b", 4, micro_batch_size=4,
-                               checkpoint={"every_steps": 2}), log=lambda _: None)  # fmt: skip
+    first = Trainer(
+        sft_config(
+            train_and_sft_stages, tiny_run, tmp_path / "b", 4, micro_batch_size=4, checkpoint={"every_steps": 2}
+        ),
+        log=lambda _: None,
+    )
     first.train(stop_at=2)
-    resumed = Trainer(sft_config(train_and_sft_stages, tiny_run, tmp_path / "b", 4, micro_batch_size=4),
-                      log=lambda _: None)  # fmt: skip
+    resumed = Trainer(
+        sft_config(train_and_sft_stages, tiny_run, tmp_path / "b", 4, micro_batch_size=4), log=lambda _: None
+    )
     assert resumed.step == 2
     got = resumed.train()
     # The dropout masks of steps 3-4 come from the restored RNG: the same losses and weights, bit for bit.
@@ -313,8 +337,15 @@ def test_a_step_without_targets_of_a_modality_logs_none_not_zero(train_and_sft_s
     )
     n_image = [int(image[b["tokens"][:, 1:][b["loss_mask"][:, 1:].bool()]].sum()) for b in itertools.islice(loader, 6)]
     assert 0 in n_image and any(n_image), n_image  # steps of both kinds
-    cfg = sft_config(train_and_sft_stages, tiny_run, tmp_path, steps, global_batch_size=4, micro_batch_size=4,
-                     logging={"every_steps": 1, "tensorboard": True})  # fmt: skip
+    cfg = sft_config(
+        train_and_sft_stages,
+        tiny_run,
+        tmp_path,
+        steps,
+        global_batch_size=4,
+        micro_batch_size=4,
+        logging={"every_steps": 1, "tensorboard": True},
+    )
     logged: list[str] = []
     history = Trainer(cfg, log=logged.append).train()
 

@@ -25,9 +25,19 @@ def stage(make_stage) -> Path:
 
 
 def config_file(stage: Path, out: Path, parallelism: str, every_steps: int = 3) -> Path:
-    data = {"model": {"preset": "tiny"}, "data": str(stage), "out_dir": str(out), "seq_len": 128, "steps": 3,
-            "global_batch_size": 8, "micro_batch_size": 2, "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 1},
-            "checkpoint": {"every_steps": every_steps, "keep_last": 3}, "parallelism": parallelism}  # fmt: skip
+    data = {
+        "model": {"preset": "tiny"},
+        "data": str(stage),
+        "out_dir": str(out),
+        "seq_len": 128,
+        "steps": 3,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 1},
+        "checkpoint": {"every_steps": every_steps, "keep_last": 3},
+        "parallelism": parallelism,
+    }
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(data))
     return path
@@ -38,8 +48,17 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def torchrun(config: Path, succeed: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "flows.train_worker", "train", str(config)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "flows.train_worker",
+        "train",
+        str(config),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     if succeed:
         assert done.returncode == 0, done.stderr[-3000:]
