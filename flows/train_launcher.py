@@ -36,9 +36,9 @@ def write_worker_error(rank: int, err: BaseException, input_error: bool) -> bool
         "type": type(err).__name__,
         "traceback": "" if input_error else traceback.format_exc(),
     }
-    tmp = Path(folder) / f".rank-{rank}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, Path(folder) / f"rank-{rank}.json")
+    from model.files.atomic import write_atomic
+
+    write_atomic(Path(folder) / f"rank-{rank}.json", json.dumps(record))
     return True
 
 
