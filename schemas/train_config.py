@@ -47,6 +47,16 @@ class CheckpointConfig(StrictModel):
     keep_last: int = Field(3, gt=0)
 
 
+class ActivationCheckpointConfig(StrictModel):
+    """Which transformer blocks recompute their activations in the backward pass instead of keeping them.
+
+    none: keep everything; full: every block; every_k_blocks: one block in every `every_k` (the first of each run of
+    k); selective: every block keeps its matmul outputs and recomputes the rest (norms, activations, rotary)."""
+
+    mode: Literal["none", "full", "every_k_blocks", "selective"] = "none"
+    every_k: int = Field(2, gt=0, description="for every_k_blocks: one block in every k is checkpointed")
+
+
 class LoggingConfig(StrictModel):
     every_steps: int = Field(10, gt=0)
     tensorboard: bool = True
@@ -76,6 +86,7 @@ class TrainConfig(StrictModel):
     )
     precision: Precision = "auto"
     compile: bool = Field(False, description="torch.compile each block")
+    activation_checkpointing: ActivationCheckpointConfig = Field(default_factory=ActivationCheckpointConfig)
     parallelism: Parallelism = "auto"
     document_masking: bool = Field(True, description="no attention across packed documents")
     document_attention: DocumentAttention = Field(
