@@ -1,9 +1,12 @@
-"""`python -m flows.train_launcher N train|sft CONFIG`: torchrun (in this process) with N ranks of flows.train_worker.
+"""`python -m flows.train_launcher N train|sft CONFIG [NODE OPTIONS]`: torchrun (in this process) with N ranks of
+flows.train_worker.
 
-What it adds to `torchrun --standalone`: the ranks die with this launcher (see flows/process_lifetime.py), and a
-failure is one line on stderr, `error: ...`, from the rank that failed first (an input error before the errors it
-caused on the other ranks), instead of each rank's line plus torchrun's traceback and failure table. Each rank writes
-its error into a file of a folder this launcher names (WORKER_ERRORS_ENV); torchrun's own logging is kept quiet.
+For one machine it runs `torchrun --standalone`; for several (`--nnodes K --node-rank R --rdzv-endpoint HOST:PORT`,
+the same on every node but the rank) a c10d rendezvous at node 0. What it adds to torchrun: the ranks die with this
+launcher (see flows/process_lifetime.py), and a failure is one line on stderr, `error: ...`, from the rank that failed
+first (an input error before the errors it caused on the other ranks), instead of each rank's line plus torchrun's
+traceback and failure table. Each rank writes its error into a file of a folder this launcher names
+(WORKER_ERRORS_ENV); torchrun's own logging is kept quiet.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +57,72 @@ def read_worker_errors(folder: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (not r.get("input_error"), r.get("time", 0.0)))
 
 
-def launcher_command(nproc_per_node: int, kind: str, config_file: str | Path) -> list[str]:
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of one run: `nnodes` of them, this one `node_rank`, meeting at `rdzv_endpoint` (HOST:PORT on node
+    0, which hosts torchrun's c10d rendezvous store). One node and no endpoint is `torchrun --standalone`."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "cham"
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"--node-rank {self.node_rank} is not one of the {self.nnodes} nodes (0 to {self.nnodes - 1})"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address, the same on every node)"
+            )
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--rdzv-endpoint {self.rdzv_endpoint!r} is not HOST:PORT")
+
+    @property
+    def standalone(self) -> bool:
+        return self.nnodes == 1 and self.rdzv_endpoint is None
+
+    def options(self) -> list[str]:
+        """This launcher's own options for these nodes (none for one standalone node)."""
+        if self.standalone:
+            return []
+        return [
+            f"--nnodes={self.nnodes}",
+            f"--node-rank={self.node_rank}",
+            f"--rdzv-endpoint={self.rdzv_endpoint}",
+            f"--rdzv-id={self.rdzv_id}",
+        ]
+
+
+def launcher_command(nproc_per_node: int, kind: str, config_file: str | Path, nodes: Nodes | None = None) -> list[str]:
     """The command line of this launcher, run by this interpreter."""
-    return [sys.executable, "-m", "flows.train_launcher", str(nproc_per_node), kind, str(config_file)]
+    options = (nodes or Nodes()).options()
+    return [sys.executable, "-m", "flows.train_launcher", str(nproc_per_node), kind, str(config_file), *options]
 
 
-def torchrun_arguments(nproc_per_node: int, kind: str, config_file: str) -> list[str]:
-    """torchrun's command line (without `torchrun`) for N ranks of flows.train_worker on this machine."""
+def torchrun_arguments(nproc_per_node: int, kind: str, config_file: str, nodes: Nodes | None = None) -> list[str]:
+    """torchrun's command line (without `torchrun`) for N ranks of flows.train_worker on this machine: standalone
+    for one node; for several, a c10d rendezvous at the endpoint, whose store node 0 hosts (is_host: a node never
+    has to guess it from its host name, and two "nodes" on one machine work)."""
+    nodes = nodes or Nodes()
+    if nodes.standalone:
+        where = ["--standalone"]
+    else:
+        where = [
+            f"--nnodes={nodes.nnodes}",
+            f"--node_rank={nodes.node_rank}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={nodes.rdzv_endpoint}",
+            f"--rdzv_id={nodes.rdzv_id}",
+            f"--rdzv_conf=is_host={'true' if nodes.node_rank == 0 else 'false'}",
+        ]
     return [
-        "--standalone",
+        *where,
         f"--nproc_per_node={nproc_per_node}",
         "--max_restarts=0",
         "-m",
@@ -71,7 +132,7 @@ def torchrun_arguments(nproc_per_node: int, kind: str, config_file: str) -> list
     ]
 
 
-def launch(nproc_per_node: int, kind: str, config_file: str) -> int:
+def launch(nproc_per_node: int, kind: str, config_file: str, nodes: Nodes | None = None) -> int:
     """Run the ranks; returns the exit status, having printed one `error:` line when they failed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -85,7 +146,7 @@ def launch(nproc_per_node: int, kind: str, config_file: str) -> int:
         os.environ[WORKER_ERRORS_ENV] = folder
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         try:
-            run(get_args_parser().parse_args(torchrun_arguments(nproc_per_node, kind, config_file)))
+            run(get_args_parser().parse_args(torchrun_arguments(nproc_per_node, kind, config_file, nodes)))
             return 0
         except ChildFailedError as err:
             return _report(read_worker_errors(Path(folder)), err)
@@ -118,12 +179,28 @@ def _report(records: list[dict[str, Any]], err: Any) -> int:
 
 
 def main(argv: list[str]) -> None:
-    """Usage: python -m flows.train_launcher N train|sft CONFIG.yaml"""
+    """Usage: python -m flows.train_launcher N train|sft CONFIG.yaml [--nnodes K --node-rank R --rdzv-endpoint H:P
+    --rdzv-id ID]"""
+    import argparse
+
     from flows.process_lifetime import die_with_parent
 
-    nproc, kind, config_file = argv[:3]
+    parser = argparse.ArgumentParser(prog="python -m flows.train_launcher")
+    parser.add_argument("nproc", type=int)
+    parser.add_argument("kind", choices=["train", "sft"])
+    parser.add_argument("config_file")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--rdzv-endpoint", default=None)
+    parser.add_argument("--rdzv-id", default="cham")
+    args = parser.parse_args(argv)
+    try:
+        nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     die_with_parent(os.getppid())  # a watchdog besides the death signal flows.process_lifetime set
-    sys.exit(launch(int(nproc), kind, config_file))
+    sys.exit(launch(args.nproc, args.kind, args.config_file, nodes))
 
 
 if __name__ == "__main__":

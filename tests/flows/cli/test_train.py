@@ -123,3 +123,51 @@ def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Pat
         and "step-00000002 at step 2" in result.output
         and "done: step 4" in result.output
     )
+
+
+def plan_config(tmp_path: Path, preset: str, **fields) -> Path:
+    """A config to plan (never trained): its stage folder holds only a manifest naming the sequence length."""
+    stage = tmp_path / "stage"
+    stage.mkdir(exist_ok=True)
+    (stage / "manifest.json").write_text(json.dumps({"seq_len": 4096}))
+    data = {"model": {"preset": preset}, "data": str(stage), "out_dir": str(tmp_path / "out"), "steps": 100}
+    data |= {"global_batch_size": 512, "schedule": {"warmup_steps": 10}, "parallelism": "fsdp"} | fields
+    return write(tmp_path / "plan.yaml", data)
+
+
+def test_plan_fits_or_not(tmp_path: Path) -> None:
+    config = plan_config(tmp_path, "7b", activation_checkpointing={"mode": "full"})
+    result = runner.invoke(app, ["train", str(config), "--plan", "--nproc-per-node", "8", "--gpu-memory", "80GB"])
+    assert result.exit_code == 0, result.output
+    assert "1 x 4096" in result.output and "optimizer state" in result.output and "checkpoint (host)" in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("7b (7.01B parameters) on 8 ranks, fsdp, bf16") and "fits in 72.0 GiB" in last
+    assert not (tmp_path / "out").exists()  # planned, not trained
+
+    big = plan_config(tmp_path, "34b")
+    result = runner.invoke(app, ["train", str(big), "--plan", "--nproc-per-node", "8", "--gpu-memory", "80GB"])
+    assert result.exit_code == 1 and "does not fit in 72.0 GiB" in result.output.strip().splitlines()[-1]
+    # 4 nodes of 8, every block checkpointed: the states sharded 32 ways fit (no rendezvous endpoint to plan).
+    big = plan_config(tmp_path, "34b", activation_checkpointing={"mode": "full"})
+    args = ["train", str(big), "--plan", "--nproc-per-node", "8", "--nnodes", "4", "--gpu-memory", "80GB"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "on 32 ranks" in result.output, result.output
+    result = runner.invoke(app, ["train", str(big), "--plan", "--gpu-memory", "lots"])
+    assert result.exit_code == 1 and "--gpu-memory: not a memory size: 'lots'" in result.output
+
+
+def test_plan_imports_no_torch(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    command = [sys.executable, "-X", "importtime", "-m", "flows", "train", str(plan_config(tmp_path, "7b")), "--plan"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "peak" in done.stdout, done.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0] for line in done.stderr.splitlines() if line.count("|") == 2
+    }
+    assert "torch" not in imported and "schemas" in imported
