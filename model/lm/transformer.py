@@ -268,6 +268,21 @@ class TransformerBlock(nn.Module):
         return h + self.ffn_dropout(self.feed_forward(self.ffn_norm(h)))
 
 
+def init_module_(module: nn.Module, init_std: float) -> None:
+    """The transformer's init of one module's own parameters, in place: normal(0, init_std) for Linear and Embedding
+    weights (drawn from torch's default generator), norm scales 1 and biases 0; other modules are left alone.
+
+    Kept per module so that a sharded model can be initialised one full tensor at a time with the very draws of
+    `Transformer.reset_parameters` (model/training/parallelize.py)."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=init_std)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    elif isinstance(module, nn.LayerNorm | GroupedLayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class Transformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, vocab]; untied embeddings and output, final RMSNorm."""
 
@@ -288,15 +303,10 @@ class Transformer(nn.Module):
         return cls(config)
 
     def reset_parameters(self) -> None:
-        """normal(0, init_std) for Linear and Embedding weights; norm scales 1 and biases 0."""
+        """normal(0, init_std) for Linear and Embedding weights; norm scales 1 and biases 0 (`init_module_`, each
+        module in `modules()` order: the order of the generator's draws)."""
         for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, nn.LayerNorm | GroupedLayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            init_module_(module, self.config.init_std)
 
     def num_params(self) -> int:
         """Number of parameters (embeddings, output and norms included)."""

@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from model.files.step_folder import StepRecords
 from model.lm.document_attention import resolve_document_attention
-from model.lm.transformer import Transformer
 from model.tokenizers.vocabulary import Modality, Vocabulary
 from model.training.checkpointing import (
     LATEST,
@@ -29,14 +28,13 @@ from model.training.checkpointing import (
     gathered_states,
     latest_checkpoint,
     load_checkpoint,
-    load_weights,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from model.training.lr_schedule import make_scheduler
 from model.training.metrics import MetricsSink, StepMetrics, close_sinks, open_sinks
 from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.training.optim import clip_and_check, make_optimizer
+from model.training.parallelize import build_model
 from model.training.run_lock import RunLock, RunLockedError
 from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
 from schemas.train_config import SFTConfig, TrainConfig
@@ -69,11 +67,14 @@ class Trainer:
                 f"{config.micro_batch_size} x {self.world_size} ranks"
             )
         self.accumulation = config.global_batch_size // per_step
-        torch.manual_seed(config.seed)
         model_config = config.model
         if isinstance(config, SFTConfig):
             model_config = model_config.model_copy(update={"dropout": config.dropout})
-        self.model = Transformer(model_config).to(self.device)
+        # One code path: DDP replicates the model, FSDP2 shards each block (built on the meta device, initialised per
+        # shard: for models that don't fit one device); init_from's weights loaded, blocks checkpointed and compiled.
+        built = build_model(config, model_config, self.device, self.world_size, log)
+        self.model, self.module, self.fsdp = built.model, built.module, built.fsdp
+        self.autocast_dtype = built.autocast_dtype
         if config.document_masking:
             if config.document_attention == "flex" and self.device.type != "cuda":
                 raise ValueError(
@@ -84,24 +85,6 @@ class Trainer:
             self.model.document_attention = config.document_attention
             if kernel == "flex":  # the first step is slow while it compiles: say so
                 log("document masking through FlexAttention (compiled on the first step)")
-        if config.init_from is not None:
-            start = resolve_checkpoint(config.init_from)
-            load_weights(start, self.model)
-            log(f"initialised from {start}")
-        self.module = self.model
-        # One code path: DDP replicates the model, FSDP2 shards each block (for models that don't fit one device).
-        self.fsdp = self.world_size > 1 and config.parallelism == "fsdp"
-        if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in self.model.layers:
-                fully_shard(block)
-            fully_shard(self.model)
-        elif self.world_size > 1:
-            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
-        if config.compile:
-            for block in self.model.layers:
-                block.compile()  # in place: parameter names (Meta's) stay as they are
         self.optimizer = make_optimizer(self.model, config.optimizer)
         self.scheduler = make_scheduler(self.optimizer, config.steps, config.schedule)
         self.loader = StageLoader(
@@ -153,11 +136,9 @@ class Trainer:
         self.log(f"resumed from {found} at step {self.step}")
 
     def _autocast(self) -> Any:
-        precision = self.config.precision
-        if precision == "bf16" or (
-            precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        ):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        # bf16 autocast, except under FSDP2's mixed-precision policy on CUDA (model/training/parallelize.py).
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return nullcontext()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:

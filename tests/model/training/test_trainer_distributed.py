@@ -1,5 +1,5 @@
 """Two gloo processes under torchrun, DDP and FSDP2, match one process at the same global batch; FSDP2 resumes
-exactly from its gathered checkpoint."""
+exactly from its gathered checkpoint and starts from init_from's weights loaded into its shards."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import pytest
 import torch
 import yaml
 
+from model.files.step_folder import WEIGHTS
+from model.lm.transformer import Transformer
 from model.training.trainer import Trainer
 from schemas import TrainConfig, load_config
+from schemas.model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -24,7 +27,7 @@ def stage(make_stage) -> Path:
     return make_stage(12_000, sequences_per_shard=32)
 
 
-def config_file(stage: Path, out: Path, parallelism: str, every_steps: int = 3) -> Path:
+def config_file(stage: Path, out: Path, parallelism: str, every_steps: int = 3, **extra) -> Path:
     data = {
         "model": {"preset": "tiny"},
         "data": str(stage),
@@ -37,6 +40,7 @@ def config_file(stage: Path, out: Path, parallelism: str, every_steps: int = 3) 
         "schedule": {"warmup_steps": 1},
         "checkpoint": {"every_steps": every_steps, "keep_last": 3},
         "parallelism": parallelism,
+        **extra,
     }
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(data))
@@ -100,5 +104,25 @@ def test_two_processes_match_one(stage: Path, tmp_path: Path, parallelism: str) 
     torchrun(config_file(stage, multi, parallelism))
     one, two = final_weights(single), final_weights(multi)
     assert one.keys() == two.keys()  # FSDP's gathered checkpoint keeps Meta's names
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.slow
+def test_fsdp_init_from_loads_into_the_shards(stage: Path, tmp_path: Path) -> None:
+    """FSDP2 builds on the meta device and loads init_from's weights into each rank's shards (rank 0 reads them):
+    the run continues from those weights as one process does."""
+    start = tmp_path / "start"
+    start.mkdir()
+    torch.manual_seed(123)  # weights no seed of the run would give
+    torch.save(Transformer(ModelConfig.from_preset("tiny")).state_dict(), start / WEIGHTS)
+    single = tmp_path / "single"
+    config = load_config(TrainConfig, config_file(stage, single, "fsdp", init_from=str(start)))
+    Trainer(config, log=lambda _: None).train()
+    multi = tmp_path / "fsdp"
+    done = torchrun(config_file(stage, multi, "fsdp", init_from=str(start)))
+    assert f"initialised from {start}" in done.stdout
+    one, two = final_weights(single), final_weights(multi)
+    assert one.keys() == two.keys()
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-4, rtol=1e-3), name
