@@ -17,27 +17,37 @@ from flows.artifacts import (
     read_metrics,
     table_artifact,
 )
-from flows.markup import code, md
-from flows.subprocess_task import cham, run_command, torchrun
+from flows.markup import Markdown, code, escape_cell, md
+from flows.subprocess_task import cham, run_command
+from flows.train_launcher import Nodes, launcher_command
 from model.training.checkpointing import latest_checkpoint
+from model.training.memory_plan import GiB, MemoryPlan, parse_memory, plan_memory, planned_seq_len
 from schemas import SFTConfig, TrainConfig, dump_config
 
 NPROC = Field(1, description="processes (ranks) on this machine; more than 1 launches torchrun (DDP or FSDP)")
 RUN_NAME = Field(None, description="train into OUT_DIR/RUN_NAME (e.g. one folder per dataset build)")
 RETRIES = Field(2, description="relaunches after a failure; each resumes from the latest checkpoint")
+NNODES = Field(1, description="machines of the run: start this flow on each, with its node_rank (torchrun, c10d)")
+NODE_RANK = Field(0, description="this machine's place among nnodes; node 0 hosts the rendezvous")
+RDZV_ENDPOINT = Field(None, description="HOST:PORT of node 0, the same on every node; needed when nnodes > 1")
+GPU_MEMORY = Field(None, description="each GPU's memory (e.g. 80GB): the memory plan then says whether the run fits")
 
 
-def training_command(kind: str, config_file: Path, nproc_per_node: int) -> list[str]:
-    """`cham train|sft CONFIG` for one process, torchrun with N processes running flows.train_worker otherwise."""
-    return cham(kind, str(config_file)) if nproc_per_node == 1 else torchrun(nproc_per_node, kind, config_file)
+def training_command(kind: str, config_file: Path, nproc_per_node: int, nodes: Nodes | None = None) -> list[str]:
+    """`cham train|sft CONFIG` for one process; flows.train_launcher (torchrun with N processes running
+    flows.train_worker, meeting the other nodes' at a c10d rendezvous when there are several) otherwise."""
+    nodes = nodes or Nodes()
+    if nproc_per_node == 1 and nodes.standalone:
+        return cham(kind, str(config_file))
+    return launcher_command(nproc_per_node, kind, config_file, nodes)
 
 
 @task(name="launch-training", retry_delay_seconds=10)
-def launch_training(kind: str, config: TrainConfig, nproc_per_node: int) -> dict[str, Any]:
+def launch_training(kind: str, config: TrainConfig, nproc_per_node: int, nodes: Nodes | None = None) -> dict[str, Any]:
     """Run the trainer to config.steps; a relaunch (a retry) resumes from out_dir/checkpoints/latest by itself."""
     out_dir = Path(config.out_dir)
     config_file = dump_config(config, out_dir / f"{kind}-config.yaml")
-    run_command(training_command(kind, config_file, nproc_per_node))
+    run_command(training_command(kind, config_file, nproc_per_node, nodes))
     metrics = read_metrics(out_dir)
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
     return {
@@ -79,13 +89,49 @@ def report_training(kind: str, result: dict[str, Any]) -> None:
     table_artifact(rows, key=f"{kind}-final-metrics", description=f"{kind}: metrics of the last step")
 
 
-def _train(kind: str, config: TrainConfig, nproc_per_node: int, run_name: str | None, retries: int) -> dict:
+def plan_markdown(plan: MemoryPlan) -> Markdown:
+    """The memory plan as markdown: its verdict, then a table of the parts in GiB per rank."""
+    rows = [
+        md("| {} | {} | {} |", escape_cell(part), Markdown(f"{size / GiB:.2f}"), escape_cell(what))
+        for part, size, what in plan.rows()
+    ]
+    return md(
+        "## Memory per rank\n\n{}\n\n| part | GiB | what |\n| --- | ---: | --- |\n{}",
+        plan.verdict(),
+        Markdown("\n".join(rows)),
+    )
+
+
+def report_plan(kind: str, config: TrainConfig, world_size: int, gpu_memory: str | None) -> MemoryPlan:
+    """Publish the run's memory plan (model/training/memory_plan.py) before it launches; warn if it does not fit."""
+    import torch
+
+    memory = parse_memory(gpu_memory) if gpu_memory else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer runs here: its precision and kernels
+    plan = plan_memory(config, world_size, seq_len=planned_seq_len(config), device=device, gpu_memory=memory)
+    markdown_artifact(plan_markdown(plan), key=f"{kind}-memory-plan", description=f"{kind}: memory per rank")
+    if plan.fits is False:
+        get_run_logger().warning("the memory plan says this run does not fit: %s", plan.verdict())
+    return plan
+
+
+def _train(
+    kind: str,
+    config: TrainConfig,
+    nproc_per_node: int,
+    run_name: str | None,
+    retries: int,
+    nodes: Nodes | None = None,
+    gpu_memory: str | None = None,
+) -> dict:
+    nodes = nodes or Nodes()
     if run_name:
         config = config.model_copy(update={"out_dir": Path(config.out_dir) / run_name})
     if not config.logging.jsonl:  # the flow's result and artifacts are read from metrics.jsonl
         get_run_logger().warning("logging.jsonl is off in the config; the flow turns it on for its loss curves")
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"jsonl": True})})
-    result = launch_training.with_options(retries=retries)(kind, config, nproc_per_node)
+    report_plan(kind, config, nproc_per_node * nodes.nnodes, gpu_memory)
+    result = launch_training.with_options(retries=retries)(kind, config, nproc_per_node, nodes)
     report_training(kind, result)
     return {k: v for k, v in result.items() if k != "loss_curve"}
 
@@ -96,9 +142,14 @@ def train(
     nproc_per_node: Annotated[int, Field(ge=1)] = NPROC,
     run_name: str | None = RUN_NAME,
     retries: Annotated[int, Field(ge=0)] = RETRIES,
+    nnodes: Annotated[int, Field(ge=1)] = NNODES,
+    node_rank: Annotated[int, Field(ge=0)] = NODE_RANK,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT,
+    gpu_memory: str | None = GPU_MEMORY,
 ) -> dict[str, Any]:
-    """Pretrain on a stage written by the mix job; artifacts: loss curves and final metrics."""
-    return _train("train", config, nproc_per_node, run_name, retries)
+    """Pretrain on a stage written by the mix job; artifacts: the memory plan, loss curves and final metrics."""
+    nodes = Nodes(nnodes, node_rank, rdzv_endpoint)
+    return _train("train", config, nproc_per_node, run_name, retries, nodes, gpu_memory)
 
 
 @flow(name="sft")
@@ -107,6 +158,11 @@ def sft(
     nproc_per_node: Annotated[int, Field(ge=1)] = NPROC,
     run_name: str | None = RUN_NAME,
     retries: Annotated[int, Field(ge=0)] = RETRIES,
+    nnodes: Annotated[int, Field(ge=1)] = NNODES,
+    node_rank: Annotated[int, Field(ge=0)] = NODE_RANK,
+    rdzv_endpoint: str | None = RDZV_ENDPOINT,
+    gpu_memory: str | None = GPU_MEMORY,
 ) -> dict[str, Any]:
-    """Supervised fine-tuning from a pretrained checkpoint; artifacts: loss curves and final metrics."""
-    return _train("sft", config, nproc_per_node, run_name, retries)
+    """Supervised fine-tuning from a pretrained checkpoint; artifacts: the memory plan, loss curves, final metrics."""
+    nodes = Nodes(nnodes, node_rank, rdzv_endpoint)
+    return _train("sft", config, nproc_per_node, run_name, retries, nodes, gpu_memory)

@@ -69,13 +69,13 @@ def _print_plan(config: TrainConfig, world_size: int, gpu_memory: str | None) ->
     """The memory plan as a table, then one line: fits or not; exits 0 if it fits (or no GPU memory was given)."""
     from rich.table import Table
 
-    from model.training.memory_plan import GiB, parse_memory, plan_memory
+    from model.training.memory_plan import GiB, parse_memory, plan_memory, planned_seq_len
 
     try:
         memory = parse_memory(gpu_memory) if gpu_memory is not None else None
     except ValueError as err:
         raise fail(f"--gpu-memory: {err}") from None
-    plan = plan_memory(config, world_size, seq_len=_stage_seq_len(config), gpu_memory=memory)
+    plan = plan_memory(config, world_size, seq_len=planned_seq_len(config), gpu_memory=memory)
     title = (
         f"memory per rank: {plan.preset}, {plan.world_size} ranks ({plan.parallelism}, {plan.precision}), micro-batch "
         f"{plan.micro_batch_size} x {plan.seq_len}, {plan.accumulation} per step, checkpointing {plan.checkpointing}"
@@ -86,19 +86,6 @@ def _print_plan(config: TrainConfig, world_size: int, gpu_memory: str | None) ->
     console.print(table)
     console.print(plan.verdict(), markup=False, highlight=False)
     raise typer.Exit(0 if plan.fits is not False else 1)
-
-
-def _stage_seq_len(config: TrainConfig) -> int | None:
-    """config.seq_len, else the stage's (its manifest.json), else None (the model's max_seq_len)."""
-    if config.seq_len is not None:
-        return config.seq_len
-    import json  # model.files.reading would import torch, which planning does without
-
-    try:
-        value = json.loads((Path(config.data) / "manifest.json").read_text()).get("seq_len")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def train(

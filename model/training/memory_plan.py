@@ -27,9 +27,11 @@ peaks on CPU in tests/model/training/test_memory_plan.py.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from schemas.model_config import ModelConfig
 from schemas.train_config import TrainConfig
@@ -173,6 +175,18 @@ def block_activations(model: ModelConfig, tokens: int, act_bytes: int) -> BlockA
     # Selective: the block's input and the matmul outputs (q, k, v, SDPA's output, wo's input, w1 x, w3 x, the product)
     matmul = tokens * e * (d + d + 2 * kv + d + d + 3 * f)
     return BlockActivations(full=full, matmul=matmul, block_input=tokens * e * d)
+
+
+def planned_seq_len(config: TrainConfig) -> int | None:
+    """The run's sequence length as the trainer will take it: config.seq_len, else the stage's (its manifest.json),
+    else None (the plan then takes the model's max_seq_len)."""
+    if config.seq_len is not None:
+        return config.seq_len
+    try:  # model.files.reading would import torch, which planning does without
+        value = json.loads((Path(config.data) / "manifest.json").read_text(encoding="utf-8")).get("seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _resolve(config: TrainConfig, world_size: int, device: str) -> tuple[str, str]:

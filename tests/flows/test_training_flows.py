@@ -80,6 +80,9 @@ def test_train_flow_reports_loss_curve_and_final_metrics(prefect_api, pretrain) 
     first_line = re.search(r"line \[([^\]]*)\]", curve).group(1)  # the total loss, step by step
     assert [float(v) for v in first_line.split(", ")] == pytest.approx([m["loss"] for m in metrics], abs=1e-4)
     assert "data:image/png;base64," in curve and (out / "loss.png").stat().st_size > 0
+    plan = prefect_api.by_key(artifacts, "train-memory-plan")["data"]  # published before the launch
+    assert plan.startswith("## Memory per rank") and "tiny" in plan and "on 1 ranks, single, fp32" in plan
+    assert "| peak |" in plan and "| activations |" in plan and "128" in plan  # the stage's sequence length
 
     logs = flow_logs(state.state_details.flow_run_id, "step 4/4 loss")  # the trainer's own lines, streamed
     assert any("step 4/4 loss" in line for line in logs), logs[-10:]
@@ -124,4 +127,31 @@ def test_sft_flow_under_torchrun(prefect_api, pretrain, stages: Path, tmp_path: 
     assert metrics[0]["lr"] == pytest.approx(1e-5)  # SFT's cosine from 1e-5
     logs = flow_logs(state.state_details.flow_run_id, "initialised from")
     assert any(line.startswith("$ python -m flows.train_launcher 2 sft ") for line in logs), logs  # torchrun, 2 ranks
+    plan = prefect_api.by_key(artifacts, "sft-memory-plan")["data"]
+    assert "on 2 ranks, ddp" in plan
     assert any("initialised from" in line for line in logs)
+
+
+def test_training_command_for_one_or_several_nodes(tmp_path: Path) -> None:
+    from flows.train_launcher import Nodes
+    from flows.training_flows import training_command
+
+    config = tmp_path / "c.yaml"
+    assert training_command("train", config, 1)[-2:] == ["train", str(config)]  # cham train CONFIG
+    launcher = training_command("train", config, 1, Nodes(2, 1, "10.0.0.1:29400"))
+    assert launcher[2:6] == ["flows.train_launcher", "1", "train", str(config)]
+    assert launcher[6:] == ["--nnodes=2", "--node-rank=1", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=cham"]
+
+
+def test_plan_markdown_escapes_and_says_whether_it_fits(tmp_path: Path) -> None:
+    from flows.training_flows import plan_markdown
+    from model.training.memory_plan import parse_memory, plan_memory
+
+    config = validate_config(
+        TrainConfig,
+        {"model": {"preset": "34b"}, "data": str(tmp_path), "out_dir": str(tmp_path / "o"), "seq_len": 4096}
+        | {"steps": 10, "global_batch_size": 64, "schedule": {"warmup_steps": 1}, "parallelism": "fsdp"},
+    )
+    text = plan_markdown(plan_memory(config, 8, gpu_memory=parse_memory("80GB")))
+    assert "does not fit in 72.0 GiB" in text and "| GPU memory | 80.00 | does not fit |" in text
+    assert "| --- | ---: | --- |" in text and "1/8 of fp32 weights" in text
