@@ -154,9 +154,12 @@ def block_params(model: ModelConfig) -> int:
     return 2 * model.dim * model.dim + 2 * model.dim * kv_dim + 3 * model.dim * model.ffn_dim + 2 * model.dim + qk
 
 
-def block_activations(model: ModelConfig, tokens: int, act_bytes: int) -> BlockActivations:
+def block_activations(
+    model: ModelConfig, tokens: int, act_bytes: int, residual_bytes: int | None = None
+) -> BlockActivations:
     """What one block keeps for its backward for `tokens` (batch x sequence) positions; activations in `act_bytes`
-    (4: fp32, 2: bf16), the norms' and rotary's internals in fp32 as the code computes them."""
+    (4: fp32, 2: bf16), the norms' internals in fp32 as the code computes them. The residual stream, which a
+    checkpointed block keeps, is in `residual_bytes` (default `act_bytes`; fp32 under autocast)."""
     d, f, h = model.dim, model.ffn_dim, model.n_heads
     kv = model.n_kv_heads * model.head_dim
     gqa = model.n_kv_heads < model.n_heads
@@ -174,7 +177,7 @@ def block_activations(model: ModelConfig, tokens: int, act_bytes: int) -> BlockA
     full = tokens * (2 * norm + attention + ffn)
     # Selective: the block's input and the matmul outputs (q, k, v, SDPA's output, wo's input, w1 x, w3 x, the product)
     matmul = tokens * e * (d + d + 2 * kv + d + d + 3 * f)
-    return BlockActivations(full=full, matmul=matmul, block_input=tokens * e * d)
+    return BlockActivations(full=full, matmul=matmul, block_input=tokens * (residual_bytes or e) * d)
 
 
 def planned_seq_len(config: TrainConfig) -> int | None:
@@ -241,7 +244,8 @@ def plan_memory(
     optimizer = math.ceil(8 * n / shard)
 
     # Activations under the chosen checkpointing.
-    block = block_activations(model, tokens, e)
+    # Autocast (one process, DDP) keeps the residual stream in fp32; FSDP2's bf16 policy runs it in bf16.
+    block = block_activations(model, tokens, e, 4 if parallelism != "fsdp" else e)
     mode, k = config.activation_checkpointing.mode, config.activation_checkpointing.every_k
     layers = model.n_layers
     if mode == "full":

@@ -65,7 +65,7 @@ def test_sharding_divides_the_states() -> None:
 def test_checkpointing_modes_order_the_activations() -> None:
     def activations(mode: str, every_k: int = 2) -> int:
         ac = {"mode": mode, "every_k": every_k}
-        return plan_memory(config("34b", seq_len=4096, activation_checkpointing=ac), 8).activations
+        return plan_memory(config("34b", seq_len=4096, parallelism="fsdp", activation_checkpointing=ac), 8).activations
 
     none, full, selective = activations("none"), activations("full"), activations("selective")
     every_2, every_4 = activations("every_k_blocks", 2), activations("every_k_blocks", 4)
@@ -75,6 +75,9 @@ def test_checkpointing_modes_order_the_activations() -> None:
     assert block.block_input == 4096 * shape.dim * 2 and block.block_input < block.matmul < block.full
     # 48 blocks kept in full against one block's input each: the difference is the blocks' activations.
     assert none - full == 48 * (block.full - block.block_input)
+    # Under autocast (DDP) the residual stream, what a checkpointed block keeps, is fp32.
+    ddp = plan_memory(config("34b", seq_len=4096, activation_checkpointing={"mode": "full"}), 8)
+    assert ddp.parallelism == "ddp" and ddp.activations - full == 48 * block.block_input
 
 
 def test_document_masking_on_sdpa_adds_the_dense_mask() -> None:
