@@ -1,4 +1,4 @@
-"""Correctness of the two CUDA-only code paths, checked on a lent GPU machine in about a minute.
+"""Correctness of the CUDA-only code paths, checked on a lent GPU machine in about a minute.
 
 1. The trainer's fused output layer + loss (`model/lm/losses.py`, its CUDA layout) equals `lm_loss` on full logits, in
    fp32 and under bf16 autocast, values and gradients.
@@ -8,6 +8,10 @@
 3. CUDA-graph decoding (`model/generation/decode_graph.py`): greedy generations in text and mixed mode, with a
    padded prompt and guidance rows, equal the eager decode's, and a second call (the kept graph, replayed) gives the
    same again.
+4. FSDP2's mixed precision (`model/training/parallelize.py`): a one-rank FSDP2 model built the trainer's way (meta,
+   sharded with `MixedPrecisionPolicy(bf16 params, fp32 reduction)`, materialised, initialised per shard) trains three
+   AdamW steps with the losses of the autocast path (the whole fp32 model under bf16 autocast) within bf16 rounding;
+   it computes with bf16 weights and keeps fp32 master weights and gradients.
 
 Prints one line per check, writes $OUT/gpu_checks.json when $OUT is set, and exits 1 if any check fails.
 `--cpu-smoke` runs the same code on CPU to check the script: FlexAttention forward only (it has no CPU backward), the
@@ -158,9 +162,78 @@ def check_graph_decoding(device: torch.device) -> dict:
     return outcome
 
 
+def fsdp_mixed_precision_losses(device: torch.device, config: ModelConfig, path: str) -> dict:
+    """Three AdamW steps of one fixed batch: `path` "autocast" (the whole fp32 model under bf16 autocast, as one
+    process and DDP train) or "fsdp" (one FSDP2 rank, the trainer's sharded build and bf16 policy, no autocast);
+    the losses, and for "fsdp" the dtypes the output layer computed with and the masters and gradients kept."""
+    from model.training.parallelize import init_shards, init_templates, materialise, meta_model, precision_plan, shard
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, config.vocab_size, (4, 256), generator=g).to(device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    torch.manual_seed(0)
+    found: dict = {}
+    if path == "fsdp":
+        model = meta_model(config)
+        templates = init_templates(model)
+        # The trainer's policy for bf16 under FSDP2 on CUDA (also on the CPU for the smoke run).
+        shard(model, precision_plan("bf16", "cuda", fsdp=True, bf16_supported=True).fsdp_policy)
+        materialise(model, device)
+        init_shards(templates, config.init_std)
+
+        def record(module: nn.Module, args: tuple) -> None:  # the weight a projection multiplies by
+            found["compute_dtype"] = str(module.weight.dtype)
+
+        hook = model.layers[0].attention.wq.register_forward_pre_hook(record)
+    else:
+        model = Transformer(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=path == "autocast"):
+            loss = model(tokens, loss_mask=mask).loss
+        loss.backward()
+        if path == "fsdp":
+            found["grad_dtype"] = str(model.output.weight.grad.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    if path == "fsdp":
+        hook.remove()
+        found["master_dtype"] = str(model.output.weight.dtype)
+    return {"losses": losses, **found}
+
+
+def check_fsdp_mixed_precision(device: torch.device) -> dict:
+    """The FSDP2 bf16 policy's losses against the autocast path's (one rank; NCCL on CUDA, gloo for the smoke)."""
+    import torch.distributed as dist
+
+    config = ModelConfig.from_preset("tiny", n_heads=4, n_kv_heads=2)
+    with TemporaryDirectory() as store:
+        started = not dist.is_initialized()
+        if started:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"file://{store}/pg", rank=0, world_size=1)
+        try:
+            autocast = fsdp_mixed_precision_losses(device, config, "autocast")
+            fsdp = fsdp_mixed_precision_losses(device, config, "fsdp")
+        finally:
+            if started:
+                dist.destroy_process_group()
+    # bf16 keeps 8 bits of mantissa (relative rounding 0.4%); the residual stream is bf16 under the policy and fp32
+    # under autocast. A wrong policy (no update, fp32 compute, a lost reduction) moves the losses far more.
+    tolerance = 1e-2
+    worst = max(abs(a - b) / abs(a) for a, b in zip(autocast["losses"], fsdp["losses"], strict=True))
+    dtypes = {"compute_dtype": "torch.bfloat16", "master_dtype": "torch.float32", "grad_dtype": "torch.float32"}
+    passed = worst <= tolerance and all(fsdp.get(key) == value for key, value in dtypes.items())
+    passed &= autocast["losses"][-1] < autocast["losses"][0]  # the steps train
+    return {"passed": passed, "autocast": autocast, "fsdp": fsdp, "max_relative_diff": worst, "tolerance": tolerance}
+
+
 CHECKS = {
     "fused_loss": check_fused_loss,
     "graph_decoding": check_graph_decoding,
+    "fsdp_mixed_precision": check_fsdp_mixed_precision,
     "flex_attention": check_flex_attention,
 }  # cheapest first: flex compiles the longest
 

@@ -53,7 +53,11 @@ def precision_plan(precision: str, device_type: str, fsdp: bool, bf16_supported:
     if not bf16:
         return PrecisionPlan(None, None)
     if fsdp and device_type == "cuda":
-        return PrecisionPlan(None, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        # Inputs are not cast: the rotary angles, computed once per forward in fp32 and passed to every block, would
+        # become bf16 (which torch.complex refuses, and which loses the rotation's precision). The blocks get bf16
+        # activations anyway, from the embedding's bf16 weight.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        return PrecisionPlan(None, policy)
     return PrecisionPlan(torch.bfloat16, None)
 
 

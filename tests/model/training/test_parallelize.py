@@ -20,7 +20,8 @@ from model.training.parallelize import PrecisionPlan, init_shards, init_template
 from schemas.model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[3]
-BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+# The rotary angles stay fp32 (cast_forward_inputs would make them bf16).
+BF16_POLICY = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 AUTOCAST = PrecisionPlan(torch.bfloat16, None)
 FP32 = PrecisionPlan(None, None)
 
