@@ -314,7 +314,7 @@ def test_lanczos_window_leaves_extreme_reductions_to_pillow():
 
 
 def _preprocess_in_child(data: bytes) -> tuple[np.ndarray, bool]:
-    from model import image_preprocess
+    from model.tokenizers import image_preprocess
 
     return preprocess(data).pixels, image_preprocess._vips_state["usable"]
 
