@@ -21,8 +21,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from flows.markup import Markdown, escape_cell, escape_markdown, escape_table_cell, md
+from model.training.metrics import METRICS_FILE  # the trainer's JSONL sink, in the run's out_dir
 
-METRICS_FILE = "metrics.jsonl"  # written by model/training/trainer.py into the run's out_dir
 Points = list[tuple[float, float | None]]  # (step, value); None where the step has no value (a gap)
 
 
