@@ -273,14 +273,15 @@ def plan_memory(
     # The fused loss: supervised rows [N, dim] and their gradient, one chunk of logits (vocab-major, padded on CPU).
     rows = b * (s - 1)
     chunk = min(config.loss_chunk_size, rows)
-    stride = (-(-chunk // 8) * 8 + 8) if device == "cpu" and not bf16 else chunk
+    stride = -(-chunk // 8) * 8  # fp32 on CPU: rows padded to an odd multiple of 8 (losses._padded_stride)
+    stride = (stride + 8 if (stride // 8) % 2 == 0 else stride) if device == "cpu" and not bf16 else chunk
     fused_loss = 2 * rows * model.dim * e + 8 * rows + 4 * model.vocab_size * stride
     if not bf16:
         fused_loss += 4 * vd  # the output layer's gradient, computed in the forward
-    if bf16:
-        fused_loss += 2 * model.vocab_size * chunk + 2 * vd + 4 * vd  # bf16 logits, bf16 and fp32 weight gradients
-        if parallelism != "fsdp":
-            fused_loss += 2 * vd  # the output weight cast to bf16 (autocast is off inside the loss)
+    else:
+        # bf16 logits, one chunk's bf16 weight gradient and their fp32 sum; then the bf16 weight's own bf16 gradient
+        # (FSDP2's policy) or the fp32 weight cast to bf16 (autocast is off inside the loss).
+        fused_loss += 2 * model.vocab_size * chunk + 2 * vd + 4 * vd + 2 * vd
 
     # Backward workspace: one block's activation gradients (fp32 norms) and its recomputation under checkpointing;
     # under FSDP2 a block's unsharded gradients before their fp32 reduce-scatter, and the root's at the very end.
