@@ -19,7 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from model.lm.transformer import Transformer
 from schemas.train_config import ActivationCheckpointConfig
@@ -60,9 +64,15 @@ def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> torch.
     """The block's own forward under a non-reentrant checkpoint (bound to the block in place of `forward`)."""
     # type(block).forward: the class's forward, also after FSDP2 swaps the block's class for its sharded subclass.
     forward = partial(type(block).forward, block)
+    if not torch.is_grad_enabled():  # evaluation, decoding: nothing is kept for a backward, nothing to recompute
+        return forward(*args, **kwargs)
+    # preserve_rng_state: the recompute starts from the forward's RNG state, so dropout draws the same masks again.
+    # Two calls, not a context_fn variable: torch.compile accepts only a function named at the call.
     if getattr(block, _MODE_ATTRIBUTE) == "selective":
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(
+            forward, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_selective_contexts, **kwargs
+        )
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
 def checkpointed_blocks(n_layers: int, config: ActivationCheckpointConfig) -> list[int]:

@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.lm.transformer import Transformer
+from model.training import activation_checkpointing
 from model.training.activation_checkpointing import apply_activation_checkpointing, checkpointed_blocks
 from schemas.model_config import ModelConfig
 from schemas.train_config import ActivationCheckpointConfig
@@ -90,6 +91,25 @@ def test_loss_and_gradients_equal_the_model_without_checkpointing(mode: str, dro
     # With dropout the recompute draws the same masks only because the checkpoint restores the RNG state it saved
     # before the forward (preserve_rng_state): without it, full and every_k_blocks gradients differ by ~0.03.
     assert_same_step(step(checkpointed(mode, tiny(dropout=dropout))), step(tiny(dropout=dropout)))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_without_grad_blocks_run_plainly_and_decode_alike(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, plain = checkpointed(mode, tiny()), tiny()
+    tokens = fixed_batch(model.config.vocab_size)[0][:1, :10]
+
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("a checkpoint without grad: nothing to recompute, only overhead")
+
+    monkeypatch.setattr(activation_checkpointing, "checkpoint", no_checkpoint)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain(tokens))
+    for grad_mode in (torch.no_grad, torch.inference_mode):  # decoding: a KV cache filled in two calls
+        with grad_mode():
+            cache, plain_cache = model.make_cache(1, 16), plain.make_cache(1, 16)
+            for start, stop in ((0, 6), (6, 10)):
+                got = model(tokens[:, start:stop], cache=cache, start_pos=start)
+                assert torch.equal(got, plain(tokens[:, start:stop], cache=plain_cache, start_pos=start))
 
 
 class OpCounter(TorchDispatchMode):
