@@ -17,7 +17,6 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from flows.process_lifetime import tied_to_this_process
-from flows.train_launcher import launcher_command
 
 
 class CommandError(RuntimeError):
@@ -27,12 +26,6 @@ class CommandError(RuntimeError):
 def cham(*args: str) -> list[str]:
     """The command line of `cham ARGS` run by this interpreter (same venv, no PATH lookup)."""
     return [sys.executable, "-m", "flows", *args]
-
-
-def torchrun(nproc_per_node: int, kind: str, config_file: Path) -> list[str]:
-    """`torchrun --standalone` on this machine with N processes running flows.train_worker, through
-    flows.train_launcher: the ranks die with it, and a failure is one `error:` line."""
-    return launcher_command(nproc_per_node, kind, config_file)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
