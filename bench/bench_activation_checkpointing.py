@@ -8,8 +8,8 @@ output layer + loss), then `loss.backward()`, fp32, gradients freed before each 
 Memory, per mode:
 - CPU, `live`: the bytes of tensors alive at the step's worst moment: the weights plus the peak of the running sum of
   torch.profiler's allocation records over the step (exact, no allocator slack; gradients included).
-- CPU, `rss`: the growth of the process's peak resident size (getrusage's ru_maxrss) over its resident size before
-  the first step, taken after a warm-up step of a tiny model under the same mode. The child runs with
+- CPU, `rss`: the growth of the process's peak resident size (VmHWM, model.training.cpu_memory) over its resident size
+  before the first step, taken after a warm-up step of a tiny model under the same mode. The child runs with
   MALLOC_MMAP_THRESHOLD_=131072, so glibc maps every block over 128 KB afresh and unmaps it on free: the resident
   size follows the live tensors (plus what the first step of this size loads or grows).
 - CUDA: `torch.cuda.max_memory_allocated` over the step (`live`), and max_memory_reserved (`rss` column).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,6 +114,8 @@ def probe_memory(args: argparse.Namespace, mode: str) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from model.training.cpu_memory import peak_resident_bytes
+
     torch.set_num_threads(args.threads)
     setup = Setup(args, mode)
     weights = sum(p.numel() * p.element_size() for p in setup.model.parameters())
@@ -128,7 +129,7 @@ def probe_memory(args: argparse.Namespace, mode: str) -> dict:
     if setup.device.type == "cuda":
         live, held = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     else:
-        held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        held = peak_resident_bytes() - base_rss
         setup.model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
             setup.model(setup.tokens, doc_ids=setup.doc_ids, loss_mask=setup.loss_mask).loss.backward()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
@@ -44,3 +45,15 @@ def keep_freed_memory() -> bool:
     # No mmap'd blocks: large ones come from the heap and are reused after free. The largest int as the trim
     # threshold: the heap's free top is kept (mallopt takes an int; 2 GB of free top is trimmed, which is rare).
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident size (Linux's VmHWM). Unlike getrusage's ru_maxrss, it starts afresh with the
+    program: a process started from a large one (a test run's) reports its own peak, not the parent's."""
+    status = Path("/proc/self/status")
+    for line in status.read_text(encoding="ascii").splitlines() if status.is_file() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    import resource  # not Linux: the best there is
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

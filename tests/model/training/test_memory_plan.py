@@ -4,8 +4,8 @@ Run as a script (`python test_memory_plan.py SPEC_JSON`), this file is the probe
 process: it trains a config's model for three steps on one random micro-batch and prints two peaks in bytes, both
 from a baseline taken after the imports and a warm-up step of another model (the kernels' first use, libraries and
 thread pools, is not training memory):
-- rss: the growth of the peak resident size (getrusage's ru_maxrss) over the first two steps (the second is the
-  peak: AdamW's moments exist from the first step on). It includes malloc's slack (fragmentation).
+- rss: the growth of the peak resident size (VmHWM; ru_maxrss would report the test run's) over the first two steps
+  (the second is the peak: AdamW's moments exist from the first step on). It includes malloc's slack (fragmentation).
 - live: the tensors alive at the worst moment of the third step: the weights' and moments' bytes plus the running
   sum of torch.profiler's allocation records over the step.
 """
@@ -154,12 +154,12 @@ def test_plan_against_measured_cpu_peaks(shape: dict, run: dict) -> None:
 
 def _probe(spec: str) -> None:
     import os
-    import resource
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from model.lm.transformer import Transformer
+    from model.training.cpu_memory import peak_resident_bytes
     from model.training.optim import clip_and_check, make_optimizer
 
     def step(model, optimizer, batch, chunk: int) -> None:
@@ -189,7 +189,7 @@ def _probe(spec: str) -> None:
     optimizer = make_optimizer(model, train.optimizer)
     for _ in range(2):
         step(model, optimizer, batch, train.loss_chunk_size)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    rss = peak_resident_bytes() - base
     state = sum(p.numel() * p.element_size() for p in model.parameters())
     state += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
