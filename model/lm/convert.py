@@ -611,7 +611,7 @@ def detect_format(folder: str | Path) -> str:
     than one (then --from must say which)."""
     folder = Path(folder)
     found = {
-        "ours": (folder / OURS_WEIGHTS).is_file() and (folder / OURS_CONFIG).is_file(),
+        "ours": step_folder.has_model(folder),
         "meta": (folder / "params.json").is_file()
         and ((folder / "consolidated.pth").is_file() or any(folder.glob("consolidated.[0-9][0-9].pth"))),
         "hf": (folder / "config.json").is_file() and ((folder / HF_WEIGHTS).is_file() or (folder / HF_INDEX).is_file()),
