@@ -41,10 +41,27 @@ class ScheduleConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
-    """When to save and how many to keep; the trainer resumes from the latest in `dir` automatically."""
+    """When to save, how many to keep, and in which form; the trainer resumes from the latest by itself.
+
+    full: rank 0 gathers the whole model and optimizer and writes model.pt and trainer.pt. sharded: every rank writes
+    its own shards in parallel (torch.distributed.checkpoint), host memory bounded by one rank's shard; generate, eval
+    and convert read either, `cham checkpoint consolidate` turns a sharded one into a full one. auto: sharded under
+    FSDP2, full otherwise."""
 
     every_steps: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
+    format: Literal["auto", "full", "sharded"] = "auto"
+    async_save: bool = Field(
+        False,
+        description="sharded only: write each checkpoint in the background while training goes on (at most one in "
+        "flight; it counts once its state.json is written)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CheckpointConfig:
+        if self.async_save and self.format == "full":
+            raise ValueError("async_save needs sharded checkpoints: set format to sharded (or auto under FSDP)")
+        return self
 
 
 class ActivationCheckpointConfig(StrictModel):

@@ -7,6 +7,12 @@
     trainer.pt          optimizer, schedule and RNG states (resuming only)
     state.json          step, loader position and run counters; written last, so its presence marks a whole folder
 
+A sharded step folder (model/training/sharded_checkpoint.py writes it) has `sharded/` instead of model.pt, and its
+trainer.pt has no optimizer: `sharded/` is a torch.distributed.checkpoint folder whose keys are `model.<name>` and
+`optimizer.<...>`, each rank's shards in a file of their own. Every reader of weights here takes either form: a
+sharded folder's model is gathered into full tensors in this process on demand (what `generate`, `eval` and
+`convert` need); `cham checkpoint consolidate` writes the single-file form once.
+
 This module owns those names and how each file is read and written. A step folder is written under a temporary
 name and renamed into place (model/files/atomic.py), so a crash never leaves half of one that looks complete. Readers
 take the error type to raise (each caller has its own: CheckpointError, ConversionError) and name the file.
@@ -24,7 +30,7 @@ import torch
 from pydantic import ValidationError
 
 from model.files.atomic import atomic_path, write_atomic
-from model.files.reading import load_state_dict_file, load_tensor_file, read_json, read_json_object
+from model.files.reading import first_line, load_state_dict_file, load_tensor_file, read_json, read_json_object
 from schemas.model_config import ModelConfig
 
 WEIGHTS = "model.pt"
@@ -33,6 +39,7 @@ TOKENIZERS = "tokenizers.json"
 TRAINING = "training.json"
 TRAINER = "trainer.pt"
 STATE = "state.json"
+SHARDED = "sharded"
 
 
 @dataclass(frozen=True)
@@ -58,10 +65,15 @@ def write_step_folder(
         tmp.mkdir()
         torch.save(dict(weights), tmp / WEIGHTS)
         torch.save(dict(trainer), tmp / TRAINER)
-        if records is not None:
-            _write_records(tmp, records)
-        (tmp / STATE).write_text(json.dumps(dict(state)))
+        write_step_state(tmp, state, records)
     return folder
+
+
+def write_step_state(folder: Path, state: Mapping[str, Any], records: StepRecords | None = None) -> None:
+    """The records, then state.json (last: its presence marks the folder whole), into a folder being written."""
+    if records is not None:
+        _write_records(folder, records)
+    (folder / STATE).write_text(json.dumps(dict(state)))
 
 
 def _write_records(folder: Path, records: StepRecords) -> None:
@@ -80,13 +92,88 @@ def write_model(folder: str | Path, weights: Mapping[str, torch.Tensor], config:
 
 
 def has_model(folder: str | Path) -> bool:
-    """Whether `folder` holds our `convert` format (model.pt and model_config.json)."""
-    return (Path(folder) / WEIGHTS).is_file() and (Path(folder) / MODEL_CONFIG).is_file()
+    """Whether `folder` holds our `convert` format (model.pt, or a sharded model, and model_config.json)."""
+    folder = Path(folder)
+    return ((folder / WEIGHTS).is_file() or is_sharded(folder)) and (folder / MODEL_CONFIG).is_file()
+
+
+def has_weights(folder: str | Path) -> bool:
+    """Whether `folder` holds model weights in either form (model.pt or sharded/)."""
+    return (Path(folder) / WEIGHTS).is_file() or is_sharded(folder)
+
+
+def is_sharded(folder: str | Path) -> bool:
+    """Whether `folder` is a sharded step folder (its sharded/ has torch.distributed.checkpoint's metadata)."""
+    return (Path(folder) / SHARDED / ".metadata").is_file()
 
 
 def read_weights(folder: str | Path, error: type[Exception]) -> dict[str, torch.Tensor]:
-    """model.pt of `folder`: a state dict of tensors, or `error` naming the file."""
+    """The model's state dict of `folder`: model.pt, or the model of its sharded/ gathered into full tensors here;
+    a missing or damaged file raises `error` naming it."""
+    if is_sharded(folder):
+        state = read_sharded(folder, "model", error)
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise error(f"{Path(folder) / SHARDED}: its model part is not a state dict of tensors")
+        return state
     return load_state_dict_file(Path(folder) / WEIGHTS, error)
+
+
+def sharded_shapes(folder: str | Path, part: str, error: type[Exception]) -> dict[str, tuple[int, ...]]:
+    """Name -> full shape of every tensor of one part ('model', 'optimizer') of a sharded folder, from its metadata
+    alone (nothing else is read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(folder) / SHARDED
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except _dcp_errors() as err:  # pickle, EOF and OS errors alike for a damaged file
+        raise error(f"{path / '.metadata'}: not a readable sharded checkpoint ({dcp_failure(err)})") from None
+    prefix = part + "."
+    return {
+        key[len(prefix) :]: tuple(item.size)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+
+
+def dcp_failure(err: BaseException) -> str:
+    """One line for a torch.distributed.checkpoint failure: each failed rank's own exception, not DCP's traceback."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(
+            f"rank {rank}: {type(exc).__name__}: {first_line(exc) or 'truncated or damaged file'}"
+            for rank, (exc, _) in sorted(failures.items())
+        )
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    # CheckpointException derives from BaseException; the rest is what a damaged metadata file raises.
+    return (CheckpointException, Exception)
+
+
+def read_sharded(folder: str | Path, part: str, error: type[Exception]) -> dict[str, Any]:
+    """One part ('model', 'optimizer') of a sharded folder, every shard gathered into full tensors in this process
+    (its whole size in host memory: for consolidating or inference, not for resuming a sharded run)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(folder) / SHARDED
+    state: dict[str, Any] = {}
+    try:
+        # DCP's own way of reading a checkpoint without a model (format_utils.dcp_to_torch_save): the planner builds
+        # the tensors from the metadata; no_dist, so one rank of a distributed run may call it alone.
+        planner = _EmptyStateDictLoadPlanner(keys={part})
+        _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+    except _dcp_errors() as err:
+        raise error(f"{path}: cannot read its {part} ({dcp_failure(err)})") from None
+    if part not in state:
+        raise error(f"{path}: no {part} in this sharded checkpoint")
+    return state[part]
 
 
 def read_model_config(folder: str | Path, error: type[Exception]) -> ModelConfig:

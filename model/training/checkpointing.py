@@ -41,7 +41,8 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's torch, Python (and CUDA) RNG states, as a checkpoint keeps them."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()[1]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -79,7 +80,7 @@ def save_checkpoint(
     # A writer killed mid-save leaves its hidden temporary; one run writes here at a time (RunLock), so any is stale.
     for stale in root.glob(f".{PREFIX}*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-    trainer: dict[str, Any] = {"rng": _rng_state(), "step": state.step}
+    trainer: dict[str, Any] = {"rng": rng_state(), "step": state.step}
     if optimizer is not None:
         trainer["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     if scheduler is not None:
@@ -102,7 +103,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and step_folder.is_complete(p))
+    return sorted(p for p in root.iterdir() if p.is_dir() and _is_step_name(p.name) and step_folder.is_complete(p))
 
 
 # `latest` holds one short line; a larger file is not a pointer we wrote (read no more than this to say so).
@@ -168,7 +169,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if path.is_file() and path.name in (LATEST, WEIGHTS):  # a file of the folder meant
         path = path.parent
-    if (path / WEIGHTS).is_file():
+    if step_folder.has_weights(path):
         return path
     for root in (path, path / "checkpoints"):
         found = latest_checkpoint(root)
@@ -182,15 +183,6 @@ def _check_model_state(path: Path, model: torch.nn.Module, state: Mapping[str, t
     problem = model_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
     if problem:
         raise CheckpointError(f"{path}: cannot load {what}: {problem}")
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], TrainState]:
-    """The model state dict, the trainer dict (optimizer, scheduler, rng) and the TrainState of a folder; a missing,
-    damaged or incomplete file raises CheckpointError naming it."""
-    model = step_folder.read_weights(path, CheckpointError)
-    trainer = step_folder.read_trainer(path, CheckpointError)
-    state = step_folder.read_state(path, CheckpointError)
-    return model, trainer, TrainState(step=state["step"], loader=state["loader"], extra=state["extra"])
 
 
 def _trainer_part(path: Path, trainer: dict[str, Any], key: str) -> Any:
@@ -211,14 +203,41 @@ def load_checkpoint(
     """Load a checkpoint folder into the given objects and return its TrainState. Everything is read and checked
     before anything is loaded, so a bad checkpoint changes nothing.
 
-    `sharded`: `model` (and `optimizer`) are FSDP2-sharded; the full states the checkpoint holds are scattered into
-    the shards (every rank calls this)."""
+    `sharded`: `model` (and `optimizer`) are FSDP2-sharded (every rank calls this). A gathered checkpoint's full
+    states are scattered into the shards; a sharded one (sharded_checkpoint.py) is read by each rank for its own
+    shards, whatever number of ranks wrote it."""
     path = Path(path)
-    model_state, trainer, state = read_checkpoint(path)
-    _check_model_state(path, model, model_state, "this checkpoint")
-    optimizer_state = _trainer_part(path, trainer, "optimizer") if optimizer is not None else None
+    trainer = step_folder.read_trainer(path, CheckpointError)
+    saved = step_folder.read_state(path, CheckpointError)
+    state = TrainState(step=saved["step"], loader=saved["loader"], extra=saved["extra"])
     scheduler_state = _trainer_part(path, trainer, "scheduler") if scheduler is not None else None
-    if sharded:
+    if step_folder.is_sharded(path):
+        from model.training.sharded_checkpoint import load_sharded_states
+
+        load_sharded_states(path, model, optimizer)
+    else:
+        model_state = step_folder.read_weights(path, CheckpointError)
+        _check_model_state(path, model, model_state, "this checkpoint")
+        optimizer_state = _trainer_part(path, trainer, "optimizer") if optimizer is not None else None
+        _load_full_states(model, optimizer, model_state, optimizer_state, sharded)
+    if scheduler is not None:
+        scheduler.load_state_dict(scheduler_state)
+    if restore_rng:
+        _set_rng_state(trainer["rng"])
+    return state
+
+
+def _load_full_states(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
+    sharded: bool,
+) -> None:
+    # An optimizer state keyed by parameter names (a gathered FSDP2 save, a consolidated sharded one) goes through
+    # set_optimizer_state_dict; one keyed by parameter indices (optimizer.state_dict()) loads as it is.
+    by_name = optimizer_state is not None and any(isinstance(k, str) for k in optimizer_state.get("state", {}))
+    if sharded or by_name:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -226,18 +245,16 @@ def load_checkpoint(
         )
 
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=options)
+        if sharded:
+            set_model_state_dict(model, model_state, options=options)
+        else:
+            model.load_state_dict(model_state)
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-    else:
-        model.load_state_dict(model_state)
-        if optimizer is not None:
-            optimizer.load_state_dict(optimizer_state)
-    if scheduler is not None:
-        scheduler.load_state_dict(scheduler_state)
-    if restore_rng:
-        _set_rng_state(trainer["rng"])
-    return state
+        return
+    model.load_state_dict(model_state)
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
 
 
 def gathered_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:

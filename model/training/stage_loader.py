@@ -2,10 +2,15 @@
 and a state that resumes exactly.
 
 Sequences are read in the order the mix job wrote them (that order keeps the mixture's shares in every prefix).
-Global batch b holds sequences [b*G, (b+1)*G), G = world_size x batch_size; rank r takes its slice of each, and
+Loader batch b holds sequences [b*G, (b+1)*G), G = world_size x batch_size; rank r takes its slice of each, and
 DataLoader worker w of a rank reads the batches b with b % num_workers == w, which PyTorch's in-order DataLoader
 returns as 0, 1, 2, ... again. Every member is read by seeking to its offset in the tar: no worker reads what
 another one needs.
+
+Elastic resume: an optimizer step of global batch B reads sequences [s*B, (s+1)*B) of its epoch on any number of
+ranks, and an epoch is the first floor(N / B) * B of the N sequences (not a multiple of G, which depends on the
+world size): so a run saved on N ranks and resumed on M reads the same sequences at every step. The state records the
+global batch; resuming at another one is refused, since every later step would read other sequences.
 """
 
 from __future__ import annotations
@@ -203,6 +208,7 @@ class StageLoader:
         world_size: int = 1,
         num_workers: int = 0,
         skip_corrupt: bool = False,
+        global_batch_size: int | None = None,
     ):
         self.stage_dir = Path(stage_dir)
         manifest_path = self.stage_dir / MANIFEST
@@ -229,11 +235,18 @@ class StageLoader:
                     raise
                 log.warning("skipping a corrupt shard: %s", err)
                 self.skipped_shards.append(str(path))
-        self.batches_per_epoch = len(self.index) // (world_size * batch_size)
+        per_batch = world_size * batch_size
+        self.global_batch_size = global_batch_size or per_batch
+        if self.global_batch_size % per_batch:
+            raise ValueError(
+                f"global batch {self.global_batch_size} is not a multiple of {world_size} ranks x {batch_size}"
+            )
+        steps_per_epoch = len(self.index) // self.global_batch_size
+        self.batches_per_epoch = steps_per_epoch * (self.global_batch_size // per_batch)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{self.stage_dir}: {len(self.index)} sequences are fewer than one global batch "
-                f"({world_size} ranks x {batch_size})"
+                f"({self.global_batch_size})"
             )
         self.epoch, self.batches_done = 0, 0
 
@@ -241,8 +254,16 @@ class StageLoader:
         return self.batches_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
+        """Where the loader is, in units that do not depend on the world size: sequences of the epoch consumed, and
+        the global batch they were consumed in (what a resume on another number of ranks needs to re-split)."""
         consumed = self.batches_done * self.world_size * self.batch_size
-        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "sequences_consumed": consumed}
+        return {
+            "fingerprint": self.fingerprint,
+            "stage": self.manifest.get("stage"),
+            "epoch": self.epoch,
+            "sequences_consumed": consumed,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any], allow_fingerprint_change: bool = False) -> None:
         """Continue where `state` (from `state_dict`) was; a state of another dataset is refused unless allowed (the
@@ -256,8 +277,27 @@ class StageLoader:
                 f"{self.fingerprint} (re-mixed?); set allow_data_change: true in the training config to resume on "
                 f"it anyway, at the same position"
             )
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["sequences_consumed"]) // (self.world_size * self.batch_size)
+        stage = self.manifest.get("stage")
+        if state.get("stage") is not None and stage is not None and state["stage"] != stage:
+            raise ResumeMismatchError(
+                f"the checkpoint was saved while training on stage {state['stage']!r}, but {self.stage_dir} is stage "
+                f"{stage!r}: point the config at the {state['stage']} folder, or train the new stage in a new out_dir "
+                f"(init_from the checkpoint), or name both stages in one run (stages:)"
+            )
+        saved_batch = state.get("global_batch_size")
+        if saved_batch is not None and int(saved_batch) != self.global_batch_size:
+            raise ResumeMismatchError(
+                f"the checkpoint was saved at a global batch of {saved_batch} sequences, this run has "
+                f"{self.global_batch_size}: every later step would read other sequences; keep global_batch_size "
+                f"{saved_batch} (any number of ranks and micro_batch_size that divide it)"
+            )
+        consumed, per_batch = int(state["sequences_consumed"]), self.world_size * self.batch_size
+        if consumed % per_batch:
+            raise ResumeMismatchError(
+                f"the checkpoint was saved {consumed} sequences into its epoch, not a whole number of this run's "
+                f"batches of {per_batch} ({self.world_size} ranks x {self.batch_size}): it cannot resume there"
+            )
+        self.epoch, self.batches_done = int(state["epoch"]), consumed // per_batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches from the saved position to the end of the epoch; the next iteration starts the next epoch."""

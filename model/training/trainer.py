@@ -36,6 +36,7 @@ from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.training.optim import clip_and_check, make_optimizer
 from model.training.parallelize import build_model
 from model.training.run_lock import RunLock, RunLockedError
+from model.training.sharded_checkpoint import ShardedCheckpointer
 from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
 from schemas.train_config import SFTConfig, TrainConfig
 from schemas.vocab import VocabLayout
@@ -94,6 +95,7 @@ class Trainer:
             world_size=self.world_size,
             num_workers=config.loader_workers,
             skip_corrupt=config.skip_corrupt_shards,
+            global_batch_size=config.global_batch_size,
         )
         self.seq_len = stage_seq_len(config, self.loader.seq_len, model_config.max_seq_len)
         layout = VocabLayout.model_validate(self.loader.manifest["vocab_layout"])
@@ -112,6 +114,13 @@ class Trainer:
             },
         )
         self.ckpt_dir = self.out_dir / "checkpoints"
+        checkpoint = config.checkpoint
+        sharded = checkpoint.format == "sharded" or (checkpoint.format == "auto" and self.fsdp)
+        if checkpoint.async_save and not sharded:
+            raise ValueError("checkpoint.async_save needs sharded checkpoints: set checkpoint.format to sharded")
+        self.checkpointer = (
+            ShardedCheckpointer(self.ckpt_dir, checkpoint.keep_last, checkpoint.async_save) if sharded else None
+        )
         self.step, self.skipped, self.damaged = 0, 0, 0
         self.flops_per_token = flops_per_token(
             matmul_params(self.model), model_config.n_layers, model_config.dim, self.seq_len
@@ -163,11 +172,15 @@ class Trainer:
             sinks = open_sinks(config.logging, self.out_dir, self.step, config.steps, self.log, self.rank == 0)
             while self.step < last:
                 metrics = self._step(batches)
+                if self.checkpointer is not None:
+                    self.checkpointer.poll()  # a background save whose writes are done becomes a checkpoint
                 for sink in (*sinks, *extra_sinks):
                     sink.write(metrics)
                 if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
                     self.save()
                 history.append(metrics)
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
         finally:
             try:
                 close_sinks(sinks)
@@ -276,13 +289,18 @@ class Trainer:
         return float(norm), bool(torch.isfinite(norm))
 
     def save(self) -> None:
-        """Checkpoint on rank 0 (the loader position is the same on every rank); FSDP gathers full states first."""
+        """Checkpoint: sharded, every rank its own shards (possibly in the background); or full, on rank 0 (the
+        loader position is the same on every rank), FSDP gathering the full states first."""
+        extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged}
+        if self.checkpointer is not None:
+            state = TrainState(self.step, self.loader.state_dict(), extra)
+            self.checkpointer.save(state, self.model, self.optimizer, self.scheduler, self.records)
+            return
         model_state: Any = self.model
         optimizer_state: Any = self.optimizer
         if self.fsdp:
             model_state, optimizer_state = gathered_states(self.model, self.optimizer)
         if self.rank == 0:
-            extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged}
             state = TrainState(self.step, self.loader.state_dict(), extra)
             save_checkpoint(
                 self.ckpt_dir,

@@ -4,6 +4,7 @@ sequences."""
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import shutil
 from pathlib import Path
@@ -68,7 +69,13 @@ def test_resume_yields_exactly_the_remaining_batches(stage: Path, rank: int) -> 
         if len(taken) == 7:
             break
     state = first.state_dict()
-    assert state == {"fingerprint": first.fingerprint, "epoch": 0, "sequences_consumed": 7 * 4}
+    assert state == {
+        "fingerprint": first.fingerprint,
+        "stage": "stage1",
+        "epoch": 0,
+        "sequences_consumed": 7 * 4,
+        "global_batch_size": 4,
+    }
     resumed = make()
     resumed.load_state_dict(state)
     rest = [b["tokens"] for b in resumed]
@@ -76,6 +83,58 @@ def test_resume_yields_exactly_the_remaining_batches(stage: Path, rank: int) -> 
     assert all(torch.equal(a, b) for a, b in zip(taken + rest, uninterrupted, strict=True))
     again = list(resumed)  # the next pass is the next epoch
     assert resumed.epoch == 1 and len(again) == len(uninterrupted)
+
+
+def sequences_per_step(stage: Path, world_size: int, micro: int, global_batch: int, steps: range, state=None):
+    """The sequences (as token rows, across all ranks) of each optimizer step in `steps`, read by `world_size` ranks
+    of micro-batches of `micro` at `global_batch`, optionally resumed from `state`; and the state after them."""
+    loaders = [
+        StageLoader(stage, batch_size=micro, rank=r, world_size=world_size, global_batch_size=global_batch)
+        for r in range(world_size)
+    ]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    streams = [itertools.chain.from_iterable(itertools.repeat(loader)) for loader in loaders]
+    per_step = []
+    for _ in steps:
+        rows = [next(stream)["tokens"] for _ in range(global_batch // (micro * world_size)) for stream in streams]
+        per_step.append(sorted(tuple(r.tolist()) for r in torch.cat(rows)))
+    return per_step, loaders[0].state_dict()
+
+
+def test_every_step_reads_the_same_sequences_on_any_number_of_ranks(stage: Path) -> None:
+    # 12 sequences of a global batch a step; the stage's epoch is floor(N / 12) steps whatever the world size, so a run
+    # resumed 1 -> 2 -> 4 -> 2 ranks (with other micro-batches) reads what one uninterrupted rank reads, across epochs.
+    total = len(StageLoader(stage, batch_size=1)) // 12
+    steps = total + 3  # into the second epoch
+    straight, _ = sequences_per_step(stage, 1, 4, 12, range(steps))
+    resumed, state = [], None
+    for world, micro, part in [(1, 2, range(0, 2)), (2, 3, range(2, 5)), (4, 1, range(5, total + 1)), (2, 2, None)]:
+        part = part or range(total + 1, steps)
+        got, state = sequences_per_step(stage, world, micro, 12, part, state)
+        resumed += got
+    assert resumed == straight
+    assert straight[0] == straight[total] and straight[0] != straight[1]  # the second epoch starts over
+
+
+def test_resume_refuses_another_global_batch_or_stage(stage: Path) -> None:
+    loader = StageLoader(stage, batch_size=2, global_batch_size=8)
+    _, state = sequences_per_step(stage, 1, 2, 8, range(2))
+    with pytest.raises(ResumeMismatchError, match="saved at a global batch of 8 sequences, this run has 2"):
+        StageLoader(stage, batch_size=2).load_state_dict(state)
+    with pytest.raises(ResumeMismatchError, match=r"saved while training on stage 'stage2', but .* is stage 'stage1'"):
+        loader.load_state_dict(state | {"stage": "stage2"})
+    with pytest.raises(ResumeMismatchError, match="not a whole number of this run's batches of 6"):
+        StageLoader(stage, batch_size=3, world_size=2, global_batch_size=6).load_state_dict(
+            state | {"global_batch_size": 6, "sequences_consumed": 8}
+        )
+    loader.load_state_dict(state)
+    assert loader.batches_done == 8  # 2 steps of 8 sequences, in batches of 2
+    # A state from before the global batch and stage were recorded still resumes, at its position.
+    old = {k: state[k] for k in ("fingerprint", "epoch", "sequences_consumed")}
+    loader.load_state_dict(old)
+    assert loader.batches_done == 8  # 2 steps of 8 sequences, in batches of 2
 
 
 def test_resume_refuses_another_dataset(stage: Path) -> None:

@@ -1,5 +1,6 @@
 """Two gloo processes under torchrun, DDP and FSDP2, match one process at the same global batch; FSDP2 resumes
-exactly from its gathered checkpoint and starts from init_from's weights loaded into its shards."""
+exactly from a gathered checkpoint and starts from init_from's weights loaded into its shards. (Sharded checkpoints
+and resuming on other numbers of ranks: test_elastic_resume.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytest
 import torch
 import yaml
 
+from model.files import step_folder
 from model.files.step_folder import WEIGHTS
 from model.lm.transformer import Transformer
+from model.training.checkpointing import CheckpointError
 from model.training.trainer import Trainer
 from schemas import TrainConfig, load_config
 from schemas.model_config import ModelConfig
@@ -27,7 +30,9 @@ def stage(make_stage) -> Path:
     return make_stage(12_000, sequences_per_shard=32)
 
 
-def config_file(stage: Path, out: Path, parallelism: str, every_steps: int = 3, **extra) -> Path:
+def config_file(
+    stage: Path, out: Path, parallelism: str, every_steps: int = 3, checkpoint_format: str = "auto", **extra
+) -> Path:
     data = {
         "model": {"preset": "tiny"},
         "data": str(stage),
@@ -38,7 +43,7 @@ def config_file(stage: Path, out: Path, parallelism: str, every_steps: int = 3, 
         "micro_batch_size": 2,
         "optimizer": {"lr": 3e-3},
         "schedule": {"warmup_steps": 1},
-        "checkpoint": {"every_steps": every_steps, "keep_last": 3},
+        "checkpoint": {"every_steps": every_steps, "keep_last": 3, "format": checkpoint_format},
         "parallelism": parallelism,
         **extra,
     }
@@ -48,7 +53,8 @@ def config_file(stage: Path, out: Path, parallelism: str, every_steps: int = 3, 
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoints" / "step-00000003" / "model.pt", weights_only=True)
+    """The step-3 weights, from a full or a sharded checkpoint (FSDP2's default)."""
+    return step_folder.read_weights(out / "checkpoints" / "step-00000003", CheckpointError)
 
 
 def torchrun(config: Path, succeed: bool = True) -> subprocess.CompletedProcess:
@@ -72,7 +78,7 @@ def torchrun(config: Path, succeed: bool = True) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_fsdp_resume_is_exact(stage: Path, tmp_path: Path) -> None:
     out = tmp_path / "fsdp"
-    config = config_file(stage, out, "fsdp", every_steps=1)
+    config = config_file(stage, out, "fsdp", every_steps=1, checkpoint_format="full")
     torchrun(config)
     straight = final_weights(out)
     # As if both ranks died after the step-2 checkpoint: the rerun loads the gathered model and optimizer states
