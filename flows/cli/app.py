@@ -14,6 +14,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
+from flows.cli.checkpoint import app as checkpoint_app
 from flows.cli.convert import convert
 from flows.cli.eval import app as eval_app
 from flows.cli.generate import generate
@@ -37,6 +38,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(text_tokenizer_app, name="text-tokenizer")
 app.add_typer(image_tokenizer_app, name="image-tokenizer")
 app.add_typer(eval_app, name="eval")
+app.add_typer(checkpoint_app, name="checkpoint")
 app.command("prepare")(prepare)
 app.command("mix")(mix)
 app.command("train")(train)

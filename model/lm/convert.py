@@ -109,11 +109,15 @@ def _state_of(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> StateDi
 
 
 def load_ours(folder: str | Path) -> tuple[ModelConfig, StateDict]:
-    """Read our format: `model.pt` (state dict) and `model_config.json` (ModelConfig) from `folder`."""
+    """Read our format: `model.pt` (state dict) and `model_config.json` (ModelConfig) from `folder`; a sharded
+    step folder's weights are gathered here (model/files/step_folder.py)."""
     folder = Path(folder)
-    for name in (OURS_WEIGHTS, OURS_CONFIG):
-        if not (folder / name).is_file():
-            raise ConversionError(f"{folder} has no {name} (our format is {OURS_WEIGHTS} + {OURS_CONFIG})")
+    if not step_folder.has_weights(folder):
+        raise ConversionError(
+            f"{folder} has no {OURS_WEIGHTS} (our format is {OURS_WEIGHTS} + {OURS_CONFIG}, or a sharded step folder)"
+        )
+    if not (folder / OURS_CONFIG).is_file():
+        raise ConversionError(f"{folder} has no {OURS_CONFIG} (our format is {OURS_WEIGHTS} + {OURS_CONFIG})")
     config = step_folder.read_model_config(folder, ConversionError)
     state = step_folder.read_weights(folder, ConversionError)
     check_state_dict(config, state, folder)

@@ -306,13 +306,7 @@ def plan_memory(
     peak = max(forward_end, backward, backward_end, step)
     transient = max(workspace + block_scatter, root_scatter, step_temp)
 
-    if parallelism == "fsdp":
-        host, note = 12 * n, "rank 0 gathers full fp32 weights and moments (cpu_offload)"
-    elif device == "cuda":
-        largest = 4 * max(vd, model.dim * model.ffn_dim)
-        host, note = largest, "rank 0 copies one tensor at a time to the host"
-    else:
-        host, note = 0, "the states are already in host memory"
+    host, note = checkpoint_host_memory(config, parallelism, device, n, shard, 4 * max(vd, model.dim * model.ffn_dim))
 
     allowance = gpu_allowance(gpu_memory) if gpu_memory is not None else 0
     return MemoryPlan(
@@ -337,6 +331,28 @@ def plan_memory(
         gpu_memory=gpu_memory,
         allowance=allowance,
     )
+
+
+def checkpoint_host_memory(
+    config: TrainConfig, parallelism: str, device: str, n_params: int, shard: int, largest_tensor: int
+) -> tuple[int, str]:
+    """Host memory (bytes) one rank needs to save a checkpoint in the run's format, and why: a sharded save writes this
+    rank's shards (a background one first copies them all to the host), a full one gathers on rank 0."""
+    checkpoint = config.checkpoint
+    sharded = checkpoint.format == "sharded" or (checkpoint.format == "auto" and parallelism == "fsdp")
+    states = 12 * n_params  # fp32 weights and AdamW's two moments
+    if sharded and checkpoint.async_save:
+        what = "its shard of" if shard > 1 else "all"
+        return math.ceil(states / shard), f"each rank stages {what} the fp32 weights and moments (async save)"
+    if sharded:
+        if device != "cuda":
+            return 0, "each rank writes its shards from host memory"
+        return math.ceil(largest_tensor / shard), "each rank copies one tensor shard at a time to the host"
+    if parallelism == "fsdp":
+        return states, "rank 0 gathers full fp32 weights and moments (cpu_offload)"
+    if device == "cuda":
+        return largest_tensor, "rank 0 copies one tensor at a time to the host"
+    return 0, "the states are already in host memory"
 
 
 def _attn_params(model: ModelConfig) -> int:

@@ -96,7 +96,15 @@ def test_fits_and_the_verdict() -> None:
     assert fits.fits and fits.peak <= gpu - 8 * GiB and "fits in 72.0 GiB" in fits.verdict()
     big = plan_memory(config("34b", seq_len=4096, parallelism="ddp"), 8, gpu_memory=gpu)
     assert big.fits is False and "does not fit" in big.verdict()
-    assert fits.checkpoint_host == 12 * fits.n_params  # today's FSDP save gathers everything on rank 0
+    # FSDP2 saves sharded by default: on a GPU each rank copies one tensor shard at a time; in the background it
+    # stages its whole shard of weights and moments; a full save gathers everything on rank 0.
+    model = ModelConfig.from_preset("7b")
+    assert fits.checkpoint_host == -(-4 * max(model.vocab_size * model.dim, model.dim * model.ffn_dim) // 8)
+    fsdp = {"seq_len": 4096, "parallelism": "fsdp", "activation_checkpointing": ac}
+    staged = plan_memory(config("7b", checkpoint={"async_save": True}, **fsdp), 8)
+    assert staged.checkpoint_host == -(-12 * staged.n_params // 8) and "async" in staged.checkpoint_host_note
+    gathered = plan_memory(config("7b", checkpoint={"format": "full"}, **fsdp), 8)
+    assert gathered.checkpoint_host == 12 * gathered.n_params and "rank 0 gathers" in gathered.checkpoint_host_note
     assert plan_memory(config("tiny"), 1, device="cpu").fits is None
     parts = [name for name, _, _ in fits.rows()]
     assert parts[:7] == ["parameters", "gradients", "optimizer state", "activations", "fused loss", "transient", "peak"]
