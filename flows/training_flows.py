@@ -59,6 +59,20 @@ def launch_training(kind: str, config: TrainConfig, nproc_per_node: int, nodes: 
     }
 
 
+def report_stages(kind: str, config: TrainConfig) -> None:
+    """A table of the run's stages and the steps each is trained on (one row for a run on one stage)."""
+    rows = [
+        {
+            "stage": p.index + 1,
+            "data": str(p.data),
+            "steps": f"{p.first_step + 1}-{p.end_step}",
+            "share": round((p.end_step - p.first_step) / config.steps, 4),
+        }
+        for p in config.stage_plan()
+    ]
+    table_artifact(rows, key=f"{kind}-stages", description=f"{kind}: the stages of the run, in order, one lr schedule")
+
+
 def report_training(kind: str, result: dict[str, Any]) -> None:
     """Artifacts: the loss curve (mermaid chart and PNG) and a table of the final metrics."""
     out_dir = Path(result["out_dir"])
@@ -131,6 +145,7 @@ def _train(
         get_run_logger().warning("logging.jsonl is off in the config; the flow turns it on for its loss curves")
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"jsonl": True})})
     report_plan(kind, config, nproc_per_node * nodes.nnodes, gpu_memory)
+    report_stages(kind, config)
     result = launch_training.with_options(retries=retries)(kind, config, nproc_per_node, nodes)
     report_training(kind, result)
     return {k: v for k, v in result.items() if k != "loss_curve"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -74,6 +76,23 @@ class ActivationCheckpointConfig(StrictModel):
     every_k: int = Field(2, gt=0, description="for every_k_blocks: one block in every k is checkpointed")
 
 
+class TrainStage(StrictModel):
+    """One stage of a pretraining run that spans several: its stage folder and its share of the run's steps."""
+
+    data: ExistingPath = Field(description="a stage folder written by `cham mix`")
+    share: float = Field(gt=0.0, le=1.0, description="the fraction of the run's steps trained on this stage")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """A stage of the run as the trainer takes it: optimizer steps [first_step, end_step) read `data`."""
+
+    index: int
+    data: Path
+    first_step: int
+    end_step: int
+
+
 class LoggingConfig(StrictModel):
     every_steps: int = Field(10, gt=0)
     tensorboard: bool = True
@@ -84,7 +103,13 @@ class TrainConfig(StrictModel):
     """Pretraining on one stage's shards (or SFT, through SFTConfig)."""
 
     model: ModelConfig
-    data: ExistingPath = Field(description="a stage folder written by `cham mix`")
+    data: ExistingPath | None = Field(None, description="a stage folder written by `cham mix` (or: stages)")
+    stages: list[TrainStage] | None = Field(
+        None,
+        min_length=1,
+        description="instead of data: the stage folders one run trains on in turn, each with its share of the steps "
+        "(Chameleon: stage1 0.8, stage2 0.2); one lr schedule spans them and the optimizer state carries over",
+    )
     out_dir: OutputPath = Field(description="checkpoints, metrics and logs go here")
     seq_len: int | None = Field(
         None,
@@ -127,6 +152,15 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if (self.data is None) == (self.stages is None):
+            raise ValueError("give either data (one stage folder) or stages (several, each with its share of steps)")
+        if self.stages is not None:
+            total = sum(stage.share for stage in self.stages)
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"the stages' shares must add up to 1, they add up to {total:g}")
+            empty = [p.index for p in self.stage_plan() if p.end_step == p.first_step]
+            if empty:
+                raise ValueError(f"stages {empty} get no step of {self.steps}: raise steps or their shares")
         if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {self.model.max_seq_len}")
         if self.global_batch_size % self.micro_batch_size:
@@ -137,6 +171,23 @@ class TrainConfig(StrictModel):
         if self.schedule.warmup_steps >= self.steps and self.schedule.kind != "constant":
             raise ValueError(f"schedule.warmup_steps {self.schedule.warmup_steps} must be < steps {self.steps}")
         return self
+
+    def stage_plan(self) -> list[PlannedStage]:
+        """The stages in order with their steps: stage i ends at round(steps x the shares up to i), the last at
+        `steps`. One stage (data) spans the whole run."""
+        if self.stages is None:
+            return [PlannedStage(0, Path(self.data), 0, self.steps)]
+        plan, first, cumulative = [], 0, 0.0
+        for index, stage in enumerate(self.stages):
+            cumulative += stage.share
+            end = self.steps if index == len(self.stages) - 1 else min(self.steps, round(self.steps * cumulative))
+            plan.append(PlannedStage(index, Path(stage.data), first, end))
+            first = end
+        return plan
+
+    def first_stage_data(self) -> Path:
+        """The stage folder the run starts on (its manifest gives the sequence length and the vocabulary)."""
+        return self.stage_plan()[0].data
 
 
 class SFTConfig(TrainConfig):

@@ -186,7 +186,8 @@ def planned_seq_len(config: TrainConfig) -> int | None:
     if config.seq_len is not None:
         return config.seq_len
     try:  # model.files.reading would import torch, which planning does without
-        value = json.loads((Path(config.data) / "manifest.json").read_text(encoding="utf-8")).get("seq_len")
+        manifest = Path(config.first_stage_data()) / "manifest.json"
+        value = json.loads(manifest.read_text(encoding="utf-8")).get("seq_len")
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) and value > 0 else None

@@ -37,6 +37,7 @@ class StepMetrics:
     mfu: float | None
     skipped_steps: int  # steps not applied (non-finite gradients, or no targets), so far
     damaged_sequences: int = 0  # sequences read as padding so far (skip_corrupt_shards), all ranks
+    stage: int = 0  # which of the run's stages (config.stages, in order) the step read
 
 
 class MetricsSink(Protocol):

@@ -88,31 +88,29 @@ class Trainer:
                 log("document masking through FlexAttention (compiled on the first step)")
         self.optimizer = make_optimizer(self.model, config.optimizer)
         self.scheduler = make_scheduler(self.optimizer, config.steps, config.schedule)
-        self.loader = StageLoader(
-            config.data,
-            batch_size=config.micro_batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_workers=config.loader_workers,
-            skip_corrupt=config.skip_corrupt_shards,
-            global_batch_size=config.global_batch_size,
-        )
-        self.seq_len = stage_seq_len(config, self.loader.seq_len, model_config.max_seq_len)
+        # Every stage of the run is indexed now: a stage that does not fit the model or the others fails before step 0.
+        self.plan = config.stage_plan()
+        self.loaders = [
+            StageLoader(
+                stage.data,
+                batch_size=config.micro_batch_size,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_workers=config.loader_workers,
+                skip_corrupt=config.skip_corrupt_shards,
+                global_batch_size=config.global_batch_size,
+            )
+            for stage in self.plan
+        ]
+        self.stage = 0  # the stage whose loader is in use
+        self.seq_len = stage_seq_len(config, self.loaders[0], model_config.max_seq_len)
         layout = VocabLayout.model_validate(self.loader.manifest["vocab_layout"])
         if layout.vocab_size != model_config.vocab_size:
             raise ValueError(f"the stage's vocabulary has {layout.vocab_size} ids, the model {model_config.vocab_size}")
+        for loader in self.loaders[1:]:
+            check_stage_fits(self.loaders[0], loader)
         self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
-        # A step folder is self-describing (our `convert` format plus the tokenizers): generate/eval need nothing else.
-        manifest = self.loader.manifest
-        self.records = StepRecords(
-            model_config=model_config.model_copy(update={"dropout": 0.0}),
-            tokenizers={**manifest.get("tokenizers", {}), "vocab_layout": manifest["vocab_layout"]},
-            training={
-                "kind": "sft" if isinstance(config, SFTConfig) else "pretrain",
-                "data": str(config.data),
-                "stage": manifest.get("stage"),
-            },
-        )
+        self.model_config = model_config
         self.ckpt_dir = self.out_dir / "checkpoints"
         checkpoint = config.checkpoint
         sharded = checkpoint.format == "sharded" or (checkpoint.format == "auto" and self.fsdp)
@@ -128,6 +126,77 @@ class Trainer:
         self.peak = device_peak_flops(self.device)
         self._resume()
 
+    @property
+    def loader(self) -> StageLoader:
+        """The loader of the stage being trained on."""
+        return self.loaders[self.stage]
+
+    @property
+    def records(self) -> StepRecords:
+        """What makes a step folder self-describing (our `convert` format plus the tokenizers and the stage):
+        generate and eval need nothing else."""
+        manifest = self.loader.manifest
+        return StepRecords(
+            model_config=self.model_config.model_copy(update={"dropout": 0.0}),
+            tokenizers={**manifest.get("tokenizers", {}), "vocab_layout": manifest["vocab_layout"]},
+            training={
+                "kind": "sft" if isinstance(self.config, SFTConfig) else "pretrain",
+                "data": str(self.plan[self.stage].data),
+                "stage": manifest.get("stage"),
+            },
+        )
+
+    def stage_at(self, step: int) -> int:
+        """The stage optimizer step `step` (0-based) reads (the last stage from the last step on)."""
+        return next((p.index for p in self.plan if step < p.end_step), len(self.plan) - 1)
+
+    def _plan_record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the plan, to refuse a resume that would not continue it."""
+        stages = [
+            {
+                "data": str(p.data),
+                "stage": loader.manifest.get("stage"),
+                "fingerprint": loader.fingerprint,
+                "first_step": p.first_step,
+                "end_step": p.end_step,
+            }
+            for p, loader in zip(self.plan, self.loaders, strict=True)
+        ]
+        return {"steps": self.config.steps, "stages": stages}
+
+    def _check_plan(self, found: Path, extra: dict[str, Any], step: int) -> None:
+        """Refuse to resume a checkpoint whose run had another schedule (steps) or other stages."""
+        saved_steps = extra.get("steps")
+        if saved_steps is not None and saved_steps != self.config.steps:
+            raise CheckpointError(
+                f"{found} is from a run of {saved_steps} steps, whose lr schedule ends at step {saved_steps}; this "
+                f"config has steps: {self.config.steps}, which would resume on another schedule (the lr jumping to "
+                f"its value there). Set steps back to {saved_steps}, or train on from the checkpoint in a new out_dir "
+                f"(init_from) with a schedule of its own"
+            )
+        saved = extra.get("stages")
+        if saved is None:
+            return
+        now = self._plan_record()["stages"]
+        spans = [(s["first_step"], s["end_step"]) for s in saved]
+        if spans != [(s["first_step"], s["end_step"]) for s in now]:
+            raise CheckpointError(
+                f"{found} is from a run whose stages span steps {spans}, this config's "
+                f"{[(s['first_step'], s['end_step']) for s in now]}: keep the run's stages and shares to resume it"
+            )
+        if self.config.allow_data_change:
+            return
+        for index, (was, is_now) in enumerate(zip(saved, now, strict=True)):
+            if was["first_step"] >= step:
+                break  # a stage not begun yet may be re-mixed before it starts
+            if (was["stage"], was["fingerprint"]) != (is_now["stage"], is_now["fingerprint"]):
+                raise CheckpointError(
+                    f"{found}: stage {index + 1} of the run was {was['stage']!r} (dataset {was['fingerprint']}, "
+                    f"{was['data']}); this config's is {is_now['stage']!r} (dataset {is_now['fingerprint']}, "
+                    f"{is_now['data']}): the wrong stage, or re-mixed since. Point it at the stage the run trained "
+                    f"on, or set allow_data_change: true"
+                )
+
     def _resume(self) -> None:
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
@@ -139,8 +208,11 @@ class Trainer:
                 )
             return
         state = load_checkpoint(found, self.model, self.optimizer, self.scheduler, sharded=self.fsdp)
+        self._check_plan(found, state.extra, state.step)
         self.step, self.skipped = state.step, int(state.extra.get("skipped_steps", 0))
         self.damaged = int(state.extra.get("damaged_sequences", 0))
+        # The saved loader is the one of the last step done; at a stage boundary, train() moves on to the next.
+        self.stage = self.stage_at(max(self.step - 1, 0))
         self.loader.load_state_dict(state.loader, allow_fingerprint_change=self.config.allow_data_change)
         self.log(f"resumed from {found} at step {self.step}")
 
@@ -151,8 +223,9 @@ class Trainer:
         return nullcontext()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        loader = self.loader  # this stage's, to the end of the run or of the stage
         while True:  # epochs follow each other; the loader keeps its own position
-            yield from self.loader
+            yield from loader
 
     def train(self, stop_at: int | None = None, extra_sinks: Sequence[MetricsSink] = ()) -> list[StepMetrics]:
         """Run to `config.steps` (or stop early at `stop_at`), checkpointing as configured; returns the metrics.
@@ -161,7 +234,7 @@ class Trainer:
         `extra_sinks`, which the caller opens and closes."""
         config, history = self.config, []
         last = min(config.steps, stop_at) if stop_at is not None else config.steps
-        batches = self._batches()
+        batches, reading = self._batches(), self.stage
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.run_lock is not None:
             self.run_lock.acquire()
@@ -171,6 +244,13 @@ class Trainer:
             # the sinks drop what the run that died recorded of them.
             sinks = open_sinks(config.logging, self.out_dir, self.step, config.steps, self.log, self.rank == 0)
             while self.step < last:
+                if self.stage_at(self.step) != reading:  # a stage boundary: the next stage, from its start
+                    self.stage = reading = self.stage_at(self.step)
+                    batches = self._batches()
+                    self.log(
+                        f"stage {self.stage + 1}/{len(self.plan)} ({self.loader.manifest.get('stage')}) from step "
+                        f"{self.step}: {self.plan[self.stage].data}"
+                    )
                 metrics = self._step(batches)
                 if self.checkpointer is not None:
                     self.checkpointer.poll()  # a background save whose writes are done becomes a checkpoint
@@ -278,6 +358,7 @@ class Trainer:
             mfu=(positions / seconds * self.flops_per_token / self.peak) if self.peak else None,
             skipped_steps=self.skipped,
             damaged_sequences=self.damaged,
+            stage=self.stage,
         )
 
     def _clip(self) -> tuple[float, bool]:
@@ -291,7 +372,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint: sharded, every rank its own shards (possibly in the background); or full, on rank 0 (the
         loader position is the same on every rank), FSDP gathering the full states first."""
-        extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged}
+        extra = {"skipped_steps": self.skipped, "damaged_sequences": self.damaged, **self._plan_record()}
         if self.checkpointer is not None:
             state = TrainState(self.step, self.loader.state_dict(), extra)
             self.checkpointer.save(state, self.model, self.optimizer, self.scheduler, self.records)
@@ -315,16 +396,31 @@ class Trainer:
             dist.barrier()
 
 
-def stage_seq_len(config: TrainConfig, packed: int, max_seq_len: int) -> int:
-    """The run's sequence length: `packed`, the one the stage was packed to (its manifest.json), which
+def stage_seq_len(config: TrainConfig, loader: StageLoader, max_seq_len: int) -> int:
+    """The run's sequence length: the one `loader`'s stage was packed to (its manifest.json), which
     `config.seq_len` may restate but not change; it must fit the model."""
+    packed, data = loader.seq_len, loader.stage_dir
     if config.seq_len is not None and config.seq_len != packed:
         raise ValueError(
-            f"the stage at {config.data} has sequences of {packed}, config.seq_len is "
+            f"the stage at {data} has sequences of {packed}, config.seq_len is "
             f"{config.seq_len}: leave seq_len out to use the stage's"
         )
     if packed > max_seq_len:
         raise ValueError(
-            f"the stage at {config.data} has sequences of {packed}, longer than the model's max_seq_len {max_seq_len}"
+            f"the stage at {data} has sequences of {packed}, longer than the model's max_seq_len {max_seq_len}"
         )
     return packed
+
+
+def check_stage_fits(first: StageLoader, other: StageLoader) -> None:
+    """Every stage of one run has the first's sequence length and vocabulary (one model reads them all)."""
+    if other.seq_len != first.seq_len:
+        raise ValueError(
+            f"the stage at {other.stage_dir} has sequences of {other.seq_len}, the run's first stage "
+            f"({first.stage_dir}) {first.seq_len}: mix every stage of one run to the same seq_len"
+        )
+    if other.manifest["vocab_layout"] != first.manifest["vocab_layout"]:
+        raise ValueError(
+            f"the stage at {other.stage_dir} was tokenized with another vocabulary than the run's first stage "
+            f"({first.stage_dir}): prepare and mix every stage with the same tokenizers"
+        )

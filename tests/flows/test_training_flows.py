@@ -88,6 +88,36 @@ def test_train_flow_reports_loss_curve_and_final_metrics(prefect_api, pretrain) 
     assert any("step 4/4 loss" in line for line in logs), logs[-10:]
 
 
+def test_train_flow_runs_both_stages_of_one_config(prefect_api, make_stage, stages: Path, tmp_path: Path) -> None:
+    """The flow takes a config with stages (the UI's form has the field) and trains them in turn, one run."""
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(train.fn).model_dump()
+    assert "share" in schema["definitions"]["TrainStage"]["properties"]
+    config = validate_config(
+        TrainConfig,
+        {
+            "model": {"preset": "tiny"},
+            "stages": [
+                {"data": str(stages / "stage1"), "share": 0.75},
+                {"data": str(make_stage(6_000)), "share": 0.25},
+            ],
+            "out_dir": str(tmp_path),
+            "steps": 4,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "schedule": {"warmup_steps": 1},
+            "checkpoint": {"every_steps": 2},
+        },
+    )
+    state = train(config=config, return_state=True)
+    assert state.is_completed(), state.message
+    assert [m["stage"] for m in read_metrics(tmp_path)] == [0, 0, 0, 1]
+    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
+    table = prefect_api.by_key(artifacts, "train-stages")["data"]
+    assert [(r["stage"], r["steps"], r["share"]) for r in table] == [(1, "1-3", 0.75), (2, "4-4", 0.25)]
+
+
 def test_rerun_resumes_from_latest_checkpoint(prefect_api, pretrain) -> None:
     """A retry relaunches the same command on the same out_dir: the trainer resumes instead of starting over."""
     _, out = pretrain
