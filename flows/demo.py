@@ -1,7 +1,7 @@
 """`cham demo`: the end-to-end flow on the bundled sample corpus, and the configs it is run with.
 
 sample corpus -> text + VQ image tokenizers trained -> prepare (Beam) -> mix stage 1, stage 2 and SFT (Beam)
--> pretrain stage 1 -> continue on stage 2 -> SFT -> generate -> evaluate -> an HTML report.
+-> pretrain on stage 1 then stage 2 (one run, one schedule) -> SFT -> generate -> evaluate -> an HTML report.
 """
 
 from __future__ import annotations
@@ -69,23 +69,27 @@ def demo_mixture(prepared: Path) -> MixtureSpec:
     )
 
 
-def demo_train_config(data: Path, out: Path, steps: int, init_from: Path | None = None) -> TrainConfig:
-    """A tiny model pretrained on one stage (stage 2 continues from stage 1's weights)."""
+def demo_train_config(mixed: Path, out: Path, stage1_steps: int) -> TrainConfig:
+    """A tiny model pretrained in one run on stage 1, then stage 2 for half as many steps (one lr schedule)."""
+    stage2_steps = max(2, stage1_steps // 2)
+    total = stage1_steps + stage2_steps
     return validate_config(
         TrainConfig,
         {
             "model": {"preset": "tiny"},
-            "data": str(data),
+            "stages": [
+                {"data": str(mixed / "stage1"), "share": stage1_steps / total},
+                {"data": str(mixed / "stage2"), "share": stage2_steps / total},
+            ],
             "out_dir": str(out),
             "seq_len": SEQ_LEN,
-            "steps": steps,
+            "steps": total,
             "global_batch_size": 8,
             "micro_batch_size": 4,
             "optimizer": {"lr": 3e-3},
-            "schedule": {"warmup_steps": max(1, steps // 10)},
-            "checkpoint": {"every_steps": steps, "keep_last": 1},
-            "logging": {"every_steps": max(1, steps // 10), "tensorboard": False},
-            **({"init_from": str(init_from)} if init_from else {}),
+            "schedule": {"warmup_steps": max(1, total // 10)},
+            "checkpoint": {"every_steps": total, "keep_last": 1},
+            "logging": {"every_steps": max(1, total // 10), "tensorboard": False},
         },
     )
 

@@ -144,13 +144,14 @@ def end_to_end(
     out_dir: str = Field("data/demo", description="folder for everything the run writes"),
     vq_steps: Annotated[int, Field(ge=1)] = Field(150, description="training steps of the tiny VQ image tokenizer"),
     train_steps: Annotated[int, Field(ge=2)] = Field(
-        30, description="pretraining steps on stage 1 (stage 2 gets half)"
+        30, description="pretraining steps on stage 1 (stage 2 gets half more, in the same run)"
     ),
     sft_steps: Annotated[int, Field(ge=1)] = Field(12, description="fine-tuning steps"),
     max_new_tokens: Annotated[int, Field(ge=8)] = Field(96, description="new tokens per generated answer"),
     eval_prompts: Annotated[int, Field(ge=0)] = Field(3, description="prompts of sample/eval/prompts.jsonl to answer"),
 ) -> dict[str, Any]:
-    """Sample data -> tokenizers -> prepare -> mix -> pretrain (stage 1, 2) -> SFT -> generate -> evaluate -> report."""
+    """Sample data -> tokenizers -> prepare -> mix -> pretrain (stage 1 then 2, one run) -> SFT -> generate -> evaluate
+    -> report."""
     started = time.perf_counter()
     out = Path(out_dir).resolve()
     raw = sample_data_task(out / "raw")
@@ -164,16 +165,10 @@ def end_to_end(
     shares_png = plot_shares(stages, out / "mixed" / "report.png")
 
     runs = out / "runs"
-    stage1 = train(config=demo_train_config(out / "mixed" / "stage1", runs / "stage1", train_steps))
-    stage2 = train(
-        config=demo_train_config(
-            out / "mixed" / "stage2",
-            runs / "stage2",
-            max(2, train_steps // 2),
-            init_from=runs / "stage1" / "checkpoints",
-        )
+    pretrained = train(config=demo_train_config(out / "mixed", runs / "pretrain", train_steps))
+    tuned = sft(
+        config=demo_sft_config(out / "mixed" / "sft", runs / "sft", sft_steps, runs / "pretrain" / "checkpoints")
     )
-    tuned = sft(config=demo_sft_config(out / "mixed" / "sft", runs / "sft", sft_steps, runs / "stage2" / "checkpoints"))
     checkpoint = tuned["out_dir"]
 
     samples = out / "samples"
@@ -214,8 +209,13 @@ def end_to_end(
         max_new_tokens=max_new_tokens,
     )
 
-    runs_done = {"stage 1": stage1, "stage 2": stage2, "sft": tuned}
-    curves = {name: loss_points(read_metrics(Path(r["out_dir"]))) for name, r in runs_done.items()}
+    runs_done = {"pretrain (stage 1, 2)": pretrained, "sft": tuned}
+    pretrain_metrics = read_metrics(Path(pretrained["out_dir"]))
+    curves = {  # the pretraining run's curve in two colours, one per stage
+        f"stage {stage + 1}": loss_points([m for m in pretrain_metrics if m.get("stage", 0) == stage])
+        for stage in (0, 1)
+    }
+    curves["sft"] = loss_points(read_metrics(Path(tuned["out_dir"])))
     loss_png = plot_loss_curves(curves, out / "loss-curves.png", "loss by step: stage 1, stage 2, SFT")
     training_rows = [training_row(name, r) for name, r in runs_done.items()]
     evaluation_rows = [

@@ -44,8 +44,10 @@ def test_end_to_end_writes_the_report(prefect_api, tmp_path: Path) -> None:
     prepared = {r["source"]: r for r in result["prepared"]}
     assert set(prepared) == {"prose", "code", "photos", "howto", "instructions"}
     assert all(r["records in"] == r["samples out"] + r["rejects"] for r in prepared.values())
-    assert [r["run"] for r in result["training"]] == ["stage 1", "stage 2", "sft"]
-    assert [r["steps"] for r in result["training"]] == [4, 2, 2]
+    assert [r["run"] for r in result["training"]] == ["pretrain (stage 1, 2)", "sft"]
+    assert [r["steps"] for r in result["training"]] == [6, 2]  # stage 1: 4 steps, stage 2: 2 more, one run
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "runs" / "pretrain" / "metrics.jsonl").open()]
+    assert stages == [0, 0, 0, 0, 1, 1]
 
     page = (tmp_path / "report.html").read_text()
     for stage in ("stage1", "stage2", "sft"):
