@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -41,14 +42,17 @@ def prepare(
         TextColumn("shards"),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as progress:
+    from pipelines.job_logs import job_log_file
+
+    log_path = Path(config.output_dir) / "_logs" / f"prepare-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with job_log_file(log_path), Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("prepare", total=None, runner=config.runner.kind)
         try:
             result = run_prepare(
                 config, progress=lambda done, total: progress.update(task, completed=done, total=total)
             )
         except (PrepareError, TokenizerError, VQCheckpointError, FileNotFoundError) as err:
-            raise fail(str(err)) from None
+            raise fail(f"{err} (the job's log: {log_path})") from None
     table = Table(
         "source",
         "records in",
@@ -71,3 +75,4 @@ def prepare(
     console.print(table)
     if reasons:
         console.print("rejects by reason: " + "; ".join(reasons))
+    console.print(f"the job's log (Beam's and its workers' lines): {log_path}")

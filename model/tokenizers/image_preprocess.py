@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import threading
@@ -51,6 +52,8 @@ _JPEG_FORMATS = ("JPEG", "MPO")
 # processes, so libvips' own threads would only contend for the same cores), and no operation cache (it would keep
 # the libvips images of past calls, and so their pixel buffers, alive until evicted).
 pyvips.concurrency_set(1)
+# pyvips logs every resize at INFO (five lines an image): keep its warnings only.
+logging.getLogger("pyvips").setLevel(logging.WARNING)
 pyvips.cache_set_max(0)
 # libvips' thread state does not survive fork(): a child forked after this process used libvips hangs in its first
 # libvips call. Such a child resizes with Pillow instead (same pixels within ~50 dB, slower); spawned processes and

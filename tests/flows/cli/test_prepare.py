@@ -46,3 +46,42 @@ def test_prepare_command(tmp_path: Path, sample_data, tiny_tokenizers) -> None:
     path.write_text(yaml.safe_dump(config | {"output_dir": str(tmp_path / "file")}))
     result = runner.invoke(app, ["prepare", str(path)])
     assert result.exit_code == 1 and "a file is in the way" in result.output and "Traceback" not in result.output
+
+
+def test_a_local_runner_prepare_shows_progress_and_logs_the_rest_to_a_file(
+    tmp_path: Path, sample_data, tiny_tokenizers
+) -> None:
+    """Beam's worker processes log at INFO to the stderr they inherit, and pyvips logs every resize: 576 lines on
+    the terminal before. Now the terminal gets the progress bar, the table and the log's path; the file the rest."""
+    import subprocess
+    import sys
+
+    raw = sample_data[0]
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "image_size": 64,
+        "tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()},
+        "runner": {"kind": "local", "workers": 2},
+        "sources": [
+            {"name": "photos", "kind": "image_text", "format": "webdataset", "paths": [str(raw / "image_text")]}
+        ],
+    }
+    path = tmp_path / "prepare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", "prepare", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[3],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    terminal = done.stdout + done.stderr
+    assert "INFO" not in terminal and "sdk_worker" not in terminal, terminal
+    assert len(terminal.splitlines()) < 40, terminal
+    logs = list((tmp_path / "out" / "_logs").glob("prepare-*.log"))
+    assert len(logs) == 1, logs
+    assert f"the job's log (Beam's and its workers' lines): {logs[0]}" in " ".join(terminal.split()), terminal
+    log = logs[0].read_text()
+    assert "sdk_worker" in log and "Python sdk harness starting" in log  # the workers' lines went to the file
+    assert "VIPS:" not in log  # pyvips' per-resize INFO lines are off
