@@ -14,7 +14,7 @@ import tarfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from model.files.atomic import atomic_path, write_atomic
 from model.files.reading import first_line, read_json_object, read_npy
 from model.tokenizers.text_tokenizer import load_text_tokenizer
 from model.tokenizers.vocabulary import Modality, Vocabulary
-from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, plan_stage
+from pipelines.mix_filters import apply_filters, parsed_filters, read_attributes
+from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, hold_image_share, image_share, plan_stage
 from pipelines.packing import PackedSequence, pack_pretraining, pack_sft
 from pipelines.prepare_job import MANIFEST
 from pipelines.runners import pipeline_options
@@ -53,6 +54,7 @@ class SourceIndex:
     path: Path
     samples: list[SampleRef]
     manifest: dict[str, Any]
+    attributes_digest: str | None = None  # of the attributes files, once a filter has read them
 
     @property
     def tokens(self) -> int:
@@ -99,7 +101,12 @@ def _index_shard(source: str, tar_path: Path, shard_id: int, expected: int) -> l
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
                     refs.append(
                         SampleRef(
-                            shard_id, key, int(meta["n_tokens"]), bool(meta["has_face"]), meta.get("category", "")
+                            shard_id,
+                            key,
+                            int(meta["n_tokens"]),
+                            bool(meta["has_face"]),
+                            meta.get("category", ""),
+                            int(meta.get("n_images", 0)),
                         )
                     )
     except (OSError, tarfile.TarError, EOFError) as err:
@@ -132,13 +139,14 @@ def vocabulary_of(indexes: list[SourceIndex]) -> Vocabulary:
 
 
 def mixture_fingerprint(spec: MixtureSpec, indexes: dict[str, SourceIndex], sequences_per_shard: int) -> str:
-    """Changes with the spec, any input shard, or the shard size (documents are packed within a shard, so it changes
-    the sequences)."""
+    """Changes with the spec (filters included), any input shard, the attribute values a filter read, or the shard
+    size (documents are packed within a shard, so it changes the sequences)."""
     inputs = {
         name: [
             ix.manifest["fingerprint"],
             [s["shard"] for s in ix.manifest["shards"]],
             sum(s["tokens"] for s in ix.manifest["shards"]),
+            *([ix.attributes_digest] if ix.attributes_digest is not None else []),
         ]
         for name, ix in sorted(indexes.items())
     }
@@ -156,6 +164,11 @@ class StagePlan:
     real_source: dict[str, str]  # planned source -> prepared source (they differ for SFT categories)
     weights: dict[str, float]  # planned source -> its weight in the stage
     excluded_too_long: dict[str, int]  # prepared source -> SFT samples longer than seq_len, never drawn
+    # prepared source -> per filter: samples and tokens it removed (and of those, without the attribute)
+    filtered: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    available: dict[str, list[SampleRef]] = field(default_factory=dict)  # filtered prepared source -> its samples
+    given_weights: dict[str, float] = field(default_factory=dict)  # before hold_modality_of adjusted them
+    modality: dict[str, Any] = field(default_factory=dict)  # hold_modality_of: held stage, target, planned share
 
 
 def split_by_category(
@@ -170,23 +183,98 @@ def split_by_category(
     return out
 
 
+def filtered_samples(
+    src: Any, indexes: dict[str, SourceIndex], cache: dict[tuple[str, tuple[str, ...]], tuple[list, list]]
+) -> tuple[list[SampleRef], list[dict[str, Any]]]:
+    """A stage source's samples that pass its filters, and what each filter removed (read once per filter set)."""
+    index = indexes[src.name]
+    if not src.filters:
+        return index.samples, []
+    if (src.name, src.filters) not in cache:
+        parsed = parsed_filters(src.name, index.path, src.filters)
+        names = sorted({f.attribute for f in parsed})
+        shards = [s["shard"] for s in index.manifest["shards"]]
+        values, digest = read_attributes(src.name, index.path, shards, names)
+        indexes[src.name] = replace(index, attributes_digest=digest)
+        cache[(src.name, src.filters)] = apply_filters(index.samples, parsed, values)
+    return cache[(src.name, src.filters)]
+
+
+def stage_image_share(sequence: list[tuple[str, SampleRef]], image_block: int) -> float:
+    """The share of image tokens among a planned stage's tokens."""
+    tokens = sum(ref.n_tokens for _, ref in sequence)
+    return sum(min(ref.n_tokens, ref.n_images * image_block) for _, ref in sequence) / max(1, tokens)
+
+
+# Re-plans of a stage whose text : image proportion is held: each corrects the weights by the image shares the
+# previous plan actually drew (a draw is whole samples), and the closest plan is kept.
+HOLD_ROUNDS = 4
+
+
+def _plan_held_stage(
+    spec: MixtureSpec,
+    stage_name: str,
+    planned: dict[str, tuple[list[SampleRef], float]],
+    reps: dict[str, float],
+    starts: dict[str, int],
+    target: float,
+) -> tuple[dict[str, SourcePlan], list, dict[str, float], float]:
+    """Plans of a stage whose weights are adjusted (mix_plan.hold_image_share) so that its image share is `target`."""
+    block = spec.image_block_len
+    given = {name: weight for name, (_, weight) in planned.items()}
+    shares = {}
+    for name, (samples, _) in planned.items():
+        share = image_share(samples, block, spec.face_weight)
+        shares[name] = share if share is not None else target  # no tokens: it cannot move the proportion
+    best = None
+    for _ in range(HOLD_ROUNDS):
+        try:
+            weights = hold_image_share(given, shares, target)
+        except MixPlanError as err:
+            raise MixPlanError(f"stage {stage_name!r} cannot hold the text : image proportion: {err}") from None
+        plans, sequence = plan_stage(
+            {name: samples for name, (samples, _) in planned.items()},
+            weights,
+            spec.stage_tokens(stage_name),
+            spec.face_weight,
+            reps,
+            spec.seed,
+            starts,
+        )
+        realized = stage_image_share(sequence, block)
+        if best is None or abs(realized - target) < abs(best[3] - target):
+            best = (plans, sequence, weights, realized)
+        for name, plan in plans.items():  # what this plan drew, for the next round's correction
+            drawn = image_share(plan.samples, block)
+            if drawn is not None:
+                shares[name] = drawn
+    assert best is not None
+    return best
+
+
 def plan_mixture(
     spec: MixtureSpec, sequences_per_shard: int = SEQUENCES_PER_SHARD
 ) -> tuple[dict[str, StagePlan], dict]:
     """Plans of every stage, and the indexes of every source (read once even when stages share a source)."""
     indexes: dict[str, SourceIndex] = {}
-    stages = {}
-    next_draw: dict[str, int] = {}  # per planned source: where the last stage that drew from it stopped
+    stages: dict[str, StagePlan] = {}
+    shares: dict[str, float] = {}  # stage -> its planned image share
+    filter_cache: dict[tuple[str, tuple[str, ...]], tuple[list, list]] = {}
+    # Per planned source and filters: where the last stage that drew from that pool stopped.
+    next_draw: dict[tuple[str, tuple[str, ...]], int] = {}
     for stage_name in spec.stages:
         sources = spec.sources_of(stage_name)
         for src in sources:
             if src.name not in indexes:
                 indexes[src.name] = read_index(src.name, Path(src.path))
         planned: dict[str, tuple[list[SampleRef], float]] = {}
-        real, reps, excluded = {}, {}, {}
+        real, reps, excluded, filtered, pool_of, available = {}, {}, {}, {}, {}, {}
         category_weights = spec.stages[stage_name].category_weights
         for src in sources:
-            samples = indexes[src.name].samples
+            samples, removed = filtered_samples(src, indexes, filter_cache)
+            if removed:
+                filtered[src.name] = removed
+                available[src.name] = samples
             if spec.stages[stage_name].sft:  # an SFT sample longer than a sequence cannot be packed: not drawn
                 fitting = [s for s in samples if s.n_tokens <= spec.seq_len]
                 excluded[src.name], samples = len(samples) - len(fitting), fitting
@@ -197,21 +285,43 @@ def plan_mixture(
             )
             for name, part in parts.items():
                 planned[name], real[name], reps[name] = part, src.name, src.max_repetitions
-        plans, sequence = plan_stage(
-            {name: samples for name, (samples, _) in planned.items()},
-            {name: weight for name, (_, weight) in planned.items()},
-            spec.stage_tokens(stage_name),
-            spec.face_weight,
-            reps,
-            spec.seed,
-            next_draw,
-        )
-        next_draw.update({name: plan.next_draw for name, plan in plans.items()})
+                pool_of[name] = (name, src.filters)
+        starts = {name: next_draw.get(pool, 0) for name, pool in pool_of.items()}
+        given = {name: weight for name, (_, weight) in planned.items()}
+        held = spec.stages[stage_name].hold_modality_of
+        modality: dict[str, Any] = {}
+        if held is not None:
+            target = shares[held]
+            plans, sequence, weights, realized = _plan_held_stage(spec, stage_name, planned, reps, starts, target)
+            modality = {"held_from": held, "target_image_share": target, "planned_image_share": realized}
+        else:
+            plans, sequence = plan_stage(
+                {name: samples for name, (samples, _) in planned.items()},
+                given,
+                spec.stage_tokens(stage_name),
+                spec.face_weight,
+                reps,
+                spec.seed,
+                starts,
+            )
+            weights = given
+        shares[stage_name] = stage_image_share(sequence, spec.image_block_len)
+        next_draw.update({pool_of[name]: plan.next_draw for name, plan in plans.items()})
         mean_tokens = max(1.0, sum(r.n_tokens for _, r in sequence) / max(1, len(sequence)))
         docs_per_shard = max(1, round(sequences_per_shard * spec.seq_len / mean_tokens))
-        weights = {name: weight for name, (_, weight) in planned.items()}
         stages[stage_name] = StagePlan(
-            stage_name, sorted(plans), plans, sequence, docs_per_shard, real, weights, excluded
+            stage_name,
+            sorted(plans),
+            plans,
+            sequence,
+            docs_per_shard,
+            real,
+            weights,
+            excluded,
+            filtered=filtered,
+            available=available,
+            given_weights=given,
+            modality=modality,
         )
     return stages, indexes
 
@@ -365,10 +475,12 @@ def stage_manifest(
     sources = {}
     for name in stage.sources:
         plan, index = stage.plans[name], indexes[stage.real_source[name]]
+        pool = stage.available.get(stage.real_source[name], index.samples)  # after the source's filters
         drawn = plan.samples
         face_draws = sum(s.has_face for s in drawn)
         sources[name] = {
             "weight": weights[name],
+            **({"given_weight": stage.given_weights[name]} if stage.modality else {}),
             "target_share": weights[name] / total_weight,
             "target_tokens": plan.target_tokens,
             "planned_tokens": plan.realized_tokens,
@@ -377,10 +489,10 @@ def stage_manifest(
             "image_tokens": realized[name]["image_tokens"],
             "samples": len(drawn),
             "dropped_too_long": sum(s["dropped_too_long"].get(str(stage.sources.index(name)), 0) for s in shards),
-            "available_tokens": index.tokens,
-            "repetitions": plan.realized_tokens / max(1, index.tokens),
+            "available_tokens": sum(s.n_tokens for s in pool),
+            "repetitions": plan.realized_tokens / max(1, sum(s.n_tokens for s in pool)),
             "face_share_drawn": face_draws / max(1, len(drawn)),
-            "face_share_source": sum(s.has_face for s in index.samples) / max(1, len(index.samples)),
+            "face_share_source": sum(s.has_face for s in pool) / max(1, len(pool)),
         }
     manifest = {
         "stage": stage.name,
@@ -393,7 +505,11 @@ def stage_manifest(
             "text_tokens": totals["tokens"] - image_tokens,
             "image_tokens": image_tokens,
             "image_share": image_tokens / max(1, totals["tokens"]),
+            **stage.modality,  # hold_modality_of: held_from, target_image_share, planned_image_share
         },
+        # Per filtered prepared source, per filter in order: samples and tokens removed, and of those how many
+        # lacked the attribute (excluded).
+        "filters": stage.filtered,
         "sources": sources,
         "source_ids": stage.sources,
         "vocab_layout": vocab.layout.model_dump(),

@@ -28,6 +28,7 @@ class SampleRef:
     n_tokens: int
     has_face: bool
     category: str = ""  # SFT samples: their category, for category weights
+    n_images: int = 0  # its image blocks (BOI, codes, EOI), for the stage's text : image proportion
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,45 @@ def interleave(counts: Mapping[str, int]) -> list[str]:
         remaining[pick] -= 1
         order.append(names[pick])
     return order
+
+
+def image_tokens(sample: SampleRef, image_block: int) -> int:
+    """Tokens of the sample's image blocks (BOI + codes + EOI each), never more than its tokens."""
+    return min(sample.n_tokens, sample.n_images * image_block)
+
+
+def image_share(samples: Sequence[SampleRef], image_block: int, face_weight: float = 1.0) -> float | None:
+    """The share of image tokens in `samples` drawn as the planner draws them (faces `face_weight` times as often);
+    None when they hold no tokens."""
+    weight = [face_weight if s.has_face else 1.0 for s in samples]
+    tokens = sum(w * s.n_tokens for w, s in zip(weight, samples, strict=True))
+    if tokens <= 0:
+        return None
+    return sum(w * image_tokens(s, image_block) for w, s in zip(weight, samples, strict=True)) / tokens
+
+
+def hold_image_share(weights: Mapping[str, float], shares: Mapping[str, float], target: float) -> dict[str, float]:
+    """Weights whose token-weighted image share is `target`: the sources with more image tokens than the target
+    scaled by one factor, those with fewer by another (relative weights within each group kept), the total weight
+    unchanged. A MixPlanError when every weighted source is on the same side of the target (unattainable)."""
+    tolerance = 1e-12
+    rich = {n: w for n, w in weights.items() if w > 0 and shares[n] > target + tolerance}
+    poor = {n: w for n, w in weights.items() if w > 0 and shares[n] < target - tolerance}
+    if not rich and not poor:
+        return dict(weights)
+    if not rich or not poor:
+        side = "above" if rich else "below"
+        listed = ", ".join(f"{n} {shares[n]:.1%}" for n, w in sorted(weights.items()) if w > 0)
+        raise MixPlanError(
+            f"an image share of {target:.1%} is unattainable: every source's image share is {side} it ({listed}); "
+            f"add a source with {'fewer' if rich else 'more'} image tokens than that"
+        )
+    excess = sum(w * (shares[n] - target) for n, w in rich.items())
+    deficit = sum(w * (target - shares[n]) for n, w in poor.items())
+    w_rich, w_poor = sum(rich.values()), sum(poor.values())
+    a = (w_rich + w_poor) / (w_rich + w_poor * excess / deficit)  # a * excess == b * deficit, same total
+    b = a * excess / deficit
+    return {n: w * a if n in rich else w * b if n in poor else w for n, w in weights.items()}
 
 
 def plan_stage(

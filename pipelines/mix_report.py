@@ -1,4 +1,5 @@
-"""The mixture report: target vs realized shares per stage, as rows for a table and as a PNG plot."""
+"""The mixture report: target vs realized shares per stage, the text : image proportion of each stage (and the
+target of a stage that holds another's), what each curation filter removed; as rows for tables and a PNG plot."""
 
 from __future__ import annotations
 
@@ -40,6 +41,52 @@ def report_rows(manifest: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"{s['face_share_drawn']:.0%} / {s['face_share_source']:.0%}",
             )
         )
+    return rows
+
+
+MODALITY_FIELDS = ("stage", "text tokens", "image tokens", "text : image", "target text : image", "held from")
+FILTER_FIELDS = ("source", "filter", "samples removed", "tokens removed", "without the attribute")
+
+
+def _text_to_image(image_share: float) -> str:
+    return "all text" if image_share <= 0 else f"{(1 - image_share) / image_share:.3f} : 1"
+
+
+def modality_rows(manifests: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Per stage, in MODALITY_FIELDS order: realized text and image tokens and their proportion, and the target
+    proportion of a stage that holds another's (hold_modality_of); '-' where none is held."""
+    rows = []
+    for stage, manifest in manifests.items():
+        m = manifest["modality"]
+        target = m.get("target_image_share")
+        rows.append(
+            (
+                stage,
+                f"{m['text_tokens']:,}",
+                f"{m['image_tokens']:,}",
+                _text_to_image(m["image_share"]),
+                _text_to_image(target) if target is not None else "-",
+                m.get("held_from") or "-",
+            )
+        )
+    return rows
+
+
+def filter_rows(manifest: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per filter of each filtered source of a stage manifest, in FILTER_FIELDS order: what it removed, counted
+    in order (a sample is charged to the first filter it fails), and of those how many lacked the attribute."""
+    rows = []
+    for source, filters in manifest.get("filters", {}).items():
+        for f in filters:
+            rows.append(
+                (
+                    source,
+                    f["filter"],
+                    f"{f['removed_samples']:,}",
+                    f"{f['removed_tokens']:,}",
+                    f"{f['missing_samples']:,}",
+                )
+            )
     return rows
 
 

@@ -1,5 +1,6 @@
-"""One record through the prepare job, without Beam: clean its text, normalize its images and count faces
-(`prepare_record`), then, once the VQ codes of its images are known, tokenize it (`assemble_sample`).
+"""One record through the prepare job, without Beam: clean its text, normalize its images, count faces and
+compute its curation attributes (`prepare_record`), then, once the VQ codes of its images are known, tokenize it
+(`assemble_sample`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from model.tokenizers.mixed_tokenizer import ImageSegment, MixedModalTokenizer
 from pipelines.documents import PARAGRAPH_SEPARATOR, document_segments, sft_segments
 from pipelines.face_detection import DEFAULT_MAX_SIDE, FaceDetector
 from pipelines.raw_records import RecordError, Reject
+from pipelines.sample_attributes import sample_attributes
 from pipelines.shard_writer import TokenizedSample
 from pipelines.text_cleanup import DEFAULT_MAX_CHARS, DEFAULT_MIN_CHARS, clean_text
 from schemas.prepare_config import PrepareConfig
@@ -64,6 +66,7 @@ class PreparedRecord:
     n_faces: int = 0
     jpgs: list[bytes] = field(default_factory=list)
     category: str | None = None  # SFT records: text, code, image_generation, visual_chat, interleaved, safety
+    attributes: dict[str, Any] = field(default_factory=dict)  # curation attributes (pipelines/sample_attributes.py)
 
     @property
     def key(self) -> str:
@@ -143,6 +146,9 @@ def prepare_record(
         return Reject(source, record["id"], "image", err.reason, err.detail)
     except Exception as err:  # counted with its reason rather than failing the whole job on one record
         return Reject(source, record["id"], "clean", "unexpected_error", f"{type(err).__name__}: {err}"[:500])
+    texts = [p for p in [*out.prompt, *(out.answer or [])] if isinstance(p, str)]
+    # The metadata columns the source names (options.attributes) were read with the record (source_reader.py).
+    out.attributes = sample_attributes(texts, out.image_sizes, out.n_faces, record.get("attributes") or {})
     return out
 
 
@@ -178,4 +184,4 @@ def assemble_sample(
     }
     if record.category is not None:
         meta["category"] = record.category
-    return TokenizedSample(key=record.key, tokens=ids, meta=meta, images_jpg=record.jpgs)
+    return TokenizedSample(key=record.key, tokens=ids, meta=meta, images_jpg=record.jpgs, attributes=record.attributes)

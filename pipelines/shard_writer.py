@@ -1,4 +1,14 @@
-"""Writing one output shard whole: the WebDataset tar, its rejects parquet, and last its stats file.
+"""Writing one output shard whole: the WebDataset tar, its attributes and rejects parquets, and last its stats file.
+
+Files of shard N (`shard-NNNNN`):
+- `.tar`: WebDataset, per sample (key `SOURCE_TASK_INDEX`): `npy` (token ids), `json` (source, kind, record_id,
+  n_tokens, n_images, n_prompt_tokens, has_face, n_faces, image_sizes, category), `N.jpg` when images are written.
+- `.attributes.parquet`: one row per sample in key order (schemas/records.py SAMPLE_ATTRIBUTES): the curation
+  attributes a mixture filters on (faces, first image's width / height / aspect, text length, language, and the
+  metadata columns the source's options.attributes names). A column store apart from the tokens, so that a mix
+  with a new threshold reads a few small columns, never the tar.
+- `.rejects.parquet`: the records that did not make it, with their reasons.
+- `.stats.json`: counts and the fingerprint; written last, it marks the shard complete.
 
 Each file is written under a temporary name and renamed (model/files/atomic.py), and the stats file (the
 completion marker) comes last, so a killed job never leaves a shard that looks complete. Fixed mtimes and sorted
@@ -23,10 +33,11 @@ import webdataset as wds
 
 from model.files.atomic import atomic_path, write_atomic
 from pipelines.raw_records import Reject
-from schemas.records import REJECT
+from schemas.records import REJECT, SAMPLE_ATTRIBUTES
 
 TAR_MTIME = 0
 STATS_SUFFIX = ".stats.json"
+ATTRIBUTES_SUFFIX = ".attributes.parquet"
 
 
 @dataclass
@@ -37,6 +48,7 @@ class TokenizedSample:
     tokens: np.ndarray
     meta: dict[str, Any]
     images_jpg: list[bytes] = field(default_factory=list)
+    attributes: dict[str, Any] = field(default_factory=dict)  # curation attributes (pipelines/sample_attributes.py)
 
 
 def shard_name(shard_id: int) -> str:
@@ -63,8 +75,11 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 def is_complete(out_dir: Path, shard_id: int, fingerprint: str, extra: dict[str, Any] | None = None) -> bool:
     """A shard that needs no work: its stats file (written last) exists, holds the same config fingerprint, and the
-    same values for the keys of `extra` that `write_shard` was given (the prepare job's read task)."""
+    same values for the keys of `extra` that `write_shard` was given (the prepare job's read task); and it has its
+    attributes file (a shard written before attributes were stored is written again, byte-identical but for it)."""
     stats_path = out_dir / (shard_name(shard_id) + STATS_SUFFIX)
+    if not (out_dir / (shard_name(shard_id) + ATTRIBUTES_SUFFIX)).is_file():
+        return False
     try:
         stats = json.loads(stats_path.read_text())
     except (OSError, ValueError):
@@ -72,6 +87,23 @@ def is_complete(out_dir: Path, shard_id: int, fingerprint: str, extra: dict[str,
     if not isinstance(stats, dict) or stats.get("fingerprint") != fingerprint:
         return False
     return all(stats.get(key) == value for key, value in (extra or {}).items())
+
+
+def attributes_table(samples: Sequence[TokenizedSample]) -> pa.Table:
+    """The attributes rows of `samples` (in their order): SAMPLE_ATTRIBUTES' columns, filled from a sample's
+    metadata where its attributes lack one (has_face, face_count), then its metadata columns (float64, sorted)."""
+    builtin = [f.name for f in SAMPLE_ATTRIBUTES]
+    extra = sorted({name for s in samples for name in s.attributes} - set(builtin))
+    rows = []
+    for s in samples:
+        row = {name: s.attributes.get(name) for name in builtin[1:]}
+        row["has_face"] = int(bool(s.attributes.get("has_face", s.meta.get("has_face", False))))
+        row["face_count"] = int(s.attributes.get("face_count", s.meta.get("n_faces", 0)))
+        row["text_length"] = int(s.attributes.get("text_length") or 0)
+        row |= {"key": s.key, "n_tokens": int(s.tokens.size), "n_images": int(s.meta.get("n_images", 0))}
+        rows.append(row | {name: s.attributes.get(name) for name in extra})
+    schema = pa.schema([*SAMPLE_ATTRIBUTES, *(pa.field(name, pa.float64()) for name in extra)])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def remove_temporaries(folder: Path) -> list[Path]:
@@ -102,8 +134,12 @@ def write_shard(
     name = shard_name(shard_id)
     dtype = token_dtype(vocab_size)
     samples = sorted(samples, key=lambda s: s.key)
-    # Both data files are renamed into place only once both are written (model.files.atomic), the stats last.
-    with atomic_path(out_dir / f"{name}.tar") as tar_tmp, atomic_path(out_dir / f"{name}.rejects.parquet") as rej_tmp:
+    # The data files are renamed into place only once all are written (model.files.atomic), the stats last.
+    with (
+        atomic_path(out_dir / f"{name}.tar") as tar_tmp,
+        atomic_path(out_dir / f"{name}.rejects.parquet") as rej_tmp,
+        atomic_path(out_dir / f"{name}{ATTRIBUTES_SUFFIX}") as attr_tmp,
+    ):
         with wds.TarWriter(str(tar_tmp), mtime=TAR_MTIME) as sink:
             for sample in samples:
                 if "." in sample.key:
@@ -120,6 +156,7 @@ def write_shard(
                 sink.write(member)
         rejects = sorted(rejects, key=lambda r: (r.record_id, r.stage, r.reason))
         pq.write_table(pa.Table.from_pylist([r.as_row() for r in rejects], schema=REJECT), rej_tmp)
+        pq.write_table(attributes_table(samples), attr_tmp)
     stats = {
         "shard": name,
         "fingerprint": fingerprint,

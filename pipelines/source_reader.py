@@ -36,6 +36,7 @@ from pipelines.raw_records import (
     sft_record,
     text_record,
 )
+from pipelines.sample_attributes import metadata_attributes
 from schemas.prepare_config import DEFAULT_MAX_RECORD_BYTES, ROW_GROUP_RECORDS, SourceConfig
 from schemas.source_files import of_format, read_bounded_line, source_files
 
@@ -139,6 +140,13 @@ def read_task(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
 
 
 def _to_record(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Reject:
+    record = _canonical(task, row, record_id)
+    if task.options.get("attributes") and isinstance(record, dict):  # the metadata columns kept as attributes
+        record["attributes"] = metadata_attributes(row, task.options["attributes"])
+    return record
+
+
+def _canonical(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Reject:
     base_dir = Path(task.path).parent
     try:
         if not isinstance(row, dict):

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import json
 import re
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from schemas.config_base import ExistingPath, StrictModel
 from schemas.record_kinds import SftCategory
+from schemas.sample_filters import BUILTIN_ATTRIBUTES, FilterError, check_attributes, parse_filter
+
+
+def _without_unset(data: dict[str, Any], model: StrictModel, names: tuple[str, ...]) -> dict[str, Any]:
+    """Drop fields added after mixtures had fingerprints when they were not set, so existing mixes keep theirs."""
+    for name in names:
+        if name not in model.model_fields_set:
+            data.pop(name, None)
+    return data
+
+
+def prepared_attributes(path: Path) -> list[str] | None:
+    """The attributes a prepared source's samples have (built-in ones and the metadata columns its prepare config
+    named), from its manifest; None when the folder has no readable manifest (the mix job then checks the shards)."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        options = manifest["config"]["source"].get("options", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    extra = options.get("attributes") or [] if isinstance(options, dict) else []
+    return [*BUILTIN_ATTRIBUTES, *(n for n in extra if isinstance(n, str) and n not in BUILTIN_ATTRIBUTES)]
 
 
 class MixSource(StrictModel):
@@ -18,6 +48,37 @@ class MixSource(StrictModel):
     path: ExistingPath
     weight: float = Field(ge=0.0, description="relative token share; normalized over the stage's sources")
     max_repetitions: float | None = Field(None, gt=0.0, description="overrides the spec's max_repetitions")
+    # Curation at mix time: only samples passing every filter are drawn (schemas/sample_filters.py), e.g.
+    # ["aesthetic >= 6", "0.9 <= aspect <= 1.1"]; a sample without the attribute is excluded.
+    filters: list[str] = Field(default_factory=list)
+
+    @field_validator("filters")
+    @classmethod
+    def _parse_filters(cls, filters: list[str], info: ValidationInfo) -> list[str]:
+        problems = []
+        for text in filters:
+            try:
+                parse_filter(text)
+            except FilterError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return filters
+
+    @model_validator(mode="after")
+    def _filters_name_attributes_it_has(self, info: ValidationInfo) -> MixSource:
+        if self.filters and (info.context or {}).get("check_paths", True):
+            available = prepared_attributes(Path(self.path))
+            if available is not None:
+                try:
+                    check_attributes([parse_filter(f) for f in self.filters], available, f"source {self.name!r}")
+                except FilterError as err:
+                    raise ValueError(str(err)) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _set_new_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_unset(handler(self), self, ("filters",))
 
 
 class Inherit(StrictModel):
@@ -38,6 +99,13 @@ class StageSpec(StrictModel):
     # SFT only: token shares of the categories (text, code, image_generation, visual_chat, interleaved, safety)
     # within each source, so that none dominates; a category left out gets no tokens.
     category_weights: dict[SftCategory, float] | None = None
+    # Chameleon's stage 2: the sources' weights are adjusted so that this stage's text : image token proportion is
+    # the named earlier stage's, while it adds higher-quality and instruction data (docs/mixtures.md).
+    hold_modality_of: str | None = Field(None, description="an earlier stage whose text : image proportion to keep")
+
+    @model_serializer(mode="wrap")
+    def _set_new_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_unset(handler(self), self, ("hold_modality_of",))
 
     @model_validator(mode="after")
     def _one_budget(self) -> StageSpec:
@@ -60,6 +128,7 @@ class WeightedSource(NamedTuple):
     path: str
     weight: float
     max_repetitions: float
+    filters: tuple[str, ...] = ()
 
 
 class MixtureSpec(StrictModel):
@@ -100,6 +169,12 @@ class MixtureSpec(StrictModel):
             if stage.inherit is not None and stage.inherit.stage not in stages:
                 raise ValueError(
                     f"stage {name!r} inherits unknown stage {stage.inherit.stage!r}; stages: {', '.join(stages)}"
+                )
+            held = stage.hold_modality_of
+            if held is not None and held not in list(stages)[: list(stages).index(name)]:
+                earlier = ", ".join(list(stages)[: list(stages).index(name)]) or "none"
+                raise ValueError(
+                    f"stage {name!r}: hold_modality_of {held!r} must name an earlier stage; earlier stages: {earlier}"
                 )
         fractions = sum(s.fraction or 0.0 for s in stages.values())
         if fractions > 1.0 + 1e-9:
@@ -143,5 +218,5 @@ def _sources_of(stages: dict[str, StageSpec], name: str, default_reps: float) ->
             merged[src.name] = src._replace(weight=src.weight * stage.inherit.factor)
     for src in stage.sources:
         reps = src.max_repetitions if src.max_repetitions is not None else default_reps
-        merged[src.name] = WeightedSource(src.name, str(src.path), src.weight, reps)
+        merged[src.name] = WeightedSource(src.name, str(src.path), src.weight, reps, tuple(src.filters))
     return list(merged.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -69,6 +70,25 @@ class SourceOptions(StrictModel):
         description="a jsonl line, tar member or parquet row larger than this is rejected as "
         "record_too_large before it is decoded (default 32 MiB)",
     )
+    attributes: list[str] | None = Field(
+        None,
+        description="numeric columns of the input's metadata (a column or field, img2dataset's .json, OBELICS "
+        "metadata) stored as sample attributes for mixture filters, e.g. [aesthetic, clip_score]",
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _attribute_names(cls, names: list[str] | None) -> list[str] | None:
+        from schemas.sample_filters import BUILTIN_ATTRIBUTES
+
+        for name in names or []:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"attribute {name!r}: use letters, digits and '_', not starting with a digit")
+            if name in BUILTIN_ATTRIBUTES:
+                raise ValueError(f"attribute {name!r} is computed for every sample already; name metadata columns")
+        if names and len(set(names)) != len(names):
+            raise ValueError(f"attributes named twice: {sorted({n for n in names if names.count(n) > 1})}")
+        return names
 
 
 class _TextLength(SourceOptions):

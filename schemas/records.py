@@ -102,6 +102,25 @@ TOKENIZED_SAMPLE = pa.schema(
     ]
 )
 
+# One row per sample of a prepared shard, in key order (pipelines/shard_writer.py writes it as
+# shard-NNNNN.attributes.parquet): the attributes of schemas/sample_filters.py BUILTIN_ATTRIBUTES, then one float64
+# column per metadata column the source's options.attributes names. Null where a sample has no such value.
+SAMPLE_ATTRIBUTES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("n_images", pa.int32(), nullable=False),
+        pa.field("has_face", pa.int8(), nullable=False),  # 0 / 1, so that a filter compares it as a number
+        pa.field("face_count", pa.int32(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("aspect", pa.float64()),
+        pa.field("text_length", pa.int64(), nullable=False),
+        pa.field("language", pa.string()),
+        pa.field("language_score", pa.float64()),
+    ]
+)
+
 REJECT_REASONS: dict[str, str] = {
     "file_unreadable": "the whole file could not be read (corrupt, truncated or not this format)",
     "bad_schema": "the file's columns do not hold what this source kind needs",
@@ -135,5 +154,6 @@ REJECT_REASONS: dict[str, str] = {
     "image_unsupported_mode": "the image's colour mode cannot be converted to RGB",
     "too_many_images": "the document has more images than fit one sequence",
     "too_long": "the tokenized sample is longer than the configured maximum",
+    "duplicate": "the record repeats one kept (exactly, or nearly with dedup on); the detail names the kept record",
     "unexpected_error": "handling the record raised an error no other reason covers (the detail names it)",
 }

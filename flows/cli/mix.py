@@ -23,7 +23,15 @@ def mix(
     """Mix prepared sources into stage shards of packed sequences with exact, reproducible shares."""
     from pipelines.mix_job import run_mix
     from pipelines.mix_plan import MixPlanError
-    from pipelines.mix_report import ROW_FIELDS, plot_shares, report_rows
+    from pipelines.mix_report import (
+        FILTER_FIELDS,
+        MODALITY_FIELDS,
+        ROW_FIELDS,
+        filter_rows,
+        modality_rows,
+        plot_shares,
+        report_rows,
+    )
 
     try:
         spec = load_config(MixtureSpec, spec_file)
@@ -46,5 +54,14 @@ def mix(
         for row in report_rows(manifest):
             table.add_row(*row)
         console.print(table)
+        if filter_rows(manifest):  # curation: what each source's filters removed
+            filters = Table(*FILTER_FIELDS, title=f"{stage}: filters")
+            for row in filter_rows(manifest):
+                filters.add_row(*row)
+            console.print(filters)
+    proportion = Table(*MODALITY_FIELDS, title="text : image tokens by stage")
+    for row in modality_rows(result["manifests"]):
+        proportion.add_row(*row)
+    console.print(proportion)
     plot = plot_shares(result["manifests"], out / "report.png")
     console.print(f"fingerprint {result['fingerprint']}; {result['seconds']} s; plot: {plot}")

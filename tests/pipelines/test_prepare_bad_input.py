@@ -213,6 +213,7 @@ def test_a_rerun_with_fewer_shards_leaves_no_stale_ones(tiny_tokenizers, tmp_pat
     manifest = run(1000)["manifests"]["t"]
     assert len(manifest["shards"]) == 1 and manifest["totals"]["samples"] == 400
     assert sorted(p.name for p in (tmp_path / "out" / "t").glob("shard-*")) == [
+        "shard-00000.attributes.parquet",
         "shard-00000.rejects.parquet",
         "shard-00000.stats.json",
         "shard-00000.tar",

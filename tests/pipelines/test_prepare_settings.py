@@ -66,6 +66,7 @@ OPTION_CHANGES: dict[str, Any] = {
     "image_field": "picture",
     "images_dir": "/raw/images",
     "text_separator": " | ",
+    "attributes": ["aesthetic"],
 }
 # Per DownloadConfig field, with downloads on: a changed value, and whether it changes which images a record keeps
 # (DownloadConfig.outcome_fingerprint); where and how fast images are fetched does not.

@@ -34,6 +34,7 @@ def test_write_and_read_back(tmp_path: Path) -> None:
     samples = make_samples()
     stats = write_shard(tmp_path, 3, samples, REJECTS, vocab_size=65_536, fingerprint="abc")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shard-00003.attributes.parquet",
         "shard-00003.rejects.parquet",
         "shard-00003.stats.json",
         "shard-00003.tar",
@@ -55,7 +56,12 @@ def test_same_input_any_order_gives_identical_bytes(tmp_path: Path) -> None:
     shuffled = samples[:]
     random.Random(1).shuffle(shuffled)
     write_shard(tmp_path / "b", 0, shuffled, REJECTS, vocab_size=65_536, fingerprint="f")
-    for name in ("shard-00000.tar", "shard-00000.rejects.parquet", "shard-00000.stats.json"):
+    for name in (
+        "shard-00000.tar",
+        "shard-00000.rejects.parquet",
+        "shard-00000.attributes.parquet",
+        "shard-00000.stats.json",
+    ):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
@@ -101,8 +107,8 @@ def test_files_are_renamed_into_place_data_first_stats_last(tmp_path: Path, monk
 
     monkeypatch.setattr(os, "replace", replace)
     write_shard(tmp_path, 4, make_samples(2), REJECTS, vocab_size=65_536, fingerprint="f")
-    assert sorted(renamed[:2]) == ["shard-00004.rejects.parquet", "shard-00004.tar"]
-    assert renamed[2:] == ["shard-00004.stats.json"]  # last: the marker of a complete shard
+    assert sorted(renamed[:3]) == ["shard-00004.attributes.parquet", "shard-00004.rejects.parquet", "shard-00004.tar"]
+    assert renamed[3:] == ["shard-00004.stats.json"]  # last: the marker of a complete shard
     assert not list(tmp_path.glob(".*"))
 
 
@@ -114,6 +120,7 @@ def test_temporaries_left_by_killed_writers_are_removed(tmp_path: Path) -> None:
     (tmp_path / ".shard-00002.rejects.parquet.4242.0000ffff.tmp").mkdir()
     assert len(remove_temporaries(tmp_path)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shard-00000.attributes.parquet",
         "shard-00000.rejects.parquet",
         "shard-00000.stats.json",
         "shard-00000.tar",
