@@ -367,7 +367,7 @@ def test_docs_show_every_example_and_every_field() -> None:
             0,
             {"min_char": 20},
             "sources[0]: options.min_char: unknown option for text sources (did you mean "
-            "'min_chars'?); valid options: max_tokens, max_record_bytes, max_chars, text_field, "
+            "'min_chars'?); valid options: max_tokens, max_record_bytes, attributes, max_chars, text_field, "
             "min_chars",
         ),
         (0, {"text_feild": "body"}, "options.text_feild: unknown option for text sources (did you mean 'text_field'?)"),
@@ -375,7 +375,7 @@ def test_docs_show_every_example_and_every_field() -> None:
             2,
             {"aesthetic_min": 5},
             "sources[2]: options.aesthetic_min: unknown option for image_text sources; valid "
-            "options: max_tokens, max_record_bytes, max_pixels, min_side, max_chars, "
+            "options: max_tokens, max_record_bytes, attributes, max_pixels, min_side, max_chars, "
             "text_field, image_field",
         ),
         (2, {"min_chars": 5}, "options.min_chars: unknown option for image_text sources"),  # only text uses it

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from schemas import ConfigError, MixtureSpec, validate_config
 from schemas.sample_filters import FilterError, parse_filter
+from tests.conftest import EXAMPLES
 
 
 @pytest.mark.parametrize(
@@ -112,3 +114,18 @@ def test_new_fields_are_fingerprinted_only_when_set(tmp_path: Path) -> None:
     assert len(fingerprints) == 4
     filtered = validate_config(MixtureSpec, spec(tmp_path, ["aesthetic >= 6"]))
     assert [s.filters for s in filtered.sources_of("stage1")] == [("aesthetic >= 6",)]
+
+
+def test_the_image_generation_example_holds_the_papers_rule(example_base: Path) -> None:
+    spec = validate_config(
+        MixtureSpec,
+        yaml.safe_load((EXAMPLES / "image_generation_sft.yaml").read_text()),
+        base_dir=example_base,
+        check_paths=False,
+    )
+    (source,) = spec.sources_of("image_generation")
+    rule = [parse_filter(f) for f in source.filters]
+    assert [(f.attribute, f.conditions) for f in rule] == [
+        ("aesthetic", ((">=", 6.0),)),
+        ("aspect", ((">=", 0.9), ("<=", 1.1))),
+    ]
