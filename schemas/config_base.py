@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo
 from pydantic.functional_validators import AfterValidator
 
 from schemas.source_files import pattern_files, unique_files
@@ -85,6 +86,21 @@ def expand_paths(patterns: list[str] | tuple[str, ...]) -> list[Path]:
 
 ExistingPath = Annotated[Path, AfterValidator(_existing_path)]
 """A file or directory that must exist when the config is loaded."""
+
+_STORE_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _existing_location(value: Any, info: ValidationInfo) -> Path | str:
+    text = str(value) if isinstance(value, (str, Path)) else value
+    if isinstance(text, str) and _STORE_URL.match(text) and not text.startswith("file://"):
+        return text  # an object store's URL: checked when the job opens it (it needs credentials and the network)
+    if isinstance(text, str):
+        return _existing_path(Path(text.removeprefix("file://")), info)
+    raise ValueError(f"expected a path or a URL, got {type(value).__name__}")
+
+
+ExistingLocation = Annotated[Path | str, BeforeValidator(_existing_location)]
+"""A local file or directory that must exist (a Path), or an object-store URL such as s3://bucket/stage (a str)."""
 OutputPath = Annotated[Path, AfterValidator(_any_path)]
 """A path the job will create; made absolute, not checked."""
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.config_base import ExistingPath, OutputPath, StrictModel
+from schemas.config_base import ExistingLocation, ExistingPath, OutputPath, StrictModel
 from schemas.model_config import ModelConfig
 
 LrSchedule = Literal["warmup_exponential", "cosine", "constant"]
@@ -79,7 +79,7 @@ class ActivationCheckpointConfig(StrictModel):
 class TrainStage(StrictModel):
     """One stage of a pretraining run that spans several: its stage folder and its share of the run's steps."""
 
-    data: ExistingPath = Field(description="a stage folder written by `cham mix`")
+    data: ExistingLocation = Field(description="a stage folder written by `cham mix` (a path or an s3:// etc. URL)")
     share: float = Field(gt=0.0, le=1.0, description="the fraction of the run's steps trained on this stage")
 
 
@@ -88,9 +88,18 @@ class PlannedStage:
     """A stage of the run as the trainer takes it: optimizer steps [first_step, end_step) read `data`."""
 
     index: int
-    data: Path
+    data: Path | str  # a local folder, or an object store's URL
     first_step: int
     end_step: int
+
+
+class DataCacheConfig(StrictModel):
+    """A stage on an object store (data: s3://...): each shard is copied whole into a local cache when first needed,
+    the next ones ahead of need, the least recently used evicted past `max_bytes`."""
+
+    dir: OutputPath | None = Field(None, description="default: $CHAM_CACHE_DIR, else ~/.cache/chameleon-pipeline")
+    max_bytes: int = Field(8 * 2**30, gt=0, description="local copies kept at most (plus the shard being fetched)")
+    read_ahead_shards: int = Field(2, ge=0, description="shards fetched in the background past the one in use")
 
 
 class LoggingConfig(StrictModel):
@@ -103,7 +112,9 @@ class TrainConfig(StrictModel):
     """Pretraining on one stage's shards (or SFT, through SFTConfig)."""
 
     model: ModelConfig
-    data: ExistingPath | None = Field(None, description="a stage folder written by `cham mix` (or: stages)")
+    data: ExistingLocation | None = Field(
+        None, description="a stage folder written by `cham mix`, a path or an s3:// (gs://, az://) URL (or: stages)"
+    )
     stages: list[TrainStage] | None = Field(
         None,
         min_length=1,
@@ -138,6 +149,7 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     loader_workers: int = Field(1, ge=0)
+    data_cache: DataCacheConfig = Field(default_factory=DataCacheConfig)
     skip_corrupt_shards: bool = Field(
         False,
         description="leave out unreadable shards and read damaged sequences "
@@ -176,16 +188,16 @@ class TrainConfig(StrictModel):
         """The stages in order with their steps: stage i ends at round(steps x the shares up to i), the last at
         `steps`. One stage (data) spans the whole run."""
         if self.stages is None:
-            return [PlannedStage(0, Path(self.data), 0, self.steps)]
+            return [PlannedStage(0, self.data, 0, self.steps)]
         plan, first, cumulative = [], 0, 0.0
         for index, stage in enumerate(self.stages):
             cumulative += stage.share
             end = self.steps if index == len(self.stages) - 1 else min(self.steps, round(self.steps * cumulative))
-            plan.append(PlannedStage(index, Path(stage.data), first, end))
+            plan.append(PlannedStage(index, stage.data, first, end))
             first = end
         return plan
 
-    def first_stage_data(self) -> Path:
+    def first_stage_data(self) -> Path | str:
         """The stage folder the run starts on (its manifest gives the sequence length and the vocabulary)."""
         return self.stage_plan()[0].data
 

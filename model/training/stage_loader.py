@@ -26,13 +26,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from model.files import storage
 from model.files.reading import read_json_object, read_npy
+from model.training.shard_cache import RemoteIndex, ShardCache
 from schemas.vocab import PAD_ID
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STAGE_MANIFEST_KEYS = ("fingerprint", "seq_len", "shards", "vocab_layout")
 ERROR_KEY = "error"  # a batch that carries a reading error from a DataLoader worker instead of tensors
+MANIFEST_MAX_BYTES = 256 * 2**20  # a stage manifest lists shards: far below this even for millions of them
 
 
 class CorruptShardError(RuntimeError):
@@ -190,6 +193,18 @@ def read_batch(
     return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
+@dataclass(frozen=True)
+class StoreCache:
+    """Where a stage on an object store is cached locally, how much of it, and how far ahead it is fetched."""
+
+    root: Path | None = None  # default: storage.default_cache_root()
+    max_bytes: int = 8 * 2**30
+    read_ahead: int = 2
+
+    def folder_for(self, stage_url: str) -> Path:
+        return (self.root or storage.default_cache_root()) / "stages" / storage.cache_key(stage_url)
+
+
 class StageLoader:
     """Batches of one rank over a stage folder written by `cham mix`, resumable exactly.
 
@@ -209,11 +224,26 @@ class StageLoader:
         num_workers: int = 0,
         skip_corrupt: bool = False,
         global_batch_size: int | None = None,
+        cache: StoreCache | None = None,
     ):
-        self.stage_dir = Path(stage_dir)
-        manifest_path = self.stage_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.stage_dir} is not a stage folder (no {MANIFEST}; run `cham mix`)")
+        remote = storage.is_url(stage_dir)
+        self.stage_dir: Path | str = str(stage_dir) if remote else storage.local_path(stage_dir)
+        shard_cache = None
+        if remote:
+            # A stage on an object store: the manifest is read now, each shard when first needed (shard_cache.py).
+            cache = cache or StoreCache()
+            shard_cache = ShardCache(
+                str(stage_dir), cache.folder_for(str(stage_dir)), cache.max_bytes, cache.read_ahead
+            )
+            manifest_path = shard_cache.folder / MANIFEST
+            try:
+                storage.download(storage.join(stage_dir, MANIFEST), manifest_path, max_bytes=MANIFEST_MAX_BYTES)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{stage_dir} is not a stage folder (no {MANIFEST}; run `cham mix`)") from None
+        else:
+            manifest_path = self.stage_dir / MANIFEST
+            if not manifest_path.is_file():
+                raise FileNotFoundError(f"{self.stage_dir} is not a stage folder (no {MANIFEST}; run `cham mix`)")
         self.manifest = manifest = read_json_object(manifest_path, STAGE_MANIFEST_KEYS, what="stage manifest")
         if not isinstance(manifest["shards"], list) or not all(
             isinstance(s, dict) and {"shard", "sequences"} <= s.keys() for s in manifest["shards"]
@@ -225,8 +255,12 @@ class StageLoader:
         self.skip_corrupt = skip_corrupt
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.skipped_shards: list[str] = []
-        self.index: list[Member] = []
-        for shard in manifest["shards"]:
+        self.shard_cache = shard_cache
+        self.index: list[Member] | RemoteIndex = []
+        if shard_cache is not None:
+            shards = [(f"{s['shard']}.tar", int(s["sequences"])) for s in manifest["shards"]]
+            self.index = RemoteIndex(shards, shard_cache)
+        for shard in manifest["shards"] if shard_cache is None else []:
             path = self.stage_dir / f"{shard['shard']}.tar"
             try:
                 self.index += index_shard(path, shard["sequences"])

@@ -37,7 +37,7 @@ from model.training.optim import clip_and_check, make_optimizer
 from model.training.parallelize import build_model
 from model.training.run_lock import RunLock, RunLockedError
 from model.training.sharded_checkpoint import ShardedCheckpointer
-from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader
+from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader, StoreCache
 from schemas.train_config import SFTConfig, TrainConfig
 from schemas.vocab import VocabLayout
 
@@ -99,6 +99,9 @@ class Trainer:
                 num_workers=config.loader_workers,
                 skip_corrupt=config.skip_corrupt_shards,
                 global_batch_size=config.global_batch_size,
+                cache=StoreCache(
+                    config.data_cache.dir, config.data_cache.max_bytes, config.data_cache.read_ahead_shards
+                ),
             )
             for stage in self.plan
         ]
