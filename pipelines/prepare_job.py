@@ -1,8 +1,9 @@
 """The prepare job: raw sources -> tokenized WebDataset shards, one folder per source, every reject accounted for.
 
 Per source: read tasks (about `samples_per_shard` records each) -> read + clean + normalize images + faces ->
-VQ codes through RunInference -> join -> tokenize -> one shard per read task, written whole. A shard whose stats
-file holds the same fingerprint and task is complete, and a re-run skips its task without reading it.
+deduplication (across every source of the build and the index of earlier builds) -> VQ codes through RunInference ->
+join -> tokenize -> one shard per read task, written whole. A shard whose stats file holds the same fingerprint and
+task is complete, and a re-run skips its task without reading it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ from model.files.atomic import write_atomic
 from model.tokenizers.image_tokenizer import ImageTokenizer
 from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
 from model.tokenizers.text_tokenizer import load_text_tokenizer
+from pipelines.dedup import (
+    DEDUP_STAGE,
+    DUPLICATE,
+    DedupEntry,
+    MinHasher,
+    Node,
+    Thresholds,
+    bucket_edges,
+    bucket_keys,
+    duplicate_detail,
+    index_folder,
+    index_parts,
+    read_index_part,
+    record_entry,
+    resolve,
+    write_index_part,
+)
 from pipelines.documents import TEXT_SEPARATOR_BY_FORMAT
 from pipelines.face_detection import HaarFaceDetector
 from pipelines.image_download import UrlImages, download_totals
@@ -78,7 +96,11 @@ def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fp
     settings = asdict(settings_for(config, source))
     if settings["text_separator"] is None:  # kinds without one keep the fingerprints they had before it existed
         del settings["text_separator"]
-    payload = {"source": source.model_dump(mode="json"), "settings": settings, "tokenizers": tokenizer_fps}
+    payload = {"source": source.model_dump(mode="json", exclude={"dedup"}), "settings": settings}
+    payload["tokenizers"] = tokenizer_fps
+    dedup = config.dedup.settings_for(source.dedup)
+    if dedup is not None:  # the default (off) adds nothing: shards from before deduplication keep their fingerprints
+        payload["dedup"] = dedup
     # Shard settings the records never see sit beside "settings" (where samples_per_shard always was).
     payload |= {k: v for k, v in config.shard_settings().items() if k not in settings}
     if config.download.outcome_fingerprint() is not None:  # downloads off: the fingerprints they always had
@@ -154,18 +176,32 @@ class Assemble(beam.DoFn):
 
 
 class WriteShard(beam.DoFn):
-    """(shard id, {task, samples, rejects}) -> the shard written whole; yields its stats."""
+    """(shard id, {task, samples, rejects, dedup}) -> the shard written whole; yields its stats. With `index_dir`,
+    the dedup entries of the shard's samples are written there first (dedup.write_index_part), the stats last."""
 
-    def __init__(self, out_dir: str, vocab_size: int, fingerprint: str):
+    def __init__(
+        self,
+        out_dir: str,
+        vocab_size: int,
+        fingerprint: str,
+        index_dir: str | None = None,
+        hasher: MinHasher | None = None,
+    ):
         self.out_dir, self.vocab_size, self.fingerprint = out_dir, vocab_size, fingerprint
+        self.index_dir, self.hasher = index_dir, hasher
 
     def process(self, element: tuple[int, dict[str, Iterable[Any]]]) -> Iterator[dict[str, Any]]:
         shard_id, groups = element
         (task,) = groups["task"]
+        samples = list(groups["samples"])
+        if self.index_dir is not None:  # only records that became samples (not those rejected after dedup)
+            keys = {s.key for s in samples}
+            kept = [e for e in groups.get("dedup", ()) if e.node.key in keys]
+            write_index_part(Path(self.index_dir) / f"{shard_name(shard_id)}.npz", kept, self.hasher or MinHasher())
         stats = write_shard(
             Path(self.out_dir),
             shard_id,
-            list(groups["samples"]),
+            samples,
             list(groups["rejects"]),
             vocab_size=self.vocab_size,
             fingerprint=self.fingerprint,
@@ -194,21 +230,125 @@ def _images_of(record: PreparedRecord) -> Iterator[tuple[tuple[str, int], np.nda
         yield (record.key, slot), pixels
 
 
-def add_source(
-    p: beam.Pipeline,
-    config: PrepareConfig,
-    source: SourceConfig,
-    tasks: list[tuple[int, ReadTask]],
-    fp: str,
-    vocab_size: int,
-) -> beam.PCollection:
-    """Add one source's branch of the job (labels prefixed with the source name); returns its shard stats."""
+def hasher_of(config: PrepareConfig) -> MinHasher:
+    """The MinHash settings of PrepareConfig.dedup."""
+    d = config.dedup
+    return MinHasher(ngram=d.ngram, bands=d.bands, rows=d.rows, seed=d.seed)
+
+
+def thresholds_of(config: PrepareConfig) -> Thresholds:
+    """The thresholds candidates are verified with, from PrepareConfig.dedup."""
+    return Thresholds(jaccard=config.dedup.jaccard, image_distance=config.dedup.image_distance)
+
+
+def dedup_entry(record: PreparedRecord, rank: int, near: bool, hasher: MinHasher) -> DedupEntry:
+    """A prepared record's dedup entry: its cleaned texts and normalized images (before the pixels are dropped)."""
+    texts = [p for p in [*record.prompt, *(record.answer or [])] if isinstance(p, str)]
+    node = Node(1, rank, record.source, record.key, record.record_id)
+    return record_entry(node, record.task, record.kind, texts, record.images, near, hasher)
+
+
+def _keep_or_reject(element: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[Any]:
+    """(record key, {record, duplicate}) -> (OK, record), or (REJECT, (shard id, duplicate reject))."""
+    _, groups = element
+    (record,) = groups["record"]
+    found = next(iter(groups["duplicate"]), None)
+    if found is None:
+        yield OK, record
+        return
+    reject = Reject(record.source, record.record_id, DEDUP_STAGE, DUPLICATE, duplicate_detail(*found))
+    yield REJECT, (record.task, reject)
+
+
+def earlier_index(config: PrepareConfig, plans: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(source, path) of the index parts the build dedups against: those of complete shards of earlier runs (parts of
+    shards about to be redone were removed with their stats), and every part of sources no longer configured."""
+    out = []
+    for source, paths in index_parts(config.output_dir).items():
+        n_tasks = len(plans[source]["tasks"]) if source in plans else None
+        for path in paths:
+            shard = shard_id_of(path.name)
+            if n_tasks is None or (shard is not None and shard < n_tasks):
+                out.append((source, str(path)))
+    return out
+
+
+def add_dedup(
+    p: beam.Pipeline, config: PrepareConfig, records: dict[str, beam.PCollection], index: list[tuple[str, str]]
+) -> tuple[dict[str, beam.PCollection], dict[str, beam.PCollection], dict[str, beam.PCollection]]:
+    """The dedup stage over every source's prepared records: entries grouped by exact hash and LSH band with the
+    earlier builds' index, candidates verified, groups resolved (dedup.resolve), duplicates rejected. Returns per
+    source its kept records, its duplicate rejects ((shard id, Reject)) and its entries by shard id (for the index);
+    sources with dedup off pass through untouched."""
+    hasher, thresholds = hasher_of(config), thresholds_of(config)
+    ranks = {s.name: n for n, s in enumerate(config.sources)}
+    modes = {s.name: s.dedup for s in config.sources}
+    entries = {
+        name: pcoll | f"{name}/dedup entries" >> beam.Map(dedup_entry, ranks[name], modes[name] == "on", hasher)
+        for name, pcoll in records.items()
+        if modes[name] != "off"
+    }
+    kept = {name: pcoll for name, pcoll in records.items() if name not in entries}
+    if not entries:
+        return kept, {}, {}
+    earlier = (
+        p
+        | "dedup/index parts" >> beam.Create(index)
+        | "dedup/read index" >> beam.FlatMap(lambda part: read_index_part(part[1], part[0], hasher))
+    )
+    duplicates = (
+        (*entries.values(), earlier)
+        | "dedup/all entries" >> beam.Flatten()
+        | "dedup/keys" >> beam.FlatMap(lambda e: [(k, e) for k in bucket_keys(e, hasher, thresholds)])
+        | "dedup/buckets" >> beam.GroupByKey()
+        | "dedup/verify" >> beam.FlatMap(lambda kv: bucket_edges(kv[0][0], kv[1], thresholds))
+        # One list of the verified edges: only duplicates make edges, so it is as small as what is removed.
+        | "dedup/edges" >> beam.combiners.ToList()
+        | "dedup/resolve"
+        >> beam.FlatMap(lambda edges: [(n.source, n.key, *found) for n, found in resolve(edges).items()])
+    )
+    rejects, by_shard = {}, {}
+    for name, pcoll in entries.items():
+        mine = duplicates | f"{name}/its duplicates" >> beam.FlatMap(
+            lambda d, n=name: [(d[1], (d[2], d[3]))] if d[0] == n else []
+        )
+        decided = (
+            {"record": records[name] | f"{name}/by key" >> beam.Map(lambda r: (r.key, r)), "duplicate": mine}
+            | f"{name}/dedup join" >> beam.CoGroupByKey()
+            | f"{name}/dedup" >> beam.FlatMap(_keep_or_reject)
+        )
+        kept[name], rejects[name] = _split(decided, f"{name}/deduplicated")
+        by_shard[name] = pcoll | f"{name}/entries by shard" >> beam.Map(lambda e: (e.shard, e))
+    return kept, rejects, by_shard
+
+
+def read_source(
+    p: beam.Pipeline, config: PrepareConfig, source: SourceConfig, tasks: list[tuple[int, ReadTask]]
+) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
+    """The first part of a source's branch: its tasks, its prepared records, its read/clean/image rejects."""
     settings = settings_for(config, source)
     name = source.name
     created = p | f"{name}/tasks" >> beam.Create(tasks) | f"{name}/spread" >> beam.Reshuffle()
     urls = UrlImages(config.download, name, source.kind, report_dir=str(Path(config.output_dir) / name))
     prepared = created | f"{name}/read+download+prepare" >> beam.ParDo(ReadAndPrepare(source, settings, urls))
     records, read_rejects = _split(prepared, f"{name}/prepared")
+    return created, records, read_rejects
+
+
+def add_source(
+    config: PrepareConfig,
+    source: SourceConfig,
+    read: tuple[beam.PCollection, beam.PCollection, beam.PCollection],
+    fp: str,
+    vocab_size: int,
+    dedup: tuple[beam.PCollection | None, beam.PCollection | None] = (None, None),
+) -> beam.PCollection:
+    """The rest of one source's branch (labels prefixed with the source name), from its deduplicated records: VQ
+    codes, tokens, shards; `dedup` holds its duplicate rejects and its dedup entries by shard. Returns shard stats."""
+    settings = settings_for(config, source)
+    name = source.name
+    created, records, read_rejects = read
+    duplicate_rejects, entries = dedup
     codes = (
         records
         | f"{name}/images" >> beam.FlatMap(_images_of)
@@ -227,12 +367,18 @@ def add_source(
         | f"{name}/tokenize" >> beam.ParDo(Assemble(str(config.tokenizers.text), settings))
     )
     samples, token_rejects = _split(assembled, f"{name}/assembled")
-    rejects = (read_rejects, token_rejects) | f"{name}/rejects" >> beam.Flatten()
+    all_rejects = [read_rejects, token_rejects] + ([duplicate_rejects] if duplicate_rejects is not None else [])
+    rejects = tuple(all_rejects) | f"{name}/rejects" >> beam.Flatten()
     out_dir = str(Path(config.output_dir) / name)
+    groups = {"task": created, "samples": samples, "rejects": rejects}
+    index_dir = None
+    if entries is not None:
+        groups["dedup"] = entries
+        index_dir = str(index_folder(config.output_dir, name))
     return (
-        {"task": created, "samples": samples, "rejects": rejects}
+        groups
         | f"{name}/by-shard" >> beam.CoGroupByKey()
-        | f"{name}/write" >> beam.ParDo(WriteShard(out_dir, vocab_size, fp))
+        | f"{name}/write" >> beam.ParDo(WriteShard(out_dir, vocab_size, fp, index_dir, hasher_of(config)))
     )
 
 
@@ -293,6 +439,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
             for s in shards
         ],
     }
+    manifest["dedup"] = {"mode": source.dedup} | (config.dedup.model_dump(mode="json") if source.dedup == "on" else {})
     downloads = download_totals(out_dir, [i for i, _ in plan["tasks"]])
     if downloads is not None:  # sources with URL images: what was fetched, dropped and why
         manifest["downloads"] = downloads
@@ -340,10 +487,21 @@ def _run_pipeline(
         watcher.start()
     try:
         pipeline = beam.Pipeline(options=pipeline_options(config.runner))
+        sources = [s for s in config.sources if s.name in todo]
+        read = {s.name: read_source(pipeline, config, s, plans[s.name]["todo"]) for s in sources}
+        kept, duplicates, entries = add_dedup(
+            pipeline, config, {name: r[1] for name, r in read.items()}, earlier_index(config, plans)
+        )
         stats = [
-            add_source(pipeline, config, s, plans[s.name]["todo"], plans[s.name]["fingerprint"], vocab_size)
-            for s in config.sources
-            if s.name in todo
+            add_source(
+                config,
+                s,
+                (read[s.name][0], kept[s.name], read[s.name][2]),
+                plans[s.name]["fingerprint"],
+                vocab_size,
+                (duplicates.get(s.name), entries.get(s.name)),
+            )
+            for s in sources
         ]
         # One final transform downstream of every branch: Beam's DaskRunner computes only the last one.
         _ = tuple(stats) | "all shards" >> beam.Flatten() | "count" >> beam.combiners.Count.Globally()
@@ -372,11 +530,14 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     failure: BaseException | None = None
     for name in plans:  # what a killed run was writing (each writer's temporaries are named uniquely)
         remove_temporaries(Path(config.output_dir) / name)
+        remove_temporaries(index_folder(config.output_dir, name))
     if todo:
         for name in todo:  # stale stats of shards about to be redone must not count as progress
             (Path(config.output_dir) / name / MANIFEST).unlink(missing_ok=True)  # nor an old manifest as current
             for i, _ in plans[name]["todo"]:
                 (Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}").unlink(missing_ok=True)
+                # nor its old dedup entries as an earlier build's: the shard's records are deduplicated again
+                (index_folder(config.output_dir, name) / f"{shard_name(i)}.npz").unlink(missing_ok=True)
         try:
             _run_pipeline(config, plans, todo, tokenizer.vocab.size, progress)
         except BaseException as err:  # the manifests of the sources that did finish are still written below
@@ -385,6 +546,7 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     for source in config.sources:  # one source's problem never costs the others their manifests
         try:
             remove_stale_shards(Path(config.output_dir) / source.name, len(plans[source.name]["tasks"]))
+            remove_stale_shards(index_folder(config.output_dir, source.name), len(plans[source.name]["tasks"]))
             manifests[source.name] = write_manifest(config, source, plans[source.name], fps)
         except (OSError, ValueError, KeyError, TypeError) as err:  # PrepareError is a RuntimeError: kept apart
             problems.append(f"{source.name}: manifest not written: {err}")

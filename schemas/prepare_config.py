@@ -9,10 +9,13 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -157,6 +160,39 @@ def _options_problem(error: dict[str, Any], cls: type[SourceOptions], kind: str)
     return f"{where}: {message}{got}"
 
 
+# Per source: `exact` drops records whose normalised text (or decoded pixels) repeats one kept; `on` also drops
+# near duplicates (MinHash/LSH for text, a perceptual hash for images); `off` keeps everything (docs/prepare.md).
+# Off by default: a config written before deduplication keeps its shards, counts and fingerprints, and content that
+# two sources share on purpose (one document in two layouts, SFT answers quoting pretraining text) is not dropped.
+DedupMode = Literal["on", "exact", "off"]
+DEFAULT_DEDUP: DedupMode = "off"
+DEDUP_INDEX_DIR = "dedup-index"  # under output_dir, beside the sources' folders: the kept records' dedup entries
+
+
+class DedupConfig(StrictModel):
+    """Near-duplicate thresholds of the prepare job, for the sources whose `dedup` is `on` (pipelines/dedup.py).
+
+    MinHash as FineWeb's (datatrove): word 5-grams, 14 bands x 8 rows = 112 permutations; candidates sharing a band
+    are verified by their estimated Jaccard similarity. Images: a 64-bit DCT perceptual hash within a Hamming distance.
+    """
+
+    ngram: int = Field(5, ge=1, le=32, description="words per shingle")
+    bands: int = Field(14, ge=1, le=64, description="LSH bands; two records sharing one band are candidates")
+    rows: int = Field(8, ge=1, le=64, description="MinHash values per band (bands x rows permutations in all)")
+    seed: int = Field(1, ge=0, description="seeds the permutations: signatures of one seed compare only to its own")
+    jaccard: float = Field(0.8, gt=0.0, le=1.0, description="a candidate pair is a duplicate at this estimate or above")
+    image_distance: int = Field(
+        4, ge=0, le=15, description="image_text pairs whose perceptual hashes differ in at most this many bits"
+    )
+
+    def settings_for(self, mode: DedupMode) -> dict[str, Any] | None:
+        """What a source's fingerprint holds of dedup: nothing for the default `off` (so shards written before
+        deduplication existed keep their fingerprints), the mode for `exact`, the mode and every threshold for `on`."""
+        if mode == DEFAULT_DEDUP:
+            return None
+        return {"mode": mode} | (self.model_dump(mode="json") if mode == "on" else {})
+
+
 class SourceConfig(StrictModel):
     """One raw source: a name (used for output folders), its record kind, file format, paths and options."""
 
@@ -166,6 +202,7 @@ class SourceConfig(StrictModel):
     paths: list[SourcePattern] = Field(min_length=1, description="files, directories or globs")
     # Reader and transform options, typed per kind (OPTIONS_BY_KIND), e.g. {text_field: content, min_chars: 20}.
     options: AnyOptions = Field(default_factory=SourceOptions)  # replaced by the kind's own class
+    dedup: DedupMode = Field(DEFAULT_DEDUP, description="on: exact and near duplicates; exact: exact only; off: none")
 
     @model_validator(mode="before")
     @classmethod
@@ -191,6 +228,14 @@ class SourceConfig(StrictModel):
     @field_serializer("options")
     def _set_options_only(self, options: SourceOptions) -> dict[str, Any]:
         return options.model_dump(mode="json", exclude_unset=True)
+
+    @model_serializer(mode="wrap")
+    def _dedup_when_set(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # Written out only when set, as options are; fingerprinted apart (DedupConfig.settings_for).
+        data = handler(self)
+        if "dedup" not in self.model_fields_set:
+            data.pop("dedup", None)
+        return data
 
     @model_validator(mode="after")
     def _format_fits_kind(self, info: ValidationInfo) -> SourceConfig:
@@ -237,6 +282,7 @@ FINGERPRINTED_APART: dict[str, str] = {
     "sources": "each source's shards hold its own config (SourceConfig dumped, options as set)",
     "tokenizers": "the text and image tokenizers' fingerprints, so a moved tokenizer redoes nothing",
     "download": "DownloadConfig.outcome_fingerprint(): which images a record keeps, not where or how fast",
+    "dedup": "DedupConfig.settings_for(source.dedup): the thresholds count only for the sources whose dedup is on",
 }
 
 
@@ -261,6 +307,8 @@ class PrepareConfig(StrictModel):
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     # Images given only by URL (OBELICS, MMC4): fetched into download.cache_dir when it is set.
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    # Near-duplicate thresholds, one set for the job; each source chooses on / exact / off (SourceConfig.dedup).
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
 
     @field_validator("sources")
     @classmethod
@@ -269,6 +317,8 @@ class PrepareConfig(StrictModel):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"source names must be unique; repeated: {', '.join(duplicated)}")
+        if DEDUP_INDEX_DIR in names:  # the output folder of such a source would be the dedup index's
+            raise ValueError(f"{DEDUP_INDEX_DIR!r} is reserved for the dedup index; name the source otherwise")
         return sources
 
     def shard_settings(self) -> dict[str, Any]:
