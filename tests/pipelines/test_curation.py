@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
 
 from pipelines.mix_job import run_mix
 from pipelines.mix_plan import MixPlanError, hold_image_share
@@ -255,7 +256,8 @@ def test_a_filter_on_an_attribute_the_source_lacks_fails_naming_those_it_has(cur
 # --- stage 2's text : image proportion ---------------------------------------------------------------------------
 
 
-def stages(prepared: Path, hold: bool, stage2_sources: list[dict] | None = None) -> MixtureSpec:
+def stages(prepared: Path, hold: bool) -> MixtureSpec:
+    """Chameleon's two stages on the prepared sample: stage 2 adds code and instructions to half of stage 1."""
     stage1 = [
         {"name": "prose", "path": str(prepared / "prose"), "weight": 2.9},
         {"name": "photos", "path": str(prepared / "photos"), "weight": 1.5},
@@ -264,9 +266,7 @@ def stages(prepared: Path, hold: bool, stage2_sources: list[dict] | None = None)
     stage2 = {
         "tokens": 12_000,
         "inherit": {"stage": "stage1", "factor": 0.5},
-        "sources": stage2_sources
-        if stage2_sources is not None
-        else [
+        "sources": [
             {"name": "code", "path": str(prepared / "code"), "weight": 0.6},
             {"name": "instructions", "path": str(prepared / "instructions"), "weight": 0.6},
         ],
@@ -288,7 +288,7 @@ def test_stage2_holds_stage1s_text_image_proportion(prepared_sources: Path, tmp_
     free = run_mix(stages(prepared_sources, hold=False), tmp_path / "free")["manifests"]
     held = run_mix(stages(prepared_sources, hold=True), tmp_path / "held")["manifests"]
     target = held["stage1"]["modality"]["image_share"]
-    assert held["stage1"] == {**held["stage1"]} and free["stage1"]["modality"] == held["stage1"]["modality"]
+    assert free["stage1"]["modality"] == held["stage1"]["modality"]  # holding changes stage 2 only
     assert abs(free["stage2"]["modality"]["image_share"] - target) > 4 * HOLD_TOLERANCE  # adding data moves it
     m = held["stage2"]["modality"]
     assert m["held_from"] == "stage1" and m["target_image_share"] == pytest.approx(target)
@@ -310,18 +310,10 @@ def test_stage2_holds_stage1s_text_image_proportion(prepared_sources: Path, tmp_
 
 
 def test_an_unattainable_proportion_is_an_error(prepared_sources: Path, tmp_path: Path) -> None:
+    data = stages(prepared_sources, hold=True).model_dump(mode="json")
     only_text = [{"name": "code", "path": str(prepared_sources / "code"), "weight": 0.6}]
-    spec = stages(prepared_sources, hold=True, stage2_sources=only_text)
-    spec = validate_config(
-        MixtureSpec,
-        spec.model_dump(mode="json")
-        | {
-            "stages": {
-                **spec.model_dump(mode="json")["stages"],
-                "stage2": {"tokens": 5000, "sources": only_text, "hold_modality_of": "stage1"},
-            }
-        },
-    )
+    data["stages"]["stage2"] = {"tokens": 5000, "sources": only_text, "hold_modality_of": "stage1"}
+    spec = validate_config(MixtureSpec, data)
     says = r"cannot hold the text : image proportion: an image share of .* is unattainable: every source's image"
     with pytest.raises(MixPlanError, match=rf"stage 'stage2' {says} share is below it \(code 0.0%\)"):
         run_mix(spec, tmp_path / "x")
@@ -336,3 +328,55 @@ def test_hold_image_share_scales_two_groups_to_the_target() -> None:
     with pytest.raises(MixPlanError, match="above it"):
         hold_image_share({"a": 1.0, "b": 1.0}, {"a": 0.5, "b": 0.6}, 0.25)
     assert np.isclose(sum(hold_image_share({"a": 1.0}, {"a": 0.25}, 0.25).values()), 1.0)
+
+
+def _record_ids(folder: Path) -> dict[str, str]:
+    """Sample key -> the raw record's key, for a prepared source."""
+    return {
+        s["key"]: s["meta"]["record_id"].rsplit("/", 1)[1]
+        for tar in sorted(folder.glob("shard-*.tar"))
+        for s in read_shard(tar)
+    }
+
+
+def test_the_papers_image_generation_rule_selects_the_records_it_names(curated) -> None:
+    """docs/configs/image_generation_sft.yaml on the sample photos: the drawn records are exactly those whose raw
+    metadata has an aesthetic of at least 6 and a near-square image."""
+    from pipelines.mix_job import plan_mixture
+    from tests.conftest import EXAMPLES
+
+    data = yaml.safe_load((EXAMPLES / "image_generation_sft.yaml").read_text())
+    data |= {"seq_len": 256, "tokens_per_image": 64, "max_repetitions": 16}
+    data["stages"]["image_generation"]["tokens"] = 500
+    data["stages"]["image_generation"]["sources"][0]["path"] = str(curated["prepared"] / "full")
+    stages, _ = plan_mixture(validate_config(MixtureSpec, data))
+    ids = _record_ids(curated["prepared"] / "full")
+    drawn = {ids[ref.key] for ref in stages["image_generation"].plans["photos"].samples}
+    by_hand = {
+        key
+        for key, meta in curated["raw_meta"].items()
+        if meta.get("aesthetic") is not None and meta["aesthetic"] >= 6 and 0.9 <= meta["width"] / meta["height"] <= 1.1
+    }
+    assert drawn == by_hand and by_hand  # retina_fundus (7.92, 480 x 480); the astronaut's score was removed
+    assert stages["image_generation"].filtered["photos"][0]["missing_samples"] == NO_AESTHETIC
+
+
+def test_cham_mix_prints_the_filters_and_the_proportions(curated, prepared_sources: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    data = stages(prepared_sources, hold=True).model_dump(mode="json")
+    data["stages"]["stage2"]["sources"].append(
+        {"name": "curated", "path": str(curated["prepared"] / "full"), "weight": 0.2, "filters": FILTERS}
+    )
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["mix", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    manifest = json.loads((tmp_path / "out" / "stage2" / "manifest.json").read_text())
+    removed = manifest["filters"]["curated"][0]
+    assert f"│ curated │ aesthetic >= 5 │ {removed['removed_samples']} │ {removed['removed_tokens']:,} │ 2 │" in text
+    target = manifest["modality"]["target_image_share"]
+    assert f"{(1 - target) / target:.3f} : 1 │ stage1 │" in text  # stage 2's target, held from stage 1
