@@ -51,7 +51,9 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 @app.command("loss")
 def loss(
     checkpoint: Annotated[Path, CHECKPOINT],
-    stage: Annotated[Path, typer.Option("--stage", help="a stage folder written by `cham mix` (held-out data)")],
+    stage: Annotated[
+        str, typer.Option("--stage", help="a stage folder written by `cham mix` (held-out data): a path or s3:// etc.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="the JSON file to write the results to")],
     max_batches: Annotated[int | None, typer.Option(help="evaluate only the first N batches")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
@@ -60,7 +62,9 @@ def loss(
     ] = True,
 ) -> None:
     """Held-out loss and perplexity of a checkpoint on stage shards, per source and per modality."""
-    if not (stage / "manifest.json").is_file():
+    from model.files.storage import is_url
+
+    if not is_url(stage) and not (Path(stage) / "manifest.json").is_file():
         raise fail(f"{stage}: not a stage folder (no manifest.json; write one with `cham mix`)")
     from model.evaluation.held_out import heldout_loss
     from model.generation.inference import load_trained_model

@@ -87,3 +87,22 @@ def test_training_on_a_stage_on_the_store_equals_training_on_it_locally(
     assert [m.loss for m in history] == [m.loss for m in local[2:]]
     training = (tmp_path / "store" / "checkpoints" / "step-00000006" / "training.json").read_text()
     assert url in training  # the step folder names the stage on the store
+
+
+def test_held_out_loss_of_a_stage_on_the_store(stage: Path, s3_bucket: str, tiny_run: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    url = upload(stage, f"{s3_bucket}/heldout")
+    results = {}
+    for name, where in [("local", str(stage)), ("store", url)]:
+        out = tmp_path / f"{name}.json"
+        done = CliRunner().invoke(
+            app, ["eval", "loss", "--checkpoint", str(tiny_run), "--stage", where, "--out", str(out)]
+        )
+        assert done.exit_code == 0, done.output
+        results[name] = json.loads(out.read_text())
+    assert results["store"]["loss"] == results["local"]["loss"] and results["store"]["tokens"] > 0
