@@ -22,6 +22,7 @@ import itertools
 import json
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,6 +36,7 @@ from model.files.atomic import write_atomic
 from schemas.prepare_config import DEDUP_INDEX_DIR as INDEX_DIR
 
 DUPLICATE = "duplicate"
+SHINGLES = "crc32x2-poly-mix64"  # how shingles are hashed: signatures of another scheme do not compare
 DEDUP_STAGE = "dedup"
 MAX_COMPARISONS = 64  # per record in one LSH bucket: a boilerplate bucket of thousands stays linear, not quadratic
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
@@ -71,21 +73,36 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+_WORD_HASHES: dict[str, int] = {}  # per process: words repeat across documents (Zipf), hashing them once pays
+_WORD_CACHE_LIMIT = 1 << 20
+_PRIME64 = np.uint64(0x9E3779B97F4A7C15)
+
+
+def word_hashes(words: Sequence[str]) -> np.ndarray:
+    """A 64-bit hash of each word (two seeded CRC-32s, mixed): the same in every process and on every machine."""
+    if len(_WORD_HASHES) > _WORD_CACHE_LIMIT:
+        _WORD_HASHES.clear()
+    new = [w for w in set(words) if w not in _WORD_HASHES]
+    if new:
+        encoded = [w.encode() for w in new]
+        lo = np.fromiter((zlib.crc32(e) for e in encoded), dtype=np.uint64, count=len(new))
+        hi = np.fromiter((zlib.crc32(e, 0x9E3779B9) for e in encoded), dtype=np.uint64, count=len(new))
+        _WORD_HASHES.update(zip(new, _mix64((hi << np.uint64(32)) | lo).tolist(), strict=True))
+    return np.fromiter((_WORD_HASHES[w] for w in words), dtype=np.uint64, count=len(words))
+
+
 def shingle_hashes(words: Sequence[str], ngram: int) -> np.ndarray:
-    """64-bit hashes of the distinct word n-grams (one shingle of all words when there are fewer than n)."""
+    """64-bit hashes of the distinct word n-grams (one shingle of all words when there are fewer than n): a
+    polynomial of the n word hashes (so "a b" and "b a" differ), mixed."""
     if not words:
         return np.zeros(0, dtype=np.uint64)
-    vocabulary: dict[str, int] = {}
-    ids = [vocabulary.setdefault(w, len(vocabulary)) for w in words]
-    word_hashes = np.array(
-        [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in vocabulary],
-        dtype=np.uint64,
-    )[np.array(ids)]
+    hashes = word_hashes(words)
     n = min(ngram, len(words))
-    combined = np.zeros(len(words) - n + 1, dtype=np.uint64)
-    for offset in range(n):  # position-dependent: "a b" and "b a" are different shingles
-        combined = _mix64(combined ^ word_hashes[offset : offset + len(combined)])
-    return np.unique(combined)
+    length = len(words) - n + 1
+    combined = hashes[:length].copy()
+    for offset in range(1, n):
+        combined = combined * _PRIME64 ^ hashes[offset : offset + length]
+    return np.unique(_mix64(combined))
 
 
 @dataclass(frozen=True)
@@ -108,7 +125,7 @@ class MinHasher:
     @property
     def params(self) -> dict[str, int]:
         """What decides a signature: index entries made with other params are compared exactly only."""
-        return {"ngram": self.ngram, "bands": self.bands, "rows": self.rows, "seed": self.seed}
+        return {"ngram": self.ngram, "bands": self.bands, "rows": self.rows, "seed": self.seed, "shingles": SHINGLES}
 
     def signature(self, text: str) -> np.ndarray | None:
         """The uint64 MinHash signature of a text's normalised words; None for a text without words."""

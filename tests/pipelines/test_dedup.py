@@ -116,8 +116,8 @@ def _true_jaccard(a: str, b: str) -> float:
 
 def test_no_false_positive_on_the_sample_corpus(sample_data) -> None:
     """The pairs of sample texts the signatures put at Jaccard >= 0.8 are the corpus's one exact copy and two
-    overlapping excerpts of one page (true 5-gram Jaccard 0.77 and 0.85: within the estimate's noise, about 0.04 with
-    112 permutations); the 20,000 other pairs, overlapping excerpts at 0.3-0.6 among them, are not."""
+    overlapping excerpts of one page (true 5-gram Jaccard 0.85); the 20,000 other pairs, overlapping excerpts at
+    0.3-0.77 among them, are not (the estimate's noise is about 0.04 with 112 permutations)."""
     raw = sample_data[0]
     texts = {}
     for path in sorted((raw / "text").glob("*.jsonl")):
@@ -131,12 +131,8 @@ def test_no_false_positive_on_the_sample_corpus(sample_data) -> None:
     for i in range(len(names)):
         equal = (matrix[i + 1 :] == matrix[i]).mean(axis=1)
         found += [(names[i], names[i + 1 + j]) for j in np.flatnonzero(equal >= 0.8)]
-    assert found == [
-        ("prose-00000.jsonl:34", "prose-00001.jsonl:46"),
-        ("prose-00000.jsonl:45", "prose-00000.jsonl:46"),
-        ("prose-00000.jsonl:49", "prose-00001.jsonl:15"),
-    ]
-    assert [round(_true_jaccard(texts[a], texts[b]), 2) for a, b in found] == [1.0, 0.77, 0.85]
+    assert found == [("prose-00000.jsonl:34", "prose-00001.jsonl:46"), ("prose-00000.jsonl:49", "prose-00001.jsonl:15")]
+    assert [round(_true_jaccard(texts[a], texts[b]), 2) for a, b in found] == [1.0, 0.85]
 
 
 def test_perceptual_hash_finds_a_reencoded_photo_and_keeps_different_ones() -> None:
