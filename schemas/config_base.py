@@ -99,8 +99,19 @@ def _existing_location(value: Any, info: ValidationInfo) -> Path | str:
     raise ValueError(f"expected a path or a URL, got {type(value).__name__}")
 
 
+def _output_location(value: Any, info: ValidationInfo) -> Path | str:
+    text = str(value) if isinstance(value, (str, Path)) else value
+    if isinstance(text, str) and _STORE_URL.match(text) and not text.startswith("file://"):
+        return text.rstrip("/")
+    if isinstance(text, str):
+        return _any_path(Path(text.removeprefix("file://")), info)
+    raise ValueError(f"expected a path or a URL, got {type(value).__name__}")
+
+
 ExistingLocation = Annotated[Path | str, BeforeValidator(_existing_location)]
 """A local file or directory that must exist (a Path), or an object-store URL such as s3://bucket/stage (a str)."""
+OutputLocation = Annotated[Path | str, BeforeValidator(_output_location)]
+"""A local path a job will create (made absolute), or an object-store URL (a str)."""
 OutputPath = Annotated[Path, AfterValidator(_any_path)]
 """A path the job will create; made absolute, not checked."""
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.config_base import ExistingLocation, ExistingPath, OutputPath, StrictModel
+from schemas.config_base import ExistingLocation, ExistingPath, OutputLocation, OutputPath, StrictModel
 from schemas.model_config import ModelConfig
 
 LrSchedule = Literal["warmup_exponential", "cosine", "constant"]
@@ -52,6 +52,9 @@ class CheckpointConfig(StrictModel):
 
     every_steps: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
+    dir: OutputLocation | None = Field(
+        None, description="where checkpoints go: a path or an s3:// (gs://, az://) URL; default out_dir/checkpoints"
+    )
     format: Literal["auto", "full", "sharded"] = "auto"
     async_save: bool = Field(
         False,

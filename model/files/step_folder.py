@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from model.files import storage
 from model.files.atomic import atomic_path, write_atomic
 from model.files.reading import first_line, load_state_dict_file, load_tensor_file, read_json, read_json_object
 from schemas.model_config import ModelConfig
@@ -103,7 +104,10 @@ def has_weights(folder: str | Path) -> bool:
 
 
 def is_sharded(folder: str | Path) -> bool:
-    """Whether `folder` is a sharded step folder (its sharded/ has torch.distributed.checkpoint's metadata)."""
+    """Whether `folder` (a path or a store's URL) is a sharded step folder (its sharded/ has torch.distributed
+    .checkpoint's metadata)."""
+    if storage.is_url(folder):
+        return storage.exists(storage.join(folder, SHARDED, ".metadata"))
     return (Path(folder) / SHARDED / ".metadata").is_file()
 
 
@@ -121,14 +125,13 @@ def read_weights(folder: str | Path, error: type[Exception]) -> dict[str, torch.
 def sharded_shapes(folder: str | Path, part: str, error: type[Exception]) -> dict[str, tuple[int, ...]]:
     """Name -> full shape of every tensor of one part ('model', 'optimizer') of a sharded folder, from its metadata
     alone (nothing else is read)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    path = Path(folder) / SHARDED
+    path = storage.join(folder, SHARDED)
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        metadata = sharded_reader(folder).read_metadata()
     except _dcp_errors() as err:  # pickle, EOF and OS errors alike for a damaged file
-        raise error(f"{path / '.metadata'}: not a readable sharded checkpoint ({dcp_failure(err)})") from None
+        raise error(f"{path}/.metadata: not a readable sharded checkpoint ({dcp_failure(err)})") from None
     prefix = part + "."
     return {
         key[len(prefix) :]: tuple(item.size)
@@ -158,17 +161,16 @@ def _dcp_errors() -> tuple[type[BaseException], ...]:
 def read_sharded(folder: str | Path, part: str, error: type[Exception]) -> dict[str, Any]:
     """One part ('model', 'optimizer') of a sharded folder, every shard gathered into full tensors in this process
     (its whole size in host memory: for consolidating or inference, not for resuming a sharded run)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    path = Path(folder) / SHARDED
+    path = storage.join(folder, SHARDED)
     state: dict[str, Any] = {}
     try:
         # DCP's own way of reading a checkpoint without a model (format_utils.dcp_to_torch_save): the planner builds
         # the tensors from the metadata; no_dist, so one rank of a distributed run may call it alone.
         planner = _EmptyStateDictLoadPlanner(keys={part})
-        _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+        _load_state_dict(state, storage_reader=sharded_reader(folder), planner=planner, no_dist=True)
     except _dcp_errors() as err:
         raise error(f"{path}: cannot read its {part} ({dcp_failure(err)})") from None
     if part not in state:
@@ -231,5 +233,19 @@ def read_trainer(folder: str | Path, error: type[Exception]) -> dict[str, Any]:
 
 
 def is_complete(folder: str | Path) -> bool:
-    """Whether `folder` is a whole step folder (state.json is written last)."""
+    """Whether `folder` (a path or a store's URL) is a whole step folder (state.json is written last)."""
+    if storage.is_url(folder):
+        return storage.exists(storage.join(folder, STATE))
     return (Path(folder) / STATE).is_file()
+
+
+def sharded_reader(folder: str | Path) -> Any:
+    """torch.distributed.checkpoint's reader of `folder`'s sharded/ (a local folder or a store's URL)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    location = storage.join(folder, SHARDED)
+    if storage.is_url(location):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(str(location))
+    return FileSystemReader(str(location))

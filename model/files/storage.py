@@ -97,3 +97,76 @@ def default_cache_root() -> Path:
     """Where stage shards read from a store are cached: $CHAM_CACHE_DIR, else ~/.cache/chameleon-pipeline."""
     base = os.environ.get("CHAM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "chameleon-pipeline")
     return Path(base)
+
+
+def list_names(location: str | Path) -> list[str]:
+    """Names of the entries (files and folders) directly under `location`, freshly listed; [] when it is absent."""
+    if not is_url(location):
+        folder = local_path(location)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    fs, path = filesystem(location)
+    fs.invalidate_cache(path)  # a store's listing is cached by fsspec: another process may have written since
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+
+def read_head(location: str | Path, max_bytes: int) -> bytes:
+    """At most `max_bytes` + 1 bytes from the start of the file at `location` (enough to tell it is too long)."""
+    if not is_url(location):
+        with open(local_path(location), "rb") as f:
+            return f.read(max_bytes + 1)
+    fs, path = filesystem(location)
+    return fs.cat_file(path, start=0, end=max_bytes + 1)
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """Write a small text file (atomically: a rename locally, one PUT on a store)."""
+    if not is_url(location):
+        from model.files.atomic import write_atomic
+
+        write_atomic(local_path(location), text)
+        return
+    fs, path = filesystem(location)
+    fs.pipe_file(path, text.encode("utf-8"))
+
+
+def remove(location: str | Path) -> None:
+    """Delete a file or a folder and everything under it; nothing there is fine."""
+    if not is_url(location):
+        import shutil
+
+        path = local_path(location)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.invalidate_cache(path)
+
+
+def upload_folder(folder: Path, location: str | Path, last: str | None = None) -> None:
+    """Copy every file under local `folder` to `location`, the file named `last` after all the others (a reader that
+    sees it sees the rest: the marker of a whole folder on a store without rename)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    ordered = [p for p in files if p.name != last] + [p for p in files if p.name == last]
+    for file in ordered:
+        upload(file, join(location, *file.relative_to(folder).parts))
+
+
+def download_folder(location: str | Path, folder: Path, skip: tuple[str, ...] = ()) -> Path:
+    """Copy the files directly under `location` (not its subfolders, nor the names in `skip`) into local `folder`."""
+    fs, path = filesystem(location)
+    fs.invalidate_cache(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in fs.ls(path, detail=True):
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "file" and name not in skip:
+            download(join(location, name), folder / name)
+    return folder

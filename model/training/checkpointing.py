@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,7 @@ from typing import Any
 
 import torch
 
-from model.files import step_folder
-from model.files.atomic import write_atomic
+from model.files import step_folder, storage
 from model.files.state_dicts import model_mismatch
 from model.files.step_folder import TRAINER, WEIGHTS, StepRecords
 
@@ -57,8 +57,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"{PREFIX}{step:08d}"
+def checkpoint_dir(root: str | Path, step: int) -> Path | str:
+    """`root`'s folder of checkpoint `step` (a Path, or a URL for a root on an object store)."""
+    return storage.join(root, f"{PREFIX}{step:08d}")
 
 
 def save_checkpoint(
@@ -75,47 +76,58 @@ def save_checkpoint(
     `model` / `optimizer` may be modules or already gathered state dicts (FSDP gathers them on every rank first).
     `records` make the folder self-describing (model config, tokenizers, training kind): see StepRecords.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    # A writer killed mid-save leaves its hidden temporary; one run writes here at a time (RunLock), so any is stale.
-    for stale in root.glob(f".{PREFIX}*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
     trainer: dict[str, Any] = {"rng": rng_state(), "step": state.step}
     if optimizer is not None:
         trainer["optimizer"] = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     if scheduler is not None:
         trainer["scheduler"] = scheduler.state_dict()
-    final = step_folder.write_step_folder(
-        checkpoint_dir(root, state.step),
-        model if isinstance(model, dict) else model.state_dict(),
-        trainer,
-        {"step": state.step, "loader": state.loader, "extra": state.extra},
-        records,
-    )
-    write_atomic(root / LATEST, final.name + "\n")
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old)
+    weights = model if isinstance(model, dict) else model.state_dict()
+    saved = {"step": state.step, "loader": state.loader, "extra": state.extra}
+    final = checkpoint_dir(root, state.step)
+    if storage.is_url(root):
+        # No rename on a store: the folder is written locally, then uploaded with state.json last (its marker).
+        with tempfile.TemporaryDirectory(prefix="cham-checkpoint-") as staging:
+            local = step_folder.write_step_folder(
+                Path(staging) / f"{PREFIX}{state.step:08d}", weights, trainer, saved, records
+            )
+            storage.remove(final)  # a partial folder of this step, from a save that was killed
+            storage.upload_folder(local, final, last=step_folder.STATE)
+    else:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        # A writer killed mid-save leaves its hidden temporary; one run writes here at a time (RunLock): any is stale.
+        for stale in Path(root).glob(f".{PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        step_folder.write_step_folder(final, weights, trainer, saved, records)
+    finish_checkpoint(root, final, keep_last)
     return final
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint folders under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _is_step_name(p.name) and step_folder.is_complete(p))
+def finish_checkpoint(root: str | Path, final: str | Path, keep_last: int) -> None:
+    """Point `latest` at the whole checkpoint `final` and delete all but the last `keep_last`."""
+    storage.write_text(storage.join(root, LATEST), f"{folder_name(final)}\n")
+    for old in list_checkpoints(root)[:-keep_last]:
+        storage.remove(old)
+
+
+def folder_name(folder: str | Path) -> str:
+    return str(folder).rstrip("/").rsplit("/", 1)[-1]
+
+
+def list_checkpoints(root: str | Path) -> list[Path | str]:
+    """Complete checkpoint folders under `root` (a path or a store's URL), oldest first."""
+    folders = [storage.join(root, name) for name in storage.list_names(root) if _is_step_name(name)]
+    return [f for f in folders if step_folder.is_complete(f)]
 
 
 # `latest` holds one short line; a larger file is not a pointer we wrote (read no more than this to say so).
 _POINTER_MAX_BYTES = 256
 
 
-def read_latest_pointer(pointer: Path) -> str:
+def read_latest_pointer(pointer: str | Path) -> str:
     """The folder name the `latest` file names; a file that is not one line naming a step folder (binary, damaged,
     a path elsewhere) raises CheckpointError naming it."""
     try:
-        with open(pointer, "rb") as f:
-            data = f.read(_POINTER_MAX_BYTES + 1)
+        data = storage.read_head(pointer, _POINTER_MAX_BYTES)
     except OSError as err:
         raise CheckpointError(f"{pointer}: cannot read it ({err.strerror or err})") from None
     try:
@@ -138,22 +150,21 @@ def _is_step_name(name: str) -> bool:
     return name.startswith(PREFIX) and name[len(PREFIX) :].isdigit() and name.isascii()
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
+def latest_checkpoint(root: str | Path) -> Path | str | None:
     """The folder `latest` names, else the newest complete one, else None. A damaged `latest` raises
     CheckpointError naming it."""
-    root = Path(root)
-    pointer = root / LATEST
+    pointer = storage.join(root, LATEST)
     found = list_checkpoints(root)
-    if pointer.is_file():
-        named = root / read_latest_pointer(pointer)
+    if storage.exists(pointer):
+        named = storage.join(root, read_latest_pointer(pointer))
         if step_folder.is_complete(named):
             return named
         # A checkpoint was lost (or `latest` edited): say so rather than quietly go back further.
         log.warning(
             "%s names %s, which is not a complete checkpoint; %s",
             pointer,
-            named.name,
-            f"using {found[-1].name}" if found else "no other is",
+            folder_name(named),
+            f"using {folder_name(found[-1])}" if found else "no other is",
         )
     return found[-1] if found else None
 
@@ -206,15 +217,20 @@ def load_checkpoint(
     `sharded`: `model` (and `optimizer`) are FSDP2-sharded (every rank calls this). A gathered checkpoint's full
     states are scattered into the shards; a sharded one (sharded_checkpoint.py) is read by each rank for its own
     shards, whatever number of ranks wrote it."""
+    remote = path if storage.is_url(path) else None
+    if remote is not None:
+        # A step folder on a store: its small files (and a full checkpoint's model.pt) are copied here and read as
+        # a local folder; a sharded one's shards are read from the store by every rank, each what it needs.
+        path = fetch_step_folder(remote)
     path = Path(path)
     trainer = step_folder.read_trainer(path, CheckpointError)
     saved = step_folder.read_state(path, CheckpointError)
     state = TrainState(step=saved["step"], loader=saved["loader"], extra=saved["extra"])
     scheduler_state = _trainer_part(path, trainer, "scheduler") if scheduler is not None else None
-    if step_folder.is_sharded(path):
+    if step_folder.is_sharded(remote or path):
         from model.training.sharded_checkpoint import load_sharded_states
 
-        load_sharded_states(path, model, optimizer)
+        load_sharded_states(remote or path, model, optimizer)
     else:
         model_state = step_folder.read_weights(path, CheckpointError)
         _check_model_state(path, model, model_state, "this checkpoint")
@@ -225,6 +241,16 @@ def load_checkpoint(
     if restore_rng:
         _set_rng_state(trainer["rng"])
     return state
+
+
+def fetch_step_folder(location: str) -> Path:
+    """A local copy of the files of a step folder on a store (not its sharded/), in this machine's cache."""
+    folder = storage.default_cache_root() / "checkpoints" / storage.cache_key(location)
+    storage.remove(folder)  # a copy of an older folder of the same name (a step saved again)
+    try:
+        return storage.download_folder(location, folder)
+    except FileNotFoundError:
+        raise CheckpointError(f"{location}: no such checkpoint folder") from None
 
 
 def _load_full_states(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 import warnings
 from concurrent.futures import Future
@@ -28,17 +29,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.files import step_folder
-from model.files.atomic import write_atomic
+from model.files import step_folder, storage
 from model.files.state_dicts import model_mismatch
 from model.files.step_folder import SHARDED, StepRecords
 from model.training.checkpointing import (
-    LATEST,
     PREFIX,
     CheckpointError,
     TrainState,
     checkpoint_dir,
-    list_checkpoints,
+    finish_checkpoint,
     rng_state,
 )
 
@@ -62,7 +61,7 @@ class _Pending:
     """A save whose shards are being written: what rank 0 finishes it with once they are."""
 
     future: Future | None
-    tmp: Path
+    tmp: Path | str
     step: int
     trainer: dict[str, Any]
     state: dict[str, Any]
@@ -77,7 +76,8 @@ class ShardedCheckpointer:
     save whose writes are done, `wait` blocks until it is."""
 
     def __init__(self, root: str | Path, keep_last: int, async_save: bool = False, log_fn=print):
-        self.root, self.keep_last, self.async_save, self.log = Path(root), keep_last, async_save, log_fn
+        self.root: Path | str = root if storage.is_url(root) else Path(root)
+        self.keep_last, self.async_save, self.log = keep_last, async_save, log_fn
         self.distributed = _distributed()
         self.rank = dist.get_rank() if self.distributed else 0
         # Background saves talk over a gloo group of their own: a collective from the writer thread on the training
@@ -98,13 +98,19 @@ class ShardedCheckpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         self.wait()
-        tmp = temporary_dir(self.root, state.step)
+        # On a store (no rename) the ranks write into the step folder itself, which counts once state.json is there.
+        tmp = (
+            checkpoint_dir(self.root, state.step) if storage.is_url(self.root) else temporary_dir(self.root, state.step)
+        )
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            # A save killed before it finished leaves its temporary; one run writes here at a time (RunLock).
-            for stale in self.root.glob(f".{PREFIX}*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            (tmp / SHARDED).mkdir(parents=True)
+            if storage.is_url(self.root):
+                storage.remove(tmp)  # a partial folder of this step, from a save that was killed
+            else:
+                self.root.mkdir(parents=True, exist_ok=True)
+                # A save killed before it finished leaves its temporary; one run writes here at a time (RunLock).
+                for stale in self.root.glob(f".{PREFIX}*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                (tmp / SHARDED).mkdir(parents=True)
         if self.distributed:
             dist.barrier()  # no rank writes into the temporary before it is there, and clean
         model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -121,7 +127,7 @@ class ShardedCheckpointer:
             records,
             time.perf_counter(),
         )
-        checkpoint_id = str(tmp / SHARDED)
+        checkpoint_id = str(storage.join(tmp, SHARDED))
         if self.async_save:
             pending.future = dcp.async_save(
                 payload, checkpoint_id=checkpoint_id, process_group=self.group, no_dist=not self.distributed
@@ -149,14 +155,18 @@ class ShardedCheckpointer:
         if self.rank != 0:
             return
         final = checkpoint_dir(self.root, pending.step)
-        torch.save(pending.trainer, pending.tmp / step_folder.TRAINER)
-        step_folder.write_step_state(pending.tmp, pending.state, pending.records)
-        if final.exists():  # a folder of this step from a run that died after it: this one replaces it
-            shutil.rmtree(final)
-        pending.tmp.rename(final)
-        write_atomic(self.root / LATEST, final.name + "\n")
-        for old in list_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old)
+        if storage.is_url(self.root):
+            with tempfile.TemporaryDirectory(prefix="cham-checkpoint-") as staging:
+                torch.save(pending.trainer, Path(staging) / step_folder.TRAINER)
+                step_folder.write_step_state(Path(staging), pending.state, pending.records)
+                storage.upload_folder(Path(staging), final, last=step_folder.STATE)
+        else:
+            torch.save(pending.trainer, pending.tmp / step_folder.TRAINER)
+            step_folder.write_step_state(pending.tmp, pending.state, pending.records)
+            if final.exists():  # a folder of this step from a run that died after it: this one replaces it
+                shutil.rmtree(final)
+            pending.tmp.rename(final)
+        finish_checkpoint(self.root, final, self.keep_last)
         log.info("checkpoint %s written in %.2f s", final, time.perf_counter() - pending.started)
 
 
@@ -173,13 +183,12 @@ def load_sharded_states(path: str | Path, model: torch.nn.Module, optimizer: tor
         set_state_dict,
     )
 
-    path = Path(path)
     shapes = step_folder.sharded_shapes(path, "model", CheckpointError)
     problem = model_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
     if problem:
-        raise CheckpointError(f"{path / SHARDED}: cannot load this checkpoint: {problem}")
+        raise CheckpointError(f"{storage.join(path, SHARDED)}: cannot load this checkpoint: {problem}")
     if optimizer is not None and not step_folder.sharded_shapes(path, "optimizer", CheckpointError):
-        raise CheckpointError(f"{path / SHARDED}: no optimizer state to resume from")
+        raise CheckpointError(f"{storage.join(path, SHARDED)}: no optimizer state to resume from")
     if optimizer is None:
         payload: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
@@ -187,9 +196,11 @@ def load_sharded_states(path: str | Path, model: torch.nn.Module, optimizer: tor
         model_state, optimizer_state = get_state_dict(model, optimizer)
         payload = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(payload, checkpoint_id=str(path / SHARDED), no_dist=not _distributed())
+        dcp.load(payload, checkpoint_id=str(storage.join(path, SHARDED)), no_dist=not _distributed())
     except CheckpointException as err:  # every rank's failure (a missing or truncated file), gathered
-        raise CheckpointError(f"{path / SHARDED}: cannot read it ({step_folder.dcp_failure(err)})") from None
+        raise CheckpointError(
+            f"{storage.join(path, SHARDED)}: cannot read it ({step_folder.dcp_failure(err)})"
+        ) from None
     if optimizer is None:
         set_model_state_dict(model, payload["model"])
     else:

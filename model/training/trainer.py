@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from model.files import storage
 from model.files.step_folder import StepRecords
 from model.lm.document_attention import resolve_document_attention
 from model.tokenizers.vocabulary import Modality, Vocabulary
@@ -114,7 +115,7 @@ class Trainer:
             check_stage_fits(self.loaders[0], loader)
         self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
         self.model_config = model_config
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.ckpt_dir = config.checkpoint.dir or self.out_dir / "checkpoints"
         checkpoint = config.checkpoint
         sharded = checkpoint.format == "sharded" or (checkpoint.format == "auto" and self.fsdp)
         if checkpoint.async_save and not sharded:
@@ -203,8 +204,8 @@ class Trainer:
     def _resume(self) -> None:
         found = latest_checkpoint(self.ckpt_dir)
         if found is None:
-            pointer = self.ckpt_dir / LATEST
-            if pointer.is_file():  # starting over would overwrite a run whose checkpoints are lost
+            pointer = storage.join(self.ckpt_dir, LATEST)
+            if storage.exists(pointer):  # starting over would overwrite a run whose checkpoints are lost
                 raise CheckpointError(
                     f"{pointer} names a checkpoint that is not there, and no other is complete: "
                     f"restore it, or delete the file to start from step 0"

@@ -1,0 +1,79 @@
+"""Checkpoints on an object store (a real S3 API: moto's server on 127.0.0.1), full and sharded: written with
+state.json last (a store has no rename), `latest` and keep-last as on disk, a killed save passed over, and a resume
+from the store as exact as from a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from model.files import step_folder
+from model.training.checkpointing import CheckpointError, latest_checkpoint, list_checkpoints
+from model.training.trainer import Trainer
+from schemas import TrainConfig, validate_config
+
+
+@pytest.fixture(scope="module")
+def stage(make_stage) -> Path:
+    return make_stage(12_000)
+
+
+def config(stage: Path, out: Path, checkpoints: str | Path, fmt: str) -> TrainConfig:
+    fields = {
+        "model": {"preset": "tiny"},
+        "data": str(stage),
+        "out_dir": str(out),
+        "steps": 6,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "schedule": {"warmup_steps": 1},
+        "checkpoint": {"every_steps": 2, "keep_last": 2, "format": fmt, "dir": str(checkpoints)},
+    }
+    return validate_config(TrainConfig, fields)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    from model.lm.transformer import Transformer
+    from model.training.checkpointing import load_checkpoint
+    from schemas.model_config import ModelConfig
+
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    load_checkpoint(folder, model, restore_rng=False)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_a_run_checkpoints_to_the_store_and_resumes_from_it_exactly(
+    stage: Path, s3_bucket: str, tmp_path: Path, fmt: str
+) -> None:
+    quiet = {"log": lambda _: None}
+    Trainer(config(stage, tmp_path / "local", tmp_path / "local" / "checkpoints", fmt), **quiet).train()
+    root = f"{s3_bucket}/run/checkpoints"
+    Trainer(config(stage, tmp_path / "store", root, fmt), **quiet).train(stop_at=5)  # step 5 is lost
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    assert [str(p).rsplit("/", 1)[-1] for p in list_checkpoints(root)] == ["step-00000002", "step-00000004"]
+    assert fs.cat_file(f"{root}/latest") == b"step-00000004\n"
+    # A save killed midway on a store leaves a step folder without state.json: it is passed over.
+    fs.pipe_file(f"{root}/step-00000006/trainer.pt", b"partial")
+    assert str(latest_checkpoint(root)).endswith("step-00000004")
+    resumed = Trainer(config(stage, tmp_path / "store", root, fmt), **quiet)
+    assert resumed.step == 4
+    resumed.train()
+    assert [str(p).rsplit("/", 1)[-1] for p in list_checkpoints(root)] == ["step-00000004", "step-00000006"]
+    final = f"{root}/step-00000006"
+    assert step_folder.is_sharded(final) == (fmt == "sharded")
+    expected = weights(tmp_path / "local" / "checkpoints" / "step-00000006")
+    got = weights(final)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_a_missing_checkpoint_on_the_store_is_named(s3_bucket: str) -> None:
+    from model.lm.transformer import Transformer
+    from model.training.checkpointing import load_checkpoint
+    from schemas.model_config import ModelConfig
+
+    with pytest.raises(CheckpointError, match=f"{s3_bucket}/nothing: "):
+        load_checkpoint(f"{s3_bucket}/nothing", Transformer(ModelConfig.from_preset("tiny")))
