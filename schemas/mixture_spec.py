@@ -54,7 +54,7 @@ class MixSource(StrictModel):
 
     @field_validator("filters")
     @classmethod
-    def _parse_filters(cls, filters: list[str], info: ValidationInfo) -> list[str]:
+    def _parse_filters(cls, filters: list[str]) -> list[str]:
         problems = []
         for text in filters:
             try:
