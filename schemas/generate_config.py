@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.config_base import ExistingPath, StrictModel
+from schemas.config_base import ExistingLocation, StrictModel
 
 GenerationMode = Literal["text", "image", "mixed"]
 
@@ -27,7 +27,7 @@ class ImageSampling(StrictModel):
 
 
 class GenerateConfig(StrictModel):
-    checkpoint: ExistingPath
+    checkpoint: ExistingLocation  # a path, or an s3:// (gs://, az://) URL
     mode: GenerationMode = "mixed"
     max_new_tokens: int = Field(1024, gt=0)
     text: TextSampling = Field(default_factory=TextSampling)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.config_base import ExistingLocation, ExistingPath, OutputLocation, OutputPath, StrictModel
+from schemas.config_base import ExistingLocation, OutputLocation, OutputPath, StrictModel
 from schemas.model_config import ModelConfig
 
 LrSchedule = Literal["warmup_exponential", "cosine", "constant"]
@@ -148,7 +148,9 @@ class TrainConfig(StrictModel):
     document_attention: DocumentAttention = Field(
         "auto", description="kernel for document masking: auto = FlexAttention on CUDA, SDPA + dense mask elsewhere"
     )
-    init_from: ExistingPath | None = Field(None, description="a checkpoint to start from (weights only)")
+    init_from: ExistingLocation | None = Field(
+        None, description="a checkpoint to start from (weights only): a path or an s3:// (gs://, az://) URL"
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     loader_workers: int = Field(1, ge=0)
@@ -208,7 +210,7 @@ class TrainConfig(StrictModel):
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning from a pretrained checkpoint: cosine from 1e-5, dropout 0.05, batch 128."""
 
-    init_from: ExistingPath = Field(description="the pretrained checkpoint to fine-tune")
+    init_from: ExistingLocation = Field(description="the pretrained checkpoint to fine-tune (a path or a URL)")
     global_batch_size: int = Field(128, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-5))
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(kind="cosine", warmup_steps=0))

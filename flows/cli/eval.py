@@ -50,7 +50,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 @app.command("loss")
 def loss(
-    checkpoint: Annotated[Path, CHECKPOINT],
+    checkpoint: Annotated[str, CHECKPOINT],
     stage: Annotated[
         str, typer.Option("--stage", help="a stage folder written by `cham mix` (held-out data): a path or s3:// etc.")
     ],
@@ -111,7 +111,7 @@ def loss(
 
 @app.command("prompts")
 def prompts(
-    checkpoint: Annotated[Path, CHECKPOINT],
+    checkpoint: Annotated[str, CHECKPOINT],
     prompts_file: Annotated[Path, typer.Option("--prompts", help="a prompt file (jsonl: id, prompt, images, ...)")],
     out: Annotated[Path, typer.Option("--out", help="folder for responses.jsonl, annotate.html and images/")],
     mode: Annotated[GenerationMode, typer.Option(help="text, image or mixed")] = "mixed",

@@ -52,7 +52,9 @@ def generate(
     image: Annotated[
         list[Path] | None, typer.Option("--image", help="a prompt image (repeatable); before the text")
     ] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="a run's out_dir, its checkpoints/ or a step folder")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="a run's out_dir, its checkpoints/ or a step folder (a path or s3:// etc.)")
+    ] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="a GenerateConfig YAML file")] = None,
     mode: Annotated[
         GenerationMode | None, typer.Option(help="text, image or mixed (default: the config's, mixed)")

@@ -170,11 +170,14 @@ def latest_checkpoint(root: str | Path) -> Path | str | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The folder holding the weights for `path`, or a CheckpointError saying why not.
+    """The folder holding the weights for `path`, or a CheckpointError saying why not. On a store (a URL) the
+    folder is copied into this machine's cache and the copy returned.
 
     `path` may be a training run's `out_dir`, its `checkpoints/` folder or the `latest` file there (the newest step
     is used), one `step-NNNNNNNN` folder, or any folder with a `model.pt` (our `convert` format), or that file.
     """
+    if storage.is_url(path):
+        return _resolve_on_store(str(path))
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -243,14 +246,34 @@ def load_checkpoint(
     return state
 
 
-def fetch_step_folder(location: str) -> Path:
-    """A local copy of the files of a step folder on a store (not its sharded/), in this machine's cache."""
+def fetch_step_folder(location: str, shards: bool = False) -> Path:
+    """A local copy of the files of a step folder on a store, in this machine's cache; its sharded/ too with
+    `shards` (to gather the model in one process: inference, conversion), not otherwise (a resuming rank reads its
+    own shards from the store)."""
     folder = storage.default_cache_root() / "checkpoints" / storage.cache_key(location)
     storage.remove(folder)  # a copy of an older folder of the same name (a step saved again)
     try:
-        return storage.download_folder(location, folder)
+        storage.download_folder(location, folder)
+        if shards and step_folder.is_sharded(location):
+            storage.download_folder(storage.join(location, step_folder.SHARDED), folder / step_folder.SHARDED)
     except FileNotFoundError:
         raise CheckpointError(f"{location}: no such checkpoint folder") from None
+    return folder
+
+
+def _resolve_on_store(location: str) -> Path:
+    """resolve_checkpoint of a URL: the step folder it names (or the latest under it, or under its checkpoints/),
+    copied into the local cache whole."""
+    location = location.rstrip("/")
+    if folder_name(location) == LATEST:
+        location = location.rsplit("/", 1)[0]
+    if step_folder.is_complete(location):
+        return fetch_step_folder(location, shards=True)
+    for root in (location, storage.join(location, "checkpoints")):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return fetch_step_folder(str(found), shards=True)
+    raise CheckpointError(f"{location}: no checkpoint here (expected step-NNNNNNNN folders or checkpoints/)")
 
 
 def _load_full_states(

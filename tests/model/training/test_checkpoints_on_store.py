@@ -77,3 +77,23 @@ def test_a_missing_checkpoint_on_the_store_is_named(s3_bucket: str) -> None:
 
     with pytest.raises(CheckpointError, match=f"{s3_bucket}/nothing: "):
         load_checkpoint(f"{s3_bucket}/nothing", Transformer(ModelConfig.from_preset("tiny")))
+
+
+def test_generate_reads_a_checkpoint_on_the_store(tiny_run: Path, s3_bucket: str, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    url = f"{s3_bucket}/tiny"
+    fsspec.filesystem("s3", skip_instance_cache=True).put(
+        str(tiny_run / "checkpoints"), f"{url}/checkpoints", recursive=True
+    )
+    args = ["--prompt", "The function", "--mode", "text", "--max-new-tokens", "12", "--seed", "3"]
+    runs = {}
+    for name, where in [("local", str(tiny_run)), ("store", url)]:
+        done = CliRunner().invoke(app, ["generate", "--checkpoint", where, "--out", str(tmp_path / name), *args])
+        assert done.exit_code == 0, done.output
+        runs[name] = json.loads((tmp_path / name / "generation.json").read_text())
+    assert runs["store"]["segments"] == runs["local"]["segments"] and runs["store"]["step"] == 30
