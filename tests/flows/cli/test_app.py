@@ -33,7 +33,9 @@ def test_help_lists_only_working_commands() -> None:
         "generate",
         "eval",
         "serve",
+        "checkpoint",  # tests/flows/cli/test_checkpoint.py
     }
+    assert set(group.commands["checkpoint"].commands) == {"consolidate"}
     assert set(group.commands["image-tokenizer"].commands) == {"train", "encode", "decode"}
     assert set(group.commands["config"].commands) == {"check"}
     assert set(group.commands["text-tokenizer"].commands) == {"train", "encode", "decode"}
