@@ -293,7 +293,8 @@ def resolve(edges: Iterable[Edge]) -> dict[Node, tuple[Node, str]]:
             parent[node], node = root, parent[node]
         return root
 
-    for edge in edges:
+    # Sorted, so each duplicate's `how` is the same on every runner (edges arrive in any order): exact first.
+    for edge in sorted(edges, key=lambda e: (e.duplicate, e.how != "exact", e.original, e.how)):
         how.setdefault(edge.duplicate, edge.how)
         a, b = find(edge.duplicate), find(edge.original)
         if a != b:

@@ -165,6 +165,9 @@ def test_groups_keep_their_smallest_node_and_never_reject_an_earlier_build() -> 
     # A chain b -> a -> earlier: both of this build are duplicates of the earlier build's record.
     decided = resolve([*edges, *bucket_edges("minhash", [a, earlier], Thresholds())])
     assert decided == {a.node: (earlier.node, "near, Jaccard 1.00"), b.node: (earlier.node, "near, Jaccard 1.00")}
+    # What found a duplicate does not depend on the order edges arrive in (runners differ): exact first.
+    both = [Edge(b.node, a.node, "near, Jaccard 1.00"), Edge(b.node, a.node, "exact")]
+    assert resolve(both) == resolve(both[::-1]) == {b.node: (a.node, "exact")}
     assert duplicate_detail(earlier.node, "exact") == "duplicate of old record x (exact, kept by an earlier build)"
     far = DedupEntry(node(1, 2, "c"), 0, b"c" * 16, HASHER.signature(document(4)))
     assert bucket_edges("minhash", [a, far], Thresholds()) == []  # a shared band alone is not a duplicate
