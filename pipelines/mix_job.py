@@ -22,6 +22,7 @@ import apache_beam as beam
 import numpy as np
 import webdataset as wds
 
+from model.files import storage
 from model.files.atomic import atomic_path, write_atomic
 from model.files.reading import first_line, read_json_object, read_npy
 from model.tokenizers.text_tokenizer import load_text_tokenizer
@@ -523,11 +524,66 @@ def stage_manifest(
 
 
 def run_mix(
-    spec: MixtureSpec, out: Path, runner: RunnerConfig | None = None, sequences_per_shard: int = SEQUENCES_PER_SHARD
+    spec: MixtureSpec,
+    out: str | Path,
+    runner: RunnerConfig | None = None,
+    sequences_per_shard: int = SEQUENCES_PER_SHARD,
 ) -> dict[str, Any]:
-    """Plan every stage, write its shards with Beam, and return the stage manifests."""
+    """Plan every stage, write its shards with Beam, and return the stage manifests.
+
+    Sources and `out` may be on an object store (URLs): the sources are copied into this machine's cache first
+    (files already there at the same size are kept), the stages written into a local staging folder and uploaded,
+    each stage's manifest.json last, so a stage on the store is whole once its manifest is there. The fingerprint is
+    that of the spec as given (its URLs), wherever the copies are."""
+    remote_sources = [s for stage in spec.stages.values() for s in stage.sources or [] if storage.is_url(s.path)]
+    if not storage.is_url(out) and not remote_sources:
+        return _run_mix(spec, Path(out), runner, sequences_per_shard, spec)
+    local_spec = spec_with_local_sources(spec)
+    if not storage.is_url(out):
+        return _run_mix(local_spec, Path(out), runner, sequences_per_shard, spec)
+    staging = storage.default_cache_root() / "mix-out" / storage.cache_key(out)
+    result = _run_mix(local_spec, staging, runner, sequences_per_shard, spec)
+    for name in result["manifests"]:
+        storage.remove(storage.join(out, name))  # an earlier mix's stage is replaced whole
+        storage.upload_folder(staging / name, storage.join(out, name), last=MANIFEST)
+    return {**result, "out": str(out), "staging": str(staging)}
+
+
+def spec_with_local_sources(spec: MixtureSpec) -> MixtureSpec:
+    """`spec` with every source on a store replaced by a local copy of its prepared folder (in the cache)."""
+    data = spec.model_dump(mode="json")
+    for stage in data["stages"].values():
+        for source in stage.get("sources") or []:
+            if storage.is_url(source["path"]):
+                source["path"] = str(copy_prepared_source(source["path"]))
+    return MixtureSpec.model_validate(data)
+
+
+def copy_prepared_source(location: str) -> Path:
+    """A local copy of a prepared source folder on a store (its manifest, shards and attributes), kept up to date:
+    a file already copied at the same size is not fetched again."""
+    fs, path = storage.filesystem(location)
+    folder = storage.default_cache_root() / "prepared" / storage.cache_key(location)
+    folder.mkdir(parents=True, exist_ok=True)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise MixPlanError(f"{location}: no prepared source there (run `cham prepare`)") from None
+    for entry in entries:
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] != "file":
+            continue
+        target = folder / name
+        if not target.is_file() or target.stat().st_size != int(entry["size"]):
+            storage.download(storage.join(location, name), target)
+    return folder
+
+
+def _run_mix(
+    spec: MixtureSpec, out: Path, runner: RunnerConfig | None, sequences_per_shard: int, given: MixtureSpec
+) -> dict[str, Any]:
     started = time.perf_counter()
-    out = Path(out)
     stages, indexes = plan_mixture(spec, sequences_per_shard)
     vocab = vocabulary_of(list(indexes.values()))
     if vocab.tokens_per_image != spec.tokens_per_image:
@@ -535,7 +591,7 @@ def run_mix(
             f"tokens_per_image {spec.tokens_per_image} does not match the sources' "
             f"{vocab.tokens_per_image} codes per image"
         )
-    fingerprint = mixture_fingerprint(spec, indexes, sequences_per_shard)
+    fingerprint = mixture_fingerprint(given, indexes, sequences_per_shard)
     for stage in stages:  # outputs of an earlier mix are replaced whole
         for old in (out / stage).glob("shard-*"):
             old.unlink()

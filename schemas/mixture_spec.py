@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.config_base import ExistingPath, StrictModel
+from schemas.config_base import ExistingLocation, StrictModel
 from schemas.record_kinds import SftCategory
 from schemas.sample_filters import BUILTIN_ATTRIBUTES, FilterError, check_attributes, parse_filter
 
@@ -45,7 +45,7 @@ class MixSource(StrictModel):
     """A prepared source (a folder the prepare job wrote) and its weight as a share of the stage's tokens."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    path: ExistingPath
+    path: ExistingLocation = Field(description="a prepared source folder: a path or an s3:// (gs://, az://) URL")
     weight: float = Field(ge=0.0, description="relative token share; normalized over the stage's sources")
     max_repetitions: float | None = Field(None, gt=0.0, description="overrides the spec's max_repetitions")
     # Curation at mix time: only samples passing every filter are drawn (schemas/sample_filters.py), e.g.
@@ -67,7 +67,8 @@ class MixSource(StrictModel):
 
     @model_validator(mode="after")
     def _filters_name_attributes_it_has(self, info: ValidationInfo) -> MixSource:
-        if self.filters and (info.context or {}).get("check_paths", True):
+        # A source on a store is checked by the mix job, which reads its manifest.
+        if self.filters and isinstance(self.path, Path) and (info.context or {}).get("check_paths", True):
             available = prepared_attributes(Path(self.path))
             if available is not None:
                 try:

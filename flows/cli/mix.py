@@ -16,11 +16,14 @@ from schemas.prepare_config import RunnerConfig
 
 def mix(
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="a MixtureSpec YAML file")],
-    out: Annotated[Path, typer.Option(help="folder for the stage shards (one sub-folder per stage)")],
+    out: Annotated[
+        str, typer.Option(help="folder for the stage shards (one sub-folder per stage): a path or an s3:// etc. URL")
+    ],
     runner: Annotated[str, typer.Option(help="Beam runner: embedded, local or dask")] = "embedded",
     workers: Annotated[int | None, typer.Option(help="local runner: worker processes")] = None,
 ) -> None:
     """Mix prepared sources into stage shards of packed sequences with exact, reproducible shares."""
+    from model.files.storage import is_url, join, upload
     from pipelines.mix_job import run_mix
     from pipelines.mix_plan import MixPlanError
     from pipelines.mix_report import (
@@ -35,13 +38,14 @@ def mix(
 
     try:
         spec = load_config(MixtureSpec, spec_file)
-        output_folder(out)
+        if not is_url(out):
+            output_folder(Path(out))
         # A damaged input sample fails the job with our MixPlanError, printed below in one line; Beam would log it
         # first with its traceback.
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
         with console.status("planning and writing the stage shards"):
             result = run_mix(spec, out, RunnerConfig(kind=runner, workers=workers))  # type: ignore[arg-type]
-    except (ConfigError, MixPlanError, ValueError) as err:
+    except (ConfigError, MixPlanError, ValueError, OSError) as err:
         raise fail(str(err)) from None
     for stage, manifest in result["manifests"].items():
         table = Table(
@@ -63,5 +67,10 @@ def mix(
     for row in modality_rows(result["manifests"]):
         proportion.add_row(*row)
     console.print(proportion)
-    plot = plot_shares(result["manifests"], out / "report.png")
+    if is_url(out):  # the plot is drawn beside the local staging copy, then uploaded
+        plot = plot_shares(result["manifests"], Path(result["staging"]) / "report.png")
+        upload(plot, join(out, "report.png"))
+        plot = join(out, "report.png")
+    else:
+        plot = plot_shares(result["manifests"], Path(out) / "report.png")
     console.print(f"fingerprint {result['fingerprint']}; {result['seconds']} s; plot: {plot}")
