@@ -22,6 +22,7 @@ import itertools
 import json
 import re
 import unicodedata
+import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from model.files.atomic import write_atomic
+from pipelines.shard_writer import encode_npy
 from schemas.prepare_config import DEDUP_INDEX_DIR as INDEX_DIR
 
 DUPLICATE = "duplicate"
@@ -334,7 +336,11 @@ def write_index_part(path: Path, entries: Sequence[DedupEntry], hasher: MinHashe
         "params": np.array(json.dumps(hasher.params, sort_keys=True)),
     }
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    # An npz written by hand: np.savez stamps each member with the clock, and a part must be byte-identical when
+    # its shard is (the same inputs and config on any runner).
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, array in arrays.items():
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), encode_npy(array))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, buffer.getvalue())
 

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,10 @@ def test_index_part_round_trip(tmp_path: Path) -> None:
     other = read_index_part(path, "s", MinHasher(seed=9))
     assert other[0].signature is None and other[0].exact == entries[0].exact  # other params: exact copies only
     assert not list(tmp_path.rglob("*.tmp"))
+    again = tmp_path / "again.npz"
+    write_index_part(again, entries[::-1], HASHER)
+    assert again.read_bytes() == path.read_bytes()  # sorted, and no clock in it:
+    assert {i.date_time for i in zipfile.ZipFile(path).infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
 # --- the config -----------------------------------------------------------------------------------------------------
@@ -396,3 +401,27 @@ def test_a_later_build_rejects_what_an_earlier_one_kept(corpus, tmp_path: Path, 
     run_prepare(config)
     kept, rejected = _results(out, "web")
     assert kept == sorted([*a, *b]) and rejected == {}
+
+
+def test_the_local_runner_rejects_the_same_records(corpus, tmp_path: Path, tiny_tokenizers) -> None:
+    """Worker processes (DirectRunner) get the embedded runner's rejects, detail for detail, and identical shards."""
+    docs = corpus["docs"]
+    web = _jsonl(tmp_path / "web" / "a.jsonl", [*docs[:4], docs[0].upper(), paraphrase(docs[1])])
+    more = _jsonl(tmp_path / "more" / "b.jsonl", [docs[2], paraphrase(docs[3]), docs[4]])
+    outs = {}
+    for runner in ({"kind": "embedded"}, {"kind": "local", "workers": 2}):
+        out = tmp_path / runner["kind"]
+        sources = [
+            {"name": name, "kind": "text", "format": "jsonl", "paths": [str(path)], "dedup": "on"}
+            for name, path in (("web", web), ("more", more))
+        ]
+        data = {"output_dir": str(out), "image_size": 64, "runner": runner, "sources": sources}
+        run_prepare(
+            validate_config(PrepareConfig, data | {"tokenizers": {k: str(v) for k, v in tiny_tokenizers.items()}})
+        )
+        outs[runner["kind"]] = {name: _results(out, name) for name in ("web", "more")}
+    assert outs["local"] == outs["embedded"]
+    assert sorted(outs["local"]["more"][1]) == _ids(more)[:2]  # both duplicates of web's records rejected
+    embedded, local = tmp_path / "embedded", tmp_path / "local"
+    for path in sorted(embedded.rglob("shard-*")):
+        assert path.read_bytes() == (local / path.relative_to(embedded)).read_bytes(), path
