@@ -28,18 +28,20 @@ from model.tokenizers.text_tokenizer import load_text_tokenizer
 from pipelines.dedup import (
     DEDUP_STAGE,
     DUPLICATE,
-    DedupEntry,
+    EntryRow,
     MinHasher,
     Node,
     Thresholds,
     bucket_edges,
     bucket_keys,
     duplicate_detail,
+    entry_row,
     index_folder,
     index_parts,
     read_index_part,
     record_entry,
     resolve,
+    row_entry,
     write_index_part,
 )
 from pipelines.documents import TEXT_SEPARATOR_BY_FORMAT
@@ -196,7 +198,7 @@ class WriteShard(beam.DoFn):
         samples = list(groups["samples"])
         if self.index_dir is not None:  # only records that became samples (not those rejected after dedup)
             keys = {s.key for s in samples}
-            kept = [e for e in groups.get("dedup", ()) if e.node.key in keys]
+            kept = [row_entry(row) for row in groups.get("dedup", ()) if row[0][3] in keys]  # row[0]: the node
             write_index_part(Path(self.index_dir) / f"{shard_name(shard_id)}.npz", kept, self.hasher or MinHasher())
         stats = write_shard(
             Path(self.out_dir),
@@ -241,11 +243,12 @@ def thresholds_of(config: PrepareConfig) -> Thresholds:
     return Thresholds(jaccard=config.dedup.jaccard, image_distance=config.dedup.image_distance)
 
 
-def dedup_entry(record: PreparedRecord, rank: int, near: bool, hasher: MinHasher) -> DedupEntry:
-    """A prepared record's dedup entry: its cleaned texts and normalized images (before the pixels are dropped)."""
+def dedup_entry(record: PreparedRecord, rank: int, near: bool, hasher: MinHasher) -> EntryRow:
+    """A prepared record's dedup entry (as plain values, dedup.entry_row): its cleaned texts and normalized images
+    (before the pixels are dropped)."""
     texts = [p for p in [*record.prompt, *(record.answer or [])] if isinstance(p, str)]
     node = Node(1, rank, record.source, record.key, record.record_id)
-    return record_entry(node, record.task, record.kind, texts, record.images, near, hasher)
+    return entry_row(record_entry(node, record.task, record.kind, texts, record.images, near, hasher))
 
 
 def _keep_or_reject(element: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[Any]:
@@ -294,14 +297,15 @@ def add_dedup(
     earlier = (
         p
         | "dedup/index parts" >> beam.Create(index)
-        | "dedup/read index" >> beam.FlatMap(lambda part: read_index_part(part[1], part[0], hasher))
+        | "dedup/read index"
+        >> beam.FlatMap(lambda part: [entry_row(e) for e in read_index_part(part[1], part[0], hasher)])
     )
     duplicates = (
         (*entries.values(), earlier)
         | "dedup/all entries" >> beam.Flatten()
-        | "dedup/keys" >> beam.FlatMap(lambda e: [(k, e) for k in bucket_keys(e, hasher, thresholds)])
+        | "dedup/keys" >> beam.FlatMap(lambda row: [(k, row) for k in bucket_keys(row_entry(row), hasher, thresholds)])
         | "dedup/buckets" >> beam.GroupByKey()
-        | "dedup/verify" >> beam.FlatMap(lambda kv: bucket_edges(kv[0][0], kv[1], thresholds))
+        | "dedup/verify" >> beam.FlatMap(lambda kv: bucket_edges(kv[0][0], map(row_entry, kv[1]), thresholds))
         # One list of the verified edges: only duplicates make edges, so it is as small as what is removed.
         | "dedup/edges" >> beam.combiners.ToList()
         | "dedup/resolve"
@@ -318,7 +322,7 @@ def add_dedup(
             | f"{name}/dedup" >> beam.FlatMap(_keep_or_reject)
         )
         kept[name], rejects[name] = _split(decided, f"{name}/deduplicated")
-        by_shard[name] = pcoll | f"{name}/entries by shard" >> beam.Map(lambda e: (e.shard, e))
+        by_shard[name] = pcoll | f"{name}/entries by shard" >> beam.Map(lambda row: (row[1], row))
     return kept, rejects, by_shard
 
 

@@ -26,6 +26,7 @@ from pipelines.dedup import (
     bucket_edges,
     bucket_keys,
     duplicate_detail,
+    entry_row,
     hamming,
     jaccard_estimate,
     normalise_text,
@@ -34,6 +35,7 @@ from pipelines.dedup import (
     read_index_part,
     record_entry,
     resolve,
+    row_entry,
     write_index_part,
 )
 from pipelines.prepare_job import run_prepare, source_fingerprint
@@ -193,6 +195,11 @@ def test_index_part_round_trip(tmp_path: Path) -> None:
     other = read_index_part(path, "s", MinHasher(seed=9))
     assert other[0].signature is None and other[0].exact == entries[0].exact  # other params: exact copies only
     assert not list(tmp_path.rglob("*.tmp"))
+    for entry in [*entries, DedupEntry(node(1, 2, "c"), 0, b"\x03" * 16, None, (1 << 64) - 1)]:  # through Beam
+        back = row_entry(entry_row(entry))
+        assert (back.node, back.shard, back.exact, back.phash) == (entry.node, entry.shard, entry.exact, entry.phash)
+        assert (back.signature is None) == (entry.signature is None)
+        assert entry.signature is None or np.array_equal(back.signature, entry.signature)
     again = tmp_path / "again.npz"
     write_index_part(again, entries[::-1], HASHER)
     assert again.read_bytes() == path.read_bytes()  # sorted, and no clock in it:
