@@ -20,6 +20,7 @@ from flows.artifacts import (
 from flows.markup import Markdown, code, escape_cell, md
 from flows.subprocess_task import cham, run_command
 from flows.train_launcher import Nodes, launcher_command
+from model.files.storage import join, local_mirror
 from model.training.checkpointing import latest_checkpoint
 from model.training.memory_plan import GiB, MemoryPlan, parse_memory, plan_memory, planned_seq_len
 from schemas import SFTConfig, TrainConfig, dump_config
@@ -45,13 +46,15 @@ def training_command(kind: str, config_file: Path, nproc_per_node: int, nodes: N
 @task(name="launch-training", retry_delay_seconds=10)
 def launch_training(kind: str, config: TrainConfig, nproc_per_node: int, nodes: Nodes | None = None) -> dict[str, Any]:
     """Run the trainer to config.steps; a relaunch (a retry) resumes from out_dir/checkpoints/latest by itself."""
-    out_dir = Path(config.out_dir)
+    # A run into an object store keeps its config and metrics in a local mirror (storage.local_mirror), as the trainer.
+    out_dir = local_mirror(config.out_dir)
     config_file = dump_config(config, out_dir / f"{kind}-config.yaml")
     run_command(training_command(kind, config_file, nproc_per_node, nodes))
     metrics = read_metrics(out_dir)
-    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    checkpoint = latest_checkpoint(config.checkpoint.dir or join(config.out_dir, "checkpoints"))
     return {
         "out_dir": str(out_dir),
+        "run": str(config.out_dir),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "steps": metrics[-1]["step"] if metrics else 0,
         "final": metrics[-1] if metrics else {},
@@ -140,7 +143,7 @@ def _train(
 ) -> dict:
     nodes = nodes or Nodes()
     if run_name:
-        config = config.model_copy(update={"out_dir": Path(config.out_dir) / run_name})
+        config = config.model_copy(update={"out_dir": join(config.out_dir, run_name)})
     if not config.logging.jsonl:  # the flow's result and artifacts are read from metrics.jsonl
         get_run_logger().warning("logging.jsonl is off in the config; the flow turns it on for its loss curves")
         config = config.model_copy(update={"logging": config.logging.model_copy(update={"jsonl": True})})

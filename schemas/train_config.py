@@ -124,7 +124,9 @@ class TrainConfig(StrictModel):
         description="instead of data: the stage folders one run trains on in turn, each with its share of the steps "
         "(Chameleon: stage1 0.8, stage2 0.2); one lr schedule spans them and the optimizer state carries over",
     )
-    out_dir: OutputPath = Field(description="checkpoints, metrics and logs go here")
+    out_dir: OutputLocation = Field(
+        description="checkpoints, metrics and logs go here: a path or an s3:// (gs://, az://) URL"
+    )
     seq_len: int | None = Field(
         None,
         gt=0,

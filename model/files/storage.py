@@ -170,3 +170,11 @@ def download_folder(location: str | Path, folder: Path, skip: tuple[str, ...] = 
         if entry["type"] == "file" and name not in skip:
             download(join(location, name), folder / name)
     return folder
+
+
+def local_mirror(location: str | Path, kind: str = "runs") -> Path:
+    """The local folder that stands for `location`: the folder itself when local, else a folder of this machine's
+    cache where a job keeps its working files (a lock, logs being appended) and uploads them from."""
+    if not is_url(location):
+        return local_path(location)
+    return default_cache_root() / kind / cache_key(location)

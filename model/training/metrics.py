@@ -108,6 +108,10 @@ class TensorBoardSink:
             if name != "step" and value is not None:
                 self.writer.add_scalar(f"train/{name}", value, metrics.step)
 
+    def flush(self) -> None:
+        """Write the events so far to disk (before they are uploaded, for a run into a store)."""
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 

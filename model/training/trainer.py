@@ -32,11 +32,11 @@ from model.training.checkpointing import (
     save_checkpoint,
 )
 from model.training.lr_schedule import make_scheduler
-from model.training.metrics import MetricsSink, StepMetrics, close_sinks, open_sinks
+from model.training.metrics import METRICS_FILE, MetricsSink, StepMetrics, close_sinks, open_sinks
 from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.training.optim import clip_and_check, make_optimizer
 from model.training.parallelize import build_model
-from model.training.run_lock import RunLock, RunLockedError
+from model.training.run_lock import LOCK_FILE, RunLock, RunLockedError
 from model.training.sharded_checkpoint import ShardedCheckpointer
 from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader, StoreCache
 from schemas.train_config import SFTConfig, TrainConfig
@@ -52,7 +52,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
         self.config, self.log = config, log
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.out_dir = Path(config.out_dir)
+        # A run into an object store (out_dir: s3://...) keeps its lock, metrics.jsonl and TensorBoard files in a local
+        # mirror, uploaded at every checkpoint and at the end; its checkpoints go to the store directly.
+        self.remote_out = str(config.out_dir) if storage.is_url(config.out_dir) else None
+        self.out_dir = storage.local_mirror(config.out_dir)
         # Rank 0 writes the run (checkpoints, metrics): another live trainer of this out_dir is refused at once,
         # before the model is built; train() holds the lock while it writes.
         self.run_lock = RunLock(self.out_dir) if self.rank == 0 else None
@@ -115,7 +118,7 @@ class Trainer:
             check_stage_fits(self.loaders[0], loader)
         self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
         self.model_config = model_config
-        self.ckpt_dir = config.checkpoint.dir or self.out_dir / "checkpoints"
+        self.ckpt_dir = config.checkpoint.dir or storage.join(config.out_dir, "checkpoints")
         checkpoint = config.checkpoint
         sharded = checkpoint.format == "sharded" or (checkpoint.format == "auto" and self.fsdp)
         if checkpoint.async_save and not sharded:
@@ -244,6 +247,7 @@ class Trainer:
             self.run_lock.acquire()
         sinks: list[MetricsSink] = []
         try:
+            self._fetch_run_files()
             # Rank 0 writes metrics.jsonl and TensorBoard; the steps after the checkpoint resumed from are redone, so
             # the sinks drop what the run that died recorded of them.
             sinks = open_sinks(config.logging, self.out_dir, self.step, config.steps, self.log, self.rank == 0)
@@ -262,16 +266,38 @@ class Trainer:
                     sink.write(metrics)
                 if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
                     self.save()
+                    self._publish_run_files(sinks)
                 history.append(metrics)
             if self.checkpointer is not None:
                 self.checkpointer.wait()
         finally:
             try:
                 close_sinks(sinks)
+                self._publish_run_files([])
             finally:
                 if self.run_lock is not None:
                     self.run_lock.release()
         return history
+
+    def _fetch_run_files(self) -> None:
+        """A run into a store: its metrics.jsonl so far, into the local mirror (the sinks then drop redone steps)."""
+        if self.remote_out is None or self.rank != 0:
+            return
+        remote = storage.join(self.remote_out, METRICS_FILE)
+        if storage.exists(remote):
+            storage.download(remote, self.out_dir / METRICS_FILE)
+
+    def _publish_run_files(self, sinks: Sequence[MetricsSink]) -> None:
+        """A run into a store: upload the local mirror's metrics.jsonl and TensorBoard files (not its lock)."""
+        if self.remote_out is None or self.rank != 0:
+            return
+        for sink in sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
+        for path in sorted(self.out_dir.rglob("*")):
+            if path.is_file() and path.name != LOCK_FILE:
+                storage.upload(path, storage.join(self.remote_out, *path.relative_to(self.out_dir).parts))
 
     def _step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepMetrics:
         """One optimizer step over `accumulation` micro-batches; returns what it measured (recording it is the

@@ -4,6 +4,7 @@ from the store as exact as from a local folder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import fsspec
@@ -97,3 +98,39 @@ def test_generate_reads_a_checkpoint_on_the_store(tiny_run: Path, s3_bucket: str
         assert done.exit_code == 0, done.output
         runs[name] = json.loads((tmp_path / name / "generation.json").read_text())
     assert runs["store"]["segments"] == runs["local"]["segments"] and runs["store"]["step"] == 30
+
+
+def test_a_run_into_the_store_keeps_its_metrics_there_and_resumes_on_another_machine(
+    stage: Path, s3_bucket: str, tmp_path: Path, monkeypatch
+) -> None:
+    out = f"{s3_bucket}/runs/pretrain"
+    fields = {
+        "model": {"preset": "tiny"},
+        "data": str(stage),
+        "out_dir": out,
+        "steps": 6,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "schedule": {"warmup_steps": 1},
+        "checkpoint": {"every_steps": 2},
+        "logging": {"every_steps": 1},
+    }
+    cfg = validate_config(TrainConfig, fields)
+    monkeypatch.setenv("CHAM_CACHE_DIR", str(tmp_path / "machine-a"))
+    Trainer(cfg, log=lambda _: None).train(stop_at=3)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    steps = [json.loads(line)["step"] for line in fs.cat_file(f"{out}/metrics.jsonl").decode().splitlines()]
+    assert steps == [1, 2, 3]  # uploaded with the step-2 checkpoint, and when the run stopped
+    # Another machine (an empty cache) resumes from the store at step 2: metrics.jsonl comes back, step 3 is redone,
+    # and each step is recorded once.
+    monkeypatch.setenv("CHAM_CACHE_DIR", str(tmp_path / "machine-b"))
+    resumed = Trainer(cfg, log=lambda _: None)
+    assert resumed.step == 2
+    resumed.train()
+    records = [json.loads(line) for line in fs.cat_file(f"{out}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert fs.exists(f"{out}/checkpoints/step-00000006/state.json") and fs.ls(f"{out}/tensorboard")
+    assert not fs.exists(f"{out}/.lock")  # the lock is the machine's own
+    local = validate_config(TrainConfig, fields | {"out_dir": str(tmp_path / "local")})
+    expected = [m.loss for m in Trainer(local, log=lambda _: None).train()]
+    assert [r["loss"] for r in records] == expected
