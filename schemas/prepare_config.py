@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.config_base import ExistingPath, OutputPath, StrictModel, format_location, resolve_path
+from schemas.config_base import ExistingPath, OutputLocation, StrictModel, format_location, resolve_path
 from schemas.download_config import DownloadConfig
 from schemas.record_kinds import RecordKind
 from schemas.source_files import source_files
@@ -46,6 +46,8 @@ ROW_GROUP_RECORDS = 32  # a parquet row group may be this many times max_record_
 def _source_pattern(value: str, info: ValidationInfo) -> str:
     """Made absolute; when paths are checked, it must hold a file of the source's format, and a file named on its
     own must be of it (refused now, rather than skipped while the job runs)."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value) and not value.startswith("file://"):
+        return value  # on an object store: listed and copied when the job runs (pipelines/prepare_on_store.py)
     path = str(resolve_path(value, info))
     fmt = info.data.get("format")
     fits = fmt in FORMATS_BY_KIND.get(info.data.get("kind", ""), ())  # else the kind/format error says enough
@@ -290,7 +292,7 @@ class PrepareConfig(StrictModel):
     """The prepare job: raw sources -> tokenized WebDataset shards, one folder per source."""
 
     sources: list[SourceConfig] = Field(min_length=1)
-    output_dir: OutputPath
+    output_dir: OutputLocation = Field(description="a folder, or an s3:// (gs://, az://) URL")
     tokenizers: TokenizerPaths
     image_size: int = Field(512, ge=16, le=4096, description="square side after resize and crop (pad for SFT)")
     samples_per_shard: int = Field(1000, ge=1)

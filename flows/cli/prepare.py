@@ -30,10 +30,14 @@ def prepare(
             config = config.model_copy(update={"runner": RunnerConfig.model_validate(base | changes)})
     except (ConfigError, ValueError) as err:
         raise fail(str(err)) from None
-    output_folder(Path(config.output_dir), f"{config_file}: output_dir")
+    from model.files.storage import is_url, local_mirror
+
+    if not is_url(config.output_dir):
+        output_folder(Path(config.output_dir), f"{config_file}: output_dir")
     from model.tokenizers.text_tokenizer import TokenizerError
     from model.tokenizers.vq_checkpoint import VQCheckpointError
-    from pipelines.prepare_job import PrepareError, run_prepare
+    from pipelines.prepare_job import PrepareError
+    from pipelines.prepare_on_store import run_prepare_anywhere
 
     columns = [
         TextColumn("prepare ({task.fields[runner]})"),
@@ -44,11 +48,12 @@ def prepare(
     ]
     from pipelines.job_logs import job_log_file
 
-    log_path = Path(config.output_dir) / "_logs" / f"prepare-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    logs = local_mirror(config.output_dir, "prepare-out") / "_logs"  # on this machine, also for an output on a store
+    log_path = logs / f"prepare-{time.strftime('%Y%m%d-%H%M%S')}.log"
     with job_log_file(log_path), Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("prepare", total=None, runner=config.runner.kind)
         try:
-            result = run_prepare(
+            result = run_prepare_anywhere(
                 config, progress=lambda done, total: progress.update(task, completed=done, total=total)
             )
         except (PrepareError, TokenizerError, VQCheckpointError, FileNotFoundError) as err:
