@@ -62,3 +62,87 @@ def test_dask_cluster_on_loopback(embedded, sample_data, tiny_tokenizers, tmp_pa
         "howto": 12,
     }
     assert shard_bytes(tmp_path) == embedded  # same token content and counts, byte for byte
+
+
+@pytest.mark.slow
+def test_a_dask_cluster_of_separate_processes_with_the_data_on_s3(
+    embedded, sample_data, tiny_tokenizers, s3_bucket: str, tmp_path: Path, monkeypatch
+) -> None:
+    """A user's cluster: `dask scheduler` and `dask worker` as processes of their own on 127.0.0.1 (not LocalCluster),
+    the raw data and the output on the S3 server; the shards are the embedded runner's, byte for byte."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import fsspec
+    from distributed import Client
+
+    from flows.process_lifetime import tied_to_this_process
+    from pipelines.prepare_on_store import run_prepare_anywhere
+
+    monkeypatch.setenv("CHAM_CACHE_DIR", str(tmp_path / "cache"))
+    raw = sample_data[0]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    for part in ("text", "image_text", "interleaved"):
+        fs.put(str(raw / part), f"{s3_bucket}/raw/{part}", recursive=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    module = [sys.executable, "-m"]  # `dask scheduler` and `dask worker`, as their console scripts run them
+    processes = [
+        subprocess.Popen(
+            tied_to_this_process(
+                [
+                    *module,
+                    "distributed.cli.dask_scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--dashboard-address",
+                    ":0",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        time.sleep(2)
+        processes.append(
+            subprocess.Popen(
+                tied_to_this_process(
+                    [
+                        *module,
+                        "distributed.cli.dask_worker",
+                        address,
+                        "--nworkers",
+                        "2",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                    ]
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        config = config_for(raw, tmp_path / "unused", tiny_tokenizers, {"kind": "dask", "address": address})
+        data = config.model_dump(mode="json")
+        data["output_dir"] = f"{s3_bucket}/prepared"
+        for source, part in zip(data["sources"], ("text/*.jsonl", "image_text", "interleaved"), strict=True):
+            source["paths"] = [f"{s3_bucket}/raw/{part}"]
+        run_prepare_anywhere(PrepareConfig.model_validate(data))
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+    on_store = {
+        f"{p.split('/prepared/', 1)[1]}": fs.cat_file(p) for p in sorted(fs.glob(f"{s3_bucket}/prepared/*/shard-*.tar"))
+    }
+    assert on_store == embedded
