@@ -54,9 +54,13 @@ def test_kill_and_rerun(tmp_path: Path, sample_data, tiny_tokenizers) -> None:
     clean = run_prepare(load_config(PrepareConfig, write_config(tmp_path / "clean")))
     assert result["manifests"]["prose"]["totals"] == clean["manifests"]["prose"]["totals"]
     assert result["manifests"]["prose"]["totals"]["samples"] == 130  # no duplicates, nothing lost
-    killed_files = sorted(p.relative_to(tmp_path / "killed") for p in (tmp_path / "killed").rglob("*") if p.is_file())
-    clean_files = sorted(p.relative_to(tmp_path / "clean") for p in (tmp_path / "clean").rglob("*") if p.is_file())
+
+    def outputs(folder: Path) -> list[Path]:  # the job's files; `cham prepare` also keeps its log under _logs/
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.parts[-2] != "_logs")
+
+    killed_files, clean_files = outputs(tmp_path / "killed"), outputs(tmp_path / "clean")
     assert killed_files == clean_files  # no temporary or half-written files left
+    assert len(list((tmp_path / "killed" / "_logs").glob("prepare-*.log"))) == 1  # the killed command's log
     for rel in clean_files:
         if rel.name.endswith(".tar"):
             assert (tmp_path / "killed" / rel).read_bytes() == (tmp_path / "clean" / rel).read_bytes()
