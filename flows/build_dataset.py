@@ -13,7 +13,7 @@ from pydantic import Field
 
 from flows.artifacts import table_artifact, task_progress_artifact
 from flows.subprocess_task import cham, run_command, run_logger
-from pipelines.shard_writer import STATS_SUFFIX, shard_name
+from pipelines.shard_writer import SHARD_IDS, STATS_SUFFIX, shard_name
 from pipelines.source_reader import plan_read_tasks
 from schemas import MixtureSpec, PrepareConfig, dump_config, load_config
 
@@ -21,20 +21,28 @@ MANIFEST = "manifest.json"
 
 
 def planned_stats_files(config: PrepareConfig) -> list[Path]:
-    """The stats file of every shard the job will have written when done (one per read task, as the job plans)."""
-    return [
-        Path(config.output_dir) / source.name / f"{shard_name(i)}{STATS_SUFFIX}"
-        for source in config.sources
-        for i, _ in enumerate(plan_read_tasks(source, records_per_task=config.samples_per_shard))
-    ]
+    """The stats file of every shard the job will have written when done: the shard ids it assigned (its
+    shard_ids.json, written when it starts; earlier builds' shards keep theirs), else one per read task."""
+    files = []
+    for source in config.sources:
+        folder = Path(config.output_dir) / source.name
+        try:
+            ids = [int(e["id"]) for e in json.loads((folder / SHARD_IDS).read_text())["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            ids = list(range(len(plan_read_tasks(source, records_per_task=config.samples_per_shard))))
+        files += [folder / f"{shard_name(i)}{STATS_SUFFIX}" for i in ids]
+    return files
 
 
 def reject_rows(manifests: dict[str, dict[str, Any]], written: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per source: records in, samples out, rejects in all and by reason, tokens, shards new/skipped."""
+    """One row per source: records in, samples out, rejects in all and by reason, tokens, and this build's shards and
+    records: new, reused from earlier builds, removed (the manifest's last build; `written` for older manifests)."""
     rows = []
     for name, manifest in manifests.items():
         t = manifest["totals"]
         shards = len(manifest["shards"])
+        build = (manifest.get("builds") or [None])[-1]
+        new = len(build["new_shards"]) if build else written.get(name, 0)
         rows.append(
             {
                 "source": name,
@@ -46,8 +54,11 @@ def reject_rows(manifests: dict[str, dict[str, Any]], written: dict[str, int]) -
                 "tokens": t["tokens"],
                 "images": t["images"],
                 "faces": t["faces"],
-                "shards new": written.get(name, 0),
-                "shards skipped": shards - written.get(name, 0),
+                "shards new": new,
+                "shards skipped": shards - new,
+                "shards removed": len(build["removed_shards"]) if build else 0,
+                "records new": build["new_records"] if build else None,
+                "records reused": build["reused_records"] if build else None,
             }
         )
     return rows
@@ -63,15 +74,17 @@ def prepare_task(config: PrepareConfig) -> dict[str, Any]:
     launched = time.time()
 
     def report() -> None:
-        # Complete shards skipped by the job already have their stats file; shards it redoes get a new one.
-        done = sum(1 for f in stats_files if f.exists())
-        update_progress_artifact(progress_id, 100.0 * done / max(1, len(stats_files)))
+        # Complete shards skipped by the job already have their stats file; shards it redoes get a new one. The
+        # plan is read again: the job writes its shard ids when it starts.
+        planned = planned_stats_files(config)
+        done = sum(1 for f in planned if f.exists())
+        update_progress_artifact(progress_id, 100.0 * done / max(1, len(planned)))
 
     run_command(cham("prepare", str(config_file)), poll=report)
     update_progress_artifact(progress_id, 100.0)
     manifests = {s.name: json.loads((out / s.name / MANIFEST).read_text()) for s in config.sources}
     written: dict[str, int] = {}
-    for f in stats_files:
+    for f in planned_stats_files(config):
         if f.stat().st_mtime >= launched - 1:  # rewritten by this run (a retry counts its own attempt only)
             written[f.parent.name] = written.get(f.parent.name, 0) + 1
     return {"manifests": manifests, "written": written}

@@ -51,6 +51,7 @@ from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_s
 from pipelines.raw_records import Reject
 from pipelines.runners import pipeline_options
 from pipelines.shard_writer import (
+    SHARD_IDS,
     STATS_SUFFIX,
     is_complete,
     remove_temporaries,
@@ -111,7 +112,59 @@ def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fp
 
 
 def task_signature(task: ReadTask) -> list[Any]:
-    return [task.path, task.start, task.stop]
+    """What a shard was made from: its read task's file, with the file's size and modification time (a file changed
+    since is another task), and the range read."""
+    try:
+        stat = os.stat(task.path)
+        identity = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        identity = [None, None]
+    return [task.path, task.start, task.stop, *identity]
+
+
+def shard_ledger(out_dir: Path, fingerprint: str) -> dict[tuple, int]:
+    """Which shard each read task of earlier builds of a source went to (task signature -> shard id), under the same
+    fingerprint: the source's shard_ids.json (written before each build runs, so a killed build's re-run gives its
+    tasks the same ids), and the stats files of complete shards (written last: a shard with one is whole)."""
+    ledger: dict[tuple, int] = {}
+    try:
+        table = json.loads((out_dir / SHARD_IDS).read_text())
+    except (OSError, ValueError):
+        table = None
+    if isinstance(table, dict) and table.get("fingerprint") == fingerprint and isinstance(table.get("shards"), list):
+        for entry in table["shards"]:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("task"), list):
+                ledger[tuple(entry["task"])] = entry["id"]
+    for stats_file in sorted(out_dir.glob(f"shard-*{STATS_SUFFIX}")):
+        shard_id = shard_id_of(stats_file.name)
+        try:
+            stats = json.loads(stats_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if shard_id is not None and isinstance(stats, dict) and stats.get("fingerprint") == fingerprint:
+            ledger[tuple(stats.get("task") or ())] = shard_id
+    return ledger
+
+
+def write_shard_ids(out_dir: Path, fingerprint: str, tasks: list[tuple[int, ReadTask]]) -> None:
+    """Record this build's task -> shard id assignment (before the build runs; see shard_ledger)."""
+    table = {"fingerprint": fingerprint, "shards": [{"id": i, "task": task_signature(t)} for i, t in tasks]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / SHARD_IDS, json.dumps(table, indent=1))
+
+
+def assign_shards(tasks: list[ReadTask], ledger: dict[tuple, int]) -> list[tuple[int, ReadTask]]:
+    """Shard ids for this build's tasks: a task an earlier build made keeps its shard (untouched, byte for byte),
+    a new one (a new file, whatever its name, or a changed one) gets the next unused id, in task order."""
+    taken = set(ledger.values())
+    next_id = max(taken, default=-1) + 1
+    assigned = []
+    for task in tasks:
+        shard_id = ledger.get(tuple(task_signature(task)))
+        if shard_id is None:
+            shard_id, next_id = next_id, next_id + 1
+        assigned.append((shard_id, task))
+    return assigned
 
 
 def check_tokenizers(config: PrepareConfig) -> tuple[dict[str, str], MixedModalTokenizer, ImageTokenizer]:
@@ -268,10 +321,10 @@ def earlier_index(config: PrepareConfig, plans: dict[str, dict[str, Any]]) -> li
     shards about to be redone were removed with their stats), and every part of sources no longer configured."""
     out = []
     for source, paths in index_parts(config.output_dir).items():
-        n_tasks = len(plans[source]["tasks"]) if source in plans else None
+        ids = {i for i, _ in plans[source]["tasks"]} if source in plans else None
         for path in paths:
             shard = shard_id_of(path.name)
-            if n_tasks is None or (shard is not None and shard < n_tasks):
+            if ids is None or (shard is not None and shard in ids):
                 out.append((source, str(path)))
     return out
 
@@ -392,19 +445,41 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
     for source in config.sources:
         fp = source_fingerprint(config, source, fingerprints)
         try:
-            tasks = list(enumerate(plan_read_tasks(source, records_per_task=config.samples_per_shard)))
+            read_tasks = plan_read_tasks(source, records_per_task=config.samples_per_shard)
         except (ValueError, FileNotFoundError) as err:  # inputs gone, or a config loaded without its path checks
             raise PrepareError(f"source {source.name}: {err}") from None
         out_dir = Path(config.output_dir) / source.name
+        ledger = shard_ledger(out_dir, fp)
+        tasks = assign_shards(read_tasks, ledger)
         todo = [(i, t) for i, t in tasks if not is_complete(out_dir, i, fp, {"task": task_signature(t)})]
-        plans[source.name] = {"fingerprint": fp, "tasks": tasks, "todo": todo}
+        kept = {i for i, _ in tasks}
+        plans[source.name] = {
+            "fingerprint": fp,
+            "tasks": tasks,
+            "todo": todo,
+            "removed": sorted(set(ledger.values()) - kept),  # shards of inputs gone or changed since
+            "builds": previous_builds(out_dir, fp),
+        }
     return plans
 
 
-def remove_stale_shards(out_dir: Path, n_shards: int) -> list[Path]:
-    """Delete the files of shards numbered n_shards and up: left by an earlier run that planned more tasks (a smaller
-    samples_per_shard, fewer input files), they would hold samples twice for anything that globs the folder."""
-    stale = [p for p in out_dir.glob("shard-*") if (shard_id_of(p.name) or 0) >= n_shards]
+def previous_builds(out_dir: Path, fingerprint: str) -> list[dict[str, Any]]:
+    """The builds the source's manifest lists, if it was written under the same fingerprint ([] otherwise)."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
+        return []
+    builds = manifest.get("builds")
+    return builds if isinstance(builds, list) else []
+
+
+def remove_stale_shards(out_dir: Path, keep: set[int]) -> list[Path]:
+    """Delete the files of shards this build does not list: inputs removed or changed since, or an earlier run that
+    planned other tasks (another samples_per_shard); they would hold samples twice for anything that globs the
+    folder."""
+    stale = [p for p in out_dir.glob("shard-*") if shard_id_of(p.name) not in keep]
     for path in stale:
         path.unlink()
     return stale
@@ -414,7 +489,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
     """manifest.json of one source: its shards with counts, tokenizer fingerprints and the config."""
     out_dir = Path(config.output_dir) / source.name
     shards = []
-    for shard_id, _ in plan["tasks"]:
+    for shard_id in sorted(i for i, _ in plan["tasks"]):  # in id order: the earlier builds' shards first
         stats_file = out_dir / f"{shard_name(shard_id)}{STATS_SUFFIX}"
         try:
             shards.append(json.loads(stats_file.read_text()))
@@ -443,6 +518,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
             for s in shards
         ],
     }
+    manifest["builds"] = [*plan.get("builds", []), build_record(plan, shards)]  # every run is a build, a no-op one too
     manifest["dedup"] = {"mode": source.dedup} | (config.dedup.model_dump(mode="json") if source.dedup == "on" else {})
     downloads = download_totals(out_dir, [i for i, _ in plan["tasks"]])
     if downloads is not None:  # sources with URL images: what was fetched, dropped and why
@@ -450,6 +526,23 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def build_record(plan: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """One build of a source, as its manifest lists it: the shards it wrote, kept and removed, and their records."""
+    written = {i for i, _ in plan.get("todo", [])}
+    by_id = {shard_id_of(s["shard"]): s for s in shards}
+    new = [by_id[i] for i in sorted(written) if i in by_id]
+    reused = [s for i, s in by_id.items() if i not in written]
+    return {
+        "build": len(plan.get("builds", [])) + 1,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "new_shards": [s["shard"] for s in new],
+        "reused_shards": len(reused),
+        "removed_shards": [shard_name(i) for i in plan.get("removed", [])],
+        "new_records": sum(s["records_in"] for s in new),
+        "reused_records": sum(s["records_in"] for s in reused),
+    }
 
 
 class ShardWatcher(threading.Thread):
@@ -535,6 +628,8 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     for name in plans:  # what a killed run was writing (each writer's temporaries are named uniquely)
         remove_temporaries(Path(config.output_dir) / name)
         remove_temporaries(index_folder(config.output_dir, name))
+    for name, source_plan in plans.items():
+        write_shard_ids(Path(config.output_dir) / name, source_plan["fingerprint"], source_plan["tasks"])
     if todo:
         for name in todo:  # stale stats of shards about to be redone must not count as progress
             (Path(config.output_dir) / name / MANIFEST).unlink(missing_ok=True)  # nor an old manifest as current
@@ -549,8 +644,9 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     manifests, problems = {}, []
     for source in config.sources:  # one source's problem never costs the others their manifests
         try:
-            remove_stale_shards(Path(config.output_dir) / source.name, len(plans[source.name]["tasks"]))
-            remove_stale_shards(index_folder(config.output_dir, source.name), len(plans[source.name]["tasks"]))
+            keep = {i for i, _ in plans[source.name]["tasks"]}
+            remove_stale_shards(Path(config.output_dir) / source.name, keep)
+            remove_stale_shards(index_folder(config.output_dir, source.name), keep)
             manifests[source.name] = write_manifest(config, source, plans[source.name], fps)
         except (OSError, ValueError, KeyError, TypeError) as err:  # PrepareError is a RuntimeError: kept apart
             problems.append(f"{source.name}: manifest not written: {err}")

@@ -37,6 +37,7 @@ from schemas.records import REJECT, SAMPLE_ATTRIBUTES
 
 TAR_MTIME = 0
 STATS_SUFFIX = ".stats.json"
+SHARD_IDS = "shard_ids.json"  # a source's read task -> shard id table: earlier builds' shards keep their ids
 ATTRIBUTES_SUFFIX = ".attributes.parquet"
 
 
