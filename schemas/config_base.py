@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, ValidationInfo
 from pydantic.functional_validators import AfterValidator
 
 from schemas.source_files import pattern_files, unique_files
@@ -108,9 +108,11 @@ def _output_location(value: Any, info: ValidationInfo) -> Path | str:
     raise ValueError(f"expected a path or a URL, got {type(value).__name__}")
 
 
-ExistingLocation = Annotated[Path | str, BeforeValidator(_existing_location)]
+# A plain validator decides Path (local) or str (URL) by itself: a union validated after it would turn one into the
+# other (JSON input has no Path type); the forms' schema (Prefect's UI) shows a string.
+ExistingLocation = Annotated[Path | str, PlainValidator(_existing_location, json_schema_input_type=str)]
 """A local file or directory that must exist (a Path), or an object-store URL such as s3://bucket/stage (a str)."""
-OutputLocation = Annotated[Path | str, BeforeValidator(_output_location)]
+OutputLocation = Annotated[Path | str, PlainValidator(_output_location, json_schema_input_type=str)]
 """A local path a job will create (made absolute), or an object-store URL (a str)."""
 OutputPath = Annotated[Path, AfterValidator(_any_path)]
 """A path the job will create; made absolute, not checked."""

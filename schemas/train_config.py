@@ -167,6 +167,12 @@ class TrainConfig(StrictModel):
         description="resume even though the stage folder was re-mixed since the "
         "checkpoint (another dataset fingerprint), at the same epoch and position",
     )
+    replan_on_resume: bool = Field(
+        False,
+        description="resume although steps (or the stages' shares) changed since the checkpoint: the lr schedule and "
+        "the stage boundaries are planned again over the new steps (the lr at the run's step changes; logged); "
+        "refused otherwise",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

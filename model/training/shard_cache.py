@@ -101,15 +101,26 @@ class ShardCache:
         self._fetch(name)
         self.evict(keep=keep)
 
+    def _cached(self) -> list[tuple[Path, int, float]]:
+        """(path, size, last use) of the shards here now; one another process deletes meanwhile is left out."""
+        found = []
+        for path in self.folder.glob("*.tar"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append((path, stat.st_size, stat.st_mtime))
+        return found
+
     def cached_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.folder.glob("*.tar"))
+        return sum(size for _, size, _ in self._cached())
 
     def evict(self, keep: tuple[str, ...] = ()) -> None:
         """Delete the least recently used shards until the cache is within its budget: never those in `keep`, those
         this process holds, nor those another process holds in use."""
-        shards = sorted(self.folder.glob("*.tar"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in shards)
-        for shard in shards:
+        shards = sorted(self._cached(), key=lambda entry: entry[2])
+        total = sum(size for _, size, _ in shards)
+        for shard, size, _ in shards:
             if total <= self.max_bytes:
                 break
             if shard.name in keep or shard.name in self._held:
@@ -119,7 +130,7 @@ class ShardCache:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # another process reads it
-                total -= shard.stat().st_size
+                total -= size
                 shard.unlink(missing_ok=True)
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

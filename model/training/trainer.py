@@ -31,7 +31,7 @@ from model.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from model.training.lr_schedule import make_scheduler
+from model.training.lr_schedule import lr_at, make_scheduler
 from model.training.metrics import METRICS_FILE, MetricsSink, StepMetrics, close_sinks, open_sinks
 from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.training.optim import clip_and_check, make_optimizer
@@ -172,29 +172,44 @@ class Trainer:
         return {"steps": self.config.steps, "stages": stages}
 
     def _check_plan(self, found: Path, extra: dict[str, Any], step: int) -> None:
-        """Refuse to resume a checkpoint whose run had another schedule (steps) or other stages."""
+        """Refuse to resume a checkpoint whose run had another schedule (steps) or other stages, unless the config
+        asks to re-plan (replan_on_resume); a stage the run has begun must be the same stage, not re-mixed since."""
+        config = self.config
         saved_steps = extra.get("steps")
-        if saved_steps is not None and saved_steps != self.config.steps:
-            raise CheckpointError(
-                f"{found} is from a run of {saved_steps} steps, whose lr schedule ends at step {saved_steps}; this "
-                f"config has steps: {self.config.steps}, which would resume on another schedule (the lr jumping to "
-                f"its value there). Set steps back to {saved_steps}, or train on from the checkpoint in a new out_dir "
-                f"(init_from) with a schedule of its own"
-            )
         saved = extra.get("stages")
-        if saved is None:
-            return
         now = self._plan_record()["stages"]
-        spans = [(s["first_step"], s["end_step"]) for s in saved]
-        if spans != [(s["first_step"], s["end_step"]) for s in now]:
+        spans_now = [(s["first_step"], s["end_step"]) for s in now]
+        spans = [(s["first_step"], s["end_step"]) for s in saved] if saved is not None else spans_now
+        changed = (saved_steps is not None and saved_steps != config.steps) or spans != spans_now
+        if changed and not config.replan_on_resume:
+            if saved_steps is not None and saved_steps != config.steps:
+                raise CheckpointError(
+                    f"{found} is from a run of {saved_steps} steps, whose lr schedule ends at step {saved_steps}; "
+                    f"this config has steps: {config.steps}, which would resume on another schedule (the lr jumping "
+                    f"to its value there). Set steps back to {saved_steps}, or set replan_on_resume: true to plan the "
+                    f"schedule again over {config.steps} steps from step {step}"
+                )
             raise CheckpointError(
-                f"{found} is from a run whose stages span steps {spans}, this config's "
-                f"{[(s['first_step'], s['end_step']) for s in now]}: keep the run's stages and shares to resume it"
+                f"{found} is from a run whose stages span steps {spans}, this config's {spans_now}: keep the run's "
+                f"stages and shares to resume it, or set replan_on_resume: true"
             )
-        if self.config.allow_data_change:
+        if changed:
+            peak = config.optimizer.lr
+            before = lr_at(step, saved_steps, peak, config.schedule) if saved_steps else None
+            after = lr_at(step, config.steps, peak, config.schedule)
+            # The optimizer holds the lr the old schedule set for this step: the new schedule's from here on.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr(), strict=True):
+                group["lr"] = lr
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            self.log(
+                f"re-planned on resume (replan_on_resume): {saved_steps} -> {config.steps} steps, stages {spans} -> "
+                f"{spans_now}; the lr at step {step} goes from {before if before is None else f'{before:.3e}'} to "
+                f"{after:.3e}"
+            )
+        if saved is None or config.allow_data_change or len(saved) != len(now):
             return
         for index, (was, is_now) in enumerate(zip(saved, now, strict=True)):
-            if was["first_step"] >= step:
+            if min(was["first_step"], is_now["first_step"]) >= step:
                 break  # a stage not begun yet may be re-mixed before it starts
             if (was["stage"], was["fingerprint"]) != (is_now["stage"], is_now["fingerprint"]):
                 raise CheckpointError(

@@ -28,7 +28,7 @@ def stage(make_stage) -> Path:
     return make_stage(12_000, sequences_per_shard=32)
 
 
-def write_config(stage: Path, out: Path, steps: int) -> Path:
+def write_config(stage: Path, out: Path, steps: int, **extra) -> Path:
     data = {
         "model": {"preset": "tiny"},
         "data": str(stage),
@@ -40,6 +40,7 @@ def write_config(stage: Path, out: Path, steps: int) -> Path:
         "schedule": {"warmup_steps": 1},
         "checkpoint": {"every_steps": 2},
         "logging": {"every_steps": 1, "tensorboard": False},
+        **extra,
     }
     path = out.with_name(out.name + ".yaml")
     path.write_text(yaml.safe_dump(data))
@@ -104,7 +105,8 @@ def test_killing_the_launcher_ends_every_rank(stage: Path, tmp_path: Path, how: 
         time.sleep(2)
         assert metric_steps(out) == steps  # nothing writes the run any more
         # The run lock went with its holder: a new trainer takes the run over at once.
-        result = runner.invoke(app, ["train", str(write_config(stage, out, steps + 1))])
+        # (another `steps` than the killed run's: its schedule is planned again, as the config asks)
+        result = runner.invoke(app, ["train", str(write_config(stage, out, steps + 1, replan_on_resume=True))])
         assert result.exit_code == 0, result.output
         assert "resumed from" in result.output and f"done: step {steps + 1}" in result.output
     finally:

@@ -79,7 +79,11 @@ def test_torchrun_two_ranks(stages: Path, tmp_path: Path) -> None:
 
 def test_bad_config_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", str(write(tmp_path / "t.yaml", {"model": {"preset": "tiny"}}))])
-    assert result.exit_code == 1 and "data: Field required" in result.output
+    assert (
+        result.exit_code == 1
+        and "out_dir: Field required" in result.output
+        and "steps: Field required" in (result.output)
+    )
 
 
 def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Path, damage_stage) -> None:
@@ -114,8 +118,11 @@ def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Pat
     manifest = json.loads((stages / "stage1" / "manifest.json").read_text())
     (remixed / "manifest.json").unlink()
     (remixed / "manifest.json").write_text(json.dumps(manifest | {"fingerprint": "0123456789abcdef"}))
-    moved = config | {"steps": 4, "data": str(remixed)}
-    one_error_line(moved, "set allow_data_change: true in the training config")
+    one_error_line(
+        config | {"data": str(remixed)},
+        "re-mixed since. Point it at the stage the run trained on, or set allow_data_change: true",
+    )
+    moved = config | {"steps": 4, "data": str(remixed), "replan_on_resume": True}
     result = runner.invoke(app, ["train", str(write(tmp_path / "t.yaml", moved | {"allow_data_change": True}))])
     assert result.exit_code == 0, result.output
     assert (
@@ -123,6 +130,8 @@ def test_bad_checkpoints_data_and_paths_are_one_line(stages: Path, tmp_path: Pat
         and "step-00000002 at step 2" in result.output
         and "done: step 4" in result.output
     )
+    # Raising steps on resume: refused (the schedule would change under the run), unless asked to re-plan.
+    one_error_line(config | {"steps": 6}, "is from a run of 4 steps, whose lr schedule ends at step 4")
 
 
 def plan_config(tmp_path: Path, preset: str, **fields) -> Path:

@@ -138,10 +138,18 @@ def test_the_wrong_stage_or_a_remixed_one_is_refused(mixed: Path, prepared_sourc
         Trainer(config(out, [(mixed / "stage1", 0.5), (mixed / "stage2", 0.5)]), log=lambda _: None)
 
 
-def test_other_steps_on_resume_are_refused(mixed: Path, tmp_path: Path) -> None:
+def test_other_steps_on_resume_are_refused_or_replanned_when_asked(mixed: Path, tmp_path: Path) -> None:
     run(config(tmp_path, two_stages(mixed)), stop_at=3)
     with pytest.raises(CheckpointError, match=r"from a run of 10 steps, whose lr schedule ends at step 10; .* 12"):
         Trainer(config(tmp_path, two_stages(mixed), steps=12), log=lambda _: None)
+    logged: list[str] = []
+    replanned = config(tmp_path, two_stages(mixed), steps=12, replan_on_resume=True)
+    trainer = Trainer(replanned, log=logged.append)
+    assert trainer.step == 3 and any("re-planned on resume" in line and "10 -> 12 steps" in line for line in logged)
+    history = trainer.train()
+    # The new schedule from step 3 on (its lr, not the old run's), stage 2 from round(12 x 0.8) = 10.
+    assert [m.lr for m in history] == pytest.approx([lr_at(s, 12, 3e-3, replanned.schedule) for s in range(3, 12)])
+    assert [m.stage for m in history] == [0] * 7 + [1] * 2
 
 
 def test_stage_configs_are_checked(mixed: Path, tmp_path: Path) -> None:
