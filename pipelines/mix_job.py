@@ -562,22 +562,11 @@ def spec_with_local_sources(spec: MixtureSpec) -> MixtureSpec:
 def copy_prepared_source(location: str) -> Path:
     """A local copy of a prepared source folder on a store (its manifest, shards and attributes), kept up to date:
     a file already copied at the same size is not fetched again."""
-    fs, path = storage.filesystem(location)
     folder = storage.default_cache_root() / "prepared" / storage.cache_key(location)
-    folder.mkdir(parents=True, exist_ok=True)
-    fs.invalidate_cache(path)
     try:
-        entries = fs.ls(path, detail=True)
+        return storage.download_folder(location, folder)
     except FileNotFoundError:
         raise MixPlanError(f"{location}: no prepared source there (run `cham prepare`)") from None
-    for entry in entries:
-        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] != "file":
-            continue
-        target = folder / name
-        if not target.is_file() or target.stat().st_size != int(entry["size"]):
-            storage.download(storage.join(location, name), target)
-    return folder
 
 
 def _run_mix(

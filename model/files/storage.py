@@ -160,15 +160,18 @@ def upload_folder(folder: Path, location: str | Path, last: str | None = None) -
         upload(file, join(location, *file.relative_to(folder).parts))
 
 
-def download_folder(location: str | Path, folder: Path, skip: tuple[str, ...] = ()) -> Path:
-    """Copy the files directly under `location` (not its subfolders, nor the names in `skip`) into local `folder`."""
+def download_folder(location: str | Path, folder: Path) -> Path:
+    """Copy the files directly under `location` (not its subfolders) into local `folder`; a file already there at
+    the same size is not fetched again (the folder is kept up to date, not copied anew)."""
     fs, path = filesystem(location)
     fs.invalidate_cache(path)
     folder.mkdir(parents=True, exist_ok=True)
     for entry in fs.ls(path, detail=True):
         name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] == "file" and name not in skip:
-            download(join(location, name), folder / name)
+        target = folder / name
+        if entry["type"] != "file" or (target.is_file() and target.stat().st_size == int(entry["size"])):
+            continue
+        download(join(location, name), target)
     return folder
 
 
