@@ -194,6 +194,8 @@ def propose(
     best = np.argsort(scores, kind="stable")[:top_k]
     # The average is feasible in exact arithmetic; the projection only removes rounding.
     proposal = project(candidates[best].mean(axis=0)[None, :], low, high)[0]
+    if not is_feasible(proposal[None, :], low, high)[0]:  # cannot happen; a proposal must never break a constraint
+        raise RuntimeError(f"the proposal {proposal.tolist()} breaks the constraints {low.tolist()}..{high.tolist()}")
 
     predicted, weighted = _predictions(models, proposal, objective_weights)
     base_predicted, base_weighted = _predictions(models, base_vector, objective_weights)
