@@ -24,6 +24,7 @@ from flows.build_dataset import mix_task
 from flows.evaluation_flows import eval_loss_task
 from flows.markup import Markdown, code, md
 from flows.training_flows import launch_training
+from model.files.reading import read_json_object
 from schemas import (
     ExperimentTraining,
     MixtureSpec,
@@ -33,7 +34,7 @@ from schemas import (
     dump_config,
     validate_config,
 )
-from schemas.model_config import MODEL_PRESETS
+from schemas.search_config import model_for_data
 
 
 def expand_variants(variants: list[MixtureVariant] | None, sweep: WeightSweep | None) -> list[MixtureVariant]:
@@ -77,12 +78,14 @@ def apply_variant(spec: MixtureSpec, variant: MixtureVariant) -> MixtureSpec:
 
 
 def experiment_train_config(training: ExperimentTraining, spec: MixtureSpec, data: Path, out: Path) -> TrainConfig:
-    """The short pretraining run of one mixture."""
-    max_seq_len = max(spec.seq_len, MODEL_PRESETS[training.model_preset]["max_seq_len"])
+    """The short pretraining run of one mixture; the model's vocabulary is the stage's (from its manifest)."""
+    manifest = read_json_object(Path(data) / "manifest.json", ("vocab_layout",), what="stage manifest")
+    vocab_size = manifest["vocab_layout"]["vocab_size"]
+    model = model_for_data(training.model_settings(), vocab_size, spec.seq_len)
     return validate_config(
         TrainConfig,
         {
-            "model": {"preset": training.model_preset, "max_seq_len": max_seq_len},
+            "model": model.model_dump(mode="json"),
             "data": str(data),
             "out_dir": str(out),
             "seq_len": spec.seq_len,

@@ -6,6 +6,7 @@ from schemas.generate_config import GenerateConfig
 from schemas.mixture_spec import MixtureSpec
 from schemas.model_config import ModelConfig
 from schemas.prepare_config import PrepareConfig
+from schemas.search_config import MixtureSearchConfig
 from schemas.train_config import SFTConfig, TrainConfig
 
 # Config kinds by the name `cham config check KIND FILE` takes.
@@ -16,6 +17,7 @@ CONFIG_KINDS = {
     "train": TrainConfig,
     "sft": SFTConfig,
     "generate": GenerateConfig,
+    "mixture-search": MixtureSearchConfig,
 }
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "ConfigError",
     "ExperimentTraining",
     "GenerateConfig",
+    "MixtureSearchConfig",
     "MixtureSpec",
     "MixtureVariant",
     "ModelConfig",

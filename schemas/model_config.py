@@ -1,4 +1,4 @@
-"""ModelConfig: the Chameleon transformer's shape, from a preset (`tiny`, `7b`, `34b`) plus overrides."""
+"""ModelConfig: the Chameleon transformer's shape, from a preset (`tiny`, the proxies, `7b`, `34b`) plus overrides."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from schemas.config_base import StrictModel
 from schemas.vocab import CHAMELEON_VOCAB_SIZE, TINY
 
-ModelPreset = Literal["tiny", "7b", "34b"]
+ModelPreset = Literal["tiny", "proxy-1m", "proxy-5m", "proxy-20m", "7b", "34b"]
 # Meta's QK-norm is torch.nn.LayerNorm(head_dim) (default eps) and HF's ChameleonLayerNorm hard-codes it.
 QK_NORM_EPS = 1e-5
 
@@ -23,6 +23,35 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "ffn_dim": 176,
         "vocab_size": TINY.vocab_size,
         "max_seq_len": 512,
+    },
+    # Mixture-search proxies (RegMix-style), named by their non-embedding parameters: 1.0M, 4.7M and 21M. Their
+    # vocabulary is the data's: a mixture search sets vocab_size from the stage (MixtureSearchConfig).
+    "proxy-1m": {
+        "dim": 128,
+        "n_layers": 5,
+        "n_heads": 4,
+        "n_kv_heads": 4,
+        "ffn_dim": 344,
+        "vocab_size": TINY.vocab_size,
+        "max_seq_len": 2048,
+    },
+    "proxy-5m": {
+        "dim": 256,
+        "n_layers": 6,
+        "n_heads": 4,
+        "n_kv_heads": 4,
+        "ffn_dim": 688,
+        "vocab_size": TINY.vocab_size,
+        "max_seq_len": 2048,
+    },
+    "proxy-20m": {
+        "dim": 384,
+        "n_layers": 12,
+        "n_heads": 6,
+        "n_kv_heads": 6,
+        "ffn_dim": 1024,
+        "vocab_size": TINY.vocab_size,
+        "max_seq_len": 2048,
     },
     "7b": {
         "dim": 4096,
@@ -107,6 +136,10 @@ class ModelConfig(StrictModel):
     def from_preset(cls, preset: ModelPreset, **overrides: Any) -> ModelConfig:
         """A preset's config with some fields changed."""
         return cls.model_validate({"preset": preset, **overrides})
+
+    def non_embedding_params(self) -> int:
+        """Parameters outside the embedding and output matrices (how proxy sizes are named)."""
+        return self.n_params() - 2 * self.vocab_size * self.dim
 
     def n_params(self) -> int:
         """Parameters of the transformer (embeddings and output included, norms too)."""

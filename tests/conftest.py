@@ -29,6 +29,7 @@ def example_base(tmp_path: Path, sample_data: tuple[Path, dict]) -> Path:
         "tokenizers/text",
         "tokenizers/vq",
         "mixed/stage1",
+        "mixed/heldout",
         "mixed/sft",
         "runs/pretrain/checkpoints/latest",
         "runs/sft/checkpoints/latest",
@@ -36,6 +37,8 @@ def example_base(tmp_path: Path, sample_data: tuple[Path, dict]) -> Path:
         (tmp_path / "data" / folder).mkdir(parents=True)
     for source in ["prose", "photos", "howto", "code", "instructions"]:
         (tmp_path / "data" / "prepared" / source).mkdir(parents=True)
+    for example in ("mixture", "train"):  # the mixture search's spec and the real run it launches
+        shutil.copy(REPO / "docs" / "configs" / f"{example}.yaml", tmp_path / "data" / f"{example}.yaml")
     return tmp_path
 
 

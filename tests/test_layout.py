@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO
 
 # model's rooms, lowest first: a room imports only itself and the rooms before it.
-MODEL_ROOMS = ["files", "tokenizers", "lm", "training", "generation", "evaluation"]
+MODEL_ROOMS = ["files", "tokenizers", "lm", "training", "generation", "evaluation", "mixture_search"]
 HEAVY = ("torch", "apache_beam", "prefect", "transformers")
 
 

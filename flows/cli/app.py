@@ -20,6 +20,7 @@ from flows.cli.eval import app as eval_app
 from flows.cli.generate import generate
 from flows.cli.image_tokenizer import app as image_tokenizer_app
 from flows.cli.mix import mix
+from flows.cli.mixture import app as mixture_app
 from flows.cli.output import console, fail
 from flows.cli.prepare import prepare
 from flows.cli.serve import serve
@@ -39,6 +40,7 @@ app.add_typer(text_tokenizer_app, name="text-tokenizer")
 app.add_typer(image_tokenizer_app, name="image-tokenizer")
 app.add_typer(eval_app, name="eval")
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(mixture_app, name="mixture")
 app.command("prepare")(prepare)
 app.command("mix")(mix)
 app.command("train")(train)

@@ -100,3 +100,18 @@ def test_a_rerun_with_other_training_settings_is_refused(spec: MixtureSpec, make
     other = experiment_train_config(ExperimentTraining(steps=5), spec, stage, tmp_path / "run")
     with pytest.raises(ValueError, match="was trained with other settings"):
         _refuse_other_settings(other, tmp_path / "run" / "train-config.yaml")
+
+
+def test_the_experiment_model_takes_its_vocabulary_from_the_data(spec: MixtureSpec, tmp_path: Path) -> None:
+    """A real vocabulary (here 20,000 ids) with a proxy preset and overrides: the model is built for the data,
+    where the fixed tiny preset's 2,048 ids failed ("the stage's vocabulary has 20000 ids, the model 2048")."""
+    from flows.mixture_experiment import experiment_train_config
+
+    stage = tmp_path / "stage1"
+    stage.mkdir()
+    (stage / "manifest.json").write_text(json.dumps({"vocab_layout": {"vocab_size": 20_000}}))
+    training = ExperimentTraining(model={"preset": "proxy-1m", "n_layers": 2})
+    config = experiment_train_config(training, spec, stage, tmp_path / "run")
+    assert config.model.vocab_size == 20_000 and config.model.n_layers == 2 and config.model.dim == 128
+    assert config.model.max_seq_len >= spec.seq_len
+    assert experiment_train_config(ExperimentTraining(), spec, stage, tmp_path / "run").model.vocab_size == 20_000

@@ -272,7 +272,7 @@ def test_model_presets_have_chameleon_shapes() -> None:
         ({"n_heads": 3}, "dim 64 must be divisible by n_heads 3"),
         ({"n_kv_heads": 3}, "n_heads 4 must be a multiple of n_kv_heads 3"),
         ({"dim": 36, "n_heads": 4, "n_kv_heads": 4}, "head_dim 9 (dim / n_heads) must be even"),
-        ({"preset": "70b"}, "preset: Input should be 'tiny', '7b' or '34b'"),
+        ({"preset": "70b"}, "preset: Input should be 'tiny', 'proxy-1m', 'proxy-5m', 'proxy-20m', '7b' or '34b'"),
     ],
 )
 def test_bad_model_shapes(tmp_path: Path, overrides: dict, expected: str) -> None:

@@ -34,7 +34,9 @@ def test_help_lists_only_working_commands() -> None:
         "eval",
         "serve",
         "checkpoint",  # tests/flows/cli/test_checkpoint.py
+        "mixture",  # tests/flows/test_mixture_search.py
     }
+    assert set(group.commands["mixture"].commands) == {"search", "proxy"}
     assert set(group.commands["checkpoint"].commands) == {"consolidate"}
     assert set(group.commands["image-tokenizer"].commands) == {"train", "encode", "decode"}
     assert set(group.commands["config"].commands) == {"check"}

@@ -1,0 +1,170 @@
+"""Mixture search on the prepared sample: proxy runs (real mixes, real training) cached by content and reused, fits,
+a proposal within its constraints, the CLI; the flow's approval through a real server is in
+test_mixture_search_approval.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.mixture_proposal import SEARCH_FILE, approved_spec, search
+from flows.mixture_swarm import RESULT, plan_runs, run_key, search_space
+from schemas import MixtureSearchConfig, MixtureSpec, load_config, validate_config
+
+pytestmark = pytest.mark.slow
+SOURCES = ("prose", "code", "photos")
+
+
+def write_search_config(folder: Path, prepared: Path, heldout: Path, **changes) -> Path:
+    """A tiny search: 6 drawn mixtures of 3 sample sources, 4-step proxies of the tiny model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "seq_len": 128,
+        "tokens_per_image": 64,
+        "max_repetitions": 64,
+        "seed": 1,
+        "stages": {
+            "stage1": {
+                "tokens": 200_000,
+                "sources": [{"name": n, "path": str(prepared / n), "weight": 1} for n in SOURCES],
+            }
+        },
+    }
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    config = {
+        "spec": str(folder / "spec.yaml"),
+        "out_dir": str(folder / "search"),
+        "heldout": {"val": str(heldout)},
+        "objective": {"val.text": 1.0, "val.image": 1.0},
+        "proxy": {
+            "model": {"preset": "tiny"},
+            "tokens": 4 * 8 * 128,
+            "global_batch_size": 8,
+            "micro_batch_size": 8,
+            "warmup_steps": 1,
+            "eval_max_batches": 2,
+        },
+        "swarm": {"size": 6, "noise_seeds": 1, "parallel": 2, "seed": 5},
+        "fits": {"kinds": ["loglinear", "gp"], "folds": 3},
+        "proposal": {"candidates": 2000, "top_k": 20, "max_share": {"photos": 0.3}, "min_share": {"prose": 0.2}},
+    }
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def heldout(make_stage) -> Path:
+    return make_stage(3_000)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, prepared_sources: Path, heldout: Path) -> tuple[Path, dict]:
+    """One search, run once for the module; later searches with the same settings reuse its runs."""
+    path = write_search_config(tmp_path_factory.mktemp("search"), prepared_sources, heldout)
+    return path, search(load_config(MixtureSearchConfig, path), log=lambda _: None)
+
+
+def test_every_run_is_a_real_proxy_run_with_its_losses(searched) -> None:
+    path, outcome = searched
+    config = load_config(MixtureSearchConfig, path)
+    runs = plan_runs(config, search_space(config))
+    assert [r.role for r in runs] == ["fit"] * 6 + ["base", "noise"]
+    assert len(outcome["runs"]) == 8
+    for run in runs:
+        result = json.loads((Path(config.out_dir) / "runs" / run.name / RESULT).read_text())
+        assert result["steps"] == 4
+        assert set(result["objectives"]) >= {"val.loss", "val.text", "val.image"}
+        # the proxy's stage was mixed to the run's shares (realized: up to whole documents of a 4k-token stage)
+        assert result["target_shares"] == pytest.approx({s: v for s, v in run.shares.items() if v > 0}, abs=1e-6)
+        assert sum(result["realized_shares"].values()) == pytest.approx(1.0)
+    base, noise = (r for r in outcome["runs"] if r["role"] in ("base", "noise"))
+    assert base["weighted"] != noise["weighted"]  # another seed, another loss: the noise is measured
+    assert outcome["noise"]["weighted"] == pytest.approx(abs(base["weighted"] - noise["weighted"]) / 2**0.5)
+
+
+def test_the_proposal_keeps_its_constraints_and_is_confirmed(searched) -> None:
+    _, outcome = searched
+    shares = outcome["proposal"]["shares"]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    assert shares["photos"] <= 0.3 + 1e-6 and shares["prose"] >= 0.2 - 1e-6
+    assert outcome["constraints"]["max_share"]["photos"] == 0.3
+    confirmation = outcome["confirmation"]
+    assert confirmation["weighted"] == pytest.approx(
+        confirmation["objectives"]["val.text"] + confirmation["objectives"]["val.image"]
+    )
+    assert confirmation["best_swarm_weighted"] == min(r["weighted"] for r in outcome["runs"] if r["role"] != "noise")
+    chosen = [r for r in outcome["cross_validation"] if r.get("chosen")]
+    assert sorted(r["objective"] for r in chosen) == ["val.image", "val.text"]
+    assert all(len(r["predicted"]) == 7 for r in chosen)  # 6 drawn + the base, each predicted out of fold
+
+
+def test_a_rerun_reuses_every_run_and_a_larger_swarm_runs_only_the_new_ones(searched) -> None:
+    path, first = searched
+    config = load_config(MixtureSearchConfig, path)
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in Path(config.out_dir).glob(f"runs/*/{RESULT}")}
+    seen: list[tuple[str, bool]] = []
+    again = search(config, progress=lambda d, t, run, reused: seen.append((run.role, reused)), log=lambda _: None)
+    assert all(reused for _, reused in seen) and len(seen) == 9  # 8 swarm runs and the confirmation
+    assert again["proposal"] == first["proposal"]  # same runs, same seed: the same fits and proposal, exactly
+    larger = config.model_copy(update={"swarm": config.swarm.model_copy(update={"size": 8})})
+    seen.clear()
+    search(larger, progress=lambda d, t, run, reused: seen.append((run.role, reused)), log=lambda _: None)
+    ran = [role for role, reused in seen if not reused]
+    assert ran[:2] == ["fit", "fit"]  # the two new draws; the first six are the same mixtures, reused
+    after = {p.parent.name: p.stat().st_mtime_ns for p in Path(config.out_dir).glob(f"runs/*/{RESULT}")}
+    assert all(after[name] == stamp for name, stamp in stamps.items())
+
+
+def test_a_run_key_follows_everything_its_losses_depend_on(searched) -> None:
+    path, _ = searched
+    config = load_config(MixtureSearchConfig, path)
+    space = search_space(config)
+    shares = space.base
+    key = run_key(config, space, shares, 0)
+    assert run_key(config, space, dict(shares), 0) == key
+    assert run_key(config, space, shares, 1) != key
+    other_lr = config.model_copy(update={"proxy": config.proxy.model_copy(update={"lr": 1e-3})})
+    assert run_key(other_lr, space, shares, 0) != key
+    moved = dict(shares, prose=shares["prose"] + 0.1, code=shares["code"] - 0.1)
+    assert run_key(config, space, moved, 0) != key
+
+
+def test_the_approved_spec_changes_only_the_searched_stage(searched) -> None:
+    path, _ = searched
+    config = load_config(MixtureSearchConfig, path)
+    spec = approved_spec(search_space(config), {"prose": 2, "code": 1, "photos": 1})
+    assert {s.name: s.weight for s in spec.sources_of("stage1")} == {"prose": 0.5, "code": 0.25, "photos": 0.25}
+    assert spec.stage_tokens("stage1") == 200_000 and spec.seed == 1
+
+
+def test_cham_mixture_search_prints_the_fits_and_writes_the_approved_spec(searched) -> None:
+    from flows.cli import app
+
+    path, outcome = searched
+    result = CliRunner().invoke(app, ["mixture", "search", str(path), "--approve"])
+    assert result.exit_code == 0, result.output
+    assert "predicted vs actual" in result.output and "proposal:" in result.output
+    config = load_config(MixtureSearchConfig, path)
+    approved = load_config(MixtureSpec, Path(config.out_dir) / "approved-mixture.yaml")
+    weights = {s.name: s.weight for s in approved.sources_of("stage1")}
+    assert weights == pytest.approx(outcome["proposal"]["shares"], abs=1e-6)
+    assert json.loads((Path(config.out_dir) / SEARCH_FILE).read_text())["proposal"] == outcome["proposal"]
+
+
+def test_config_errors_are_clear(prepared_sources: Path, heldout: Path, tmp_path: Path) -> None:
+    path = write_search_config(tmp_path, prepared_sources, heldout)
+    data = yaml.safe_load(path.read_text())
+    with pytest.raises(ValueError, match="no held-out stage 'test'"):
+        validate_config(MixtureSearchConfig, {**data, "objective": {"test.loss": 1}})
+    with pytest.raises(ValueError, match="vocab_size"):
+        validate_config(MixtureSearchConfig, {**data, "proxy": {**data["proxy"], "model": {"vocab_size": 9}}})
+    bad = load_config(MixtureSearchConfig, path).model_copy(update={"stage": "stage9"})
+    with pytest.raises(ValueError, match="stage 'stage9' is not in"):
+        search_space(bad)
