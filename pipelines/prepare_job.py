@@ -199,18 +199,25 @@ class ReadAndPrepare(beam.DoFn):
     def teardown(self) -> None:
         self.urls.close()
 
-    def process(self, element: tuple[int, ReadTask]) -> Iterator[Any]:
-        shard_id, task = element
+    def process(self, element: tuple[int, ReadTask, int, int]) -> Iterator[Any]:
+        """Piece `part` of `parts` of a task (see read_parts): every `parts`-th item from the `part`-th on; each
+        record keeps the index it has in the whole task, so the pieces together give what one would."""
+        shard_id, task, part, parts = element
         index = 0
-        for item in self.urls.resolve(read_task(task), shard_id):
+        # One download report per shard: the pieces all see the same items.
+        items = self.urls.resolve(read_task(task), shard_id if part == 0 else None)
+        for position, item in enumerate(items):
+            mine = position % parts == part
             if isinstance(item, Reject):
-                yield REJECT, (shard_id, item)
+                if mine:
+                    yield REJECT, (shard_id, item)
                 continue
-            prepared = prepare_record(
-                self.source.name, self.source.kind, shard_id, index, item, self.settings, self.detector
-            )
+            if mine:
+                prepared = prepare_record(
+                    self.source.name, self.source.kind, shard_id, index, item, self.settings, self.detector
+                )
+                yield (REJECT, (shard_id, prepared)) if isinstance(prepared, Reject) else (OK, prepared)
             index += 1
-            yield (REJECT, (shard_id, prepared)) if isinstance(prepared, Reject) else (OK, prepared)
 
 
 class Assemble(beam.DoFn):
@@ -271,6 +278,23 @@ def torch_threads_per_worker(config: PrepareConfig) -> int | None:
         return None
     cores = os.cpu_count() or 1
     return max(1, cores // (config.runner.workers or cores))
+
+
+def read_parts(config: PrepareConfig, n_tasks: int, per_worker: int = 16, most: int = 8) -> int:
+    """How many pieces each read task is prepared in: enough for `per_worker` pieces a worker when a job has few
+    tasks, so that every worker gets an even share of the decoding and face detection.
+
+    Beam's local runner hands a stage's elements out to its workers in fixed shares, so 15 tasks on 2 workers are
+    8 against 7 and one worker idles through the last task. A piece reads its whole task again (cheap next to
+    preparing the images) and prepares every `parts`-th record (ReadAndPrepare). One piece when tasks are many,
+    on one worker, and with downloads on (each piece would fetch the task's images again).
+    """
+    if config.download.enabled or n_tasks == 0:
+        return 1
+    workers = 1 if config.runner.kind == "embedded" else config.runner.workers or os.cpu_count() or 1
+    if workers == 1:
+        return 1
+    return max(1, min(most, -(-per_worker * workers // n_tasks)))
 
 
 def _split(pcoll: beam.PCollection, label: str) -> tuple[beam.PCollection, beam.PCollection]:
@@ -385,9 +409,12 @@ def read_source(
     """The first part of a source's branch: its tasks, its prepared records, its read/clean/image rejects."""
     settings = settings_for(config, source)
     name = source.name
-    created = p | f"{name}/tasks" >> beam.Create(tasks) | f"{name}/spread" >> beam.Reshuffle()
+    created = p | f"{name}/tasks" >> beam.Create(tasks)
+    parts = read_parts(config, len(tasks))
+    pieces = [(i, task, part, parts) for i, task in tasks for part in range(parts)]
+    spread = p | f"{name}/pieces" >> beam.Create(pieces) | f"{name}/spread" >> beam.Reshuffle()
     urls = UrlImages(config.download, name, source.kind, report_dir=str(Path(config.output_dir) / name))
-    prepared = created | f"{name}/read+download+prepare" >> beam.ParDo(ReadAndPrepare(source, settings, urls))
+    prepared = spread | f"{name}/read+download+prepare" >> beam.ParDo(ReadAndPrepare(source, settings, urls))
     records, read_rejects = _split(prepared, f"{name}/prepared")
     return created, records, read_rejects
 
