@@ -13,6 +13,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,14 +70,15 @@ def tokenizers(base: Path) -> dict[str, Path]:
     return {"text": base / "text", "image": base / "vq"}
 
 
-def time_pipeline(pairs: Path, toks: dict[str, Path], out: Path, kind: str, workers: int | None) -> float:
+def time_pipeline(pairs: Path, toks: dict[str, Path], out: Path, runner: dict[str, Any]) -> float:
+    """Seconds for run_prepare of the pairs on `runner` (a RunnerConfig as a dict), job start included."""
     config = validate_config(
         PrepareConfig,
         {
             "output_dir": str(out),
             "image_size": 64,
             "samples_per_shard": 16,
-            "runner": {"kind": kind, "workers": workers},
+            "runner": runner,
             "tokenizers": {k: str(v) for k, v in toks.items()},
             "sources": [{"name": "pairs", "kind": "image_text", "format": "webdataset", "paths": [str(pairs)]}],
         },
@@ -135,9 +137,9 @@ def main() -> None:
         jpegs = make_pairs(base / "pairs", copies)
         toks = tokenizers(base / "tok")
         n = len(jpegs)
-        embedded = time_pipeline(base / "pairs", toks, base / "out0", "embedded", None)
-        one = time_pipeline(base / "pairs", toks, base / "out1", "local", 1)
-        two = time_pipeline(base / "pairs", toks, base / "out2", "local", 2)
+        embedded = time_pipeline(base / "pairs", toks, base / "out0", {"kind": "embedded"})
+        one = time_pipeline(base / "pairs", toks, base / "out1", {"kind": "local", "workers": 1})
+        two = time_pipeline(base / "pairs", toks, base / "out2", {"kind": "local", "workers": 2})
         print(f"{n} image-text pairs (long side {', '.join(map(str, LONG_SIDES))} px, JPEG q90), tiny tokenizers")
         print(f"embedded runner        : {n / embedded:6.2f} pairs/s ({embedded:.1f} s, job start included)")
         print(f"local runner, 1 worker : {n / one:6.2f} pairs/s ({one:.1f} s)")
