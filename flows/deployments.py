@@ -14,6 +14,7 @@ from flows.build_dataset import build_dataset
 from flows.end_to_end import end_to_end
 from flows.evaluation_flows import evaluate, generate
 from flows.mixture_experiment import mixture_experiment
+from flows.mixture_search import mixture_search
 from flows.serve_settings import ServeSettings
 from flows.training_flows import sft, train
 from schemas import PrepareConfig, SFTConfig, TrainConfig, load_config
@@ -47,6 +48,11 @@ def build_deployments(settings: ServeSettings) -> list[RunnerDeployment]:
             description="Prepare the configured sources (complete shards are skipped).",
         ),
         mixture_experiment.to_deployment(ON_DEMAND, tags=tags, description="Mix, train and compare mixtures."),
+        mixture_search.to_deployment(
+            ON_DEMAND,
+            tags=tags,
+            description="Proxy runs, fits and a proposed mixture; approve it to mix and start training.",
+        ),
         train.to_deployment(ON_DEMAND, parameters=train_defaults, tags=tags, description="Pretrain with a form."),
         sft.to_deployment(
             ON_DEMAND,

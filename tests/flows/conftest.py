@@ -8,6 +8,8 @@ from uuid import UUID
 
 import pytest
 
+from tests.flows.prefect_server import server  # noqa: F401  (a fixture: a real `prefect server` on 127.0.0.1)
+
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Any:

@@ -168,3 +168,97 @@ def test_config_errors_are_clear(prepared_sources: Path, heldout: Path, tmp_path
     bad = load_config(MixtureSearchConfig, path).model_copy(update={"stage": "stage9"})
     with pytest.raises(ValueError, match="stage 'stage9' is not in"):
         search_space(bad)
+
+
+FLOW_SCRIPT = """
+import json, sys
+from flows.mixture_search import mixture_search
+from schemas import MixtureSearchConfig, load_config
+outcome = mixture_search(config=load_config(MixtureSearchConfig, sys.argv[1]))
+print("OUTCOME " + json.dumps({k: outcome.get(k) for k in ("approval", "launched")}))
+"""
+
+
+def test_the_flow_pauses_for_approval_and_launches_training_with_the_edited_weights(
+    server: dict, searched, make_stage, tmp_path: Path
+) -> None:
+    """Through a real server: the flow (its proxy runs reused) pauses with a form holding the proposal; the form is
+    submitted through the API with other weights, as the UI does; the approved spec is written and mixed, and a run of
+    the training deployment is created whose data is the approved stage."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.training_flows import train
+    from tests.flows.prefect_server import REPO, stop, wait_for
+
+    path, outcome = searched
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "tiny"},
+                "data": str(make_stage(3_000)),  # replaced by the approved stage
+                "out_dir": str(tmp_path / "real-run"),
+                "steps": 2,
+                "global_batch_size": 4,
+                "micro_batch_size": 2,
+                "schedule": {"warmup_steps": 1},
+            }
+        )
+    )
+    config = yaml.safe_load(path.read_text())
+    config["launch"] = {"train_config": str(train_yaml), "deployment": "train/on-demand"}
+    config_file = tmp_path / "search.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+        train.to_deployment("on-demand").apply()  # registered, as `cham serve` does, and not served: runs wait
+        log = (tmp_path / "flow.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", FLOW_SCRIPT, str(config_file)],
+            cwd=REPO,
+            env=server,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            with get_client(sync_client=True) as client:
+
+                def paused():
+                    runs = client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(
+                            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                        )
+                    )
+                    return runs[0] if runs else None
+
+                run = wait_for(paused, "the flow to pause for approval", 240, [proc])
+                edited = {"prose": 0.5, "code": 0.3, "photos": 0.2}
+                resume_flow_run(run.id, run_input={"approve": True, "weights": edited})
+                out, _ = proc.communicate(timeout=300)
+                assert proc.returncode == 0, (tmp_path / "flow.log").read_text()[-3000:]
+                result = json.loads(out.split("OUTCOME ", 1)[1])
+                assert result["approval"] == {"approved": True, "weights": edited}
+                launched = client.read_flow_run(result["launched"]["flow_run"])
+                deployment = client.read_deployment_by_name("train/on-demand")
+                assert launched.deployment_id == deployment.id
+                approved_stage = Path(config["out_dir"]) / "approved-mix" / "stage1"
+                assert launched.parameters["config"]["data"] == str(approved_stage)
+                manifest = json.loads((approved_stage / "manifest.json").read_text())
+                targets = {n: s["target_share"] for n, s in manifest["sources"].items()}
+                assert targets == pytest.approx(edited, abs=1e-6)
+                # the search itself was not run again: every proxy run was reused
+                assert (
+                    json.loads((Path(config["out_dir"]) / SEARCH_FILE).read_text())["proposal"] == outcome["proposal"]
+                )
+        finally:
+            stop(proc)
+            log.close()
