@@ -30,6 +30,12 @@ ABSOLUTE_LABELS: tuple[str, ...] = get_args(AbsoluteLabel)
 RelativeLabel = Literal["first_wins", "tie", "second_wins"]
 RELATIVE_LABELS: tuple[str, ...] = get_args(RelativeLabel)
 EvalTask = Literal["absolute", "relative"]
+# Prompt filtering (paper, section 4.1): each annotator says whether a prompt is clear and calls for a mixed-modal
+# answer ("keep"), is unclear, or is clear but needs no image in its answer.
+FilterLabelValue = Literal["keep", "unclear", "not_mixed_modal"]
+FILTER_LABELS: tuple[str, ...] = get_args(FilterLabelValue)
+# What a prompt's answer is expected to contain: text only, or text and images.
+ExpectedAnswer = Literal["text", "mixed"]
 
 # Ids become file names (images/{id}-...png) and HTML attributes: keep them to a safe alphabet.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -42,6 +48,8 @@ class EvalPrompt(StrictModel):
     prompt: str = ""
     images: list[str] = Field(default_factory=list)
     category: str = Field(min_length=1)
+    # Optional: set on the prompts that filtering kept ("mixed"); counted by the prompt-set statistics.
+    expects: ExpectedAnswer | None = None
 
     @model_validator(mode="after")
     def _has_content(self) -> EvalPrompt:
@@ -65,3 +73,22 @@ class Annotation(StrictModel):
         if self.label not in allowed:
             raise ValueError(f"label: {self.label!r} is not a {self.task} label; allowed: {', '.join(allowed)}")
         return self
+
+
+class FilterLabel(StrictModel):
+    """One annotator's filtering label of one prompt (the line a filtering page's download button writes)."""
+
+    task: Literal["filter"]
+    item: str = Field(pattern=ID_PATTERN, max_length=100)
+    category: str = Field(min_length=1)
+    annotator: str = Field(min_length=1)
+    label: FilterLabelValue
+
+
+class BaselineAnswer(StrictModel):
+    """One answer of a text-only baseline to a prompt of the baseline's prompt file (a line of the file the user
+    brings, e.g. from an API model): `<caption>...</caption>` tags mark where its images belong."""
+
+    id: str = Field(pattern=ID_PATTERN, max_length=100)
+    answer: str
+    system: str | None = None  # the baseline's name, e.g. the API model's
