@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +25,7 @@ from flows.train_launcher import Nodes, launcher_command
 from model.files.storage import join, local_mirror
 from model.training.checkpointing import latest_checkpoint
 from model.training.memory_plan import GiB, MemoryPlan, parse_memory, plan_memory, planned_seq_len
+from model.training.training_eval import EVAL_FILE
 from schemas import SFTConfig, TrainConfig, dump_config
 
 NPROC = Field(1, description="processes (ranks) on this machine; more than 1 launches torchrun (DDP or FSDP)")
@@ -32,6 +35,64 @@ NNODES = Field(1, description="machines of the run: start this flow on each, wit
 NODE_RANK = Field(0, description="this machine's place among nnodes; node 0 hosts the rendezvous")
 RDZV_ENDPOINT = Field(None, description="HOST:PORT of node 0, the same on every node; needed when nnodes > 1")
 GPU_MEMORY = Field(None, description="each GPU's memory (e.g. 80GB): the memory plan then says whether the run fits")
+
+
+def read_eval_records(out_dir: Path) -> list[dict[str, Any]]:
+    """The run's held-out evaluations so far (eval.jsonl); a line cut short while being written is skipped."""
+    path = Path(out_dir) / EVAL_FILE
+    records = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
+def report_eval(kind: str, out_dir: Path) -> bool:
+    """Artifacts of the held-out evaluations so far: a table (step, stage, loss, text, image, each source) and the
+    loss by step per held-out stage; False when there is none yet."""
+    records = read_eval_records(out_dir)
+    if not records:
+        return False
+    rows = [
+        {
+            "step": r["step"],
+            "held-out stage": r["heldout"],
+            "loss": r["loss"],
+            "text": r["text"],
+            "image": r["image"],
+            **{f"source {s}": v for s, v in (r.get("by_source") or {}).items()},
+        }
+        for r in records
+    ]
+    table_artifact(rows, key=f"{kind}-heldout-eval", description=f"{kind}: held-out loss during training")
+    series = {
+        f"{name} {part}": [(r["step"], r[part]) for r in records if r["heldout"] == name]
+        for name in dict.fromkeys(r["heldout"] for r in records)
+        for part in ("loss", "text", "image")
+    }
+    series = {k: v for k, v in series.items() if any(y is not None for _, y in v)}
+    markdown_artifact(
+        md("## {}: held-out loss during training\n\n{}", kind, mermaid_lines(f"{kind} held-out loss", series)),
+        key=f"{kind}-heldout-eval-curve",
+        description=f"{kind}: held-out loss by step",
+    )
+    return True
+
+
+def eval_watcher(kind: str, out_dir: Path) -> Callable[[], None]:
+    """A `run_command` poll that republishes the held-out artifacts whenever eval.jsonl grows (live in the UI)."""
+    path, seen = Path(out_dir) / EVAL_FILE, [-1]
+
+    def poll() -> None:
+        size = path.stat().st_size if path.is_file() else -1
+        if size != seen[0]:
+            seen[0] = size
+            report_eval(kind, out_dir)
+
+    return poll
 
 
 def training_command(kind: str, config_file: Path, nproc_per_node: int, nodes: Nodes | None = None) -> list[str]:
@@ -49,7 +110,10 @@ def launch_training(kind: str, config: TrainConfig, nproc_per_node: int, nodes: 
     # A run into an object store keeps its config and metrics in a local mirror (storage.local_mirror), as the trainer.
     out_dir = local_mirror(config.out_dir)
     config_file = dump_config(config, out_dir / f"{kind}-config.yaml")
-    run_command(training_command(kind, config_file, nproc_per_node, nodes))
+    watch = eval_watcher(kind, out_dir) if config.eval is not None else None
+    run_command(training_command(kind, config_file, nproc_per_node, nodes), poll=watch, poll_every=2.0)
+    if watch is not None:
+        watch()
     metrics = read_metrics(out_dir)
     checkpoint = latest_checkpoint(config.checkpoint.dir or join(config.out_dir, "checkpoints"))
     return {

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.config_base import ExistingLocation, OutputLocation, OutputPath, StrictModel
+from schemas.config_base import ExistingLocation, ExistingPath, OutputLocation, OutputPath, StrictModel
 from schemas.model_config import ModelConfig
 
 LrSchedule = Literal["warmup_exponential", "cosine", "constant"]
@@ -105,6 +105,18 @@ class DataCacheConfig(StrictModel):
     read_ahead_shards: int = Field(2, ge=0, description="shards fetched in the background past the one in use")
 
 
+class TrainingEval(StrictModel):
+    """Held-out loss during training: every `every_steps` steps (and at the last), on each held-out stage, overall,
+    per modality and per source; logged to eval.jsonl, TensorBoard (eval/...) and the console."""
+
+    every_steps: int = Field(gt=0)
+    heldout: dict[str, ExistingPath] = Field(
+        min_length=1, description="name -> a local held-out stage folder (from `cham mix`), e.g. {val: data/heldout}"
+    )
+    max_batches: int | None = Field(8, ge=1, description="batches of each held-out stage per evaluation (None: all)")
+    batch_size: int | None = Field(None, gt=0, description="sequences per batch (default: micro_batch_size)")
+
+
 class LoggingConfig(StrictModel):
     every_steps: int = Field(10, gt=0)
     tensorboard: bool = True
@@ -155,6 +167,7 @@ class TrainConfig(StrictModel):
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: TrainingEval | None = Field(None, description="held-out loss every N steps, logged with the metrics")
     loader_workers: int = Field(1, ge=0)
     data_cache: DataCacheConfig = Field(default_factory=DataCacheConfig)
     skip_corrupt_shards: bool = Field(

@@ -66,7 +66,7 @@ def loss(
 
     if not is_url(stage) and not (Path(stage) / "manifest.json").is_file():
         raise fail(f"{stage}: not a stage folder (no manifest.json; write one with `cham mix`)")
-    from model.evaluation.held_out import heldout_loss
+    from model.training.held_out import heldout_loss
     from model.generation.inference import load_trained_model
     from model.training.checkpointing import CheckpointError
     from model.training.stage_loader import CorruptShardError

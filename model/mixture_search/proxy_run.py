@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from model.evaluation.held_out import heldout_loss
+from model.training.held_out import heldout_loss
 from model.training.trainer import Trainer
 from schemas.train_config import TrainConfig
 

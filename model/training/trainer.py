@@ -39,6 +39,7 @@ from model.training.parallelize import build_model
 from model.training.run_lock import LOCK_FILE, RunLock, RunLockedError
 from model.training.sharded_checkpoint import ShardedCheckpointer
 from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader, StoreCache
+from model.training.training_eval import HeldOutEvaluator
 from schemas.train_config import SFTConfig, TrainConfig
 from schemas.vocab import VocabLayout
 
@@ -117,6 +118,8 @@ class Trainer:
         for loader in self.loaders[1:]:
             check_stage_fits(self.loaders[0], loader)
         self.image_mask = Vocabulary(layout).mask(Modality.IMAGE, Modality.BOI, Modality.EOI).to(self.device)
+        if config.eval is not None:  # a wrong held-out stage fails now, not at the first evaluation
+            HeldOutEvaluator.check(config.eval, model_config.vocab_size)
         self.model_config = model_config
         self.ckpt_dir = config.checkpoint.dir or storage.join(config.out_dir, "checkpoints")
         checkpoint = config.checkpoint
@@ -261,11 +264,23 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.acquire()
         sinks: list[MetricsSink] = []
+        evaluator: HeldOutEvaluator | None = None
         try:
             self._fetch_run_files()
             # Rank 0 writes metrics.jsonl and TensorBoard; the steps after the checkpoint resumed from are redone, so
             # the sinks drop what the run that died recorded of them.
             sinks = open_sinks(config.logging, self.out_dir, self.step, config.steps, self.log, self.rank == 0)
+            if config.eval is not None:
+                evaluator = HeldOutEvaluator(
+                    config.eval,
+                    config.micro_batch_size,
+                    config.document_masking,
+                    self.out_dir,
+                    self.step,
+                    writes_files=self.rank == 0,
+                    tensorboard=config.logging.tensorboard,
+                    log=self.log,
+                )
             while self.step < last:
                 if self.stage_at(self.step) != reading:  # a stage boundary: the next stage, from its start
                     self.stage = reading = self.stage_at(self.step)
@@ -279,6 +294,8 @@ class Trainer:
                     self.checkpointer.poll()  # a background save whose writes are done becomes a checkpoint
                 for sink in (*sinks, *extra_sinks):
                     sink.write(metrics)
+                if evaluator is not None and evaluator.due(self.step, config.steps):
+                    evaluator.evaluate(self.module, self.step, self.device)
                 if self.step % config.checkpoint.every_steps == 0 or self.step == config.steps:
                     self.save()
                     self._publish_run_files(sinks)
@@ -288,6 +305,8 @@ class Trainer:
         finally:
             try:
                 close_sinks(sinks)
+                if evaluator is not None:
+                    evaluator.close()
                 self._publish_run_files([])
             finally:
                 if self.run_lock is not None:

@@ -55,6 +55,7 @@ def read_artifacts(flow_run_ids: list[UUID]) -> list[dict[str, Any]]:
                 "data": data,
                 "description": artifact.description,
                 "flow_run_id": artifact.flow_run_id,
+                "created": artifact.created,  # a key published again (a live table) has one artifact per version
             }
         )
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import re
 import time
 from pathlib import Path
@@ -108,6 +110,7 @@ def test_train_flow_runs_both_stages_of_one_config(prefect_api, make_stage, stag
             "micro_batch_size": 2,
             "schedule": {"warmup_steps": 1},
             "checkpoint": {"every_steps": 2},
+            "eval": {"every_steps": 2, "heldout": {"val": str(stages / "stage1")}, "max_batches": 1},
         },
     )
     state = train(config=config, return_state=True)
@@ -116,6 +119,16 @@ def test_train_flow_runs_both_stages_of_one_config(prefect_api, make_stage, stag
     artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
     table = prefect_api.by_key(artifacts, "train-stages")["data"]
     assert [(r["stage"], r["steps"], r["share"]) for r in table] == [(1, "1-3", 0.75), (2, "4-4", 0.25)]
+    # held-out loss during training, published while the run went and after it (the table's latest version)
+    evaluated = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    versions = sorted((a for a in artifacts if a["key"] == "train-heldout-eval"), key=lambda a: a["created"])
+    rows = versions[-1]["data"]
+    assert [(r["step"], r["held-out stage"], r["loss"]) for r in rows] == [
+        (e["step"], "val", e["loss"]) for e in evaluated
+    ]
+    assert [r["step"] for r in rows] == [2, 4]
+    curves = sorted((a for a in artifacts if a["key"] == "train-heldout-eval-curve"), key=lambda a: a["created"])
+    assert "val loss" in curves[-1]["data"]
 
 
 def test_rerun_resumes_from_latest_checkpoint(prefect_api, pretrain) -> None:

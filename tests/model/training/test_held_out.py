@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.evaluation.held_out import heldout_loss
+from model.training.held_out import heldout_loss
 from model.generation.inference import load_inference_model
 from model.lm.losses import lm_loss
 from model.lm.transformer import Transformer

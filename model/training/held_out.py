@@ -63,7 +63,7 @@ def heldout_loss(
     model.eval()
     sequences = 0
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: FSDP2's all-gathers during training's evaluations
             for done, start in enumerate(starts[:total], 1):
                 members = loader.index[start : start + batch_size]
                 read = read_batch(members, loader.seq_len, files, loader.vocab_size, n_sources=len(names) or None)
