@@ -61,7 +61,7 @@ from pipelines.shard_writer import (
 )
 from pipelines.source_reader import ReadTask, plan_read_tasks, read_task
 from pipelines.vq_inference import VQCodes
-from schemas.prepare_config import PrepareConfig, SourceConfig
+from schemas.prepare_config import PrepareConfig, RunnerConfig, SourceConfig
 
 MANIFEST = "manifest.json"
 # DoFns emit (OK, value) or (REJECT, (shard id, Reject)); two filters split them. Tagged outputs would be
@@ -295,6 +295,24 @@ def read_parts(config: PrepareConfig, n_tasks: int, per_worker: int = 16, most: 
     if workers == 1:
         return 1
     return max(1, min(most, -(-per_worker * workers // n_tasks)))
+
+
+DASK_MOST_PARTITIONS = 1024  # beyond this, Dask's shuffles cost more than finer partitions give back
+
+
+def runner_for(config: PrepareConfig, todo: dict[str, dict[str, Any]]) -> RunnerConfig:
+    """config.runner; on Dask, with one dask partition per read piece (at most DASK_MOST_PARTITIONS), unless its
+    options set `dask_npartitions` or `dask_partition_size` themselves.
+
+    Beam's DaskRunner (2.77/2.78) puts up to 128 elements of a Create in one partition and its Reshuffle does
+    nothing, so a source of up to 128 read tasks was prepared in one dask task, on one worker, whatever the cluster.
+    """
+    runner = config.runner
+    if runner.kind != "dask" or {"dask_npartitions", "dask_partition_size"} & set(runner.options):
+        return runner
+    pieces = sum(len(p["todo"]) * read_parts(config, len(p["todo"])) for p in todo.values())
+    partitions = max(1, min(DASK_MOST_PARTITIONS, pieces))
+    return runner.model_copy(update={"options": {**runner.options, "dask_npartitions": partitions}})
 
 
 def _split(pcoll: beam.PCollection, label: str) -> tuple[beam.PCollection, beam.PCollection]:
@@ -610,7 +628,7 @@ def _run_pipeline(
     if watcher:
         watcher.start()
     try:
-        pipeline = beam.Pipeline(options=pipeline_options(config.runner))
+        pipeline = beam.Pipeline(options=pipeline_options(runner_for(config, todo)))
         sources = [s for s in config.sources if s.name in todo]
         read = {s.name: read_source(pipeline, config, s, plans[s.name]["todo"]) for s in sources}
         kept, duplicates, entries = add_dedup(

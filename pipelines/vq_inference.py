@@ -8,6 +8,7 @@ instead (no finish_bundle) and encodes each group in a DoFn that loads the model
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -45,6 +46,22 @@ class VQModelHandler(ModelHandler[np.ndarray, PredictionResult, ImageTokenizer])
         return False  # one copy per worker process, as the issue asks; a GPU host may prefer True
 
 
+# Models loaded in this process, by handler settings and the tokenizer files' sizes and mtimes (a dask worker outlives
+# a job: a tokenizer saved again at the same path must be loaded again). Beam's DaskRunner calls `setup` once per
+# dask partition, and prepare gives a dask job a partition per read piece.
+_LOADED: dict[tuple[Any, ...], ImageTokenizer] = {}
+
+
+def _files_state(path: str) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime) of the tokenizer's files: a folder's, or the one file's."""
+    root = Path(path)
+    state = []
+    for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        st = f.stat()
+        state.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(state)
+
+
 class _EncodeGroups(beam.DoFn):
     """(batch key, [(key, pixels), ...]) -> (key, codes) for each image; the model loaded once per process."""
 
@@ -52,7 +69,12 @@ class _EncodeGroups(beam.DoFn):
         self.handler = handler
 
     def setup(self) -> None:
-        self.model = self.handler.load_model()
+        handler = self.handler
+        key = (handler.tokenizer_path, handler.max_batch_size, handler.threads, _files_state(handler.tokenizer_path))
+        if key not in _LOADED:
+            _LOADED.clear()  # one model at a time: a job uses one VQ tokenizer
+            _LOADED[key] = handler.load_model()
+        self.model = _LOADED[key]
 
     def process(self, group: tuple[Any, Iterable[tuple[Any, np.ndarray]]]) -> Iterator[tuple[Any, np.ndarray]]:
         items = list(group[1])
