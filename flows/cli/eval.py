@@ -1,4 +1,5 @@
-"""`cham eval`: held-out loss on stage shards, and the human-evaluation harness (prompts, compare, score)."""
+"""`cham eval`: held-out loss on stage shards, the human-evaluation harness (prompts, compare, score), and the
+image-to-text benchmarks (captioning, vqa)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from model.generation.inference import InferenceModel
 
 app = typer.Typer(
-    help="Evaluate a checkpoint: held-out loss, and mixed-modal prompts for human annotators.",
+    help="Evaluate a checkpoint: held-out loss, mixed-modal prompts for human annotators, image-to-text benchmarks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -237,6 +238,163 @@ def score(
     if "prompt_set" in result:
         console.print(_prompt_set_table(result["prompt_set"], "the prompt set"))
     _write_json(out, result)
+    console.print(f"wrote {out}")
+
+
+def _progress_bar(label: str) -> Progress:
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
+def _one_source(checkpoint: str | None, results: Path | None) -> None:
+    if (checkpoint is None) == (results is None):
+        raise fail("give either --checkpoint (generate and score) or --results (score a results file)")
+
+
+@app.command("captioning")
+def captioning(
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="COCO-Karpathy dataset_coco.json, or COCO caption annotations (captions_*.json)"),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the JSON file to write the scores and captions to")],
+    checkpoint: Annotated[str | None, CHECKPOINT] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="score this COCO results file ([{image_id, caption}]) instead of a checkpoint")
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="the image folder (default: the data file's folder)")] = None,
+    split: Annotated[str, typer.Option(help="the Karpathy split to caption (test, val, ...)")] = "test",
+    support: Annotated[
+        Path | None, typer.Option(help="a caption file to draw the examples from (default: train + restval)")
+    ] = None,
+    support_images: Annotated[
+        Path | None, typer.Option(help="the support file's image folder (default: --images)")
+    ] = None,
+    shots: Annotated[int, typer.Option(min=0, help="examples (image and caption) before each query")] = 2,
+    seed: Annotated[int, typer.Option(help="seed of the examples' choice")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="caption only the first N images")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="at most this many tokens per caption")] = 30,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts decoded together")] = 8,
+    text_tokenizer: Annotated[Path | None, typer.Option(help="override the text tokenizer the run recorded")] = None,
+    image_tokenizer: Annotated[Path | None, typer.Option(help="override the image tokenizer the run recorded")] = None,
+) -> None:
+    """Few-shot COCO captioning: caption each image greedily and score CIDEr-D and BLEU-4 (or score a results file)."""
+    from model.evaluation.benchmarks import image_to_text as i2t
+    from model.evaluation.benchmarks.image_to_text_data import (
+        BenchmarkFileError,
+        read_caption_results,
+        read_caption_set,
+    )
+
+    _one_source(checkpoint, results)
+    output_file(out)
+    folder = images if images is not None else (data.parent if checkpoint is not None else None)
+    try:
+        kind, items = read_caption_set(data, folder)
+        pool_items = None
+        if support is not None and checkpoint is not None:
+            pool_items = read_caption_set(support, support_images or images or support.parent)[1]
+        queries, pool = i2t.caption_pools(kind, items, split, pool_items)
+        queries = queries[:limit] if limit is not None else queries
+        if results is not None:
+            result = {**i2t.caption_scores(queries, read_caption_results(results)), "results": str(results)}
+        else:
+            assert checkpoint is not None
+            loaded = _load(Path(checkpoint), text_tokenizer, image_tokenizer)
+            with _progress_bar("captioning") as bar:
+                task = bar.add_task("images", total=len(queries))
+                result = i2t.run_captioning(
+                    loaded,
+                    queries,
+                    pool,
+                    shots=shots,
+                    seed=seed,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
+    except (BenchmarkFileError, i2t.BenchmarkError) as err:
+        raise fail(str(err)) from None
+    result = {**result, "data": str(data), "format": kind, **({"split": split} if kind == "karpathy" else {})}
+    table = Table("images", "CIDEr-D", "BLEU-4", "BLEU-1", title=f"captioning: {data.name}", box=box.SIMPLE_HEAD)
+    table.add_row(str(result["items"]), _fmt(result["cider"]), _fmt(result["bleu_4"]), _fmt(result["bleu"][0]))
+    console.print(table)
+    i2t.write_result(out, result)
+    console.print(f"wrote {out}")
+
+
+@app.command("vqa")
+def vqa(
+    questions: Annotated[
+        Path, typer.Option("--questions", help="VQAv2 questions (v2_OpenEnded_mscoco_*_questions.json)")
+    ],
+    annotations: Annotated[
+        Path, typer.Option("--annotations", help="VQAv2 annotations (v2_mscoco_*_annotations.json)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the JSON file to write the scores and answers to")],
+    checkpoint: Annotated[str | None, CHECKPOINT] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="score this results file ([{question_id, answer}]) instead of a checkpoint")
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="the image folder (default: the questions file's folder)")] = None,
+    support_questions: Annotated[
+        Path | None, typer.Option(help="questions to draw the examples from (default: the evaluated ones)")
+    ] = None,
+    support_annotations: Annotated[Path | None, typer.Option(help="the support questions' annotations")] = None,
+    support_images: Annotated[Path | None, typer.Option(help="the support questions' image folder")] = None,
+    shots: Annotated[int, typer.Option(min=0, help="examples (image, question and answer) before each query")] = 2,
+    seed: Annotated[int, typer.Option(help="seed of the examples' choice")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="answer only the first N questions")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="at most this many tokens per answer")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts decoded together")] = 8,
+    text_tokenizer: Annotated[Path | None, typer.Option(help="override the text tokenizer the run recorded")] = None,
+    image_tokenizer: Annotated[Path | None, typer.Option(help="override the image tokenizer the run recorded")] = None,
+) -> None:
+    """Few-shot VQAv2: answer each question greedily and score the official accuracy (or score a results file)."""
+    from model.evaluation.benchmarks import image_to_text as i2t
+    from model.evaluation.benchmarks.image_to_text_data import BenchmarkFileError, read_vqa, read_vqa_results
+
+    _one_source(checkpoint, results)
+    if (support_questions is None) != (support_annotations is None):
+        raise fail("give --support-questions and --support-annotations together")
+    output_file(out)
+    folder = images if images is not None else (questions.parent if checkpoint is not None else None)
+    try:
+        every = read_vqa(questions, annotations, folder)
+        items = every[:limit] if limit is not None else every
+        if results is not None:
+            result = {**i2t.vqa_scores(items, read_vqa_results(results)), "results": str(results)}
+        else:
+            assert checkpoint is not None
+            support = None
+            if support_questions is not None:
+                support = read_vqa(support_questions, support_annotations, support_images or support_questions.parent)
+            pool = i2t.vqa_pool(every, support)  # --limit shortens the queries, not the examples
+            loaded = _load(Path(checkpoint), text_tokenizer, image_tokenizer)
+            with _progress_bar("vqa") as bar:
+                task = bar.add_task("questions", total=len(items))
+                result = i2t.run_vqa(
+                    loaded,
+                    items,
+                    pool,
+                    shots=shots,
+                    seed=seed,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
+    except (BenchmarkFileError, i2t.BenchmarkError) as err:
+        raise fail(str(err)) from None
+    result = {**result, "questions": str(questions), "annotations": str(annotations)}
+    table = Table("", "questions", "accuracy", title=f"VQAv2: {questions.name}", box=box.SIMPLE_HEAD)
+    table.add_row("all", str(result["items"]), f"{result['accuracy']:.2f}")
+    counts: dict[str, int] = {}
+    for q in items:
+        counts[str(q.answer_type)] = counts.get(str(q.answer_type), 0) + 1
+    for name, accuracy in result["by_answer_type"].items():
+        table.add_row(name, str(counts.get(name, "")), f"{accuracy:.2f}")
+    console.print(table)
+    i2t.write_result(out, result)
     console.print(f"wrote {out}")
 
 
