@@ -592,3 +592,83 @@ def augment(
         )
     else:
         console.print(f"wrote {summary['responses']} and {out / ANNOTATE_PAGE}; compare it with `cham eval compare`")
+
+
+@app.command("benchmark")
+def benchmark(
+    checkpoint: Annotated[str, CHECKPOINT],
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="a task file in its published format (HellaSwag, ARC, PIQA, WinoGrande, BoolQ jsonl, MMLU csv or "
+            "jsonl, GSM8K jsonl) or a bundled sample: hellaswag, arc, piqa, winogrande, boolq, mmlu, gsm8k",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the JSON file to write the scores to")],
+    shots: Annotated[int, typer.Option(min=0, help="solved examples before each question (k-shot)")] = 0,
+    task_format: Annotated[
+        str | None, typer.Option("--format", help="the task file's format (default: from its name or fields)")
+    ] = None,
+    fewshot_file: Annotated[
+        Path | None,
+        typer.Option(help="draw the shots from this file (MMLU's dev split, a train split) instead of the task's own"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="few-shot seed (lm-evaluation-harness's default: 1234)")] = 1234,
+    limit: Annotated[int | None, typer.Option(min=1, help="score only the first N questions")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="questions scored together")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="generation tasks (GSM8K): at most this many")] = 256,
+    lm_eval_task: Annotated[
+        Path | None,
+        typer.Option(help="also write the task into this folder as an lm-evaluation-harness task (--include_path)"),
+    ] = None,
+    text_tokenizer: Annotated[Path | None, typer.Option(help="override the text tokenizer the run recorded")] = None,
+) -> None:
+    """A text benchmark as lm-evaluation-harness scores it: multiple choice by log-likelihood (acc, acc_norm,
+    acc_bytes) or GSM8K by exact match, k-shot with a fixed seed."""
+    from model.evaluation.benchmarks.text_tasks import TaskFileError, read_task, resolve_task
+
+    try:
+        path, bundled_fewshot = resolve_task(task)
+        text_task = read_task(path, task_format)
+        pool_path = fewshot_file or bundled_fewshot
+        pool = list(read_task(pool_path, text_task.format).docs) if pool_path is not None else None
+    except TaskFileError as err:
+        raise fail(str(err)) from None
+    output_file(out)
+    loaded = _load(checkpoint, text_tokenizer)
+    from model.evaluation.benchmarks.text_benchmarks import run_text_benchmark
+
+    console.print(f"[dim]{loaded.checkpoint} (step {loaded.step}): {text_task.name}, {shots}-shot, {path}[/dim]")
+    columns = (TextColumn(text_task.name), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            progress_task = bar.add_task("questions", total=None)
+            result = run_text_benchmark(
+                loaded.model,
+                loaded.tokenizer.text,
+                text_task,
+                shots=shots,
+                seed=seed,
+                limit=limit,
+                fewshot_pool=pool,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=lambda done, total: bar.update(progress_task, completed=done, total=total),
+            )
+    except (TaskFileError, ValueError) as err:
+        raise fail(str(err)) from None
+    result = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, **result}
+    title = f"{text_task.name}: {result['questions']} questions, {shots}-shot, {result['seconds']:.1f} s"
+    table = Table("metric", "value", "stderr", title=title)
+    for name, value in result["metrics"].items():
+        if not name.endswith("_stderr"):
+            table.add_row(name, _fmt(value), _fmt(result["metrics"][f"{name}_stderr"]))
+    console.print(table)
+    _write_json(out, result)
+    console.print(f"wrote {out}")
+    if lm_eval_task is not None:
+        from model.evaluation.benchmarks.lm_eval_harness import write_lm_eval_task
+
+        name = write_lm_eval_task(text_task, lm_eval_task, pool)
+        console.print(f"wrote the lm-evaluation-harness task {name} into {lm_eval_task} (docs/evaluation.md)")
