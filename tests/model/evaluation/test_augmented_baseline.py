@@ -269,3 +269,7 @@ def test_our_model_draws_each_caption_with_its_own_seed(loaded, tmp_path: Path) 
     # the same caption and seed draw the same image again
     again = caption_images(loaded, [{"image": "fox-0", "caption": "a red fox"}], tmp_path / "again", seed=5)
     assert again["fox-0"]["codes"] == fox[1]["codes"]
+
+
+def test_the_docs_quote_the_instruction_as_sent() -> None:
+    assert CAPTION_INSTRUCTION in (REPO / "docs" / "evaluation.md").read_text()
