@@ -14,7 +14,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from model.evaluation.annotation_page import EXTRA_STYLE, SCRIPT
 from model.evaluation.human_eval import EvalFileError, read_jsonl
@@ -23,8 +23,7 @@ from model.files.atomic import write_atomic
 from model.generation.segment_output import html_page, save_thumbnail, segments_html
 from schemas.eval_prompts import FILTER_LABELS, EvalPrompt, FilterLabel
 
-FilterRule = Literal["majority", "unanimous"]
-RULES: tuple[str, ...] = ("majority", "unanimous")
+RULES = ("majority", "unanimous")
 FILTER_TASK = "filter"
 FILTER_TEXT = {
     "keep": "Keep: clear, and a good answer needs images",
@@ -117,7 +116,7 @@ def read_filter_labels(paths: Sequence[str | Path]) -> list[tuple[str, FilterLab
     return [(f"{path}:{n}", label) for path in paths for n, label in read_jsonl(path, FilterLabel)]
 
 
-def _decision(labels: Sequence[str], rule: FilterRule) -> str:
+def _decision(labels: Sequence[str], rule: str) -> str:
     """keep, or why the prompt is dropped: the drop label most annotators chose (unclear on a tie: an unclear
     prompt cannot be judged for what its answer needs)."""
     votes = Counter(labels)
@@ -182,7 +181,7 @@ def _check_labels(
 
 
 def filter_prompts(
-    prompts: Sequence[EvalPrompt], labels: Sequence[tuple[str, FilterLabel]], rule: FilterRule = "majority"
+    prompts: Sequence[EvalPrompt], labels: Sequence[tuple[str, FilterLabel]], rule: str = "majority"
 ) -> tuple[list[EvalPrompt], dict[str, Any]]:
     """(the kept prompts, marked `expects="mixed"`, in file order; the report): per prompt its labels and decision,
     kept and dropped counts, agreement shares and Fleiss' kappa (over the three labels, and over keep vs drop),

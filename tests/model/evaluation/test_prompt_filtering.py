@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -119,7 +121,7 @@ def test_unanimous_rule_keeps_only_what_all_keep() -> None:
     assert report["rule"] == "unanimous" and report["dropped"] == {"unclear": 3, "not_mixed_modal": 3}
     assert report["fleiss_kappa"]["labels"] == pytest.approx(4 / 15)  # agreement does not depend on the rule
     with pytest.raises(ValueError, match="rule"):
-        filter_prompts(prompts, read_filter_labels([LABELS]), rule="plurality")  # type: ignore[arg-type]
+        filter_prompts(prompts, read_filter_labels([LABELS]), rule="plurality")
 
 
 def test_the_kept_set_is_a_prompt_file_with_its_images_found(tmp_path: Path) -> None:
@@ -210,3 +212,38 @@ def test_filter_pages_escape_user_text_and_download_what_is_read_back(tmp_path: 
         write_filter_pages(prompts, ["../evil"], tmp_path)
     with pytest.raises(EvalFileError, match="repeat"):
         write_filter_pages(prompts, ["a", "a"], tmp_path)
+
+
+# A stand-in DOM for the page's script: the name filled in by the page, two prompts labelled, one not.
+DOM_STUB = """
+const items = [['p1', 'story', 'keep'], ['p2', 'how-to', 'not_mixed_modal'], ['p3', 'how-to', null]];
+globalThis.document = {
+  getElementById: () => ({value: 'ann2'}),
+  querySelectorAll: () => items.map(([item, category, label]) => ({dataset: {item, category},
+    querySelector: () => (label ? {value: label} : null)})),
+  createElement: () => ({click() { process.stdout.write(globalThis.saved + '|' + this.download); }}),
+};
+globalThis.confirm = () => true; globalThis.alert = (m) => { throw new Error(m); };
+globalThis.Blob = class { constructor(parts) { globalThis.saved = parts.join(''); } };
+globalThis.URL = {createObjectURL: () => 'blob:x'};
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node runs the page's script")
+def test_the_filter_page_downloads_what_filter_reads(tmp_path: Path) -> None:
+    prompts = [EvalPrompt(id="p1", prompt="Draw a fox.", category="story")]
+    (page,) = write_filter_pages(prompts, ["ann2"], tmp_path)
+    html = page.read_text()
+    script = html[html.index("<script>") + len("<script>") : html.index("</script>")]
+    call = html[html.index('onclick="') + len('onclick="') :].split('"', 1)[0]  # the button's own call
+    assert call == "downloadAnnotations('filter')"
+    out = subprocess.run(
+        ["node", "-e", script + DOM_STUB + call], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    content, name = out.rsplit("|", 1)
+    assert name == "annotations-filter-ann2.jsonl"
+    (tmp_path / name).write_text(content)
+    got = [
+        (where.rsplit(":", 1)[1], a.item, a.annotator, a.label) for where, a in read_filter_labels([tmp_path / name])
+    ]
+    assert got == [("1", "p1", "ann2", "keep"), ("2", "p2", "ann2", "not_mixed_modal")]
