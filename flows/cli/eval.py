@@ -489,7 +489,7 @@ def filter_command(
     output_file(out)
     output_file(report)
     try:
-        kept, result = filter_prompts(read_prompts(prompts_file), read_filter_labels(labels), rule)  # type: ignore[arg-type]
+        kept, result = filter_prompts(read_prompts(prompts_file), read_filter_labels(labels), rule)
     except EvalFileError as err:
         raise fail(str(err)) from None
     table = Table(
@@ -571,7 +571,7 @@ def augment(
     output_folder(out)
     draw = None
     if checkpoint is not None:
-        loaded = _load(Path(checkpoint), text_tokenizer, image_tokenizer)
+        loaded = _load(checkpoint, text_tokenizer, image_tokenizer)
 
         def draw(captions: list[dict[str, Any]], folder: Path) -> dict[str, dict[str, Any]]:
             columns = (TextColumn("drawing captions"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
