@@ -14,7 +14,7 @@ from flows.build_dataset import build_dataset
 from flows.end_to_end import end_to_end
 from flows.evaluation_flows import evaluate, generate
 from flows.mixture_experiment import mixture_experiment
-from flows.mixture_search import mixture_search
+from flows.mixture_search import mixture_proxy, mixture_search
 from flows.serve_settings import ServeSettings
 from flows.training_flows import sft, train
 from schemas import PrepareConfig, SFTConfig, TrainConfig, load_config
@@ -52,6 +52,9 @@ def build_deployments(settings: ServeSettings) -> list[RunnerDeployment]:
             ON_DEMAND,
             tags=tags,
             description="Proxy runs, fits and a proposed mixture; approve it to mix and start training.",
+        ),
+        mixture_proxy.to_deployment(
+            ON_DEMAND, tags=tags, description="One proxy run of a mixture search (started by the search)."
         ),
         train.to_deployment(ON_DEMAND, parameters=train_defaults, tags=tags, description="Pretrain with a form."),
         sft.to_deployment(

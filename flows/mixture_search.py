@@ -19,7 +19,7 @@ from flows.artifacts import markdown_artifact, markdown_table, png_markdown, tab
 from flows.build_dataset import mix_task
 from flows.markup import Markdown, code, md
 from flows.mixture_proposal import WEIGHTED, search, write_approved
-from flows.subprocess_task import run_logger
+from flows.subprocess_task import cham, run_command, run_logger
 from schemas import MixtureSearchConfig, TrainConfig, load_config, validate_config
 
 APPROVED_MIX = "approved-mix"  # out_dir/approved-mix/<stage>/: the approved spec's stages
@@ -173,6 +173,13 @@ def launch_config(config: MixtureSearchConfig, stage_dirs: dict[str, Path], stag
     else:
         train["data"] = str(stage_dirs[stage])
     return validate_config(TrainConfig, train, str(config.launch.train_config))
+
+
+@flow(name="mixture-proxy")
+def mixture_proxy(run_dir: str = Field(description="a proxy run's folder, written by a mixture search")) -> None:
+    """One proxy run of a mixture search (`cham mixture proxy RUN_DIR`): mix, train, evaluate, write result.json.
+    A search with `swarm.deployment` starts these, so that a work pool's workers run the swarm."""
+    run_command(cham("mixture", "proxy", run_dir), tail_lines=20)
 
 
 @flow(name="mixture-search")

@@ -8,6 +8,7 @@ stage's manifest. A rerun of the search, or a larger swarm, finds the runs it al
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import shutil
@@ -237,6 +238,33 @@ def run_proxy(folder: Path, log: Callable[[str], None] = print) -> dict[str, Any
     return result
 
 
+def run_on_deployment(deployment: str, folder: Path, stop: threading.Event) -> None:
+    """One proxy run as a flow run of `deployment` (the `mixture-proxy` flow, on whatever serves it or on a work
+    pool's workers), waited for; a run that does not complete is an error naming its state. When the search stops
+    (another run failed, or it was interrupted) the flow run is cancelled."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    flow_run = run_deployment(deployment, parameters={"run_dir": str(folder.resolve())}, timeout=0, as_subflow=False)
+    with get_client(sync_client=True) as client:
+        try:
+            while True:
+                state = client.read_flow_run(flow_run.id).state
+                if state is not None and state.is_final():
+                    break
+                if stop.is_set():
+                    raise RuntimeError("stopped: another proxy run failed")
+                time.sleep(1.0)
+        except BaseException:
+            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+            raise
+    if not state.is_completed():
+        raise RuntimeError(f"proxy run {folder.name}: flow run {flow_run.name} of {deployment} ended {state.name}")
+
+
 def run_swarm(
     config: MixtureSearchConfig,
     space: SearchSpace,
@@ -244,7 +272,8 @@ def run_swarm(
     progress: Callable[[int, int, ProxyRun, bool], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every run's result by key: existing results reused, the others run `swarm.parallel` at a time, each as
-    `cham mixture proxy` in a process of its own that ends with this one. `progress(done, total, run, reused)`."""
+    `cham mixture proxy` in a process of its own that ends with this one (or as a flow run of `swarm.deployment`).
+    `progress(done, total, run, reused)`."""
     from flows.subprocess_task import cham, run_command
 
     runs_dir = Path(config.out_dir) / "runs"
@@ -272,7 +301,10 @@ def run_swarm(
 
     def one(run: ProxyRun, folder: Path) -> None:
         nonlocal done
-        run_command(cham("mixture", "proxy", str(folder)), poll=stopped, poll_every=0.5, tail_lines=20)
+        if config.swarm.deployment:
+            run_on_deployment(config.swarm.deployment, folder, stop)
+        else:
+            run_command(cham("mixture", "proxy", str(folder)), poll=stopped, poll_every=0.5, tail_lines=20)
         with lock:
             results[run.key] = read_result(folder) or {}
             done += 1
@@ -280,7 +312,9 @@ def run_swarm(
                 progress(done, len(unique), run, False)
 
     with ThreadPoolExecutor(max_workers=config.swarm.parallel, thread_name_prefix="proxy") as pool:
-        futures = [pool.submit(one, run, folder) for run, folder in todo]
+        # Each thread runs in a copy of this context: Prefect's settings (the API a deployment run goes to) and run
+        # context are context variables, which a plain thread would not see.
+        futures = [pool.submit(contextvars.copy_context().run, one, run, folder) for run, folder in todo]
         try:
             finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in finished if f.exception() is not None]

@@ -80,7 +80,12 @@ class SwarmSettings(StrictModel):
     )
     noise_seeds: int = Field(2, ge=0, description="extra runs of the base mixture with other seeds: run-to-run noise")
     seed: int = Field(0, description="seed of the draws")
-    parallel: int = Field(1, ge=1, description="proxy runs at once (each a process)")
+    parallel: int = Field(1, ge=1, description="proxy runs at once (each a process, or a flow run of `deployment`)")
+    deployment: str | None = Field(
+        None,
+        description="run each proxy as a flow run of this deployment (mixture-proxy/on-demand, served by `cham serve` "
+        "or deployed to a work pool) instead of a local process; its workers must see out_dir and the data",
+    )
 
     @field_validator("mixtures")
     @classmethod

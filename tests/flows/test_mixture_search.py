@@ -262,3 +262,56 @@ def test_the_flow_pauses_for_approval_and_launches_training_with_the_edited_weig
         finally:
             stop(proc)
             log.close()
+
+
+def test_proxy_runs_go_to_a_deployment_when_the_swarm_names_one(server: dict, searched, tmp_path: Path) -> None:
+    """`swarm.deployment`: the new runs become flow runs of mixture-proxy/on-demand, here served by `cham serve` as a
+    work pool's worker would run them; the runs the search already has are reused, not sent."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.flows.prefect_server import REPO, stop, wait_for
+
+    path, _ = searched
+    config = load_config(MixtureSearchConfig, path)
+    new_mixture = {"prose": 0.7, "code": 0.2, "photos": 0.1}
+    swarm = config.swarm.model_copy(update={"deployment": "mixture-proxy/on-demand", "mixtures": [new_mixture]})
+    config = config.model_copy(update={"swarm": swarm})
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows", "serve", "--build-cron", ""],
+        cwd=REPO,
+        env=server | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        with (
+            temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}),
+            get_client(sync_client=True) as client,
+        ):
+
+            def served():
+                try:
+                    return client.read_deployment_by_name("mixture-proxy/on-demand")
+                except Exception:
+                    return None
+
+            deployment = wait_for(served, "the mixture-proxy deployment", 120, [serve])
+            seen: list[tuple[str, bool]] = []
+            outcome = search(config, progress=lambda d, t, r, reused: seen.append((r.role, reused)), log=print)
+            runs = client.read_flow_runs()
+            proxy_runs = [r for r in runs if r.deployment_id == deployment.id]
+        # the given mixture and the proposal moved by it: new runs, sent to the deployment; the rest reused
+        sent = [role for role, reused in seen if not reused]
+        assert "given" in sent and len(proxy_runs) == len(sent)
+        assert all(r.state.is_completed() for r in proxy_runs)
+        given = next(r for r in outcome["runs"] if r["role"] == "given")
+        assert given["share prose"] == 0.7 and given["weighted"] > 0
+    finally:
+        stop(serve)
+        log.close()
