@@ -87,6 +87,73 @@ def _response_row(record: dict[str, Any]) -> dict[str, Any]:
     return {k: short(record[k]) for k in keys}
 
 
+def _options(**values: Any) -> list[str]:
+    """`--name value` for every value given (None left out), names with dashes."""
+    return [a for k, v in values.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+@task(name="eval-captioning", retries=1)
+def eval_captioning_task(
+    checkpoint: str, data: str, images: str | None, shots: int, limit: int | None, out: Path
+) -> dict[str, Any]:
+    """`cham eval captioning`: few-shot captions of a COCO-Karpathy (or COCO captions) set, CIDEr-D and BLEU."""
+    run_command(
+        cham(
+            "eval",
+            "captioning",
+            *_options(checkpoint=checkpoint, data=data, images=images, shots=shots, limit=limit, out=out),
+        )
+    )
+    return json.loads(out.read_text())
+
+
+@task(name="eval-vqa", retries=1)
+def eval_vqa_task(
+    checkpoint: str,
+    questions: str,
+    annotations: str,
+    images: str | None,
+    shots: int,
+    limit: int | None,
+    out: Path,
+) -> dict[str, Any]:
+    """`cham eval vqa`: few-shot answers to VQAv2 questions, the official accuracy."""
+    options = _options(
+        checkpoint=checkpoint,
+        questions=questions,
+        annotations=annotations,
+        images=images,
+        shots=shots,
+        limit=limit,
+        out=out,
+    )
+    run_command(cham("eval", "vqa", *options))
+    return json.loads(out.read_text())
+
+
+def captioning_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The captioning scores, then the first captions with their image."""
+    return [
+        {
+            "images": result["items"],
+            "CIDEr-D": round(result["cider"], 4),
+            "BLEU-4": round(result["bleu_4"], 4),
+            "BLEU-1": round(result["bleu"][0], 4),
+            "shots": result.get("shots"),
+        }
+    ]
+
+
+def vqa_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """VQAv2 accuracy overall and per answer type (yes/no, number, other)."""
+    rows = [{"answers": "all", "accuracy": round(result["accuracy"], 2)}]
+    return rows + [{"answers": name, "accuracy": round(v, 2)} for name, v in result["by_answer_type"].items()]
+
+
+def _shown(predictions: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{k: p.get(k) for k in keys} for p in predictions[:SHOWN_RESPONSES]]
+
+
 @flow(name="evaluate")
 def evaluate(
     checkpoint: str = CHECKPOINT,
@@ -96,8 +163,16 @@ def evaluate(
     max_batches: Annotated[int, Field(ge=1)] = Field(8, description="batches of the stage to evaluate"),
     mode: Literal["text", "image", "mixed"] = Field("mixed", description="what the model may answer with"),
     max_new_tokens: Annotated[int, Field(ge=1)] = Field(256, description="at most this many new tokens per response"),
+    captioning: str | None = Field(None, description="a COCO-Karpathy or COCO captions JSON: few-shot captioning"),
+    captioning_images: str | None = Field(None, description="its image folder (default: the JSON's folder)"),
+    vqa_questions: str | None = Field(None, description="VQAv2 questions JSON: few-shot visual question answering"),
+    vqa_annotations: str | None = Field(None, description="the VQAv2 annotations JSON of those questions"),
+    vqa_images: str | None = Field(None, description="their image folder (default: the questions' folder)"),
+    shots: Annotated[int, Field(ge=0)] = Field(2, description="examples before each benchmark query (paper: 2)"),
+    benchmark_limit: int | None = Field(None, ge=1, description="score only the first N items of each benchmark"),
 ) -> dict[str, Any]:
-    """Held-out loss and perplexity (by source and modality) and answers to a prompt set, as artifacts."""
+    """Held-out loss and perplexity (by source and modality), answers to a prompt set, and benchmarks (captioning
+    CIDEr-D / BLEU-4, VQAv2 accuracy), each as a table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"checkpoint": checkpoint}
@@ -117,6 +192,37 @@ def evaluate(
         )
         summary["responses"] = len(responses)
         summary["annotate_page"] = str(out / "prompts" / "annotate.html")
+    benchmarks: list[dict[str, Any]] = []
+    if captioning:
+        result = eval_captioning_task(
+            checkpoint, captioning, captioning_images, shots, benchmark_limit, out / "captioning.json"
+        )
+        table_artifact(captioning_rows(result), key="evaluate-captioning", description=f"captioning: {captioning}")
+        shown = _shown(result.get("predictions", []), ("image_id", "caption"))
+        if shown:
+            table_artifact(shown, key="evaluate-captioning-samples", description="the first captions")
+        benchmarks.append(
+            {"benchmark": "captioning", "metric": "CIDEr-D", "score": result["cider"], "items": result["items"]}
+        )
+    if vqa_questions:
+        if not vqa_annotations:
+            raise ValueError("vqa_questions needs vqa_annotations (the answers to score against)")
+        result = eval_vqa_task(
+            checkpoint, vqa_questions, vqa_annotations, vqa_images, shots, benchmark_limit, out / "vqa.json"
+        )
+        table_artifact(vqa_rows(result), key="evaluate-vqa", description=f"VQAv2 accuracy: {vqa_questions}")
+        shown = _shown(result.get("predictions", []), ("question", "answer", "accuracy"))
+        table_artifact(shown, key="evaluate-vqa-samples", description="the first answers")
+        benchmarks.append(
+            {"benchmark": "vqav2", "metric": "accuracy", "score": result["accuracy"], "items": result["items"]}
+        )
+    if benchmarks:
+        table_artifact(
+            [{**b, "score": round(b["score"], 4), "shots": shots} for b in benchmarks],
+            key="evaluate-benchmarks",
+            description=f"benchmarks of {checkpoint}",
+        )
+        summary["benchmarks"] = {b["benchmark"]: b["score"] for b in benchmarks}
     return summary
 
 

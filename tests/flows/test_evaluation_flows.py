@@ -110,3 +110,36 @@ def test_loss_rows_leave_out_scopes_without_targets() -> None:
         "by_modality": {"text": {"loss": 2.0, "perplexity": 7.389, "tokens": 10}, "image": empty},
     }
     assert [r["scope"] for r in loss_rows(result)] == ["all", "source: prose", "modality: text"]
+
+
+def test_evaluate_flow_runs_the_image_to_text_benchmarks(prefect_api, tiny_run: Path, tmp_path) -> None:
+    """Captioning and VQAv2 on the bundled sample files, 1 shot, 2 items each: a table per benchmark and a summary
+    whose scores are those of the result files."""
+    sample = REPO / "sample"
+    state = evaluate(
+        checkpoint=str(tiny_run),
+        out_dir=str(tmp_path / "eval"),
+        captioning=str(sample / "eval" / "coco_karpathy.json"),
+        captioning_images=str(sample / "images"),
+        vqa_questions=str(sample / "eval" / "vqav2_questions.json"),
+        vqa_annotations=str(sample / "eval" / "vqav2_annotations.json"),
+        vqa_images=str(sample / "images"),
+        shots=1,
+        benchmark_limit=2,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    captioning = json.loads((tmp_path / "eval" / "captioning.json").read_text())
+    vqa = json.loads((tmp_path / "eval" / "vqa.json").read_text())
+    assert captioning["items"] == 2 and vqa["items"] == 2 and captioning["shots"] == 1
+    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
+    summary = {r["benchmark"]: r for r in prefect_api.by_key(artifacts, "evaluate-benchmarks")["data"]}
+    assert summary["captioning"]["score"] == round(captioning["cider"], 4)
+    assert summary["vqav2"]["score"] == round(vqa["accuracy"], 4)
+    (row,) = prefect_api.by_key(artifacts, "evaluate-captioning")["data"]
+    assert row["CIDEr-D"] == round(captioning["cider"], 4) and row["BLEU-4"] == round(captioning["bleu_4"], 4)
+    accuracy = {r["answers"]: r["accuracy"] for r in prefect_api.by_key(artifacts, "evaluate-vqa")["data"]}
+    assert accuracy["all"] == round(vqa["accuracy"], 2)
+    answers = prefect_api.by_key(artifacts, "evaluate-vqa-samples")["data"]
+    assert [a["answer"] for a in answers] == [p["answer"] for p in vqa["predictions"]]
+    assert state.result()["benchmarks"] == {"captioning": captioning["cider"], "vqav2": vqa["accuracy"]}
