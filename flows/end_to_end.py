@@ -26,6 +26,7 @@ from schemas.vocab import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_PROMPTS = REPO / "sample" / "eval" / "prompts.jsonl"
+SAMPLE_EVAL, SAMPLE_IMAGES = REPO / "sample" / "eval", REPO / "sample" / "images"  # bundled benchmark samples
 SAMPLE_PHOTO = "sample/images"
 
 
@@ -149,6 +150,9 @@ def end_to_end(
     sft_steps: Annotated[int, Field(ge=1)] = Field(12, description="fine-tuning steps"),
     max_new_tokens: Annotated[int, Field(ge=8)] = Field(96, description="new tokens per generated answer"),
     eval_prompts: Annotated[int, Field(ge=0)] = Field(3, description="prompts of sample/eval/prompts.jsonl to answer"),
+    benchmark_items: Annotated[int, Field(ge=0)] = Field(
+        2, description="items of the bundled captioning and VQAv2 samples to score, 2-shot (0: none)"
+    ),
 ) -> dict[str, Any]:
     """Sample data -> tokenizers -> prepare -> mix -> pretrain (stage 1 then 2, one run) -> SFT -> generate -> evaluate
     -> report."""
@@ -207,6 +211,19 @@ def end_to_end(
         max_batches=4,
         mode="mixed",
         max_new_tokens=max_new_tokens,
+        **(
+            {
+                "captioning": str(SAMPLE_EVAL / "coco_karpathy.json"),
+                "captioning_images": str(SAMPLE_IMAGES),
+                "vqa_questions": str(SAMPLE_EVAL / "vqav2_questions.json"),
+                "vqa_annotations": str(SAMPLE_EVAL / "vqav2_annotations.json"),
+                "vqa_images": str(SAMPLE_IMAGES),
+                "shots": 2,
+                "benchmark_limit": benchmark_items,
+            }
+            if benchmark_items
+            else {}
+        ),
     )
 
     runs_done = {"pretrain (stage 1, 2)": pretrained, "sft": tuned}
@@ -236,6 +253,10 @@ def end_to_end(
         "training": training_rows,
         "evaluation": evaluation_rows,
         "annotate_page": evaluated.get("annotate_page"),
+        "benchmarks": [
+            {"benchmark": name, "score": round(score, 4), "items": benchmark_items, "shots": 2}
+            for name, score in evaluated.get("benchmarks", {}).items()
+        ],
         "generations": [
             (g["out_dir"], json.loads((Path(g["out_dir"]) / "generation.json").read_text())) for g in generations
         ],
@@ -255,6 +276,7 @@ def end_to_end(
         "prepared": built["sources"],
         "training": training_rows,
         "evaluation": evaluation_rows,
+        "benchmarks": report["benchmarks"],
         "generations": generations,
         "mixed_dir": str(out / "mixed"),
     }

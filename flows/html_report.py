@@ -78,6 +78,8 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
     sections.append(image_tag(Path(report["loss_png"]), "loss curves").replace("<img", "<img width=700"))
     sections.append(dict_table(report["training"]))
     sections.append("<h2>5. Evaluation</h2>" + dict_table(report["evaluation"]))
+    if report.get("benchmarks"):
+        sections.append("<h3>Benchmarks</h3>" + dict_table(report["benchmarks"]))
     if report.get("annotate_page"):
         sections.append(
             f"<p>Answers to the prompt set, to annotate: <code>{html.escape(report['annotate_page'])}</code></p>"

@@ -38,6 +38,9 @@ def test_end_to_end_writes_the_report(prefect_api, tmp_path: Path) -> None:
         "generate-mixed",
         "evaluate-loss",
         "evaluate-prompts",
+        "evaluate-captioning",
+        "evaluate-vqa",
+        "evaluate-benchmarks",
         "end-to-end-training",
     } <= keys
 
@@ -66,5 +69,9 @@ def test_end_to_end_writes_the_report(prefect_api, tmp_path: Path) -> None:
     assert {k: v["records_in"] for k, v in summary["prepared"].items()} == {
         k: v["records in"] for k, v in prepared.items()
     }
+    captioning = json.loads((tmp_path / "eval" / "captioning.json").read_text())
+    assert captioning["items"] == 2 and captioning["shots"] == 2  # the bundled sample, scored in the demo
+    assert {b["benchmark"]: b["score"] for b in result["benchmarks"]}["captioning"] == round(captioning["cider"], 4)
+    assert "<h3>Benchmarks</h3>" in page
     held_out = json.loads((tmp_path / "eval" / "eval-loss.json").read_text())
     assert f"<td>{round(held_out['loss'], 4)}</td>" in page
