@@ -42,6 +42,7 @@ def swarm_rows(runs: list[ProxyRun], results: dict[str, dict[str, Any]], config:
                 **{f"share {s}": v for s, v in run.shares.items()},
                 **{name: found.get(name) for name in config.objective},
                 WEIGHTED: weighted_objective(found, config.objective),
+                **({"error": results[run.key]["error"]} if "error" in results[run.key] else {}),
             }
         )
     return rows
@@ -161,9 +162,14 @@ def search(
         f"{space.steps} steps ({config.proxy.tokens:,} tokens each)"
     )
     results = run_swarm(config, space, runs, progress)
-    fit_runs = [r for r in runs if r.role in ("given", "fit", "base")]
-    test_runs = [r for r in runs if r.role == "test"]
-    noise_runs = [r for r in runs if r.role in ("base", "noise")]
+    failed = [r for r in runs if weighted_objective(results[r.key]["objectives"], config.objective) is None]
+    for r in failed:
+        reason = results[r.key].get("error", "an objective is missing")
+        log(f"proxy run {r.name} ({r.role}, {r.shares}) has no losses: {reason}")
+    measured = [r for r in runs if r not in failed]
+    fit_runs = [r for r in measured if r.role in ("given", "fit", "base")]
+    test_runs = [r for r in measured if r.role == "test"]
+    noise_runs = [r for r in measured if r.role in ("base", "noise")]
     objectives = list(config.objective)
     noise = {
         name: noise_of([results[r.key]["objectives"][name] for r in noise_runs])
@@ -199,15 +205,18 @@ def search(
     if config.proposal.confirm:
         run = ProxyRun("proposal", shares, config.proxy.seed, run_key(config, space, shares, config.proxy.seed))
         found = run_swarm(config, space, [run], progress)[run.key]
-        measured = weighted_objective(found["objectives"], config.objective)
+        confirmed = weighted_objective(found["objectives"], config.objective)
         scored = [
-            (weighted_objective(results[r.key]["objectives"], config.objective), r) for r in runs if r.role != "noise"
+            (weighted_objective(results[r.key]["objectives"], config.objective), r)
+            for r in measured
+            if r.role != "noise"
         ]
-        best_value, best_run = min((v, r) for v, r in scored if v is not None)
+        best_value, best_run = min(scored, key=lambda pair: pair[0])
         confirmation = {
             "run": run.name,
             "objectives": {n: found["objectives"].get(n) for n in objectives},
-            WEIGHTED: measured,
+            WEIGHTED: confirmed,
+            **({"error": found["error"]} if "error" in found else {}),
             "predicted": proposed.predicted,
             "predicted_weighted": proposed.weighted,
             "best_swarm_run": best_run.name,
@@ -224,10 +233,11 @@ def search(
         "base": space.base,
         "steps": space.steps,
         "runs": swarm_rows(runs, results, config),
+        "failed": len(failed),
         "noise": noise,
         "cross_validation": cv_report,
         "test": tested,
-        "effects": effects(space, [r for r in runs if r.role != "noise"], results, objectives),
+        "effects": effects(space, [r for r in measured if r.role != "noise"], results, objectives),
         "constraints": {"budget_tokens": budget, "min_share": constraints.min_share, "max_share": max_share},
         "proposal": {**proposed.as_dict(), "shares": shares},
         "confirmation": confirmation,

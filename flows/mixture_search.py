@@ -141,12 +141,12 @@ def report_search(config: MixtureSearchConfig, outcome: dict[str, Any]) -> Markd
             md(
                 "Confirmation run {}: measured {}, predicted {}; best swarm run {} ({}) {}; base {}.",
                 code(confirmation["run"]),
-                round(confirmation[WEIGHTED], 4),
+                _fmt(confirmation[WEIGHTED]),
                 round(confirmation["predicted_weighted"]["mean"], 4),
                 code(confirmation["best_swarm_run"]),
                 confirmation["best_swarm_role"],
                 round(confirmation["best_swarm_weighted"], 4),
-                round(confirmation["base_weighted"], 4),
+                _fmt(confirmation["base_weighted"]),
             )
         )
     if not any(r.get("better_than_mean") for r in outcome["cross_validation"] if r.get("chosen")):

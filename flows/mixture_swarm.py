@@ -214,21 +214,27 @@ def run_proxy(folder: Path, log: Callable[[str], None] = print) -> dict[str, Any
     A run stopped part-way leaves no result: the next search starts it over (its folders are cleared first)."""
     from model.mixture_search.proxy_run import train_and_evaluate
     from pipelines.mix_job import run_mix
+    from pipelines.mix_plan import MixPlanError
 
     request = json.loads((folder / REQUEST).read_text())
     for partial in ("mixed", "run"):
         shutil.rmtree(folder / partial, ignore_errors=True)
     spec = load_config(MixtureSpec, folder / "mixture.yaml")
-    manifest = run_mix(spec, folder / "mixed")["manifests"][request["stage"]]
+    identity = {k: request[k] for k in ("key", "role", "shares", "seed")}
+    try:
+        manifest = run_mix(spec, folder / "mixed")["manifests"][request["stage"]]
+    except MixPlanError as err:
+        # A mixture that cannot be built (a source repeated past its cap at this budget) is a property of the
+        # mixture, not a failure of the search: recorded with its reason, left out of the fits, never retried.
+        result = {**identity, "error": str(err), "objectives": {}}
+        write_atomic(folder / RESULT, json.dumps(result, indent=1))
+        return result
     config = load_config(TrainConfig, folder / "train.yaml")
     result = train_and_evaluate(
         config, request["heldout"], request["eval_batch_size"], request["eval_max_batches"], log=log
     )
     result |= {
-        "key": request["key"],
-        "role": request["role"],
-        "shares": request["shares"],
-        "seed": request["seed"],
+        **identity,
         "target_shares": {n: s["target_share"] for n, s in manifest["sources"].items()},
         "realized_shares": {n: s["realized_share"] for n, s in manifest["sources"].items()},
         "image_share": manifest["modality"]["image_share"],

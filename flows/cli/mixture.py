@@ -28,6 +28,10 @@ def _table(title: str, rows: list[dict], columns: list[str] | None = None) -> Ta
     return table
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 @app.command()
 def search(
     config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="a MixtureSearchConfig YAML file")],
@@ -78,10 +82,10 @@ def search(
     if outcome["confirmation"]:
         c = outcome["confirmation"]
         console.print(
-            f"confirmation run {c['run']}: {WEIGHTED} {c[WEIGHTED]:.4f} measured, predicted "
+            f"confirmation run {c['run']}: {WEIGHTED} {_number(c[WEIGHTED])} measured, predicted "
             f"{c['predicted_weighted']['mean']:.4f} +- {c['predicted_weighted']['std']:.4f}; "
             f"best swarm run {c['best_swarm_run']} ({c['best_swarm_role']}) "
-            f"{c['best_swarm_weighted']:.4f}; base {c['base_weighted']:.4f}"
+            f"{c['best_swarm_weighted']:.4f}; base {_number(c['base_weighted'])}"
         )
     console.print(f"search: {Path(config.out_dir) / 'search.json'}")
     if approve:

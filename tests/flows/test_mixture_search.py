@@ -315,3 +315,33 @@ def test_proxy_runs_go_to_a_deployment_when_the_swarm_names_one(server: dict, se
     finally:
         stop(serve)
         log.close()
+
+
+def test_a_mixture_that_cannot_be_mixed_is_recorded_with_its_reason_and_left_out(searched, tmp_path: Path) -> None:
+    from flows.mixture_swarm import ProxyRun, read_result, run_proxy, write_request
+
+    path, _ = searched
+    config = load_config(MixtureSearchConfig, path)
+    space = search_space(config)
+    only_photos = {"prose": 0.0, "code": 0.0, "photos": 1.0}
+    run = ProxyRun("given", only_photos, 0, "f" * 64)
+    folder = write_request(config, space, run, tmp_path / "runs")
+    spec = yaml.safe_load((folder / "mixture.yaml").read_text())
+    spec["stages"]["stage1"]["sources"][0]["max_repetitions"] = 0.01  # the photos cannot fill the budget
+    (folder / "mixture.yaml").write_text(yaml.safe_dump(spec))
+    result = run_proxy(folder, log=lambda _: None)
+    assert result["objectives"] == {} and "repetitions" in result["error"] and result["role"] == "given"
+    assert read_result(folder) == result  # recorded: a rerun does not try it again
+
+    # In a search, such a run is shown with its reason and left out of the fits (here: a result like the above).
+    given = config.model_copy(update={"swarm": config.swarm.model_copy(update={"mixtures": [only_photos]})})
+    key = run_key(given, space, {**only_photos}, given.proxy.seed)
+    runs_dir = Path(given.out_dir) / "runs" / key[:16]
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / RESULT).write_text(json.dumps({**result, "key": key}))
+    lines: list[str] = []
+    outcome = search(given, log=lines.append)
+    assert outcome["failed"] == 1 and any("has no losses" in line for line in lines)
+    (row,) = [r for r in outcome["runs"] if r["role"] == "given"]
+    assert row["weighted"] is None and "repetitions" in row["error"]
+    assert all(len(r["predicted"]) == 7 for r in outcome["cross_validation"] if r.get("chosen"))  # not fitted on
