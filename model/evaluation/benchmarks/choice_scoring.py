@@ -2,9 +2,10 @@
 
 lm-eval scores every (context, continuation) pair by a forward pass over context + continuation: for a 4-choice
 question with a long few-shot prompt that is four passes over nearly the same tokens. Here the choices of one
-question share their longest common token prefix: it runs once per question and its keys and values are copied to
-one cache row per choice, after which only each choice's own tokens run. Several questions run together: prefixes
-left-padded to one length (padding masked out of attention), then every choice's suffix right-padded.
+question share their longest common token prefix, so one row holds that prefix once followed by every choice's own
+tokens, under a mask where each choice sees the prefix and itself only and with positions continuing the prefix's:
+the attention each token gets is exactly the one it gets in its own full sequence. Several questions run together,
+one row each, right-padded.
 
 Tokenisation is lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation, the whole
 string is encoded, and the continuation's tokens are the whole's after the context's own encoding; both begin with
@@ -65,11 +66,12 @@ def hidden_states(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     mask: torch.Tensor,
-    cache: KVCache,
-    start_pos: int,
+    cache: KVCache | None = None,
+    start_pos: int = 0,
 ) -> torch.Tensor:
-    """Final hidden states [B, S, dim] of `tokens` after the cached ones, with an explicit attention mask
-    [B, 1, S, start_pos + S] (the model's own forward only builds causal masks); no logits are made here."""
+    """Final hidden states [B, S, dim] of `tokens` (after the cached ones, given a cache) under an explicit attention
+    mask [B, S, start_pos + S], boolean or additive (the model's own forward only builds causal masks); no logits are
+    made here."""
     rope = rotary_angles(positions, model.config.head_dim, model.config.rope_theta)
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
@@ -85,78 +87,80 @@ def _log_probs(model: Transformer, hidden: torch.Tensor, excluded: torch.Tensor 
     return torch.log_softmax(logits, dim=-1)
 
 
+def pack_group(
+    group: Sequence[Encoded], causal: torch.Tensor | None = None
+) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
+    """One question as one row: its shared prefix once, then each choice's own tokens (all but the last, which
+    predicts nothing scored), each choice's positions continuing the prefix's.
+
+    Returns (tokens, positions, mask [L, L]: the prefix causal, each choice's tokens seeing the prefix and their own
+    earlier tokens only, and per request the row of each scored token's prediction). `causal`: a lower-triangular
+    boolean matrix at least L wide, made once for many groups.
+    """
+    p = shared_prefix_length(group)
+    tokens, positions = list(group[0].tokens[:p]), list(range(p))
+    spans = []
+    for r in group:
+        own = r.tokens[p:-1]
+        spans.append((len(tokens), len(own)))
+        tokens += own
+        positions += range(p, p + len(own))
+    n = len(tokens)
+    if causal is None or causal.shape[0] < n:
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[:p, :p] = causal[:p, :p]
+    rows = []
+    for r, (start, length) in zip(group, spans, strict=True):
+        mask[start : start + length, :p] = True
+        mask[start : start + length, start : start + length] = causal[:length, :length]
+        # Token t of the request is predicted at position t - 1: the prefix's last row, or the choice's own.
+        rows.append([p - 1 if t == p else start + (t - 1 - p) for t in range(r.n_context, len(r.tokens))])
+    return tokens, positions, mask, rows
+
+
 def score_batch(
     model: Transformer, groups: Sequence[Sequence[Encoded]], excluded: torch.Tensor | None = None
 ) -> list[list[tuple[float, bool]]]:
-    """(log-likelihood, greedy) of every request of each group, a group being one question's choices, in one pass
-    over the groups' shared prefixes and one over their choices' remaining tokens."""
+    """(log-likelihood, greedy) of every request of each group, a group being one question's choices, in one
+    forward pass: a row per question holding its shared prefix once and every choice's own tokens (`pack_group`).
+    Rows are right-padded; padding sees itself only (a fully masked row's NaNs would leak into attention)."""
     device = model.output.weight.device
-    shared = [shared_prefix_length(g) for g in groups]
-    width = max(shared)
-    n_groups = len(groups)
-    # Prefixes left-padded to `width`: real tokens see real tokens causally; padding sees only itself (never a
-    # fully masked row, whose NaNs would leak through attention's weights-times-values).
-    tokens = torch.zeros(n_groups, width, dtype=torch.long)
-    positions = torch.zeros(n_groups, width, dtype=torch.long)
-    real = torch.zeros(n_groups, width, dtype=torch.bool)
-    for i, (group, p) in enumerate(zip(groups, shared, strict=True)):
-        tokens[i, width - p :] = torch.tensor(group[0].tokens[:p])
-        positions[i, width - p :] = torch.arange(p)
-        real[i, width - p :] = True
-    suffixes = [(i, r, r.tokens[p:-1]) for i, (g, p) in enumerate(zip(groups, shared, strict=True)) for r in g]
-    longest = max(len(s) for _, _, s in suffixes)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
-    cache = model.make_cache(n_groups, width + longest)
-    hidden = hidden_states(model, tokens.to(device), positions.to(device), mask.to(device), cache, 0)
-    last = _log_probs(model, hidden[:, -1], excluded)  # predicts each group's first token after its prefix
-
-    suffix_lp = None
-    index: dict[tuple[int, int], int] = {}
-    if longest:
-        n_rows = len(suffixes)
-        rows = torch.tensor([i for i, _, _ in suffixes], device=device)
-        row_cache = model.make_cache(n_rows, width + longest)
-        for layer in range(len(model.layers)):
-            row_cache.keys[layer][:, :, :width] = cache.keys[layer][rows, :, :width]
-            row_cache.values[layer][:, :, :width] = cache.values[layer][rows, :, :width]
-        s_tokens = torch.zeros(n_rows, longest, dtype=torch.long)
-        for j, (_, _, s) in enumerate(suffixes):
-            s_tokens[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-        starts = torch.tensor([shared[i] for i, _, _ in suffixes])
-        s_positions = starts[:, None] + torch.arange(longest)[None]
-        prefix_keys = real[rows.cpu()][:, None, :].expand(n_rows, longest, width)
-        s_mask = torch.cat(
-            [prefix_keys, torch.ones(longest, longest, dtype=torch.bool).tril().expand(n_rows, -1, -1)], 2
-        )
-        s_hidden = hidden_states(
-            model, s_tokens.to(device), s_positions.to(device), s_mask.to(device), row_cache, width
-        )
-        # Only the rows that predict a scored token go through the output layer (the vocabulary can be 65k wide).
-        wanted = [(j, k) for j, (i, r, s) in enumerate(suffixes) for k in range(r.n_context - 1 - shared[i], len(s))]
-        wanted = [(j, k) for j, k in wanted if k >= 0]
-        index = {jk: n for n, jk in enumerate(wanted)}
-        if wanted:
-            picked = s_hidden[torch.tensor([j for j, _ in wanted]), torch.tensor([k for _, k in wanted])]
-            suffix_lp = _log_probs(model, picked, excluded)
-
-    # Every scored token, the log-prob row that predicts it (a prefix's last row or a suffix row) and its request.
-    table = last if suffix_lp is None else torch.cat([last, suffix_lp])
-    source, targets, owner = [], [], []
-    for j, (i, r, _) in enumerate(suffixes):
-        p = shared[i]
-        for position in range(r.n_context - 1, len(r.tokens) - 1):  # position t predicts token t + 1
-            source.append(i if position == p - 1 else n_groups + index[(j, position - p)])
-            targets.append(r.tokens[position + 1])
-            owner.append(j)
+    longest = max(len(r.tokens) for g in groups for r in g)
+    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+    packed = [pack_group(g, causal) for g in groups]
+    width = max(len(t) for t, _, _, _ in packed)
+    tokens = torch.zeros(len(groups), width, dtype=torch.long)
+    positions = torch.zeros(len(groups), width, dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(groups), 1, 1)
+    for i, (t, pos, m, _) in enumerate(packed):
+        tokens[i, : len(t)] = torch.tensor(t)
+        positions[i, : len(t)] = torch.tensor(pos)
+        allowed[i, : len(t), : len(t)] = m
+    # An additive mask made once, not converted from booleans in every layer.
+    dtype = model.output.weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    hidden = hidden_states(model, tokens.to(device), positions.to(device), mask.to(device))
+    # Only the rows that predict a scored token go through the output layer (the vocabulary can be 65k wide).
+    wanted = sorted({(i, row) for i, (_, _, _, rows) in enumerate(packed) for req in rows for row in req})
+    index = {key: n for n, key in enumerate(wanted)}
+    picked = hidden[torch.tensor([i for i, _ in wanted]), torch.tensor([row for _, row in wanted])]
+    table = _log_probs(model, picked, excluded)
+    source, targets, owner, counts = [], [], [], []
+    for i, (group, (_, _, _, rows)) in enumerate(zip(groups, packed, strict=True)):
+        for r, req_rows in zip(group, rows, strict=True):
+            source += [index[(i, row)] for row in req_rows]
+            targets += r.tokens[r.n_context :]
+            owner += [len(counts)] * len(req_rows)
+            counts.append(i)
     source_t, targets_t = torch.tensor(source, device=device), torch.tensor(targets, device=device)
     owner_t = torch.tensor(owner, device=device)
     token_lp = table[source_t, targets_t].double()
     misses = (table.argmax(-1)[source_t] != targets_t).long()
-    totals = torch.zeros(len(suffixes), dtype=torch.float64, device=device).index_add_(0, owner_t, token_lp)
-    missed = torch.zeros(len(suffixes), dtype=torch.long, device=device).index_add_(0, owner_t, misses)
+    totals = torch.zeros(len(counts), dtype=torch.float64, device=device).index_add_(0, owner_t, token_lp)
+    missed = torch.zeros(len(counts), dtype=torch.long, device=device).index_add_(0, owner_t, misses)
     results: list[list[tuple[float, bool]]] = [[] for _ in groups]
-    for j, (i, _, _) in enumerate(suffixes):
+    for j, i in enumerate(counts):
         results[i].append((float(totals[j]), int(missed[j]) == 0))
     return results
 

@@ -136,9 +136,15 @@ def run_lm_eval(
     batch_size: int = 8,
     limit: int | None = None,
     device: str = "cpu",
+    threads: int | None = None,
+    warmup: bool = False,
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` on an HF Chameleon export and local tasks: per task its metrics, each question's
-    prompts and log-likelihoods (or response per filter); and the seconds lm-eval's run took.
+    prompts and log-likelihoods (or response per filter); the seconds the whole run took and `scoring_seconds`, those
+    spent in the model's `loglikelihood` and `generate_until` (tokenising, batching, forward passes), and
+    `scoring_cpu_seconds`, the process's CPU time in them.
+
+    `warmup` scores one short request first, untimed (the first forward's one-off costs).
 
     Needs lm_eval, transformers and torch: run it in the lm-eval venv (`main` below)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -149,9 +155,18 @@ def run_lm_eval(
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = ChameleonForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, add_bos_token=True)
+    if warmup:
+        from lm_eval.api.instance import Instance
+
+        lm.loglikelihood([Instance("loglikelihood", {}, ("Question: why?\nAnswer:", " because"), 0)])
+    scoring = [0.0, 0.0]
+    for method in ("loglikelihood", "generate_until"):
+        setattr(lm, method, _timed(getattr(lm, method), scoring))
     started = time.perf_counter()
     out = simple_evaluate(
         model=lm,
@@ -180,7 +195,28 @@ def run_lm_eval(
                 record.setdefault("filtered", {})[s["filter"]] = s["filtered_resps"][0]
         metrics = {k: v for k, v in out["results"][name].items() if isinstance(v, int | float)}
         tasks[name] = {"metrics": metrics, "samples": [samples[k] for k in sorted(samples)]}
-    return {"shots": shots, "seed": seed, "seconds": seconds, "tasks": tasks}
+    return {
+        "shots": shots,
+        "seed": seed,
+        "seconds": seconds,
+        "scoring_seconds": scoring[0],
+        "scoring_cpu_seconds": scoring[1],
+        "tasks": tasks,
+    }
+
+
+def _timed(method: Any, total: list[float]) -> Any:
+    """`method`, adding the seconds each call takes to total[0] and the process's CPU seconds to total[1]."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - started
+            total[1] += time.process_time() - cpu
+
+    return timed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--warmup", action="store_true", help="score one request first, untimed")
     parser.add_argument("--out", required=True, help="JSON file for the metrics and per-question scores")
     args = parser.parse_args(argv)
     result = run_lm_eval(
@@ -205,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         device=args.device,
+        threads=args.threads,
+        warmup=args.warmup,
     )
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for name, task in result["tasks"].items():
