@@ -15,6 +15,11 @@ from flows.subprocess_task import cham, run_command
 
 CHECKPOINT = Field(description="a training out_dir, its checkpoints/ folder, or one step-NNNNNNNN folder")
 PROMPT_IMAGES = Field(None, description="prompt images (files), placed before the text")
+TEXT_TASKS = Field(
+    None,
+    description="text benchmarks: task files in their published formats, or bundled samples (hellaswag, arc, piqa, "
+    "winogrande, boolq, mmlu, gsm8k)",
+)
 SHOWN_RESPONSES = 20  # rows of the prompts table; the rest stay in responses.jsonl
 
 
@@ -131,6 +136,39 @@ def eval_vqa_task(
     return json.loads(out.read_text())
 
 
+@task(name="eval-text-benchmark", retries=1)
+def eval_text_task(checkpoint: str, task_name: str, shots: int, limit: int | None, out: Path) -> dict[str, Any]:
+    """`cham eval benchmark`: a text benchmark (multiple choice by log-likelihood, or GSM8K by exact match)."""
+    run_command(
+        cham("eval", "benchmark", *_options(checkpoint=checkpoint, task=task_name, shots=shots, limit=limit, out=out))
+    )
+    return json.loads(out.read_text())
+
+
+def text_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric of a text benchmark, with its standard error."""
+    metrics = result["metrics"]
+    return [
+        {"task": name, "metric": m, "value": round(v, 4), "stderr": _round(metrics.get(f"{m}_stderr"))}
+        for m, v in metrics.items()
+        if not m.endswith("_stderr") and v is not None
+    ]
+
+
+HEADLINE_METRICS = ("acc_norm", "acc", "exact_match,strict-match")  # what the paper's tables report, in this order
+
+
+def headline_metric(metrics: dict[str, Any]) -> str:
+    """The metric a benchmark's summary row shows: length-normalised accuracy where there is one (as the paper's
+    multiple-choice numbers), else accuracy, else GSM8K's strict exact match, else the first."""
+    found = [m for m in HEADLINE_METRICS if metrics.get(m) is not None]
+    return found[0] if found else next(m for m in metrics if not m.endswith("_stderr"))
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
 def captioning_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The captioning scores, then the first captions with their image."""
     return [
@@ -168,6 +206,7 @@ def evaluate(
     vqa_questions: str | None = Field(None, description="VQAv2 questions JSON: few-shot visual question answering"),
     vqa_annotations: str | None = Field(None, description="the VQAv2 annotations JSON of those questions"),
     vqa_images: str | None = Field(None, description="their image folder (default: the questions' folder)"),
+    text_tasks: list[str] | None = TEXT_TASKS,
     shots: Annotated[int, Field(ge=0)] = Field(2, description="examples before each benchmark query (paper: 2)"),
     benchmark_limit: int | None = Field(None, ge=1, description="score only the first N items of each benchmark"),
 ) -> dict[str, Any]:
@@ -215,6 +254,16 @@ def evaluate(
         table_artifact(shown, key="evaluate-vqa-samples", description="the first answers")
         benchmarks.append(
             {"benchmark": "vqav2", "metric": "accuracy", "score": result["accuracy"], "items": result["items"]}
+        )
+    for i, task_name in enumerate(text_tasks or []):
+        result = eval_text_task(
+            checkpoint, task_name, shots, benchmark_limit, out / f"text-{i}-{Path(task_name).stem}.json"
+        )
+        name = result.get("task") or Path(task_name).stem
+        table_artifact(text_rows(name, result), key=f"evaluate-text-{i}", description=f"text benchmark: {task_name}")
+        metric = headline_metric(result["metrics"])
+        benchmarks.append(
+            {"benchmark": name, "metric": metric, "score": result["metrics"][metric], "items": result["questions"]}
         )
     if benchmarks:
         table_artifact(

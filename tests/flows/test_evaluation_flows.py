@@ -112,9 +112,9 @@ def test_loss_rows_leave_out_scopes_without_targets() -> None:
     assert [r["scope"] for r in loss_rows(result)] == ["all", "source: prose", "modality: text"]
 
 
-def test_evaluate_flow_runs_the_image_to_text_benchmarks(prefect_api, tiny_run: Path, tmp_path) -> None:
-    """Captioning and VQAv2 on the bundled sample files, 1 shot, 2 items each: a table per benchmark and a summary
-    whose scores are those of the result files."""
+def test_evaluate_flow_runs_the_benchmarks(prefect_api, tiny_run: Path, tmp_path) -> None:
+    """Text benchmarks (ARC, GSM8K), captioning and VQAv2 on the bundled sample files, 1 shot, 2 items each: a table
+    per benchmark and a summary whose scores are those of the result files."""
     sample = REPO / "sample"
     state = evaluate(
         checkpoint=str(tiny_run),
@@ -124,16 +124,28 @@ def test_evaluate_flow_runs_the_image_to_text_benchmarks(prefect_api, tiny_run: 
         vqa_questions=str(sample / "eval" / "vqav2_questions.json"),
         vqa_annotations=str(sample / "eval" / "vqav2_annotations.json"),
         vqa_images=str(sample / "images"),
+        text_tasks=["arc", "gsm8k"],
         shots=1,
         benchmark_limit=2,
         return_state=True,
     )
     assert state.is_completed(), state.message
+    arc = json.loads((tmp_path / "eval" / "text-0-arc.json").read_text())
+    gsm8k = json.loads((tmp_path / "eval" / "text-1-gsm8k.json").read_text())
+    assert arc["questions"] == 2 and arc["shots"] == 1
+    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
+    rows = {r["metric"]: r for r in prefect_api.by_key(artifacts, "evaluate-text-0")["data"]}
+    assert rows["acc_norm"]["value"] == round(arc["metrics"]["acc_norm"], 4)
+    assert rows["acc"]["stderr"] == round(arc["metrics"]["acc_stderr"], 4)
     captioning = json.loads((tmp_path / "eval" / "captioning.json").read_text())
     vqa = json.loads((tmp_path / "eval" / "vqa.json").read_text())
     assert captioning["items"] == 2 and vqa["items"] == 2 and captioning["shots"] == 1
-    artifacts = prefect_api.artifacts(state.state_details.flow_run_id)
     summary = {r["benchmark"]: r for r in prefect_api.by_key(artifacts, "evaluate-benchmarks")["data"]}
+    assert (summary[arc["task"]]["metric"], summary[arc["task"]]["score"]) == (
+        "acc_norm",
+        round(arc["metrics"]["acc_norm"], 4),
+    )
+    assert summary[gsm8k["task"]]["metric"] == "exact_match,strict-match"
     assert summary["captioning"]["score"] == round(captioning["cider"], 4)
     assert summary["vqav2"]["score"] == round(vqa["accuracy"], 4)
     (row,) = prefect_api.by_key(artifacts, "evaluate-captioning")["data"]
@@ -142,4 +154,9 @@ def test_evaluate_flow_runs_the_image_to_text_benchmarks(prefect_api, tiny_run: 
     assert accuracy["all"] == round(vqa["accuracy"], 2)
     answers = prefect_api.by_key(artifacts, "evaluate-vqa-samples")["data"]
     assert [a["answer"] for a in answers] == [p["answer"] for p in vqa["predictions"]]
-    assert state.result()["benchmarks"] == {"captioning": captioning["cider"], "vqav2": vqa["accuracy"]}
+    assert state.result()["benchmarks"] == {
+        arc["task"]: arc["metrics"]["acc_norm"],
+        gsm8k["task"]: gsm8k["metrics"]["exact_match,strict-match"],
+        "captioning": captioning["cider"],
+        "vqav2": vqa["accuracy"],
+    }
