@@ -151,7 +151,7 @@ def end_to_end(
     max_new_tokens: Annotated[int, Field(ge=8)] = Field(96, description="new tokens per generated answer"),
     eval_prompts: Annotated[int, Field(ge=0)] = Field(3, description="prompts of sample/eval/prompts.jsonl to answer"),
     benchmark_items: Annotated[int, Field(ge=0)] = Field(
-        2, description="items of the bundled captioning and VQAv2 samples to score, 2-shot (0: none)"
+        2, description="items of the bundled ARC, captioning and VQAv2 samples to score, 2-shot (0: none)"
     ),
 ) -> dict[str, Any]:
     """Sample data -> tokenizers -> prepare -> mix -> pretrain (stage 1 then 2, one run) -> SFT -> generate -> evaluate
@@ -213,6 +213,7 @@ def end_to_end(
         max_new_tokens=max_new_tokens,
         **(
             {
+                "text_tasks": ["arc"],
                 "captioning": str(SAMPLE_EVAL / "coco_karpathy.json"),
                 "captioning_images": str(SAMPLE_IMAGES),
                 "vqa_questions": str(SAMPLE_EVAL / "vqav2_questions.json"),

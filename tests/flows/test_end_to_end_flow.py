@@ -41,6 +41,7 @@ def test_end_to_end_writes_the_report(prefect_api, tmp_path: Path) -> None:
         "evaluate-captioning",
         "evaluate-vqa",
         "evaluate-benchmarks",
+        "evaluate-text-0",
         "end-to-end-training",
     } <= keys
 
