@@ -67,9 +67,9 @@ def loss(
 
     if not is_url(stage) and not (Path(stage) / "manifest.json").is_file():
         raise fail(f"{stage}: not a stage folder (no manifest.json; write one with `cham mix`)")
-    from model.training.held_out import heldout_loss
     from model.generation.inference import load_trained_model
     from model.training.checkpointing import CheckpointError
+    from model.training.held_out import heldout_loss
     from model.training.stage_loader import CorruptShardError
 
     try:  # held-out loss needs the model only, not its tokenizers (a converted folder has none)

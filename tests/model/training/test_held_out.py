@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.training.held_out import heldout_loss
 from model.generation.inference import load_inference_model
 from model.lm.losses import lm_loss
 from model.lm.transformer import Transformer
 from model.tokenizers.vocabulary import Modality, Vocabulary
+from model.training.held_out import heldout_loss
 from model.training.stage_loader import StageLoader
 from schemas.vocab import VocabLayout
 

@@ -74,6 +74,6 @@ def test_a_held_out_stage_of_another_vocabulary_is_refused_before_step_0(stages,
     manifest = json.loads((heldout / "manifest.json").read_text())
     manifest["vocab_layout"]["vocab_size"] += 1
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="eval.heldout 'val'.*its vocabulary has"):
+    with pytest.raises(ValueError, match=r"eval\.heldout 'val'.*its vocabulary has"):
         Trainer(config(stage, other, tmp_path / "run", 4), log=lambda _: None)
     assert not (tmp_path / "run" / "eval.jsonl").exists()
