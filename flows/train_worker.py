@@ -15,6 +15,7 @@ import torch
 
 from flows.process_lifetime import die_with_parent
 from flows.train_launcher import LAUNCHER_PID_ENV, write_worker_error
+from model.evaluation.benchmarks.during_training import attach_benchmarks
 from model.training.cpu_memory import keep_freed_memory
 from model.training.trainer import INPUT_ERRORS, Trainer
 from schemas import SFTConfig, TrainConfig, load_config
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory()  # as `cham train` does in one process
     try:
         config = load_config(SFTConfig if kind == "sft" else TrainConfig, path)
-        trainer = Trainer(config, log=lambda line: print(line, flush=True) if rank == 0 else None)
+        trainer = attach_benchmarks(Trainer(config, log=lambda line: print(line, flush=True) if rank == 0 else None))
         trainer.train()
     except INPUT_ERRORS as err:  # one line, not a traceback per rank
         if not write_worker_error(rank, err, input_error=True):

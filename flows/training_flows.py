@@ -53,9 +53,20 @@ def read_eval_records(out_dir: Path) -> list[dict[str, Any]]:
 def report_eval(kind: str, out_dir: Path) -> bool:
     """Artifacts of the held-out evaluations so far: a table (step, stage, loss, text, image, each source) and the
     loss by step per held-out stage; False when there is none yet."""
-    records = read_eval_records(out_dir)
+    found = read_eval_records(out_dir)
+    records = [r for r in found if "heldout" in r]
+    scored = [r for r in found if "benchmark" in r]
+    if scored:
+        table_artifact(
+            [
+                {"step": r["step"], "benchmark": r["benchmark"], "questions": r.get("questions"), **r["metrics"]}
+                for r in scored
+            ],
+            key=f"{kind}-benchmark-eval",
+            description=f"{kind}: benchmarks during training",
+        )
     if not records:
-        return False
+        return bool(scored)
     rows = [
         {
             "step": r["step"],

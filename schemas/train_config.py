@@ -106,15 +106,29 @@ class DataCacheConfig(StrictModel):
 
 
 class TrainingEval(StrictModel):
-    """Held-out loss during training: every `every_steps` steps (and at the last), on each held-out stage, overall,
-    per modality and per source; logged to eval.jsonl, TensorBoard (eval/...) and the console."""
+    """Evaluation during training: every `every_steps` steps (and at the last), held-out loss on each held-out stage
+    (overall, per modality, per source) and small text benchmarks; logged to eval.jsonl, TensorBoard (eval/...) and
+    the console."""
 
     every_steps: int = Field(gt=0)
     heldout: dict[str, ExistingPath] = Field(
-        min_length=1, description="name -> a local held-out stage folder (from `cham mix`), e.g. {val: data/heldout}"
+        default_factory=dict,
+        description="name -> a local held-out stage folder (from `cham mix`), e.g. {val: data/heldout}",
     )
     max_batches: int | None = Field(8, ge=1, description="batches of each held-out stage per evaluation (None: all)")
     batch_size: int | None = Field(None, gt=0, description="sequences per batch (default: micro_batch_size)")
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="text benchmarks (task files in their published formats, or bundled samples: arc, hellaswag, ...)",
+    )
+    benchmark_limit: int = Field(20, ge=1, description="questions of each benchmark per evaluation")
+    benchmark_shots: int = Field(0, ge=0, description="solved examples before each benchmark question")
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> TrainingEval:
+        if not self.heldout and not self.benchmarks:
+            raise ValueError("eval needs held-out stages (heldout) or benchmarks, or both")
+        return self
 
 
 class LoggingConfig(StrictModel):

@@ -48,6 +48,7 @@ def _run(
         raise typer.Exit(subprocess.call(tied_to_this_process(command)))
     import torch
 
+    from model.evaluation.benchmarks.during_training import attach_benchmarks
     from model.training.cpu_memory import keep_freed_memory
     from model.training.trainer import INPUT_ERRORS, Trainer
 
@@ -55,6 +56,7 @@ def _run(
         keep_freed_memory()  # this process only trains: no fresh page faults for each step's large temporaries
     try:
         trainer = Trainer(config, log=lambda line: console.print(line, markup=False, highlight=False))
+        attach_benchmarks(trainer)  # eval.benchmarks, scored with the held-out loss
         history = trainer.train()
     except INPUT_ERRORS as err:
         raise fail(str(err)) from None

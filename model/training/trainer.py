@@ -39,7 +39,7 @@ from model.training.parallelize import build_model
 from model.training.run_lock import LOCK_FILE, RunLock, RunLockedError
 from model.training.sharded_checkpoint import ShardedCheckpointer
 from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader, StoreCache
-from model.training.training_eval import HeldOutEvaluator
+from model.training.training_eval import HeldOutEvaluator, StepEvaluator
 from schemas.train_config import SFTConfig, TrainConfig
 from schemas.vocab import VocabLayout
 
@@ -52,6 +52,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
         self.config, self.log = config, log
+        # Evaluations beside held-out loss at config.eval's steps (model/evaluation/benchmarks/during_training.py).
+        self.evaluators: list[StepEvaluator] = []
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         # A run into an object store (out_dir: s3://...) keeps its lock, metrics.jsonl and TensorBoard files in a local
         # mirror, uploaded at every checkpoint and at the end; its checkpoints go to the store directly.
@@ -280,6 +282,7 @@ class Trainer:
                     writes_files=self.rank == 0,
                     tensorboard=config.logging.tensorboard,
                     log=self.log,
+                    evaluators=self.evaluators,
                 )
             while self.step < last:
                 if self.stage_at(self.step) != reading:  # a stage boundary: the next stage, from its start

@@ -1,12 +1,13 @@
-"""Held-out loss during training: every `eval.every_steps` steps (and at the last), on each held-out stage, overall,
-per modality and per source, recorded in `eval.jsonl` (one record per stage and evaluation), TensorBoard
-(`eval/<stage>/...`) and the console. Every rank evaluates the same batches (under FSDP2 each forward gathers the
-shards, so all ranks must take part); rank 0 records."""
+"""Evaluation during training: every `eval.every_steps` steps (and at the last), held-out loss on each held-out
+stage, overall, per modality and per source, and any step evaluators the trainer was given (the text benchmarks of
+model/evaluation/benchmarks/during_training.py), recorded in `eval.jsonl` (one record per stage or benchmark and
+evaluation), TensorBoard (`eval/<name>/...`) and the console. Every rank evaluates the same batches (under FSDP2
+each forward gathers the shards, so all ranks must take part); rank 0 records."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from model.training.metrics import TENSORBOARD_DIR, keep_metrics_until
 from schemas.train_config import TrainingEval
 
 EVAL_FILE = "eval.jsonl"
+# A step evaluator: (model, step) -> eval.jsonl records, each with "step", "benchmark" and its "metrics".
+StepEvaluator = Callable[[torch.nn.Module, int], list[dict[str, Any]]]
 
 
 def eval_record(step: int, name: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -46,8 +49,10 @@ class HeldOutEvaluator:
         writes_files: bool,
         tensorboard: bool,
         log: Callable[[str], None],
+        evaluators: Sequence[StepEvaluator] = (),
     ):
         self.settings, self.log, self.document_masking = settings, log, document_masking
+        self.evaluators = list(evaluators)
         self.batch_size = settings.batch_size or batch_size
         self.file = self.writer = None
         if writes_files:
@@ -89,18 +94,32 @@ class HeldOutEvaluator:
             records.append(record)
             text, image = (f"{v:.4f}" if v is not None else "-" for v in (record["text"], record["image"]))
             self.log(f"eval step {step} {name}: loss {record['loss']:.4f} (text {text}, image {image})")
-            if self.file is not None:
-                self.file.write(json.dumps(record) + "\n")
-                self.file.flush()
-            if self.writer is not None:
-                for part in ("loss", "text", "image"):
-                    if record[part] is not None:
-                        self.writer.add_scalar(f"eval/{name}/{part}", record[part], step)
-                for source, loss in record["by_source"].items():
-                    if loss is not None:
-                        self.writer.add_scalar(f"eval/{name}/source/{source}", loss, step)
-                self.writer.flush()
+            self._record(
+                record,
+                {
+                    **{f"eval/{name}/{part}": record[part] for part in ("loss", "text", "image")},
+                    **{f"eval/{name}/source/{s}": loss for s, loss in record["by_source"].items()},
+                },
+                step,
+            )
+        for evaluator in self.evaluators:
+            for record in evaluator(model, step):
+                records.append(record)
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if not k.endswith("_stderr"))
+                self.log(f"eval step {step} {record['benchmark']}: {shown}")
+                scalars = {f"eval/{record['benchmark']}/{k}": v for k, v in record["metrics"].items()}
+                self._record(record, scalars, step)
         return records
+
+    def _record(self, record: dict[str, Any], scalars: dict[str, float | None], step: int) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.file is not None:

@@ -109,7 +109,13 @@ def test_train_flow_runs_both_stages_of_one_config(prefect_api, make_stage, stag
             "micro_batch_size": 2,
             "schedule": {"warmup_steps": 1},
             "checkpoint": {"every_steps": 2},
-            "eval": {"every_steps": 2, "heldout": {"val": str(stages / "stage1")}, "max_batches": 1},
+            "eval": {
+                "every_steps": 2,
+                "heldout": {"val": str(stages / "stage1")},
+                "max_batches": 1,
+                "benchmarks": ["arc"],
+                "benchmark_limit": 2,
+            },
         },
     )
     state = train(config=config, return_state=True)
@@ -120,14 +126,21 @@ def test_train_flow_runs_both_stages_of_one_config(prefect_api, make_stage, stag
     assert [(r["stage"], r["steps"], r["share"]) for r in table] == [(1, "1-3", 0.75), (2, "4-4", 0.25)]
     # held-out loss during training, published while the run went and after it (the table's latest version)
     evaluated = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    held_out = [e for e in evaluated if "heldout" in e]
     versions = sorted((a for a in artifacts if a["key"] == "train-heldout-eval"), key=lambda a: a["created"])
     rows = versions[-1]["data"]
     assert [(r["step"], r["held-out stage"], r["loss"]) for r in rows] == [
-        (e["step"], "val", e["loss"]) for e in evaluated
+        (e["step"], "val", e["loss"]) for e in held_out
     ]
     assert [r["step"] for r in rows] == [2, 4]
     curves = sorted((a for a in artifacts if a["key"] == "train-heldout-eval-curve"), key=lambda a: a["created"])
     assert "val loss" in curves[-1]["data"]
+    scored = [e for e in evaluated if "benchmark" in e]  # the benchmark, scored by the trainer `cham train` ran
+    benchmark = sorted((a for a in artifacts if a["key"] == "train-benchmark-eval"), key=lambda a: a["created"])
+    assert [(r["step"], r["benchmark"], r["acc"]) for r in benchmark[-1]["data"]] == [
+        (e["step"], "arc", e["metrics"]["acc"]) for e in scored
+    ]
+    assert [e["step"] for e in scored] == [2, 4]
 
 
 def test_rerun_resumes_from_latest_checkpoint(prefect_api, pretrain) -> None:
