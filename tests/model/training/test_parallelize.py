@@ -113,6 +113,10 @@ def torchrun(world: int, out: Path, good: Path, bad: Path) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     command += ["-m", "tests.model.training.parallelize_worker", str(out), str(good), str(bad)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # A rank aborted by std::terminate in torch's C++ (seen twice in a fresh-clone CI run on a heavily loaded
+        # machine, then 0 times in 14 runs): not an assertion of ours. Run once more; a second abort fails.
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out / f"result-{world}.pt", weights_only=False)
 
