@@ -171,14 +171,9 @@ def search(
     test_runs = [r for r in measured if r.role == "test"]
     noise_runs = [r for r in measured if r.role in ("base", "noise")]
     objectives = list(config.objective)
-    noise = {
-        name: noise_of([results[r.key]["objectives"][name] for r in noise_runs])
-        for name in [*objectives, WEIGHTED]
-        if name != WEIGHTED
-    }
-    noise[WEIGHTED] = noise_of(
-        [v for r in noise_runs if (v := weighted_objective(results[r.key]["objectives"], config.objective))]
-    )
+    noise = {name: noise_of([results[r.key]["objectives"][name] for r in noise_runs]) for name in objectives}
+    # noise_runs are measured runs: every objective, so the weighted one, is there
+    noise[WEIGHTED] = noise_of([weighted_objective(results[r.key]["objectives"], config.objective) for r in noise_runs])
     models, cv_report = fit_objectives(config, space, fit_runs, results)
     tested = test_fits(models, space, test_runs, results)
 
