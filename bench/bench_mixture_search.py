@@ -61,6 +61,7 @@ class Sizes:
     lr: float
     size: int  # fit mixtures
     test_size: int
+    seeds: int  # runs of every mixture (their mean is what the fits see); size x seeds <= 48 proxy runs
     noise_seeds: int
     candidates: int
 
@@ -72,8 +73,9 @@ FULL = Sizes(
     tokens=400_000,
     batch=8,
     lr=1e-2,  # the exponential schedule averages 0.2 x the peak: a short run needs a high one
-    size=48,
+    size=24,
     test_size=16,
+    seeds=2,
     noise_seeds=5,
     candidates=50_000,
 )
@@ -86,6 +88,7 @@ QUICK = Sizes(
     lr=1e-2,
     size=8,
     test_size=4,
+    seeds=1,
     noise_seeds=2,
     candidates=2_000,
 )
@@ -358,6 +361,7 @@ def search_config(work: Path, prepared: Path, heldout: Path, sizes: Sizes, **swa
             "size": sizes.size,
             "test_size": sizes.test_size,
             "concentration": 1.0,
+            "seeds": sizes.seeds,
             "noise_seeds": sizes.noise_seeds,
             "seed": 0,
             "parallel": 2,
@@ -406,15 +410,16 @@ def grid_steps(n_sources: int, most: int) -> int:
 
 
 def score_fits(outcome: dict[str, Any], objectives: list[str], kinds: list[str], seed: int) -> list[dict[str, Any]]:
-    """Every fit kind refitted on the search's fit runs and scored on its test runs, per objective and for the
-    weighted sum (the sum of a kind's predictions against the measured sum)."""
+    """Every fit kind refitted on the search's fit mixtures and scored on its test mixtures (losses averaged over
+    each mixture's seeds, as the search fits them), per objective and for the weighted sum (the sum of a kind's
+    predictions against the measured sum)."""
     import numpy as np
     from scipy.stats import spearmanr
 
     from model.mixture_search import fits
 
     sources = outcome["sources"]
-    rows = outcome["runs"]
+    rows = outcome["mixtures"]
     train = [r for r in rows if r["role"] in ("given", "fit", "base")]
     test = [r for r in rows if r["role"] == "test"]
 
@@ -446,7 +451,7 @@ def run_grid(
 ) -> tuple[list[dict[str, Any]], int]:
     """The lattice's runs, as `swarm.mixtures` of a second config with the search's out_dir (runs it shares, such
     as the base mixture, are reused); returns (one row per point: shares and weighted loss, lattice steps)."""
-    from flows.mixture_proposal import weighted_objective
+    from flows.mixture_proposal import mixtures_of
     from flows.mixture_swarm import plan_runs, run_swarm, search_space
     from schemas import MixtureSearchConfig, load_config
 
@@ -458,8 +463,8 @@ def run_grid(
     runs = [r for r in plan_runs(config, space) if r.role == "given"]
     results = run_swarm(config, space, runs, progress=_progress("grid", counts))
     rows = [
-        {"shares": run.shares, "weighted": weighted_objective(results[run.key]["objectives"], config.objective)}
-        for run in runs
+        {"shares": m.shares, "weighted": m.weighted(config.objective)}
+        for m in mixtures_of(runs, results, list(config.objective))
     ]
     return rows, steps
 
@@ -499,8 +504,8 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
     t3, cpu3 = time.perf_counter(), _cpu_s()
 
     objectives = list(config.objective)
-    noise = outcome["noise"]["weighted"]
-    fit_values = [r["weighted"] for r in outcome["runs"] if r["role"] in ("fit", "test")]
+    noise = outcome["noise"]["weighted"] / sizes.seeds**0.5  # of a mixture's mean over its seeds
+    fit_values = [r["weighted"] for r in outcome["mixtures"] if r["role"] in ("fit", "test")]
     confirmation = outcome["confirmation"]
     best_grid = min(grid, key=lambda row: row["weighted"])
     measured = confirmation["weighted"]
@@ -521,12 +526,18 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
         "documents": built["documents"],
         "tokens": built["tokens"],
         "steps": outcome["steps"],
-        "runs": {"search": len(outcome["runs"]) + 1, "grid_points": len(grid), "lattice_steps": steps, **counts},
+        "runs": {
+            "search": len(outcome["runs"]) + sizes.seeds,  # and the confirmation
+            "grid_points": len(grid),
+            "lattice_steps": steps,
+            **counts,
+        },
         "build_s_when_built": round(built["build_s"], 1),
         "cpu_s_per_run_made": round((cpu3 - cpu1) / counts["ran"], 1) if counts["ran"] else None,
         "time_s": {"build": round(t1 - t0, 1), "search": round(t2 - t1, 1), "grid": round(t3 - t2, 1)},
         "cpu_s": {"build": round(cpu1 - cpu0, 1), "search": round(cpu2 - cpu1, 1), "grid": round(cpu3 - cpu2, 1)},
         "noise": outcome["noise"],
+        "noise_of_a_mixture": {k: v / sizes.seeds**0.5 for k, v in outcome["noise"].items() if v is not None},
         "swarm_spread": float(_std(fit_values)),
         "chosen": {r["objective"]: r["kind"] for r in outcome["cross_validation"] if r.get("chosen")},
         "search_test": [
@@ -559,8 +570,11 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(f"CPU seconds per proxy run made: {report['cpu_s_per_run_made']}")
     print("noise (std of the base mixture over seeds): " + ", ".join(f"{k} {v:.4f}" for k, v in noise.items() if v))
+    seeds = report["sizes"]["seeds"]
+    noise = report["noise_of_a_mixture"]
+    print(f"noise of a mixture's mean over its {seeds} seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in noise.items()))
     spread = report["swarm_spread"]
-    ratio = f" ({spread / noise['weighted']:.1f} x noise)" if noise["weighted"] else ""
+    ratio = f" ({spread / noise['weighted']:.1f} x noise)" if noise.get("weighted") else ""
     print(f"std of the weighted loss over the swarm's mixtures: {spread:.4f}{ratio}")
     print("Spearman of predicted vs actual on the test mixtures (goal >= 0.9):")
     kinds = sorted({r["kind"] for r in report["test_by_kind"]}, key=["loglinear", "gp", "gbt"].index)

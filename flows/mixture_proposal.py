@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from flows.mixture_swarm import ProxyRun, SearchSpace, plan_runs, run_key, run_swarm, search_space
+from flows.mixture_swarm import ProxyRun, SearchSpace, distinct, plan_runs, run_swarm, search_space, seeded_runs
 from model.files.atomic import write_atomic
 from model.mixture_search import fits, proposal
 from model.mixture_search.draws import normalise
@@ -27,6 +28,47 @@ def weighted_objective(objectives: dict[str, float], weights: dict[str, float]) 
     if any(name not in objectives for name in weights):
         return None
     return sum(w * objectives[name] for name, w in weights.items())
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """One mixture as measured: its runs (one per seed) and each objective's mean over them."""
+
+    role: str
+    shares: dict[str, float]
+    runs: tuple[ProxyRun, ...]
+    objectives: dict[str, float]
+
+    def weighted(self, weights: dict[str, float]) -> float:
+        value = weighted_objective(self.objectives, weights)
+        assert value is not None  # a Mixture is made only when every run has every objective
+        return value
+
+    def as_row(self, weights: dict[str, float]) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "runs": [r.name for r in self.runs],
+            **{f"share {s}": v for s, v in self.shares.items()},
+            **self.objectives,
+            WEIGHTED: self.weighted(weights),
+        }
+
+
+def mixtures_of(runs: list[ProxyRun], results: dict[str, dict[str, Any]], objectives: list[str]) -> list[Mixture]:
+    """The measured runs grouped by role and mixture, in order, each objective averaged over the group's seeds.
+    Noise runs are left out (they measure the noise, not a mixture); a group with a run that lacks an objective (an
+    unmixable mixture) is left out too."""
+    groups: dict[tuple, list[ProxyRun]] = {}
+    for run in runs:
+        if run.role != "noise":
+            groups.setdefault((run.role, tuple(sorted(run.shares.items()))), []).append(run)
+    mixtures = []
+    for (role, _), group in groups.items():
+        found = [results[r.key]["objectives"] for r in group]
+        if all(name in f for f in found for name in objectives):
+            means = {name: float(np.mean([f[name] for f in found])) for name in objectives}
+            mixtures.append(Mixture(role, group[0].shares, tuple(group), means))
+    return mixtures
 
 
 def swarm_rows(runs: list[ProxyRun], results: dict[str, dict[str, Any]], config: MixtureSearchConfig) -> list[dict]:
@@ -83,25 +125,27 @@ def noise_of(values: list[float]) -> float | None:
 
 
 def fit_objectives(
-    config: MixtureSearchConfig, space: SearchSpace, fit_runs: list[ProxyRun], results: dict[str, dict[str, Any]]
+    config: MixtureSearchConfig, space: SearchSpace, fit_mixtures: list[Mixture]
 ) -> tuple[dict[str, fits.FittedModel], list[dict[str, Any]]]:
     """For every objective, each fit kind's k-fold predicted-vs-actual; the kind with the best rank correlation
-    (then the lowest RMSE) is fitted on every run and used for the proposal."""
-    X = np.array([[r.shares[s] for s in space.sources] for r in fit_runs])
+    (then the lowest RMSE) is fitted on every mixture and used for the proposal."""
+    X = np.array([[m.shares[s] for s in space.sources] for m in fit_mixtures])
     chosen, report = {}, []
     for name in config.objective:
-        y = np.array([results[r.key]["objectives"][name] for r in fit_runs])
+        y = np.array([m.objectives[name] for m in fit_mixtures])
         tried = []
         for kind in config.fits.kinds:
             try:
                 cv = fits.cross_validate(kind, X, y, folds=min(config.fits.folds, len(y)), seed=config.swarm.seed)
-            except ValueError as err:  # too few runs for this kind: reported, not fatal
+            except ValueError as err:  # too few mixtures for this kind: reported, not fatal
                 report.append({"objective": name, "kind": kind, "error": str(err)})
                 continue
             tried.append(cv)
             report.append({"objective": name, **cv.as_dict()})
         if not tried:
-            raise ValueError(f"objective {name!r}: no fit could be cross-validated ({len(y)} runs); raise swarm.size")
+            raise ValueError(
+                f"objective {name!r}: no fit could be cross-validated ({len(y)} mixtures); raise swarm.size"
+            )
         best = max(tried, key=lambda cv: (cv.spearman if cv.spearman is not None else -2.0, -cv.rmse))
         chosen[name] = fits.fit(best.kind, X, y, seed=config.swarm.seed)
         for row in report:
@@ -111,42 +155,46 @@ def fit_objectives(
 
 
 def test_fits(
-    models: dict[str, fits.FittedModel],
-    space: SearchSpace,
-    test_runs: list[ProxyRun],
-    results: dict[str, dict[str, Any]],
+    models: dict[str, fits.FittedModel], space: SearchSpace, test_mixtures: list[Mixture]
 ) -> list[dict[str, Any]]:
-    """Each chosen fit against the test runs, which no fit saw."""
-    if len(test_runs) < 3:
+    """Each chosen fit against the test mixtures, which no fit saw."""
+    if len(test_mixtures) < 3:
         return []
-    X = np.array([[r.shares[s] for s in space.sources] for r in test_runs])
+    X = np.array([[m.shares[s] for s in space.sources] for m in test_mixtures])
     return [
-        {
-            "objective": name,
-            **fits.evaluate(model, X, [results[r.key]["objectives"][name] for r in test_runs]).as_dict(),
-        }
+        {"objective": name, **fits.evaluate(model, X, [m.objectives[name] for m in test_mixtures]).as_dict()}
         for name, model in models.items()
     ]
 
 
-def effects(space: SearchSpace, runs: list[ProxyRun], results: dict[str, dict[str, Any]], objectives: list[str]):
+def effects(space: SearchSpace, mixtures: list[Mixture], objectives: list[str]) -> list[dict[str, Any]]:
     """The per-source effect on each objective: the rank correlation of a source's share with the objective over the
-    swarm's runs (negative: more of the source lowers that loss)."""
+    swarm's mixtures (negative: more of the source lowers that loss)."""
     from scipy.stats import spearmanr
 
     rows = []
     for source in space.sources:
-        shares = [r.shares[source] for r in runs]
+        shares = np.array([m.shares[source] for m in mixtures])
         row: dict[str, Any] = {"source": source}
         for name in objectives:
-            values = [results[r.key]["objectives"].get(name, np.nan) for r in runs]
-            ok = np.isfinite(values)
-            if ok.sum() >= 3 and np.ptp(np.array(shares)[ok]) > 0 and np.ptp(np.array(values)[ok]) > 0:
-                row[name] = round(float(spearmanr(np.array(shares)[ok], np.array(values)[ok]).statistic), 3)
+            values = np.array([m.objectives[name] for m in mixtures])
+            if len(mixtures) >= 3 and np.ptp(shares) > 0 and np.ptp(values) > 0:
+                row[name] = round(float(spearmanr(shares, values).statistic), 3)
             else:
                 row[name] = None
         rows.append(row)
     return rows
+
+
+def measured_noise(
+    runs: list[ProxyRun], results: dict[str, dict[str, Any]], config: MixtureSearchConfig
+) -> dict[str, float | None]:
+    """The noise of one run, per objective and weighted: the spread of the base mixture's runs over distinct seeds."""
+    by_seed = {r.seed: results[r.key]["objectives"] for r in runs if r.role in ("base", "noise")}
+    found = [f for f in by_seed.values() if weighted_objective(f, config.objective) is not None]
+    noise = {name: noise_of([f[name] for f in found]) for name in config.objective}
+    noise[WEIGHTED] = noise_of([weighted_objective(f, config.objective) for f in found])
+    return noise
 
 
 def search(
@@ -156,7 +204,7 @@ def search(
 ) -> dict[str, Any]:
     """Run (or reuse) the swarm, fit, propose, confirm; write out_dir/search.json and return what it holds."""
     space = search_space(config)
-    runs = plan_runs(config, space)
+    runs = distinct(plan_runs(config, space))  # a base seed that is also a noise seed is run and listed once
     log(
         f"mixture search of {space.stage!r} over {len(space.sources)} sources: {len(runs)} proxy runs of "
         f"{space.steps} steps ({config.proxy.tokens:,} tokens each)"
@@ -166,16 +214,13 @@ def search(
     for r in failed:
         reason = results[r.key].get("error", "an objective is missing")
         log(f"proxy run {r.name} ({r.role}, {r.shares}) has no losses: {reason}")
-    measured = [r for r in runs if r not in failed]
-    fit_runs = [r for r in measured if r.role in ("given", "fit", "base")]
-    test_runs = [r for r in measured if r.role == "test"]
-    noise_runs = [r for r in measured if r.role in ("base", "noise")]
     objectives = list(config.objective)
-    noise = {name: noise_of([results[r.key]["objectives"][name] for r in noise_runs]) for name in objectives}
-    # noise_runs are measured runs: every objective, so the weighted one, is there
-    noise[WEIGHTED] = noise_of([weighted_objective(results[r.key]["objectives"], config.objective) for r in noise_runs])
-    models, cv_report = fit_objectives(config, space, fit_runs, results)
-    tested = test_fits(models, space, test_runs, results)
+    mixtures = mixtures_of(runs, results, objectives)
+    fit_mixtures = [m for m in mixtures if m.role in ("given", "fit", "base")]
+    test_mixtures = [m for m in mixtures if m.role == "test"]
+    noise = measured_noise(runs, results, config)
+    models, cv_report = fit_objectives(config, space, fit_mixtures)
+    tested = test_fits(models, space, test_mixtures)
 
     budget = config.proposal.budget_tokens or space.spec.stage_tokens(space.stage)
     caps = proposal.share_caps(
@@ -198,29 +243,24 @@ def search(
     shares = normalise(proposed.weights, space.sources)
     confirmation = None
     if config.proposal.confirm:
-        run = ProxyRun("proposal", shares, config.proxy.seed, run_key(config, space, shares, config.proxy.seed))
-        found = run_swarm(config, space, [run], progress)[run.key]
-        confirmed = weighted_objective(found["objectives"], config.objective)
-        scored = [
-            (weighted_objective(results[r.key]["objectives"], config.objective), r)
-            for r in measured
-            if r.role != "noise"
-        ]
-        best_value, best_run = min(scored, key=lambda pair: pair[0])
+        confirm_runs = seeded_runs(config, space, "proposal", shares)
+        found = run_swarm(config, space, confirm_runs, progress)
+        confirmed = mixtures_of(confirm_runs, found, objectives)
+        best = min(mixtures, key=lambda m: m.weighted(config.objective))
+        base = next((m for m in mixtures if m.role == "base"), None)
+        errors = sorted({found[r.key]["error"] for r in confirm_runs if "error" in found[r.key]})
         confirmation = {
-            "run": run.name,
-            "objectives": {n: found["objectives"].get(n) for n in objectives},
-            WEIGHTED: confirmed,
-            **({"error": found["error"]} if "error" in found else {}),
+            "runs": [r.name for r in confirm_runs],
+            "objectives": confirmed[0].objectives if confirmed else {n: None for n in objectives},
+            WEIGHTED: confirmed[0].weighted(config.objective) if confirmed else None,
+            **({"error": "; ".join(errors)} if errors else {}),
             "predicted": proposed.predicted,
             "predicted_weighted": proposed.weighted,
-            "best_swarm_run": best_run.name,
-            "best_swarm_role": best_run.role,
-            "best_swarm_weighted": best_value,
-            "best_swarm_shares": best_run.shares,
-            "base_weighted": weighted_objective(
-                results[next(r for r in runs if r.role == "base").key]["objectives"], config.objective
-            ),
+            "best_swarm_runs": [r.name for r in best.runs],
+            "best_swarm_role": best.role,
+            "best_swarm_weighted": best.weighted(config.objective),
+            "best_swarm_shares": best.shares,
+            "base_weighted": base.weighted(config.objective) if base else None,
         }
     outcome = {
         "stage": space.stage,
@@ -228,11 +268,13 @@ def search(
         "base": space.base,
         "steps": space.steps,
         "runs": swarm_rows(runs, results, config),
+        "mixtures": [m.as_row(config.objective) for m in mixtures],
         "failed": len(failed),
+        "seeds": config.swarm.seeds,
         "noise": noise,
         "cross_validation": cv_report,
         "test": tested,
-        "effects": effects(space, [r for r in measured if r.role != "noise"], results, objectives),
+        "effects": effects(space, mixtures, objectives),
         "constraints": {"budget_tokens": budget, "min_share": constraints.min_share, "max_share": max_share},
         "proposal": {**proposed.as_dict(), "shares": shares},
         "confirmation": confirmation,

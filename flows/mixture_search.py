@@ -103,6 +103,12 @@ def report_search(config: MixtureSearchConfig, outcome: dict[str, Any]) -> Markd
         key="mixture-search-swarm",
         description="every proxy run: role, shares, held-out losses",
     )
+    if outcome["seeds"] > 1:
+        table_artifact(
+            [{k: _fmt(v) if k != "runs" else ", ".join(v) for k, v in row.items()} for row in outcome["mixtures"]],
+            key="mixture-search-mixtures",
+            description=f"every mixture: its losses averaged over its {outcome['seeds']} seeds (what the fits see)",
+        )
     table_artifact(fit_rows(outcome), key="mixture-search-fits", description="the fits: predicted vs actual")
     table_artifact(
         outcome["effects"],
@@ -126,12 +132,15 @@ def report_search(config: MixtureSearchConfig, outcome: dict[str, Any]) -> Markd
     lines = [
         md("# Mixture search of {}", code(outcome["stage"])),
         md(
-            "Predicted {} (the weighted objective): proposal {} +- {}, base {}; run-to-run noise (std over seeds): {}.",
+            "Predicted {} (the weighted objective): proposal {} +- {}, base {}; run-to-run noise (std over seeds): {}"
+            " a run, {} a mixture's mean of {} seeds.",
             WEIGHTED,
             round(proposal["weighted"]["mean"], 4),
             round(proposal["weighted"]["std"], 4),
             round(proposal["base_weighted"]["mean"], 4),
             "not measured" if noise is None else round(noise, 4),
+            "not measured" if noise is None else round(noise / outcome["seeds"] ** 0.5, 4),
+            outcome["seeds"],
         ),
         markdown_table(rows),
     ]
@@ -139,11 +148,11 @@ def report_search(config: MixtureSearchConfig, outcome: dict[str, Any]) -> Markd
     if confirmation:
         lines.append(
             md(
-                "Confirmation run {}: measured {}, predicted {}; best swarm run {} ({}) {}; base {}.",
-                code(confirmation["run"]),
+                "Confirmation {}: measured {}, predicted {}; best swarm mixture {} ({}) {}; base {}.",
+                code(", ".join(confirmation["runs"])),
                 _fmt(confirmation[WEIGHTED]),
                 round(confirmation["predicted_weighted"]["mean"], 4),
-                code(confirmation["best_swarm_run"]),
+                code(", ".join(confirmation["best_swarm_runs"])),
                 confirmation["best_swarm_role"],
                 round(confirmation["best_swarm_weighted"], 4),
                 _fmt(confirmation["base_weighted"]),

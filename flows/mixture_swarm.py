@@ -166,8 +166,9 @@ def run_key(config: MixtureSearchConfig, space: SearchSpace, shares: dict[str, f
 
 
 def plan_runs(config: MixtureSearchConfig, space: SearchSpace) -> list[ProxyRun]:
-    """The swarm's runs in order: given mixtures, drawn fit mixtures, drawn test mixtures, the base mixture, and the
-    base again with other seeds (its spread is the run-to-run noise).
+    """The swarm's runs in order: given mixtures, drawn fit mixtures, drawn test mixtures and the base mixture, each
+    with `swarm.seeds` training seeds; then the base with `noise_seeds` more seeds (their spread is the run-to-run
+    noise; a seed the base already has is the same run, made once).
 
     Drawing `size + test_size` mixtures in one sequence means a larger swarm keeps the smaller one's mixtures."""
     swarm, seed = config.swarm, config.proxy.seed
@@ -175,12 +176,26 @@ def plan_runs(config: MixtureSearchConfig, space: SearchSpace) -> list[ProxyRun]
     # Test mixtures come from the far end of the sequence, so raising `size` does not turn test runs into fit runs.
     fit, test = drawn[: swarm.size], drawn[swarm.size :]
     mixtures = [("given", normalise(m, space.sources)) for m in swarm.mixtures]
-    mixtures += [("fit", m) for m in fit] + [("test", m) for m in test]
-    runs = [ProxyRun(role, m, seed, run_key(config, space, m, seed)) for role, m in mixtures]
-    runs.append(ProxyRun("base", space.base, seed, run_key(config, space, space.base, seed)))
-    for i in range(1, swarm.noise_seeds + 1):
-        runs.append(ProxyRun("noise", space.base, seed + i, run_key(config, space, space.base, seed + i)))
-    return runs
+    mixtures += [("fit", m) for m in fit] + [("test", m) for m in test] + [("base", space.base)]
+    runs = [seeded_runs(config, space, role, m) for role, m in mixtures]
+    noise = [seed + i for i in range(1, swarm.noise_seeds + 1)]
+    return [r for group in runs for r in group] + [
+        ProxyRun("noise", space.base, s, run_key(config, space, space.base, s)) for s in noise
+    ]
+
+
+def distinct(runs: list[ProxyRun]) -> list[ProxyRun]:
+    """The runs in order, each key once as it first appears (a base seed that is also a noise seed stays the base's)."""
+    first: dict[str, ProxyRun] = {}
+    for run in runs:
+        first.setdefault(run.key, run)
+    return list(first.values())
+
+
+def seeded_runs(config: MixtureSearchConfig, space: SearchSpace, role: str, shares: dict[str, float]) -> list[ProxyRun]:
+    """One mixture's runs: training seeds proxy.seed, +1, ... (`swarm.seeds` of them)."""
+    seeds = range(config.proxy.seed, config.proxy.seed + config.swarm.seeds)
+    return [ProxyRun(role, shares, s, run_key(config, space, shares, s)) for s in seeds]
 
 
 def write_request(config: MixtureSearchConfig, space: SearchSpace, run: ProxyRun, runs_dir: Path) -> Path:
@@ -283,7 +298,7 @@ def run_swarm(
     from flows.subprocess_task import cham, run_command
 
     runs_dir = Path(config.out_dir) / "runs"
-    unique = list({r.key: r for r in runs}.values())
+    unique = distinct(runs)
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for run in unique:

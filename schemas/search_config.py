@@ -78,7 +78,15 @@ class SwarmSettings(StrictModel):
     mixtures: list[dict[str, float]] = Field(
         default_factory=list, description="given mixtures (source -> weight), run as well as the drawn ones"
     )
-    noise_seeds: int = Field(2, ge=0, description="extra runs of the base mixture with other seeds: run-to-run noise")
+    seeds: int = Field(
+        1,
+        ge=1,
+        description="runs of every mixture, with training seeds proxy.seed, +1, ...: a mixture's losses are their "
+        "mean, whose noise is a single run's / sqrt(seeds); the proposal's confirmation gets as many",
+    )
+    noise_seeds: int = Field(
+        2, ge=0, description="runs of the base mixture with seeds proxy.seed + 1, +2, ...: the run-to-run noise"
+    )
     seed: int = Field(0, description="seed of the draws")
     parallel: int = Field(1, ge=1, description="proxy runs at once (each a process, or a flow run of `deployment`)")
     deployment: str | None = Field(

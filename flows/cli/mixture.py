@@ -56,6 +56,8 @@ def search(
     except (ConfigError, ValueError, OSError, CommandError) as err:
         raise fail(str(err)) from None
     console.print(_table("proxy runs", outcome["runs"]))
+    if outcome["seeds"] > 1:
+        console.print(_table(f"mixtures: losses averaged over {outcome['seeds']} seeds", outcome["mixtures"]))
     cv = [
         {
             k: r.get(k)
@@ -76,15 +78,18 @@ def search(
         )
     console.print(_table("effect of each source's share (rank correlation with each loss)", outcome["effects"]))
     noise = ", ".join(f"{k} {v:.4f}" for k, v in outcome["noise"].items() if v is not None)
-    console.print(f"run-to-run noise (std over seeds of the base mixture): {noise or 'not measured'}")
+    console.print(
+        f"run-to-run noise (std over seeds of the base mixture, one run; a mixture's mean of {outcome['seeds']} "
+        f"seeds has 1/sqrt({outcome['seeds']}) of it): {noise or 'not measured'}"
+    )
     shares = outcome["proposal"]["shares"]
     console.print("proposal: " + ", ".join(f"{s} {v:.3f}" for s, v in shares.items()))
     if outcome["confirmation"]:
         c = outcome["confirmation"]
         console.print(
-            f"confirmation run {c['run']}: {WEIGHTED} {_number(c[WEIGHTED])} measured, predicted "
+            f"confirmation {', '.join(c['runs'])}: {WEIGHTED} {_number(c[WEIGHTED])} measured, predicted "
             f"{c['predicted_weighted']['mean']:.4f} +- {c['predicted_weighted']['std']:.4f}; "
-            f"best swarm run {c['best_swarm_run']} ({c['best_swarm_role']}) "
+            f"best swarm mixture {', '.join(c['best_swarm_runs'])} ({c['best_swarm_role']}) "
             f"{c['best_swarm_weighted']:.4f}; base {_number(c['base_weighted'])}"
         )
     console.print(f"search: {Path(config.out_dir) / 'search.json'}")

@@ -122,6 +122,34 @@ def test_a_rerun_reuses_every_run_and_a_larger_swarm_runs_only_the_new_ones(sear
     assert all(after[name] == stamp for name, stamp in stamps.items())
 
 
+def test_seeds_average_each_mixture_and_the_fits_see_the_means(searched) -> None:
+    path, first = searched
+    config = load_config(MixtureSearchConfig, path)
+    seeded = config.model_copy(update={"swarm": config.swarm.model_copy(update={"seeds": 2})})
+    runs = plan_runs(seeded, search_space(seeded))
+    assert [(r.role, r.seed) for r in runs] == [("fit", 0), ("fit", 1)] * 6 + [("base", 0), ("base", 1), ("noise", 1)]
+    seen: list[tuple[str, bool]] = []
+    outcome = search(seeded, progress=lambda d, t, run, reused: seen.append((run.role, run.seed, reused)), log=print)
+    # seed 0 of every mixture, and the noise run (= the base's seed 1), were made by the first search
+    made_before = [("fit", 0, True)] * 6 + [("base", 0, True), ("base", 1, True)]
+    made_now = [("fit", 1, False)] * 6 + [("proposal", 0, False), ("proposal", 1, False)]
+    assert sorted(seen) == sorted(made_before + made_now)
+    assert len(outcome["runs"]) == 14  # the base's seed 1 is the noise run: listed once
+    by_name = {r["run"]: r for r in outcome["runs"]}
+    mixtures = outcome["mixtures"]
+    assert [m["role"] for m in mixtures] == ["fit"] * 6 + ["base"]
+    for m in mixtures:
+        assert len(m["runs"]) == 2
+        for name in ("val.text", "val.image", "weighted"):
+            assert m[name] == pytest.approx(sum(by_name[r][name] for r in m["runs"]) / 2)
+    assert outcome["noise"] == first["noise"]  # one run's noise: the base over its distinct seeds 0 and 1
+    chosen = [r for r in outcome["cross_validation"] if r.get("chosen")]
+    assert all(r["actual"] == pytest.approx([m[r["objective"]] for m in mixtures]) for r in chosen)
+    confirmation = outcome["confirmation"]
+    assert len(confirmation["runs"]) == 2
+    assert confirmation["best_swarm_weighted"] == min(m["weighted"] for m in mixtures)
+
+
 def test_a_run_key_follows_everything_its_losses_depend_on(searched) -> None:
     path, _ = searched
     config = load_config(MixtureSearchConfig, path)
