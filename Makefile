@@ -39,7 +39,7 @@ format: $(STAMP)
 
 # The tests need lm-eval's venv too (the interop test); the demo does not.
 test: lint $(LMEVAL_STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 demo: $(STAMP)
 	$(BIN)/cham demo

@@ -73,9 +73,9 @@ FULL = Sizes(
     tokens=400_000,
     batch=8,
     lr=1e-2,  # the exponential schedule averages 0.2 x the peak: a short run needs a high one
-    size=24,
+    size=48,
     test_size=16,
-    seeds=2,
+    seeds=1,  # 24 mixtures x 2 seeds (equal compute) ranked worse: docs/performance.md, "Mixture search"
     noise_seeds=5,
     candidates=50_000,
 )
@@ -600,12 +600,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny corpus, model and swarm: checks the script runs")
     parser.add_argument("--work", type=Path, help="keep the corpus and runs here (a rerun reuses them)")
-    parser.add_argument("--model", help="proxy preset (default: proxy-1m; --quick: tiny)")
+    parser.add_argument("--model", help="proxy preset (default: tiny)")
     parser.add_argument("--tokens", type=int, help="training tokens of each proxy run")
+    parser.add_argument(
+        "--seeds", type=int, help="runs of every mixture (averaged); the swarm and the grid keep 48 runs: 48 / seeds"
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     sizes = dataclasses.replace(sizes, model=args.model or sizes.model, tokens=args.tokens or sizes.tokens)
+    if args.seeds:
+        sizes = dataclasses.replace(sizes, seeds=args.seeds, size=sizes.size * sizes.seeds // args.seeds)
     # Two proxy processes at once on two cores: one thread each, or they fight over the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,6 +55,7 @@ class SearchSpace:
     seq_len: int
     vocab_size: int
     steps: int
+    data: dict[str, dict[str, str]]  # sha256 of each source's and each held-out stage's manifest: read once a search
 
 
 def _file_digest(path: Path) -> str:
@@ -94,6 +95,10 @@ def search_space(config: MixtureSearchConfig) -> SearchSpace:
         seq_len=spec.seq_len,
         vocab_size=vocab,
         steps=config.proxy.steps(spec.seq_len),
+        data={
+            "sources": {s.name: _file_digest(Path(s.path) / "manifest.json") for s in weighted},
+            "heldout": {n: _file_digest(Path(p) / "manifest.json") for n, p in sorted(config.heldout.items())},
+        },
     )
 
 
@@ -158,9 +163,9 @@ def run_key(config: MixtureSearchConfig, space: SearchSpace, shares: dict[str, f
     training = config.proxy.model_dump(mode="json", exclude={"tokens", "seed"})
     content = {
         "spec": spec.model_dump(mode="json"),
-        "sources": {s.name: _file_digest(Path(s.path) / "manifest.json") for s in space.spec.sources_of(space.stage)},
+        "sources": space.data["sources"],
         "training": training | {"steps": space.steps, "seed": seed},
-        "heldout": {n: _file_digest(Path(p) / "manifest.json") for n, p in sorted(config.heldout.items())},
+        "heldout": space.data["heldout"],
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
