@@ -8,6 +8,7 @@ task is complete, and a re-run skips its task without reading it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -291,27 +292,55 @@ def read_parts(config: PrepareConfig, n_tasks: int, per_worker: int = 16, most: 
     """
     if config.download.enabled or n_tasks == 0:
         return 1
-    workers = 1 if config.runner.kind == "embedded" else config.runner.workers or os.cpu_count() or 1
+    workers = parallelism(config.runner)
     if workers == 1:
         return 1
     return max(1, min(most, -(-per_worker * workers // n_tasks)))
 
 
+def parallelism(runner: RunnerConfig) -> int:
+    """How many records a runner prepares at once: 1 embedded; `workers` when set; on a Dask cluster the worker
+    threads its scheduler reports; otherwise this machine's cores."""
+    if runner.kind == "embedded":
+        return 1
+    if runner.workers:
+        return runner.workers
+    if runner.kind == "dask" and runner.address:
+        return dask_threads(runner.address) or os.cpu_count() or 1
+    return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=8)
+def dask_threads(address: str) -> int | None:
+    """The worker threads of the Dask cluster at `address`, or None when it cannot be asked (the job itself then
+    reports why it cannot connect)."""
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=10) as client:
+            return sum(client.nthreads().values()) or None
+    except (OSError, TimeoutError):
+        return None
+
+
 DASK_MOST_PARTITIONS = 1024  # beyond this, Dask's shuffles cost more than finer partitions give back
+DASK_PARTITIONS_PER_THREAD = 4  # enough for dask to balance uneven pieces; more only feeds the shuffles
 
 
 def runner_for(config: PrepareConfig, todo: dict[str, dict[str, Any]]) -> RunnerConfig:
-    """config.runner; on Dask, with one dask partition per read piece (at most DASK_MOST_PARTITIONS), unless its
-    options set `dask_npartitions` or `dask_partition_size` themselves.
+    """config.runner; on Dask, with a dask partition per read piece, at most DASK_PARTITIONS_PER_THREAD a worker
+    thread (and DASK_MOST_PARTITIONS), unless its options set `dask_npartitions` or `dask_partition_size` themselves.
 
     Beam's DaskRunner (2.77/2.78) puts up to 128 elements of a Create in one partition and its Reshuffle does
     nothing, so a source of up to 128 read tasks was prepared in one dask task, on one worker, whatever the cluster.
+    Every later GroupByKey is a dask shuffle whose tasks grow with the partitions, all through the scheduler: 45
+    partitions on 2 worker threads took 39 s where 8 took 22 s (docs/performance.md).
     """
     runner = config.runner
     if runner.kind != "dask" or {"dask_npartitions", "dask_partition_size"} & set(runner.options):
         return runner
     pieces = sum(len(p["todo"]) * read_parts(config, len(p["todo"])) for p in todo.values())
-    partitions = max(1, min(DASK_MOST_PARTITIONS, pieces))
+    partitions = max(1, min(DASK_MOST_PARTITIONS, DASK_PARTITIONS_PER_THREAD * parallelism(runner), pieces))
     return runner.model_copy(update={"options": {**runner.options, "dask_npartitions": partitions}})
 
 

@@ -260,7 +260,12 @@ class RunnerConfig(StrictModel):
     """Where the Beam job runs; the runner is always named (Beam's implicit default downloads a binary)."""
 
     kind: RunnerKind = "embedded"
-    workers: int | None = Field(None, ge=1, description="local: worker processes (default: all cores)")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="local: worker processes (default: all cores); dask: the cluster's worker threads (default: "
+        "asked of the scheduler), which sizes the job's partitions",
+    )
     address: str | None = Field(None, description="dask: scheduler address; none starts a local cluster")
     # Extra Beam pipeline options, e.g. {runner: FlinkRunner, flink_master: "host:8081"} for kind beam.
     options: dict[str, Any] = Field(default_factory=dict)

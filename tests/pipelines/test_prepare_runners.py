@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.prepare_job import run_prepare
+from pipelines.prepare_job import dask_threads, run_prepare
 from schemas import PrepareConfig, validate_config
 
 
@@ -55,6 +55,7 @@ def test_dask_cluster_on_loopback(embedded, sample_data, tiny_tokenizers, tmp_pa
         config = config_for(
             sample_data[0], tmp_path, tiny_tokenizers, {"kind": "dask", "address": cluster.scheduler_address}
         )
+        assert dask_threads(cluster.scheduler_address) == 2  # asked of the scheduler: 2 workers of 1 thread
         result = run_prepare(config)
     assert {n: m["totals"]["samples"] for n, m in result["manifests"].items()} == {
         "prose": 130,
