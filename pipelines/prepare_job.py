@@ -277,8 +277,7 @@ def torch_threads_per_worker(config: PrepareConfig) -> int | None:
     """For the local runner, the cores shared out between its worker processes; elsewhere torch's default."""
     if config.runner.kind != "local":
         return None
-    cores = os.cpu_count() or 1
-    return max(1, cores // (config.runner.workers or cores))
+    return max(1, (os.cpu_count() or 1) // parallelism(config.runner))
 
 
 def read_parts(config: PrepareConfig, n_tasks: int, per_worker: int = 16, most: int = 8) -> int:
