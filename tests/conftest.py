@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,22 @@ from pipelines.sample_corpus import write_sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "docs" / "configs"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TMPDIR for the session and every process it starts, inside pytest's own folder: Beam's, torch's and the
+    libraries' temporary folders (Beam leaves its `beam-temp*` folders behind) go when pytest removes it."""
+    path = tmp_path_factory.mktemp("tmp", numbered=False)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield path
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")
