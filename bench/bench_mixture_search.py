@@ -37,7 +37,9 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from schemas.search_config import FitKind
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("prose", "docs", "code", "photos")
@@ -64,6 +66,7 @@ class Sizes:
     seeds: int  # runs of every mixture (their mean is what the fits see); size x seeds <= 48 proxy runs
     noise_seeds: int
     candidates: int
+    fit_kinds: tuple[str, ...] | None = None  # the search's fits.kinds; None: the config's default
 
 
 FULL = Sizes(
@@ -367,7 +370,8 @@ def search_config(work: Path, prepared: Path, heldout: Path, sizes: Sizes, **swa
             "parallel": 2,
             **swarm,
         },
-        "fits": {"kinds": ["loglinear", "gp", "gbt"], "folds": 5},
+        # the report scores every kind on the test mixtures whichever the search chooses from
+        "fits": {"folds": 5, **({"kinds": list(sizes.fit_kinds)} if sizes.fit_kinds else {})},
         "proposal": {"candidates": sizes.candidates, "top_k": 100, "confirm": True},
     }
     name = "grid.yaml" if swarm else "search.yaml"
@@ -409,10 +413,13 @@ def grid_steps(n_sources: int, most: int) -> int:
     return steps
 
 
-def score_fits(outcome: dict[str, Any], objectives: list[str], kinds: list[str], seed: int) -> list[dict[str, Any]]:
+def score_fits(
+    outcome: dict[str, Any], objectives: list[str], kinds: list[str], seed: int, noise: dict[str, float]
+) -> list[dict[str, Any]]:
     """Every fit kind refitted on the search's fit mixtures and scored on its test mixtures (losses averaged over
     each mixture's seeds, as the search fits them), per objective and for the weighted sum (the sum of a kind's
-    predictions against the measured sum)."""
+    predictions against the measured sum); `attainable` is the Spearman a perfect predictor would reach against
+    these test runs given `noise` (each objective's noise of a mixture)."""
     import numpy as np
     from scipy.stats import spearmanr
 
@@ -433,12 +440,27 @@ def score_fits(outcome: dict[str, Any], objectives: list[str], kinds: list[str],
             model = fits.fit(kind, shares(train), [r[name] for r in train], seed=seed)
             quality = fits.evaluate(model, shares(test), [r[name] for r in test])
             summed += np.array(quality.predicted)
-            report.append({"kind": kind, "objective": name, **_quality_figures(quality.as_dict())})
+            attainable = fits.attainable_spearman(noise.get(name), quality.actual)
+            figures = _quality_figures(quality.as_dict())
+            report.append({"kind": kind, "objective": name, **figures, "attainable": _round(attainable)})
         actual = np.array([r["weighted"] for r in test])
         rho = float(spearmanr(actual, summed).statistic)
         rmse = float(np.sqrt(np.mean((summed - actual) ** 2)))
-        report.append({"kind": kind, "objective": "weighted", "spearman": round(rho, 3), "rmse": round(rmse, 4)})
+        attainable = fits.attainable_spearman(noise.get("weighted"), actual)
+        report.append(
+            {
+                "kind": kind,
+                "objective": "weighted",
+                "spearman": round(rho, 3),
+                "rmse": round(rmse, 4),
+                "attainable": _round(attainable),
+            }
+        )
     return report
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def _quality_figures(quality: dict[str, Any]) -> dict[str, Any]:
@@ -504,7 +526,9 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
     t3, cpu3 = time.perf_counter(), _cpu_s()
 
     objectives = list(config.objective)
-    noise = outcome["noise"]["weighted"] / sizes.seeds**0.5  # of a mixture's mean over its seeds
+    # of a mixture's mean over its seeds
+    mixture_noise = {k: v / sizes.seeds**0.5 for k, v in outcome["noise"].items() if v is not None}
+    noise = mixture_noise.get("weighted")
     fit_values = [r["weighted"] for r in outcome["mixtures"] if r["role"] in ("fit", "test")]
     confirmation = outcome["confirmation"]
     best_grid = min(grid, key=lambda row: row["weighted"])
@@ -537,13 +561,13 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
         "time_s": {"build": round(t1 - t0, 1), "search": round(t2 - t1, 1), "grid": round(t3 - t2, 1)},
         "cpu_s": {"build": round(cpu1 - cpu0, 1), "search": round(cpu2 - cpu1, 1), "grid": round(cpu3 - cpu2, 1)},
         "noise": outcome["noise"],
-        "noise_of_a_mixture": {k: v / sizes.seeds**0.5 for k, v in outcome["noise"].items() if v is not None},
+        "noise_of_a_mixture": mixture_noise,
         "swarm_spread": float(_std(fit_values)),
         "chosen": {r["objective"]: r["kind"] for r in outcome["cross_validation"] if r.get("chosen")},
         "search_test": [
             {"objective": t["objective"], "kind": t["kind"], **_quality_figures(t)} for t in outcome["test"]
         ],
-        "test_by_kind": score_fits(outcome, objectives, list(config.fits.kinds), config.swarm.seed),
+        "test_by_kind": score_fits(outcome, objectives, list(get_args(FitKind)), config.swarm.seed, mixture_noise),
         "proposal": {
             "shares": outcome["proposal"]["shares"],
             "predicted_weighted": confirmation["predicted_weighted"],
@@ -577,14 +601,17 @@ def print_report(report: dict[str, Any]) -> None:
     ratio = f" ({spread / noise['weighted']:.1f} x noise)" if noise.get("weighted") else ""
     print(f"std of the weighted loss over the swarm's mixtures: {spread:.4f}{ratio}")
     print("Spearman of predicted vs actual on the test mixtures (goal >= 0.9):")
-    kinds = sorted({r["kind"] for r in report["test_by_kind"]}, key=["loglinear", "gp", "gbt"].index)
+    kinds = sorted({r["kind"] for r in report["test_by_kind"]}, key=get_args(FitKind).index)
     names = list(dict.fromkeys(r["objective"] for r in report["test_by_kind"]))
-    print(f"  {'objective':24s}" + "".join(f"{k:>11s}" for k in kinds) + "   chosen")
+    print(f"  {'objective':24s}" + "".join(f"{k:>11s}" for k in kinds) + f"{'attainable':>12s}   chosen")
     for name in names:
-        cells = {r["kind"]: r["spearman"] for r in report["test_by_kind"] if r["objective"] == name}
+        rows = [r for r in report["test_by_kind"] if r["objective"] == name]
+        cells = {r["kind"]: r["spearman"] for r in rows}
+        attainable = rows[0]["attainable"]
         print(
             f"  {name:24s}"
             + "".join(f"{cells[k]:>11.3f}" if cells.get(k) is not None else f"{'-':>11s}" for k in kinds)
+            + (f"{attainable:>12.3f}" if attainable is not None else f"{'-':>12s}")
             + f"   {report['chosen'].get(name, '')}"
         )
     proposal = report["proposal"]
@@ -605,12 +632,17 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, help="runs of every mixture (averaged); the swarm and the grid keep 48 runs: 48 / seeds"
     )
+    parser.add_argument(
+        "--fit-kinds", help="comma-separated fits the search chooses from (default: the config's default)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     sizes = dataclasses.replace(sizes, model=args.model or sizes.model, tokens=args.tokens or sizes.tokens)
     if args.seeds:
         sizes = dataclasses.replace(sizes, seeds=args.seeds, size=sizes.size * sizes.seeds // args.seeds)
+    if args.fit_kinds:
+        sizes = dataclasses.replace(sizes, fit_kinds=tuple(args.fit_kinds.split(",")))
     # Two proxy processes at once on two cores: one thread each, or they fight over the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from schemas.config_base import ExistingPath, OutputPath, StrictModel
 from schemas.model_config import ModelConfig
 
-FitKind = Literal["loglinear", "gp", "gbt"]
+FitKind = Literal["loglinear", "powerlaw", "gp", "gbt"]
 # An objective names a held-out stage and what to read of its loss: `val.loss` (every supervised token),
 # `val.text` / `val.image` (the tokens of one modality), `val.source.<name>` (one source's documents).
 OBJECTIVE = re.compile(r"^(?P<heldout>[A-Za-z0-9][A-Za-z0-9_-]*)\.(?P<metric>loss|text|image|source\.[A-Za-z0-9_-]+)$")
@@ -106,7 +106,11 @@ class SwarmSettings(StrictModel):
 
 class FitSettings(StrictModel):
     kinds: list[FitKind] = Field(
-        default_factory=lambda: ["loglinear", "gp", "gbt"], min_length=1, description="fits tried per objective"
+        # powerlaw is opt-in: monotone in its source's share, it led the benchmark's proposal past the photos
+        # optimum (docs/performance.md, "Mixture search")
+        default_factory=lambda: ["loglinear", "gp", "gbt"],
+        min_length=1,
+        description="fits tried per objective",
     )
     folds: int = Field(5, ge=2, description="k of the k-fold predicted-vs-actual")
 

@@ -1,10 +1,13 @@
 """Fits of proxy runs' losses as functions of their mixtures, and how well they predict runs they did not see.
 
 A run is a mixture x (shares over K sources, each >= 0, summing to 1, columns in a fixed source order) and one
-measured objective y > 0 (a held-out loss). X is (n, K), y is (n,). Three kinds of fit:
+measured objective y > 0 (a held-out loss). X is (n, K), y is (n,). Four kinds of fit:
 
 - "loglinear": log y = a + sum_i b_i x_i, lightly ridge-regularised (Data Mixing Laws' exponential law without
   offset); it extrapolates smoothly and its coefficients read as each source's effect.
+- "powerlaw": y = a + B (x_s + eps)^-c + sum_{j != s} d_j x_j, a power law in one source's own share (as Data Mixing
+  Laws and BiMix fit a domain's loss) plus linear transfer from the others, s being the source whose law fits best;
+  it follows a loss that climbs steeply as its own source's share nears 0.
 - "gp": a Gaussian process (Matern 5/2 x constant + white noise), smooth and local, with its own predictive std.
 - "gbt": gradient-boosted trees (as RegMix uses LightGBM): no shape assumed, needs more runs, cannot extrapolate.
 
@@ -18,24 +21,31 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
-FIT_KINDS = ("loglinear", "gp", "gbt")
+from schemas.search_config import FitKind
+
+FIT_KINDS = get_args(FitKind)
 
 SHARE_TOLERANCE = 1e-6  # how far a row's sum may be from 1, or a share below 0, for rounding
 RIDGE_ALPHA_PER_RUN = 1e-3  # log-linear's ridge penalty, per run: light, but keeps K near n solvable
 GBT_BAGS = 10  # bootstrap refits that give the trees' spread
 BETTER_THAN_MEAN_P = 0.05  # one-sided Spearman p-value a fit must reach to count as better than the mean
-_FEWEST_RUNS = {"loglinear": 3, "gp": 5, "gbt": 8}
+_FEWEST_RUNS = {"loglinear": 3, "powerlaw": 6, "gp": 5, "gbt": 8}
+POWER_LAW_EPS = 1e-3  # keeps a source's term finite at share 0 (a source left out of a mixture)
+POWER_LAW_EXPONENTS = (0.1, 0.3, 0.6)  # starting exponents: the least-squares fit has local minima
+POWER_LAW_MAX_EXPONENT = 3.0
 
 
 def min_runs(kind: str, n_sources: int) -> int:
     """The fewest runs a fit of `kind` over `n_sources` sources accepts: one more than the log-linear law's free
-    parameters (K shares summing to 1 leave K - 1 slopes, plus the intercept), and a floor per kind."""
+    parameters (K shares summing to 1 leave K - 1 slopes, plus the intercept), one more than the power law's (its
+    K + 2), and a floor per kind."""
     _check_kind(kind)
-    return max(n_sources + 1, _FEWEST_RUNS[kind])
+    parameters = n_sources + 2 if kind == "powerlaw" else n_sources
+    return max(parameters + 1, _FEWEST_RUNS[kind])
 
 
 def check_shares(X: Any, what: str = "X") -> np.ndarray:
@@ -121,6 +131,59 @@ class LogLinearFit(FittedModel):
         log_var = self.residual_std**2 * (1.0 + leverage)
         mean = np.exp(log_mean)
         return mean, mean * np.sqrt(np.expm1(log_var))
+
+
+class PowerLawFit(FittedModel):
+    """y = a + B (x_s + eps)^-c + sum_{j != s} d_j x_j, B = e^b > 0 and 0 <= c <= POWER_LAW_MAX_EXPONENT, by least
+    squares (scipy), from a few starting exponents; s (`source`, a column of X) is the source whose law leaves the
+    smallest residual, which for a source's own held-out loss is nearly always that source. The linear terms leave
+    s out, as shares sum to 1.
+
+    std: the residual std (over n - K - 2 degrees of freedom) widened by the point's leverage under the fit's
+    linearisation (g (J'J)^-1 g', J the residuals' Jacobian at the solution, g the model's gradient at the point).
+    """
+
+    kind = "powerlaw"
+
+    def __init__(self, X: np.ndarray, y: np.ndarray) -> None:
+        from scipy.optimize import least_squares
+
+        super().__init__(X.shape[1], X.shape[0], float(y.mean()))
+        lower = np.r_[-np.inf, -np.inf, 0.0, np.full(X.shape[1] - 1, -np.inf)]
+        upper = np.r_[np.inf, np.inf, POWER_LAW_MAX_EXPONENT, np.full(X.shape[1] - 1, np.inf)]
+        best = None
+        for source in range(X.shape[1]):
+            for exponent in POWER_LAW_EXPONENTS:
+                start = np.r_[y.min(), math.log(max(np.ptp(y), 1e-6) / 10), exponent, np.zeros(X.shape[1] - 1)]
+                result = least_squares(
+                    lambda p, s=source: self._law(p, X, s) - y,
+                    start,
+                    jac=lambda p, s=source: self._gradient(p, X, s),
+                    bounds=(lower, upper),
+                )
+                if best is None or result.cost < best[0].cost:
+                    best = (result, source)
+        result, self.source = best
+        self.parameters = result.x
+        jacobian = self._gradient(self.parameters, X, self.source)
+        self._cov = np.linalg.pinv(jacobian.T @ jacobian)
+        dof = max(len(y) - len(self.parameters), 1)
+        self.residual_std = float(np.sqrt(2 * result.cost / dof))
+
+    @staticmethod
+    def _law(p: np.ndarray, X: np.ndarray, source: int) -> np.ndarray:
+        return p[0] + np.exp(p[1]) * (X[:, source] + POWER_LAW_EPS) ** -p[2] + np.delete(X, source, axis=1) @ p[3:]
+
+    @staticmethod
+    def _gradient(p: np.ndarray, X: np.ndarray, source: int) -> np.ndarray:
+        own = X[:, source] + POWER_LAW_EPS
+        term = np.exp(p[1]) * own ** -p[2]
+        return np.column_stack([np.ones(len(X)), term, -term * np.log(own), np.delete(X, source, axis=1)])
+
+    def _predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        gradient = self._gradient(self.parameters, X, self.source)
+        leverage = np.einsum("ij,jk,ik->i", gradient, self._cov, gradient)
+        return self._law(self.parameters, X, self.source), self.residual_std * np.sqrt(1.0 + leverage)
 
 
 class GaussianProcessFit(FittedModel):
@@ -220,6 +283,8 @@ def fit(kind: str, X: Any, y: Any, seed: int = 0) -> FittedModel:
         raise ValueError(f"a {kind} fit over {X.shape[1]} sources needs at least {needed} runs, got {len(y)}")
     if kind == "loglinear":
         return LogLinearFit(X, y)
+    if kind == "powerlaw":
+        return PowerLawFit(X, y)
     if kind == "gp":
         return GaussianProcessFit(X, y, seed)
     return BoostedTreesFit(X, y, seed)
@@ -293,6 +358,19 @@ def _quality(kind: str, actual: np.ndarray, mean: np.ndarray, std: np.ndarray, c
         "within_2std": float(np.mean(np.abs(errors) <= 2 * std)),
         "better_than_mean": bool(rmse < constant_rmse and spearman_p is not None and spearman_p < BETTER_THAN_MEAN_P),
     }
+
+
+def attainable_spearman(noise_std: float | None, actual: Any) -> float | None:
+    """The rank correlation a perfect predictor would be expected to reach against `actual`, measured losses each
+    carrying run-to-run noise of std `noise_std`: the true losses' correlation with the measured ones is
+    rho = sqrt(1 - noise^2 / var(actual)), and Spearman's of a bivariate normal is (6 / pi) asin(rho / 2). A fit's
+    test Spearman is read against this ceiling, not against 1. None without a noise figure, for fewer than 3 runs or
+    no spread."""
+    actual = np.asarray(actual, dtype=np.float64)
+    if noise_std is None or len(actual) < 3 or not np.ptp(actual) > 0:
+        return None
+    rho = math.sqrt(max(0.0, 1.0 - noise_std**2 / float(np.var(actual, ddof=1))))
+    return 6.0 / math.pi * math.asin(rho / 2.0)
 
 
 def evaluate(model: FittedModel, X_test: Any, y_test: Any) -> PredictionQuality:

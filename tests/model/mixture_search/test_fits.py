@@ -14,6 +14,8 @@ from model.mixture_search.fits import (
     FIT_KINDS,
     CrossValidation,
     LogLinearFit,
+    PowerLawFit,
+    attainable_spearman,
     cross_validate,
     evaluate,
     fit,
@@ -72,6 +74,28 @@ def test_loglinear_recovers_the_law(train):
     assert 0.003 < model.residual_std < 0.015
 
 
+def test_powerlaw_finds_the_source_and_recovers_its_law():
+    """A loss that climbs steeply as source 2's share nears 0 (as the photos loss of a real swarm does), with transfer
+    from source 0: the fit names source 2, recovers the exponent and beats the exponential law on held-out runs."""
+    rng = np.random.default_rng(3)
+
+    def steep(n):
+        X = rng.dirichlet(np.ones(3), n)
+        return X, 4.0 + 0.2 * (X[:, 2] + 1e-3) ** -0.5 - 0.3 * X[:, 0] + 0.01 * rng.standard_normal(n)
+
+    (X, y), (X_test, y_test) = steep(48), steep(16)
+    model = fit("powerlaw", X, y)
+    assert isinstance(model, PowerLawFit) and model.source == 2
+    a, log_b, c, d0, d1 = model.parameters
+    assert c == pytest.approx(0.5, abs=0.05) and np.exp(log_b) == pytest.approx(0.2, rel=0.15)
+    assert a == pytest.approx(4.0, abs=0.05)
+    assert d0 == pytest.approx(-0.3, abs=0.05) and d1 == pytest.approx(0.0, abs=0.05)
+    assert 0.005 < model.residual_std < 0.02
+    quality = evaluate(model, X_test, y_test)
+    assert quality.spearman >= 0.95 and quality.within_2std >= 0.8
+    assert quality.rmse < evaluate(fit("loglinear", X, y), X_test, y_test).rmse / 2
+
+
 @pytest.mark.parametrize("kind", FIT_KINDS)
 def test_cross_validation_of_the_law_is_better_than_the_mean_and_its_std_is_honest(kind, train):
     cv = cross_validate(kind, *train, folds=4, seed=0)
@@ -119,6 +143,7 @@ def test_another_seed_changes_the_trees(train, held_out):
 def test_too_few_runs_says_how_many(train):
     X, y = train
     assert min_runs("loglinear", 3) == 4 and min_runs("gbt", 3) == 8 and min_runs("gp", 10) == 11
+    assert min_runs("powerlaw", 3) == 6 and min_runs("powerlaw", 10) == 13  # K + 2 parameters
     with pytest.raises(ValueError, match="a gbt fit over 3 sources needs at least 8 runs, got 7"):
         fit("gbt", X[:7], y[:7])
     # 5 folds of 9 runs leave 7 to train on: one short of a gbt fit's 8.
@@ -168,3 +193,17 @@ def test_evaluate_on_few_runs_leaves_the_rank_correlation_undefined(train, held_
     quality = evaluate(fit("loglinear", *train), held_out[0][:2], held_out[1][:2])
     assert quality.spearman is None and quality.spearman_p is None and not quality.better_than_mean
     json.dumps(quality.as_dict(), allow_nan=False)
+
+
+def test_attainable_spearman_is_what_a_perfect_predictor_reaches_through_the_noise():
+    rng = np.random.default_rng(0)
+    true = rng.normal(0.0, 1.0, (4000, 16))
+    measured = true + rng.normal(0.0, 0.5, true.shape)  # noise half the true spread
+    from scipy.stats import spearmanr
+
+    simulated = np.mean([spearmanr(t, m).statistic for t, m in zip(true, measured, strict=True)])
+    expected = np.mean([attainable_spearman(0.5, m) for m in measured])
+    assert expected == pytest.approx(simulated, abs=0.02)  # about 0.88: 16 runs at this noise cannot reach 0.9
+    assert attainable_spearman(0.0, [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert attainable_spearman(10.0, [1.0, 2.0, 3.0]) == 0.0  # all noise
+    assert attainable_spearman(None, [1.0, 2.0, 3.0]) is None and attainable_spearman(0.1, [1.0, 1.0, 1.0]) is None
