@@ -2,8 +2,9 @@
 
 Per source: read tasks (about `samples_per_shard` records each) -> read + clean + normalize images + faces ->
 deduplication (across every source of the build and the index of earlier builds) -> VQ codes through RunInference ->
-join -> tokenize -> one shard per read task, written whole. A shard whose stats file holds the same fingerprint and
-task is complete, and a re-run skips its task without reading it.
+join -> tokenize -> one shard per read task, written whole. A source without deduplication VQ-encodes and tokenizes
+its records in the read stage itself (record_tokenizer): no join, one shuffle fewer. A shard whose stats file holds
+the same fingerprint and task is complete, and a re-run skips its task without reading it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from pipelines.face_detection import HaarFaceDetector
 from pipelines.image_download import UrlImages, download_totals
 from pipelines.prepare_record import PreparedRecord, PrepareSettings, assemble_sample, prepare_record
 from pipelines.raw_records import Reject
+from pipelines.record_tokenizer import RecordTokenizer
 from pipelines.runners import pipeline_options
 from pipelines.shard_writer import (
     SHARD_IDS,
@@ -61,7 +63,7 @@ from pipelines.shard_writer import (
     write_shard,
 )
 from pipelines.source_reader import ReadTask, plan_read_tasks, read_task
-from pipelines.vq_inference import VQCodes
+from pipelines.vq_inference import VQCodes, VQModelHandler, process_model
 from schemas.prepare_config import PrepareConfig, RunnerConfig, SourceConfig
 
 MANIFEST = "manifest.json"
@@ -219,6 +221,30 @@ class ReadAndPrepare(beam.DoFn):
                 )
                 yield (REJECT, (shard_id, prepared)) if isinstance(prepared, Reject) else (OK, prepared)
             index += 1
+
+
+class ReadAndTokenize(ReadAndPrepare):
+    """A read task -> (OK, (shard id, TokenizedSample)) and (REJECT, (shard id, reject)): ReadAndPrepare with each
+    piece's records VQ-encoded (in batches across records) and tokenized in the same worker."""
+
+    def __init__(
+        self, source: SourceConfig, settings: PrepareSettings, urls: UrlImages, vq: VQModelHandler, text_tokenizer: str
+    ):
+        super().__init__(source, settings, urls)
+        self.vq, self.text_tokenizer = vq, text_tokenizer
+
+    def setup(self) -> None:
+        super().setup()
+        tokenizer = MixedModalTokenizer(load_text_tokenizer(self.text_tokenizer))
+        self.tokenizer = RecordTokenizer(
+            process_model(self.vq), tokenizer, self.settings, self.vq.max_batch_size, (OK, REJECT)
+        )
+
+    def process(self, element: tuple[int, ReadTask, int, int]) -> Iterator[Any]:
+        # Everything is emitted from `process` (none from finish_bundle, which Beam's DaskRunner drops).
+        for tag, value in super().process(element):
+            yield from self.tokenizer.add(value) if tag == OK else [(tag, value)]
+        yield from self.tokenizer.flush()
 
 
 class Assemble(beam.DoFn):
@@ -449,10 +475,22 @@ def add_dedup(
     return kept, rejects, by_shard
 
 
+def tokenizes_in_read(source: SourceConfig) -> bool:
+    """Whether a source's records are tokenized in its read stage (ReadAndTokenize): when none is removed later as
+    a duplicate, so no record is encoded in vain."""
+    return source.dedup == "off"
+
+
+def vq_handler(config: PrepareConfig) -> VQModelHandler:
+    """The VQ model as each worker process loads it."""
+    return VQModelHandler(str(config.tokenizers.image), threads=torch_threads_per_worker(config))
+
+
 def read_source(
     p: beam.Pipeline, config: PrepareConfig, source: SourceConfig, tasks: list[tuple[int, ReadTask]]
 ) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
-    """The first part of a source's branch: its tasks, its prepared records, its read/clean/image rejects."""
+    """The first part of a source's branch: its tasks, its prepared records (its tokenized samples where
+    `tokenizes_in_read`), its read/clean/image (and tokenize) rejects."""
     settings = settings_for(config, source)
     name = source.name
     created = p | f"{name}/tasks" >> beam.Create(tasks)
@@ -460,7 +498,11 @@ def read_source(
     pieces = [(i, task, part, parts) for i, task in tasks for part in range(parts)]
     spread = p | f"{name}/pieces" >> beam.Create(pieces) | f"{name}/spread" >> beam.Reshuffle()
     urls = UrlImages(config.download, name, source.kind, report_dir=str(Path(config.output_dir) / name))
-    prepared = spread | f"{name}/read+download+prepare" >> beam.ParDo(ReadAndPrepare(source, settings, urls))
+    if tokenizes_in_read(source):
+        read = ReadAndTokenize(source, settings, urls, vq_handler(config), str(config.tokenizers.text))
+        prepared = spread | f"{name}/read+download+prepare+tokenize" >> beam.ParDo(read)
+    else:
+        prepared = spread | f"{name}/read+download+prepare" >> beam.ParDo(ReadAndPrepare(source, settings, urls))
     records, read_rejects = _split(prepared, f"{name}/prepared")
     return created, records, read_rejects
 
@@ -473,12 +515,39 @@ def add_source(
     vocab_size: int,
     dedup: tuple[beam.PCollection | None, beam.PCollection | None] = (None, None),
 ) -> beam.PCollection:
-    """The rest of one source's branch (labels prefixed with the source name), from its deduplicated records: VQ
-    codes, tokens, shards; `dedup` holds its duplicate rejects and its dedup entries by shard. Returns shard stats."""
-    settings = settings_for(config, source)
+    """The rest of one source's branch (labels prefixed with the source name), from its deduplicated records (or
+    its samples, where `tokenizes_in_read`): VQ codes, tokens, shards; `dedup` holds its duplicate rejects and its
+    dedup entries by shard. Returns shard stats."""
     name = source.name
     created, records, read_rejects = read
     duplicate_rejects, entries = dedup
+    if tokenizes_in_read(source):
+        samples, all_rejects = records, [read_rejects]
+    else:
+        samples, token_rejects = tokenize(config, source, records)
+        all_rejects = [read_rejects, token_rejects]
+    all_rejects += [duplicate_rejects] if duplicate_rejects is not None else []
+    rejects = tuple(all_rejects) | f"{name}/rejects" >> beam.Flatten()
+    out_dir = str(Path(config.output_dir) / name)
+    groups = {"task": created, "samples": samples, "rejects": rejects}
+    index_dir = None
+    if entries is not None:
+        groups["dedup"] = entries
+        index_dir = str(index_folder(config.output_dir, name))
+    return (
+        groups
+        | f"{name}/by-shard" >> beam.CoGroupByKey()
+        | f"{name}/write" >> beam.ParDo(WriteShard(out_dir, vocab_size, fp, index_dir, hasher_of(config)))
+    )
+
+
+def tokenize(
+    config: PrepareConfig, source: SourceConfig, records: beam.PCollection
+) -> tuple[beam.PCollection, beam.PCollection]:
+    """Deduplicated records -> (shard id, sample) and (shard id, reject): their images' VQ codes through
+    RunInference, joined back to the records, tokenized."""
+    settings = settings_for(config, source)
+    name = source.name
     codes = (
         records
         | f"{name}/images" >> beam.FlatMap(_images_of)
@@ -496,20 +565,7 @@ def add_source(
         | f"{name}/join" >> beam.CoGroupByKey()
         | f"{name}/tokenize" >> beam.ParDo(Assemble(str(config.tokenizers.text), settings))
     )
-    samples, token_rejects = _split(assembled, f"{name}/assembled")
-    all_rejects = [read_rejects, token_rejects] + ([duplicate_rejects] if duplicate_rejects is not None else [])
-    rejects = tuple(all_rejects) | f"{name}/rejects" >> beam.Flatten()
-    out_dir = str(Path(config.output_dir) / name)
-    groups = {"task": created, "samples": samples, "rejects": rejects}
-    index_dir = None
-    if entries is not None:
-        groups["dedup"] = entries
-        index_dir = str(index_folder(config.output_dir, name))
-    return (
-        groups
-        | f"{name}/by-shard" >> beam.CoGroupByKey()
-        | f"{name}/write" >> beam.ParDo(WriteShard(out_dir, vocab_size, fp, index_dir, hasher_of(config)))
-    )
+    return _split(assembled, f"{name}/assembled")
 
 
 def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[str, Any]]:

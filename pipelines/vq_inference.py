@@ -62,6 +62,15 @@ def _files_state(path: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(state)
 
 
+def process_model(handler: VQModelHandler) -> ImageTokenizer:
+    """The handler's model, loaded once per process (again when its files change)."""
+    key = (handler.tokenizer_path, handler.max_batch_size, handler.threads, _files_state(handler.tokenizer_path))
+    if key not in _LOADED:
+        _LOADED.clear()  # one model at a time: a job uses one VQ tokenizer
+        _LOADED[key] = handler.load_model()
+    return _LOADED[key]
+
+
 class _EncodeGroups(beam.DoFn):
     """(batch key, [(key, pixels), ...]) -> (key, codes) for each image; the model loaded once per process."""
 
@@ -69,12 +78,7 @@ class _EncodeGroups(beam.DoFn):
         self.handler = handler
 
     def setup(self) -> None:
-        handler = self.handler
-        key = (handler.tokenizer_path, handler.max_batch_size, handler.threads, _files_state(handler.tokenizer_path))
-        if key not in _LOADED:
-            _LOADED.clear()  # one model at a time: a job uses one VQ tokenizer
-            _LOADED[key] = handler.load_model()
-        self.model = _LOADED[key]
+        self.model = process_model(self.handler)
 
     def process(self, group: tuple[Any, Iterable[tuple[Any, np.ndarray]]]) -> Iterator[tuple[Any, np.ndarray]]:
         items = list(group[1])

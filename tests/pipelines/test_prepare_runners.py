@@ -39,6 +39,18 @@ def embedded(tmp_path_factory, sample_data, tiny_tokenizers) -> dict[str, bytes]
     return shard_bytes(out)
 
 
+def test_tokenizing_in_the_read_stage_writes_the_shards_the_join_does(
+    embedded, sample_data, tiny_tokenizers, tmp_path: Path, monkeypatch
+) -> None:
+    """Sources without dedup tokenize where they are read (ReadAndTokenize); the path through RunInference and the
+    join, which deduplicated sources take, writes the same bytes."""
+    import pipelines.prepare_job as prepare_job
+
+    monkeypatch.setattr(prepare_job, "tokenizes_in_read", lambda source: False)
+    run_prepare(config_for(sample_data[0], tmp_path, tiny_tokenizers, {"kind": "embedded"}))
+    assert shard_bytes(tmp_path) == embedded and len(embedded) == 7
+
+
 @pytest.mark.slow
 def test_local_runner_with_two_processes(embedded, sample_data, tiny_tokenizers, tmp_path: Path) -> None:
     run_prepare(config_for(sample_data[0], tmp_path, tiny_tokenizers, {"kind": "local", "workers": 2}))
