@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -17,10 +18,12 @@ EXAMPLES = REPO / "docs" / "configs"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """TMPDIR for the session and every process it starts, inside pytest's own folder: Beam's, torch's and the
-    libraries' temporary folders (Beam leaves its `beam-temp*` folders behind) go when pytest removes it."""
-    path = tmp_path_factory.mktemp("tmp", numbered=False)
+def session_tmpdir() -> Iterator[Path]:
+    """TMPDIR for the session and every process it starts: Beam's, torch's and the libraries' temporary folders
+    (Beam leaves its `beam-temp*` folders behind) go with it at exit. Outside pytest's folder, which pytest removes
+    before the atexit callbacks of what ran inside the session (Prefect's test harness cleans its folder there)."""
+    path = Path(tempfile.mkdtemp(prefix="cham-tests-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)  # registered first, so it runs after the others
     before = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(path)
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
