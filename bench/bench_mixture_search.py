@@ -37,9 +37,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, get_args
-
-from schemas.search_config import FitKind
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("prose", "docs", "code", "photos")
@@ -512,6 +510,7 @@ def _cpu_s() -> float:
 def run(work: Path, sizes: Sizes) -> dict[str, Any]:
     """Build, search, grid, score: the report."""
     from flows.mixture_proposal import search
+    from model.mixture_search.fits import FIT_KINDS
     from schemas import MixtureSearchConfig, load_config
 
     t0, cpu0 = time.perf_counter(), _cpu_s()
@@ -567,7 +566,7 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
         "search_test": [
             {"objective": t["objective"], "kind": t["kind"], **_quality_figures(t)} for t in outcome["test"]
         ],
-        "test_by_kind": score_fits(outcome, objectives, list(get_args(FitKind)), config.swarm.seed, mixture_noise),
+        "test_by_kind": score_fits(outcome, objectives, list(FIT_KINDS), config.swarm.seed, mixture_noise),
         "proposal": {
             "shares": outcome["proposal"]["shares"],
             "predicted_weighted": confirmation["predicted_weighted"],
@@ -601,7 +600,9 @@ def print_report(report: dict[str, Any]) -> None:
     ratio = f" ({spread / noise['weighted']:.1f} x noise)" if noise.get("weighted") else ""
     print(f"std of the weighted loss over the swarm's mixtures: {spread:.4f}{ratio}")
     print("Spearman of predicted vs actual on the test mixtures (goal >= 0.9):")
-    kinds = sorted({r["kind"] for r in report["test_by_kind"]}, key=get_args(FitKind).index)
+    from model.mixture_search.fits import FIT_KINDS
+
+    kinds = sorted({r["kind"] for r in report["test_by_kind"]}, key=FIT_KINDS.index)
     names = list(dict.fromkeys(r["objective"] for r in report["test_by_kind"]))
     print(f"  {'objective':24s}" + "".join(f"{k:>11s}" for k in kinds) + f"{'attainable':>12s}   chosen")
     for name in names:

@@ -551,12 +551,7 @@ def tokenize(
     codes = (
         records
         | f"{name}/images" >> beam.FlatMap(_images_of)
-        | f"{name}/vq"
-        >> VQCodes(
-            str(config.tokenizers.image),
-            use_run_inference=config.runner.kind != "dask",
-            threads=torch_threads_per_worker(config),
-        )
+        | f"{name}/vq" >> VQCodes(vq_handler(config), use_run_inference=config.runner.kind != "dask")
         | f"{name}/codes" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
     )
     keyed = records | f"{name}/strip" >> beam.Map(lambda r: (r.key, r.without_pixels()))

@@ -95,11 +95,9 @@ def image_batch_key(key: tuple[str, int], records_per_batch: int = 16) -> str:
 class VQCodes(beam.PTransform):
     """((record key, slot), uint8 image) -> ((record key, slot), VQ codes), batched."""
 
-    def __init__(
-        self, tokenizer_path: str, max_batch_size: int = 16, use_run_inference: bool = True, threads: int | None = None
-    ):
+    def __init__(self, handler: VQModelHandler, use_run_inference: bool = True):
         super().__init__()
-        self.handler = VQModelHandler(tokenizer_path, max_batch_size, threads)
+        self.handler = handler
         self.use_run_inference = use_run_inference
 
     def expand(self, images: beam.PCollection) -> beam.PCollection:
