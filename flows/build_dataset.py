@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from pydantic import Field
 
 from flows.artifacts import table_artifact, task_progress_artifact
 from flows.subprocess_task import cham, run_command, run_logger
+from model.files import storage
 from pipelines.shard_writer import SHARD_IDS, STATS_SUFFIX, shard_name
 from pipelines.source_reader import plan_read_tasks
 from schemas import MixtureSpec, PrepareConfig, dump_config, load_config
@@ -20,18 +20,24 @@ from schemas import MixtureSpec, PrepareConfig, dump_config, load_config
 MANIFEST = "manifest.json"
 
 
-def planned_stats_files(config: PrepareConfig) -> list[Path]:
-    """The stats file of every shard the job will have written when done: the shard ids it assigned (its
-    shard_ids.json, written when it starts; earlier builds' shards keep theirs), else one per read task."""
-    files = []
+def planned_stats_files(config: PrepareConfig) -> dict[str | Path, set[str]]:
+    """Per source folder (a URL on a store), the names of the stats files of every shard the job will have written
+    when done: the shard ids it assigned (its shard_ids.json, written when it starts; earlier builds' shards keep
+    theirs), else one per read task."""
+    files = {}
     for source in config.sources:
-        folder = Path(config.output_dir) / source.name
+        folder = storage.join(config.output_dir, source.name)
         try:
-            ids = [int(e["id"]) for e in json.loads((folder / SHARD_IDS).read_text())["shards"]]
+            ids = [int(e["id"]) for e in json.loads(storage.read_text(storage.join(folder, SHARD_IDS)))["shards"]]
         except (OSError, ValueError, KeyError, TypeError):
             ids = list(range(len(plan_read_tasks(source, records_per_task=config.samples_per_shard))))
-        files += [folder / f"{shard_name(i)}{STATS_SUFFIX}" for i in ids]
+        files[folder] = {f"{shard_name(i)}{STATS_SUFFIX}" for i in ids}
     return files
+
+
+def shards_done(planned: dict[str | Path, set[str]]) -> int:
+    """How many of the planned stats files exist (one listing a source folder)."""
+    return sum(len(names & set(storage.list_names(folder))) for folder, names in planned.items())
 
 
 def reject_rows(manifests: dict[str, dict[str, Any]], written: dict[str, int]) -> list[dict[str, Any]]:
@@ -67,35 +73,33 @@ def reject_rows(manifests: dict[str, dict[str, Any]], written: dict[str, int]) -
 @task(name="prepare", retries=2, retry_delay_seconds=5)
 def prepare_task(config: PrepareConfig) -> dict[str, Any]:
     """`cham prepare` on the config; progress from the shards' stats files; returns per-source manifests."""
-    out = Path(config.output_dir)
-    config_file = dump_config(config, out / "prepare-config.yaml")
-    stats_files = planned_stats_files(config)
-    progress_id = task_progress_artifact(f"prepare: shards written of {len(stats_files)}")
-    launched = time.time()
+    out = config.output_dir
+    # The config the job runs with, beside its output (in this machine's mirror of an output on a store).
+    config_file = dump_config(config, storage.local_mirror(out, "prepare-logs") / "prepare-config.yaml")
+    total = sum(len(names) for names in planned_stats_files(config).values())
+    progress_id = task_progress_artifact(f"prepare: shards written of {total}")
 
     def report() -> None:
         # Complete shards skipped by the job already have their stats file; shards it redoes get a new one. The
         # plan is read again: the job writes its shard ids when it starts.
         planned = planned_stats_files(config)
-        done = sum(1 for f in planned if f.exists())
-        update_progress_artifact(progress_id, 100.0 * done / max(1, len(planned)))
+        total = sum(len(names) for names in planned.values())
+        update_progress_artifact(progress_id, 100.0 * shards_done(planned) / max(1, total))
 
     run_command(cham("prepare", str(config_file)), poll=report)
     update_progress_artifact(progress_id, 100.0)
-    manifests = {s.name: json.loads((out / s.name / MANIFEST).read_text()) for s in config.sources}
-    written: dict[str, int] = {}
-    for f in planned_stats_files(config):
-        if f.stat().st_mtime >= launched - 1:  # rewritten by this run (a retry counts its own attempt only)
-            written[f.parent.name] = written.get(f.parent.name, 0) + 1
+    manifests = {s.name: json.loads(storage.read_text(storage.join(out, s.name, MANIFEST))) for s in config.sources}
+    # This run's shards: its build in each manifest (a retry's manifest lists what its own attempt wrote).
+    written = {name: len(m["builds"][-1]["new_shards"]) for name, m in manifests.items() if m.get("builds")}
     return {"manifests": manifests, "written": written}
 
 
 @task(name="mix", retries=1, retry_delay_seconds=5)
-def mix_task(spec_file: Path, out: Path) -> dict[str, Any]:
+def mix_task(spec_file: Path, out: str | Path) -> dict[str, Any]:
     """`cham mix` on a MixtureSpec file; returns the stage manifests (small: counts and shares)."""
     run_command(cham("mix", str(spec_file), "--out", str(out)))
     spec = load_config(MixtureSpec, spec_file)
-    return {stage: json.loads((out / stage / MANIFEST).read_text()) for stage in spec.stages}
+    return {stage: json.loads(storage.read_text(storage.join(out, stage, MANIFEST))) for stage in spec.stages}
 
 
 def stage_rows(manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,7 +141,7 @@ def build_dataset(
         "prepared %d sources:\n%s", len(rows), "\n".join(", ".join(f"{k}: {v}" for k, v in r.items()) for r in rows)
     )
     if mixture_file:
-        out = Path(mixed_dir) if mixed_dir else Path(config.output_dir) / "mixed"
+        out = mixed_dir or storage.join(config.output_dir, "mixed")
         stages = mix_task(Path(mixture_file), out)
         table_artifact(
             stage_rows(stages),

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from model.files.atomic import write_atomic
+from model.files import storage
 from pipelines.shard_writer import encode_npy
 from schemas.prepare_config import DEDUP_INDEX_DIR as INDEX_DIR
 
@@ -328,12 +328,12 @@ def duplicate_detail(original: Node, how: str) -> str:
     return f"duplicate of {original.source} record {original.record_id} ({how}{earlier})"
 
 
-def index_folder(output_dir: str | Path, source: str) -> Path:
-    """`OUTPUT/dedup-index/SOURCE`: one `SHARD.npz` per shard, the entries of its kept records."""
-    return Path(output_dir) / INDEX_DIR / source
+def index_folder(output_dir: str | Path, source: str) -> str | Path:
+    """`OUTPUT/dedup-index/SOURCE`: one `SHARD.npz` per shard, the entries of its kept records (a URL on a store)."""
+    return storage.join(output_dir, INDEX_DIR, source)
 
 
-def write_index_part(path: Path, entries: Sequence[DedupEntry], hasher: MinHasher) -> None:
+def write_index_part(path: str | Path, entries: Sequence[DedupEntry], hasher: MinHasher) -> None:
     """One shard's kept entries as an npz (ids, exact hashes, signatures, perceptual hashes), written atomically."""
     entries = sorted(entries, key=lambda e: e.node)
     n_perm = hasher.bands * hasher.rows
@@ -359,16 +359,15 @@ def write_index_part(path: Path, entries: Sequence[DedupEntry], hasher: MinHashe
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, array in arrays.items():
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), encode_npy(array))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buffer.getvalue())
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def read_index_part(path: str | Path, source: str, hasher: MinHasher) -> list[DedupEntry]:
     """The entries of an index part as earlier-build nodes; signatures of other MinHash params are left out (they
     do not compare), so such entries still catch exact copies."""
-    with np.load(path, allow_pickle=False) as data:
+    with storage.open_file(path) as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as data:
         same = json.loads(str(data["params"])) == hasher.params
-        shard = int(Path(path).name.split(".")[0].removeprefix("shard-") or 0)
+        shard = int(str(path).rsplit("/", 1)[-1].split(".")[0].removeprefix("shard-") or 0)
         out = []
         for i, (record_id, key) in enumerate(zip(data["record_id"], data["key"], strict=True)):
             signature = data["signature"][i] if same and data["has_signature"][i] else None
@@ -378,9 +377,13 @@ def read_index_part(path: str | Path, source: str, hasher: MinHasher) -> list[De
     return out
 
 
-def index_parts(output_dir: str | Path) -> dict[str, list[Path]]:
-    """Every index part under the output folder, by source folder."""
-    root = Path(output_dir) / INDEX_DIR
-    if not root.is_dir():
-        return {}
-    return {d.name: sorted(d.glob("shard-*.npz")) for d in sorted(root.iterdir()) if d.is_dir()}
+def index_parts(output_dir: str | Path) -> dict[str, list[str | Path]]:
+    """Every index part under the output folder (local or on a store), by source folder."""
+    root = storage.join(output_dir, INDEX_DIR)
+    parts = {}
+    for source in storage.list_names(root):
+        folder = storage.join(root, source)
+        names = [n for n in storage.list_names(folder) if n.startswith("shard-") and n.endswith(".npz")]
+        if names:
+            parts[source] = [storage.join(folder, n) for n in names]
+    return parts

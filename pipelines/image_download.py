@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from model.files import storage
 from model.files.atomic import write_atomic
 from pipelines.raw_records import Reject
 from schemas.download_config import DownloadConfig
@@ -677,12 +678,11 @@ class UrlImages:
             return
         from pipelines.shard_writer import shard_name
 
-        path = Path(self.report_dir) / f"{shard_name(shard_id)}{REPORT_SUFFIX}"
+        path = storage.join(self.report_dir, f"{shard_name(shard_id)}{REPORT_SUFFIX}")  # a URL on a store
         if not stats.urls:
-            path.unlink(missing_ok=True)
+            storage.remove(path)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(stats.as_dict(), indent=2, sort_keys=True).encode())
+        storage.write_text(path, json.dumps(stats.as_dict(), indent=2, sort_keys=True))
 
 
 def download_totals(out_dir: str | Path, shard_ids: Iterable[int]) -> dict[str, Any] | None:
@@ -694,7 +694,7 @@ def download_totals(out_dir: str | Path, shard_ids: Iterable[int]) -> dict[str, 
     found = False
     for shard_id in shard_ids:
         try:
-            report = json.loads((Path(out_dir) / f"{shard_name(shard_id)}{REPORT_SUFFIX}").read_text())
+            report = json.loads(storage.read_text(storage.join(out_dir, f"{shard_name(shard_id)}{REPORT_SUFFIX}")))
         except (OSError, ValueError):  # no URL images in that shard (written atomically, so never half a file)
             continue
         found = True

@@ -9,6 +9,7 @@ the same fingerprint and task is complete, and a re-run skips its task without r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +24,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from model.files.atomic import write_atomic
+from model.files import storage
 from model.tokenizers.image_tokenizer import ImageTokenizer
 from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
 from model.tokenizers.text_tokenizer import load_text_tokenizer
@@ -117,31 +118,28 @@ def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fp
 def task_signature(task: ReadTask) -> list[Any]:
     """What a shard was made from: its read task's file, with the file's size and modification time (a file changed
     since is another task), and the range read."""
-    try:
-        stat = os.stat(task.path)
-        identity = [stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        identity = [None, None]
-    return [task.path, task.start, task.stop, *identity]
+    return [task.path, task.start, task.stop, *storage.identity(task.path)]
 
 
-def shard_ledger(out_dir: Path, fingerprint: str) -> dict[tuple, int]:
+def shard_ledger(out_dir: str | Path, fingerprint: str) -> dict[tuple, int]:
     """Which shard each read task of earlier builds of a source went to (task signature -> shard id), under the same
     fingerprint: the source's shard_ids.json (written before each build runs, so a killed build's re-run gives its
     tasks the same ids), and the stats files of complete shards (written last: a shard with one is whole)."""
     ledger: dict[tuple, int] = {}
     try:
-        table = json.loads((out_dir / SHARD_IDS).read_text())
+        table = json.loads(storage.read_text(storage.join(out_dir, SHARD_IDS)))
     except (OSError, ValueError):
         table = None
     if isinstance(table, dict) and table.get("fingerprint") == fingerprint and isinstance(table.get("shards"), list):
         for entry in table["shards"]:
             if isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("task"), list):
                 ledger[tuple(entry["task"])] = entry["id"]
-    for stats_file in sorted(out_dir.glob(f"shard-*{STATS_SUFFIX}")):
-        shard_id = shard_id_of(stats_file.name)
+    for name in storage.list_names(out_dir):
+        shard_id = shard_id_of(name)
+        if shard_id is None or not name.endswith(STATS_SUFFIX):
+            continue
         try:
-            stats = json.loads(stats_file.read_text())
+            stats = json.loads(storage.read_text(storage.join(out_dir, name)))
         except (OSError, ValueError):
             continue
         if shard_id is not None and isinstance(stats, dict) and stats.get("fingerprint") == fingerprint:
@@ -149,11 +147,10 @@ def shard_ledger(out_dir: Path, fingerprint: str) -> dict[tuple, int]:
     return ledger
 
 
-def write_shard_ids(out_dir: Path, fingerprint: str, tasks: list[tuple[int, ReadTask]]) -> None:
+def write_shard_ids(out_dir: str | Path, fingerprint: str, tasks: list[tuple[int, ReadTask]]) -> None:
     """Record this build's task -> shard id assignment (before the build runs; see shard_ledger)."""
     table = {"fingerprint": fingerprint, "shards": [{"id": i, "task": task_signature(t)} for i, t in tasks]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / SHARD_IDS, json.dumps(table, indent=1))
+    storage.write_text(storage.join(out_dir, SHARD_IDS), json.dumps(table, indent=1))
 
 
 def assign_shards(tasks: list[ReadTask], ledger: dict[tuple, int]) -> list[tuple[int, ReadTask]]:
@@ -286,9 +283,10 @@ class WriteShard(beam.DoFn):
         if self.index_dir is not None:  # only records that became samples (not those rejected after dedup)
             keys = {s.key for s in samples}
             kept = [row_entry(row) for row in groups.get("dedup", ()) if row[0][3] in keys]  # row[0]: the node
-            write_index_part(Path(self.index_dir) / f"{shard_name(shard_id)}.npz", kept, self.hasher or MinHasher())
+            part = storage.join(self.index_dir, f"{shard_name(shard_id)}.npz")
+            write_index_part(part, kept, self.hasher or MinHasher())
         stats = write_shard(
-            Path(self.out_dir),
+            self.out_dir,
             shard_id,
             samples,
             list(groups["rejects"]),
@@ -419,7 +417,7 @@ def earlier_index(config: PrepareConfig, plans: dict[str, dict[str, Any]]) -> li
     for source, paths in index_parts(config.output_dir).items():
         ids = {i for i, _ in plans[source]["tasks"]} if source in plans else None
         for path in paths:
-            shard = shard_id_of(path.name)
+            shard = shard_id_of(str(path).rsplit("/", 1)[-1])
             if ids is None or (shard is not None and shard in ids):
                 out.append((source, str(path)))
     return out
@@ -497,7 +495,7 @@ def read_source(
     parts = read_parts(config, len(tasks))
     pieces = [(i, task, part, parts) for i, task in tasks for part in range(parts)]
     spread = p | f"{name}/pieces" >> beam.Create(pieces) | f"{name}/spread" >> beam.Reshuffle()
-    urls = UrlImages(config.download, name, source.kind, report_dir=str(Path(config.output_dir) / name))
+    urls = UrlImages(config.download, name, source.kind, report_dir=str(storage.join(config.output_dir, name)))
     if tokenizes_in_read(source):
         read = ReadAndTokenize(source, settings, urls, vq_handler(config), str(config.tokenizers.text))
         prepared = spread | f"{name}/read+download+prepare+tokenize" >> beam.ParDo(read)
@@ -528,7 +526,7 @@ def add_source(
         all_rejects = [read_rejects, token_rejects]
     all_rejects += [duplicate_rejects] if duplicate_rejects is not None else []
     rejects = tuple(all_rejects) | f"{name}/rejects" >> beam.Flatten()
-    out_dir = str(Path(config.output_dir) / name)
+    out_dir = str(storage.join(config.output_dir, name))
     groups = {"task": created, "samples": samples, "rejects": rejects}
     index_dir = None
     if entries is not None:
@@ -572,10 +570,11 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
             read_tasks = plan_read_tasks(source, records_per_task=config.samples_per_shard)
         except (ValueError, FileNotFoundError) as err:  # inputs gone, or a config loaded without its path checks
             raise PrepareError(f"source {source.name}: {err}") from None
-        out_dir = Path(config.output_dir) / source.name
+        out_dir = storage.join(config.output_dir, source.name)
         ledger = shard_ledger(out_dir, fp)
         tasks = assign_shards(read_tasks, ledger)
-        todo = [(i, t) for i, t in tasks if not is_complete(out_dir, i, fp, {"task": task_signature(t)})]
+        names = set(storage.list_names(out_dir))  # one listing, not a request a shard (on a store)
+        todo = [(i, t) for i, t in tasks if not is_complete(out_dir, i, fp, {"task": task_signature(t)}, names)]
         kept = {i for i, _ in tasks}
         plans[source.name] = {
             "fingerprint": fp,
@@ -587,10 +586,10 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
     return plans
 
 
-def previous_builds(out_dir: Path, fingerprint: str) -> list[dict[str, Any]]:
+def previous_builds(out_dir: str | Path, fingerprint: str) -> list[dict[str, Any]]:
     """The builds the source's manifest lists, if it was written under the same fingerprint ([] otherwise)."""
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        manifest = json.loads(storage.read_text(storage.join(out_dir, MANIFEST)))
     except (OSError, ValueError):
         return []
     if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
@@ -599,24 +598,31 @@ def previous_builds(out_dir: Path, fingerprint: str) -> list[dict[str, Any]]:
     return builds if isinstance(builds, list) else []
 
 
-def remove_stale_shards(out_dir: Path, keep: set[int]) -> list[Path]:
+def remove_stale_shards(out_dir: str | Path, keep: set[int]) -> list[str | Path]:
     """Delete the files of shards this build does not list: inputs removed or changed since, or an earlier run that
     planned other tasks (another samples_per_shard); they would hold samples twice for anything that globs the
     folder."""
-    stale = [p for p in out_dir.glob("shard-*") if shard_id_of(p.name) not in keep]
+    names = [n for n in storage.list_names(out_dir) if n.startswith("shard-") and shard_id_of(n) not in keep]
+    stale = [storage.join(out_dir, n) for n in names]
     for path in stale:
-        path.unlink()
+        storage.remove(path)
     return stale
+
+
+def remove_listed(folder: str | Path, names: set[str]) -> None:
+    """Delete those of `names` that are in `folder` (listed once: on a store, a request a file there, not a name)."""
+    for name in sorted(names & set(storage.list_names(folder))):
+        storage.remove(storage.join(folder, name))
 
 
 def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, Any], fps: dict[str, str]) -> dict:
     """manifest.json of one source: its shards with counts, tokenizer fingerprints and the config."""
-    out_dir = Path(config.output_dir) / source.name
+    out_dir = storage.join(config.output_dir, source.name)
     shards = []
     for shard_id in sorted(i for i, _ in plan["tasks"]):  # in id order: the earlier builds' shards first
-        stats_file = out_dir / f"{shard_name(shard_id)}{STATS_SUFFIX}"
+        stats_file = storage.join(out_dir, f"{shard_name(shard_id)}{STATS_SUFFIX}")
         try:
-            shards.append(json.loads(stats_file.read_text()))
+            shards.append(json.loads(storage.read_text(stats_file)))
         except (OSError, ValueError) as err:
             raise PrepareError(
                 f"{stats_file}: shard {shard_id} of source {source.name} is not complete ({err})"
@@ -631,8 +637,8 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
         "kind": source.kind,
         "fingerprint": plan["fingerprint"],
         "tokenizers": {
-            "text": str(Path(config.tokenizers.text).resolve()),  # absolute: a run finds them from anywhere
-            "image": str(Path(config.tokenizers.image).resolve()),
+            # absolute (or a URL): a run finds them from anywhere
+            **{k: storage.absolute(getattr(config.tokenizers, k)) for k in ("text", "image")},
             **{f"{k}_fingerprint": v for k, v in fps.items()},
         },
         "config": {"source": source.model_dump(mode="json"), **config.shard_settings()},
@@ -647,8 +653,7 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
     downloads = download_totals(out_dir, [i for i, _ in plan["tasks"]])
     if downloads is not None:  # sources with URL images: what was fetched, dropped and why
         manifest["downloads"] = downloads
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(out_dir, MANIFEST), json.dumps(manifest, indent=2))  # last: the source is whole
     return manifest
 
 
@@ -670,29 +675,34 @@ def build_record(plan: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str
 
 
 class ShardWatcher(threading.Thread):
-    """Reports (shards done, shards to do) while the job runs, from the stats files appearing on disk.
+    """Reports (shards done, shards to do) while the job runs, from the stats files appearing in the output folders
+    (the stats of the shards to do were removed before the job started).
 
-    It works the same on every runner: workers in other processes or machines write to the shared output folder.
+    It works the same on every runner: workers in other processes or machines write to the shared output folder, a
+    local one or a store (listed every 2 s there: one request a source, not one a shard).
     """
 
     def __init__(self, config: PrepareConfig, plans: dict[str, dict[str, Any]], report: Callable[[int, int], None]):
         super().__init__(daemon=True)
-        self.stats_files = [
-            Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}"
+        self.waiting = {
+            storage.join(config.output_dir, name): {f"{shard_name(i)}{STATS_SUFFIX}" for i, _ in p["todo"]}
             for name, p in plans.items()
-            for i, _ in p["todo"]
-        ]
+        }
+        self.total = sum(len(names) for names in self.waiting.values())
+        self.interval = 2.0 if storage.is_url(config.output_dir) else 0.5
         self.report = report
         self.stop = threading.Event()
-        self.started = time.time()
+        self.seen = 0
 
     def done(self) -> int:
-        return sum(1 for f in self.stats_files if f.exists() and f.stat().st_mtime >= self.started - 1)
+        with contextlib.suppress(OSError):  # a store that did not answer this time: the last count stands
+            self.seen = sum(len(names & set(storage.list_names(d))) for d, names in self.waiting.items())
+        return self.seen
 
     def run(self) -> None:
-        while not self.stop.wait(0.5):
-            self.report(self.done(), len(self.stats_files))
-        self.report(self.done(), len(self.stats_files))
+        while not self.stop.wait(self.interval):
+            self.report(self.done(), self.total)
+        self.report(self.done(), self.total)
 
 
 def _run_pipeline(
@@ -750,17 +760,17 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     todo = {name: p for name, p in plans.items() if p["todo"]}
     failure: BaseException | None = None
     for name in plans:  # what a killed run was writing (each writer's temporaries are named uniquely)
-        remove_temporaries(Path(config.output_dir) / name)
+        remove_temporaries(storage.join(config.output_dir, name))
         remove_temporaries(index_folder(config.output_dir, name))
     for name, source_plan in plans.items():
-        write_shard_ids(Path(config.output_dir) / name, source_plan["fingerprint"], source_plan["tasks"])
+        write_shard_ids(storage.join(config.output_dir, name), source_plan["fingerprint"], source_plan["tasks"])
     if todo:
         for name in todo:  # stale stats of shards about to be redone must not count as progress
-            (Path(config.output_dir) / name / MANIFEST).unlink(missing_ok=True)  # nor an old manifest as current
-            for i, _ in plans[name]["todo"]:
-                (Path(config.output_dir) / name / f"{shard_name(i)}{STATS_SUFFIX}").unlink(missing_ok=True)
-                # nor its old dedup entries as an earlier build's: the shard's records are deduplicated again
-                (index_folder(config.output_dir, name) / f"{shard_name(i)}.npz").unlink(missing_ok=True)
+            redo = [shard_name(i) for i, _ in plans[name]["todo"]]
+            # nor an old manifest as current, nor its old dedup entries as an earlier build's: the shard's records
+            # are deduplicated again
+            remove_listed(storage.join(config.output_dir, name), {MANIFEST, *(f"{n}{STATS_SUFFIX}" for n in redo)})
+            remove_listed(index_folder(config.output_dir, name), {f"{n}.npz" for n in redo})
         try:
             _run_pipeline(config, plans, todo, tokenizer.vocab.size, progress)
         except BaseException as err:  # the manifests of the sources that did finish are still written below
@@ -769,7 +779,7 @@ def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | No
     for source in config.sources:  # one source's problem never costs the others their manifests
         try:
             keep = {i for i, _ in plans[source.name]["tasks"]}
-            remove_stale_shards(Path(config.output_dir) / source.name, keep)
+            remove_stale_shards(storage.join(config.output_dir, source.name), keep)
             remove_stale_shards(index_folder(config.output_dir, source.name), keep)
             manifests[source.name] = write_manifest(config, source, plans[source.name], fps)
         except (OSError, ValueError, KeyError, TypeError) as err:  # PrepareError is a RuntimeError: kept apart

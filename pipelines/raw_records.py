@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from schemas.prepare_config import DEFAULT_MAX_RECORD_BYTES
 from schemas.records import REJECT_REASONS, SFT_CATEGORIES
 
 
@@ -53,7 +54,7 @@ def _field(row: dict[str, Any], name: str, kind: type | tuple[type, ...], what: 
     return value
 
 
-def image_ref(value: Any, base_dir: Path | None) -> dict[str, Any]:
+def image_ref(value: Any, base_dir: Path | str | None) -> dict[str, Any]:
     """Any way users give an image -> {bytes, path, url}: raw bytes, a HF-datasets struct, a local path or a URL."""
     if isinstance(value, bytes | bytearray | memoryview):
         return {"bytes": bytes(value), "path": None, "url": None}
@@ -72,10 +73,28 @@ def image_ref(value: Any, base_dir: Path | None) -> dict[str, Any]:
         if scheme and scheme != "file":
             raise RecordError("image_not_local", f"image given only as a {scheme}:// URL: {value[:200]}")
         path = Path(value.removeprefix("file://"))
+        if isinstance(base_dir, str) and not path.is_absolute():  # beside an input on a store: read there, now
+            return store_image(f"{base_dir.rstrip('/')}/{value.removeprefix('file://')}")
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         return {"bytes": None, "path": str(path), "url": None}
     raise RecordError("image_missing", f"no image in a {type(value).__name__} value")
+
+
+def store_image(url: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, Any]:
+    """The image object at a store URL as an image reference holding its bytes (read by the worker that reads the
+    record; at most `max_bytes`, checked before the rest is fetched)."""
+    from model.files import storage
+
+    try:
+        data = storage.read_head(url, max_bytes)
+    except FileNotFoundError:
+        raise RecordError("image_missing", f"no image file at {url}") from None
+    except OSError as err:
+        raise RecordError("image_missing", f"cannot read {url}: {err}"[:500]) from None
+    if len(data) > max_bytes:
+        raise RecordError("record_too_large", f"{url}: more than {max_bytes:,} bytes (max_record_bytes)")
+    return {"bytes": data, "path": None, "url": None}
 
 
 def text_record(row: dict[str, Any], record_id: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +103,9 @@ def text_record(row: dict[str, Any], record_id: str, options: dict[str, Any]) ->
     return {"id": record_id, "text": text, "source": None}
 
 
-def image_text_record(row: dict[str, Any], record_id: str, options: dict[str, Any], base_dir: Path | None) -> dict:
+def image_text_record(
+    row: dict[str, Any], record_id: str, options: dict[str, Any], base_dir: Path | str | None
+) -> dict:
     """An image and its caption: img2dataset samples (jpg/png/webp + txt/json) or image-text parquet rows."""
     caption = None
     for name in (options.get("text_field"), "txt", "caption", "text"):
@@ -107,7 +128,7 @@ def image_text_record(row: dict[str, Any], record_id: str, options: dict[str, An
     return {"id": record_id, "text": caption, "image": image_ref(image, base_dir), "width": None, "height": None}
 
 
-def obelics_record(row: dict[str, Any], record_id: str, base_dir: Path | None) -> dict[str, Any]:
+def obelics_record(row: dict[str, Any], record_id: str, base_dir: Path | str | None) -> dict[str, Any]:
     """An OBELICS-style document: parallel `texts` / `images`, exactly one set at each position."""
     texts = _field(row, "texts", list, "a list of strings or nulls")
     images = _field(row, "images", list, "a list of images or nulls")
@@ -132,16 +153,25 @@ def obelics_record(row: dict[str, Any], record_id: str, base_dir: Path | None) -
     }
 
 
-def mmc4_record(row: dict[str, Any], record_id: str, options: dict[str, Any], base_dir: Path | None) -> dict:
+def mmc4_record(row: dict[str, Any], record_id: str, options: dict[str, Any], base_dir: Path | str | None) -> dict:
     """An MMC4-style document: `text_list` sentences and `image_info` placed before their matched sentence."""
     sentences = _field(row, "text_list", list, "a list of sentences")
     infos = _field(row, "image_info", list, "a list of image entries")
-    images_dir = Path(options["images_dir"]) if options.get("images_dir") else base_dir
+    images_dir: Path | str | None = base_dir
+    if options.get("images_dir"):  # a folder on a store stays a URL (Path would fold its `//`)
+        given = str(options["images_dir"])
+        images_dir = given if "://" in given and not given.startswith("file://") else Path(given)
     before: dict[int, list[dict[str, Any]]] = {}
     for info in infos:
         if not isinstance(info, dict) or not isinstance(info.get("matched_text_index"), int):
             raise RecordError("bad_record", "image_info entries need an integer matched_text_index")
-        ref = image_ref(info["image_name"], images_dir) if info.get("image_name") else None
+        ref = None
+        if info.get("image_name"):
+            try:
+                ref = image_ref(info["image_name"], images_dir)
+            except RecordError:
+                if not info.get("raw_url"):
+                    raise  # else fetched from its URL below
         if info.get("raw_url") and (ref is None or (ref["path"] is not None and not Path(ref["path"]).is_file())):
             ref = image_ref(info["raw_url"], images_dir)  # MMC4 as published: not downloaded beside it, fetch it
         before.setdefault(info["matched_text_index"], []).append(ref or image_ref(None, images_dir))
@@ -159,7 +189,7 @@ def mmc4_record(row: dict[str, Any], record_id: str, options: dict[str, Any], ba
     return {"id": record_id, "texts": texts, "images": images, "metadata": None}
 
 
-def _segments(value: Any, side: str, base_dir: Path | None) -> list[dict[str, Any]]:
+def _segments(value: Any, side: str, base_dir: Path | str | None) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"text": value, "image": None}]
     if not isinstance(value, list) or not value:
@@ -179,7 +209,7 @@ def _segments(value: Any, side: str, base_dir: Path | None) -> list[dict[str, An
     return out
 
 
-def sft_record(row: dict[str, Any], record_id: str, base_dir: Path | None) -> dict[str, Any]:
+def sft_record(row: dict[str, Any], record_id: str, base_dir: Path | str | None) -> dict[str, Any]:
     """A prompt/answer pair; image paths are relative to the file; the category defaults to `text`."""
     category = row.get("category") or "text"
     if category not in SFT_CATEGORIES:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from model.files import storage
 from model.files.atomic import atomic_path, write_atomic
 from pipelines.raw_records import Reject
 from schemas.records import REJECT, SAMPLE_ATTRIBUTES
@@ -39,6 +41,7 @@ TAR_MTIME = 0
 STATS_SUFFIX = ".stats.json"
 SHARD_IDS = "shard_ids.json"  # a source's read task -> shard id table: earlier builds' shards keep their ids
 ATTRIBUTES_SUFFIX = ".attributes.parquet"
+SHARD_SUFFIXES = (".tar", ".rejects.parquet", ATTRIBUTES_SUFFIX, STATS_SUFFIX)  # a shard's files, its marker last
 
 
 @dataclass
@@ -74,15 +77,24 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def is_complete(out_dir: Path, shard_id: int, fingerprint: str, extra: dict[str, Any] | None = None) -> bool:
+def is_complete(
+    out_dir: str | Path,
+    shard_id: int,
+    fingerprint: str,
+    extra: dict[str, Any] | None = None,
+    names: set[str] | None = None,
+) -> bool:
     """A shard that needs no work: its stats file (written last) exists, holds the same config fingerprint, and the
     same values for the keys of `extra` that `write_shard` was given (the prepare job's read task); and it has its
-    attributes file (a shard written before attributes were stored is written again, byte-identical but for it)."""
-    stats_path = out_dir / (shard_name(shard_id) + STATS_SUFFIX)
-    if not (out_dir / (shard_name(shard_id) + ATTRIBUTES_SUFFIX)).is_file():
+    attributes file (a shard written before attributes were stored is written again, byte-identical but for it).
+    `out_dir` may be a store URL; `names`, the folder's listing if the caller has it (one request, not one a file)."""
+    attributes, stats_file = (shard_name(shard_id) + suffix for suffix in (ATTRIBUTES_SUFFIX, STATS_SUFFIX))
+    if names is not None and not {attributes, stats_file} <= names:
+        return False
+    if names is None and not storage.exists(storage.join(out_dir, attributes)):
         return False
     try:
-        stats = json.loads(stats_path.read_text())
+        stats = json.loads(storage.read_text(storage.join(out_dir, stats_file)))
     except (OSError, ValueError):
         return False
     if not isinstance(stats, dict) or stats.get("fingerprint") != fingerprint:
@@ -107,9 +119,13 @@ def attributes_table(samples: Sequence[TokenizedSample]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def remove_temporaries(folder: Path) -> list[Path]:
+def remove_temporaries(folder: str | Path) -> list[Path]:
     """Delete the hidden temporaries (`.NAME....tmp`, model.files.atomic) that killed writers left in a shard
-    folder: each writer's are named uniquely, so a re-run never overwrites them. Only while no writer works there."""
+    folder: each writer's are named uniquely, so a re-run never overwrites them. Only while no writer works there. A
+    folder on a store has none (each object is put whole)."""
+    if storage.is_url(folder):
+        return []
+    folder = Path(folder)
     stale = sorted(folder.glob(".*.tmp"))
     for path in stale:
         if path.is_dir() and not path.is_symlink():
@@ -120,7 +136,7 @@ def remove_temporaries(folder: Path) -> list[Path]:
 
 
 def write_shard(
-    out_dir: Path,
+    out_dir: str | Path,
     shard_id: int,
     samples: Sequence[TokenizedSample],
     rejects: Sequence[Reject],
@@ -130,7 +146,26 @@ def write_shard(
     records_in: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write shard `shard_id` under `out_dir` and return its stats (also written, last, as the marker)."""
+    """Write shard `shard_id` under `out_dir` and return its stats (also written, last, as the marker). On a store
+    (`out_dir` a URL) the files are written in a local temporary folder, then each is put whole (one PUT: an object
+    appears complete or not at all), the stats last."""
+    if storage.is_url(out_dir):
+        with tempfile.TemporaryDirectory(prefix="cham-shard-") as folder:
+            stats = write_shard(
+                Path(folder),
+                shard_id,
+                samples,
+                rejects,
+                vocab_size=vocab_size,
+                fingerprint=fingerprint,
+                records_in=records_in,
+                extra=extra,
+            )
+            for suffix in SHARD_SUFFIXES:  # the stats file last
+                name = shard_name(shard_id) + suffix
+                storage.upload(Path(folder) / name, storage.join(out_dir, name))
+        return stats
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = shard_name(shard_id)
     dtype = token_dtype(vocab_size)

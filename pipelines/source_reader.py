@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.files import storage
 from pipelines.raw_records import (
     RecordError,
     Reject,
@@ -59,6 +60,8 @@ class ReadTask:
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def location(self) -> str:
+        if storage.is_url(self.path):
+            return self.path[len(self.root) :].lstrip("/")
         return os.path.relpath(self.path, self.root)
 
     def max_record_bytes(self) -> int:
@@ -77,21 +80,21 @@ def plan_read_tasks(
     length, runs of parquet row groups), so that one task can become one output shard. A parquet file that
     cannot even be opened becomes one task whose reading reports it.
     """
-    files = source_files(source.paths, source.format)
-    root = os.path.commonpath([str(p.parent) for p in files]) if files else "/"
+    files = [str(f) for f in source_files(source.paths, source.format)]
+    root = common_folder(files)
     options = source.options.model_dump(mode="json", exclude_none=True)
 
-    def task(path: Path, start: int = 0, stop: int = -1) -> ReadTask:
-        return ReadTask(source.name, source.kind, source.format, str(path), root, start, stop, options)
+    def task(path: str, start: int = 0, stop: int = -1) -> ReadTask:
+        return ReadTask(source.name, source.kind, source.format, path, root, start, stop, options)
 
     tasks = []
     for path in files:
-        if not path.is_file():
+        if not storage.is_url(path) and not Path(path).is_file():  # a store lists only objects there
             tasks.append(task(path))  # a dangling link, a file gone or unreadable: its read task reports it
-        elif source.format == "jsonl" and path.name.lower().endswith((".gz", ".zip")):
+        elif source.format == "jsonl" and path.lower().endswith((".gz", ".zip")):
             tasks.append(task(path))  # a compressed stream cannot be entered mid-way: one task per file
         elif source.format == "jsonl":
-            size = path.stat().st_size
+            size = storage.size(path)
             step = jsonl_split_bytes if records_per_task is None else _bytes_per_records(path, records_per_task)
             tasks += [task(path, s, min(s + step, size)) for s in range(0, max(size, 1), step)]
         elif source.format == "parquet":
@@ -102,17 +105,28 @@ def plan_read_tasks(
     return tasks
 
 
-def _bytes_per_records(path: Path, records: int, sample_bytes: int = 1 << 20) -> int:
+def common_folder(files: list[str]) -> str:
+    """The deepest folder holding every file (local paths or URLs of one store): record ids are relative to it."""
+    if not files:
+        return "/"
+    if not storage.is_url(files[0]):
+        return os.path.commonpath([str(Path(f).parent) for f in files])
+    protocol = files[0].split("://", 1)[0]
+    folders = [storage.url_parent(f).split("://", 1)[1] for f in files]
+    return f"{protocol}://{os.path.commonpath(folders)}"
+
+
+def _bytes_per_records(path: str, records: int, sample_bytes: int = 1 << 20) -> int:
     """Bytes that hold about `records` lines, from the average line length of the file's first megabyte."""
-    with open(path, "rb") as f:
-        head = f.read(sample_bytes)
+    head = storage.read_head(path, sample_bytes - 1)
     lines = max(1, head.count(b"\n"))
     return max(4096, len(head) * records // lines)
 
 
-def _row_group_runs(path: Path, max_rows: int) -> list[tuple[int, int]]:
+def _row_group_runs(path: str, max_rows: int) -> list[tuple[int, int]]:
     try:
-        meta = pq.ParquetFile(path).metadata
+        with storage.open_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
     except Exception:  # any failure means the file is unreadable; its read task reports it
         return [(0, -1)]
     runs, start, rows = [], 0, 0
@@ -147,7 +161,7 @@ def _to_record(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Rej
 
 
 def _canonical(task: ReadTask, row: Any, record_id: str) -> dict[str, Any] | Reject:
-    base_dir = Path(task.path).parent
+    base_dir: Path | str = storage.url_parent(task.path) if storage.is_url(task.path) else Path(task.path).parent
     try:
         if not isinstance(row, dict):
             raise RecordError("bad_record", f"expected an object, got {type(row).__name__}")
@@ -171,7 +185,7 @@ def _jsonl_streams(task: ReadTask) -> Iterator[tuple[Any, str]]:
     `docs_shard_N_v2.jsonl.zip`); compressed data is decompressed as it streams, never whole."""
     name = task.path.lower()
     if name.endswith(".zip"):
-        with zipfile.ZipFile(task.path) as archive:
+        with storage.open_file(task.path) as raw, zipfile.ZipFile(raw) as archive:
             members = [m for m in archive.infolist() if not m.is_dir() and of_format(m.filename, "jsonl")]
             if not members:
                 raise ValueError(f"the zip holds no .jsonl or .json file: {archive.namelist()[:5]}")
@@ -180,10 +194,10 @@ def _jsonl_streams(task: ReadTask) -> Iterator[tuple[Any, str]]:
                 with archive.open(member) as f:
                     yield f, prefix
     elif name.endswith(".gz"):
-        with gzip.open(task.path, "rb") as f:
+        with storage.open_file(task.path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
             yield f, task.location()
     else:
-        with open(task.path, "rb") as f:
+        with storage.open_file(task.path) as f:
             yield f, task.location()
 
 
@@ -233,7 +247,11 @@ def _read_jsonl(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
 
 
 def _read_parquet(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
-    parquet = pq.ParquetFile(task.path)
+    with storage.open_file(task.path) as f:
+        yield from _read_row_groups(task, pq.ParquetFile(f))
+
+
+def _read_row_groups(task: ReadTask, parquet: pq.ParquetFile) -> Iterator[dict[str, Any] | Reject]:
     stop = parquet.metadata.num_row_groups if task.stop < 0 else task.stop
     row_index = sum(parquet.metadata.row_group(i).num_rows for i in range(task.start))
     limit = task.max_record_bytes()
@@ -293,7 +311,7 @@ def _read_tar(task: ReadTask) -> Iterator[dict[str, Any] | Reject]:
             return Reject(task.source, f"{task.location()}/{key}", READ_STAGE, reason, detail)
         return _sample_record(task, key, sample)  # type: ignore[arg-type]
 
-    with tarfile.open(task.path, mode="r|*") as tar:
+    with storage.open_file(task.path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue

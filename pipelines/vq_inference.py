@@ -8,13 +8,13 @@ instead (no finish_bundle) and encodes each group in a DoFn that loads the model
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
+from model.files.storage import local_copy
 from model.tokenizers.image_tokenizer import ImageTokenizer
 
 
@@ -53,8 +53,9 @@ _LOADED: dict[tuple[Any, ...], ImageTokenizer] = {}
 
 
 def _files_state(path: str) -> tuple[tuple[str, int, int], ...]:
-    """(name, size, mtime) of the tokenizer's files: a folder's, or the one file's."""
-    root = Path(path)
+    """(name, size, mtime) of the tokenizer's files: a folder's, or the one file's (this machine's copy of a folder on
+    a store, fetched again if it changed there)."""
+    root = local_copy(path, "tokenizers")
     state = []
     for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
         st = f.stat()

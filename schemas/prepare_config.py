@@ -19,7 +19,13 @@ from pydantic import (
     model_validator,
 )
 
-from schemas.config_base import ExistingPath, OutputLocation, StrictModel, format_location, resolve_path
+from schemas.config_base import (
+    ExistingLocation,
+    OutputLocation,
+    StrictModel,
+    format_location,
+    resolve_path,
+)
 from schemas.download_config import DownloadConfig
 from schemas.record_kinds import RecordKind
 from schemas.source_files import source_files
@@ -47,7 +53,7 @@ def _source_pattern(value: str, info: ValidationInfo) -> str:
     """Made absolute; when paths are checked, it must hold a file of the source's format, and a file named on its
     own must be of it (refused now, rather than skipped while the job runs)."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value) and not value.startswith("file://"):
-        return value  # on an object store: listed and copied when the job runs (pipelines/prepare_on_store.py)
+        return value  # on an object store: listed when the job plans, read there by its workers
     path = str(resolve_path(value, info))
     fmt = info.data.get("format")
     fits = fmt in FORMATS_BY_KIND.get(info.data.get("kind", ""), ())  # else the kind/format error says enough
@@ -128,7 +134,9 @@ class ImageTextOptions(_TextLength, _ImageLimits):
 class InterleavedOptions(_TextLength, _ImageLimits):
     """Options of an `interleaved` source."""
 
-    images_dir: ExistingPath | None = Field(None, description="MMC4 jsonl: folder of the image_name files")
+    images_dir: ExistingLocation | None = Field(
+        None, description="MMC4 jsonl: folder of the image_name files (a path, or a store URL)"
+    )
     text_separator: str | None = Field(
         None,
         description="put between consecutive texts (default: a space for MMC4 sentences, a blank line for "
@@ -250,10 +258,11 @@ class SourceConfig(StrictModel):
 
 
 class TokenizerPaths(StrictModel):
-    """The trained tokenizers the job encodes with (directories written by `cham ... train` or converted)."""
+    """The trained tokenizers the job encodes with (directories written by `cham ... train` or converted); a store
+    URL too, fetched once into each machine's cache (model/files/storage.py local_copy)."""
 
-    text: ExistingPath
-    image: ExistingPath
+    text: ExistingLocation
+    image: ExistingLocation
 
 
 class RunnerConfig(StrictModel):

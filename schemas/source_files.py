@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 GLOB_CHARS = set("*?[")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SKIP_PIECE = 1 << 20  # the rest of a line that is too long is read and dropped in pieces of this size
 
 # File names each source format reads; folders also hold sidecars (img2dataset writes .parquet and _stats.json
@@ -103,14 +104,49 @@ def unique_files(paths: list[Path]) -> list[Path]:
     return out
 
 
-def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path]:
-    """The files of `fmt` that `patterns` name, each once (by its real path), in a stable order.
+def store_files(pattern: str) -> list[str]:
+    """Every object a store URL names (an object, a folder's objects at any depth, or a glob), as URLs, sorted; []
+    if none. Listed fresh: another job may have added inputs since fsspec last listed the folder."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(pattern)
+    protocol = pattern.split("://", 1)[0]
+    fs.invalidate_cache()
+    if GLOB_CHARS & set(path):
+        matches = fs.glob(path, detail=True)  # a folder it matches stands for every file below it
+        found = [f for p, info in matches.items() for f in (fs.find(p) if info["type"] == "directory" else [p])]
+    elif fs.isdir(path):
+        found = fs.find(path)
+    else:
+        found = [path] if fs.exists(path) else []
+    hidden_ok = "/." in "/" + path
+    return sorted({f"{protocol}://{f}" for f in found if hidden_ok or "/." not in "/" + f})
+
+
+def is_store_url(location: str | Path) -> bool:
+    """Whether a path names an object store (`s3://`, `gs://`, ...; `file://` is local)."""
+    text = str(location)
+    return bool(_URL.match(text)) and not text.startswith("file://")
+
+
+def source_files(patterns: list[str] | tuple[str, ...], fmt: str) -> list[Path | str]:
+    """The files of `fmt` that `patterns` name, each once (by its real path), in a stable order; objects of a store
+    pattern (`s3://...`) as URLs (str), read there by the job's workers.
 
     A file named on its own must be of the format (ValueError naming it otherwise); folders and globs keep only
     files of the format. A pattern with no file of the format raises FileNotFoundError naming it.
     """
-    files: list[Path] = []
+    files: list[Path | str] = []
     for pattern in map(str, patterns):
+        if is_store_url(pattern):
+            listed_urls = store_files(pattern)
+            if not listed_urls:
+                raise FileNotFoundError(f"input not found: {pattern}")
+            urls = [u for u in listed_urls if of_format(u, fmt)]
+            if not urls:
+                raise FileNotFoundError(f"no {fmt} file ({', '.join(FORMAT_SUFFIXES[fmt])}) found at {pattern}")
+            files += urls
+            continue
         explicit = not GLOB_CHARS & set(pattern) and not Path(pattern).is_dir()
         if explicit and not of_format(pattern, fmt):
             raise ValueError(f"{pattern} is not a {fmt} file; {fmt} sources read {', '.join(FORMAT_SUFFIXES[fmt])}")

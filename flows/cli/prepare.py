@@ -36,8 +36,7 @@ def prepare(
         output_folder(Path(config.output_dir), f"{config_file}: output_dir")
     from model.tokenizers.text_tokenizer import TokenizerError
     from model.tokenizers.vq_checkpoint import VQCheckpointError
-    from pipelines.prepare_job import PrepareError
-    from pipelines.prepare_on_store import run_prepare_anywhere
+    from pipelines.prepare_job import PrepareError, run_prepare
 
     columns = [
         TextColumn("prepare ({task.fields[runner]})"),
@@ -48,12 +47,12 @@ def prepare(
     ]
     from pipelines.job_logs import job_log_file
 
-    logs = local_mirror(config.output_dir, "prepare-out") / "_logs"  # on this machine, also for an output on a store
+    logs = local_mirror(config.output_dir, "prepare-logs") / "_logs"  # on this machine, also for an output on a store
     log_path = logs / f"prepare-{time.strftime('%Y%m%d-%H%M%S')}.log"
     with job_log_file(log_path), Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("prepare", total=None, runner=config.runner.kind)
         try:
-            result = run_prepare_anywhere(
+            result = run_prepare(
                 config, progress=lambda done, total: progress.update(task, completed=done, total=total)
             )
         except (PrepareError, TokenizerError, VQCheckpointError, FileNotFoundError) as err:

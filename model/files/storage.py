@@ -7,6 +7,7 @@ a reader never sees half a file."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -29,6 +30,11 @@ def local_path(location: str | Path) -> Path:
     if is_url(text):
         raise ValueError(f"{text}: not a local path")
     return Path(text.removeprefix("file://"))
+
+
+def absolute(location: str | Path) -> str:
+    """`location` as a string that names it from anywhere: a URL as it is, a local path made absolute."""
+    return str(location) if is_url(location) else str(local_path(location).resolve())
 
 
 def join(base: str | Path, *parts: str) -> str | Path:
@@ -60,6 +66,49 @@ def size(location: str | Path) -> int:
         return local_path(location).stat().st_size
     fs, path = filesystem(location)
     return int(fs.size(path))
+
+
+def open_file(location: str | Path, mode: str = "rb") -> Any:
+    """`location` opened for reading (a context manager): a local file, or a store object read in blocks (seekable:
+    byte ranges of a jsonl file, a parquet footer and row groups, a zip's directory are fetched, never the whole)."""
+    if not is_url(location):
+        return open(local_path(location), mode)
+    fs, path = filesystem(location)
+    # fsspec's file has no readline(size) (a bounded line read needs it): io's buffered reader over it does.
+    return io.BufferedReader(fs.open(path, mode), buffer_size=1 << 20) if mode == "rb" else fs.open(path, mode)
+
+
+def read_text(location: str | Path) -> str:
+    """The text of a small file (a manifest, a stats file) at `location`."""
+    if not is_url(location):
+        return local_path(location).read_text()
+    fs, path = filesystem(location)
+    return fs.cat_file(path).decode("utf-8")
+
+
+def identity(location: str | Path) -> list[Any]:
+    """What tells a file's versions apart: [size, modification time in ns] locally, [size, ETag (or the store's
+    modification time)] on a store; [None, None] when there is no file."""
+    if not is_url(location):
+        try:
+            stat = os.stat(local_path(location))
+        except (OSError, ValueError):
+            return [None, None]
+        return [stat.st_size, stat.st_mtime_ns]
+    fs, path = filesystem(location)
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return [None, None]
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    return [int(info.get("size") or 0), str(version).strip('"') if version is not None else None]
+
+
+def url_parent(location: str) -> str:
+    """The folder of a file URL (`s3://bucket/a/b.jsonl` -> `s3://bucket/a`); a Path's parent for a local path."""
+    if not is_url(location):
+        return str(local_path(location).parent)
+    return location.rstrip("/").rsplit("/", 1)[0]
 
 
 def download(location: str | Path, target: Path, max_bytes: int | None = None) -> Path:
@@ -124,13 +173,20 @@ def read_head(location: str | Path, max_bytes: int) -> bytes:
 
 def write_text(location: str | Path, text: str) -> None:
     """Write a small text file (atomically: a rename locally, one PUT on a store)."""
+    write_bytes(location, text.encode("utf-8"))
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a file whole (atomically: a temporary renamed locally, its folder made; one PUT on a store)."""
     if not is_url(location):
         from model.files.atomic import write_atomic
 
-        write_atomic(local_path(location), text)
+        target = local_path(location)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, data)
         return
     fs, path = filesystem(location)
-    fs.pipe_file(path, text.encode("utf-8"))
+    fs.pipe_file(path, data)
 
 
 def remove(location: str | Path) -> None:
@@ -173,6 +229,30 @@ def download_folder(location: str | Path, folder: Path) -> Path:
             continue
         download(join(location, name), target)
     return folder
+
+
+def local_copy(location: str | Path, kind: str = "copies") -> Path:
+    """A local path holding what `location` holds: the path itself when local; for a store, a file or a folder tree
+    fetched once into this machine's cache (`kind/KEY`) and kept up to date (a file there at the same size is not
+    fetched again; each file is renamed into place, so two processes fetching at once never see half of one). For
+    tokenizer folders and the like that a library reads from disk; every worker fetches its own."""
+    if not is_url(location):
+        return local_path(location)
+    fs, path = filesystem(location)
+    target = default_cache_root() / kind / cache_key(location)
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
+        target = target / path.rstrip("/").rsplit("/", 1)[-1]
+        if not (target.is_file() and target.stat().st_size == size(location)):
+            download(location, target)
+        return target
+    protocol = str(location).split("://", 1)[0]
+    for file, info in fs.find(path, detail=True).items():
+        local = target / file[len(path.rstrip("/")) :].lstrip("/")
+        if not (local.is_file() and local.stat().st_size == int(info["size"])):
+            download(f"{protocol}://{file}", local)
+    target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def local_mirror(location: str | Path, kind: str = "runs") -> Path:

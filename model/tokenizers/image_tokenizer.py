@@ -45,8 +45,11 @@ class ImageTokenizer:
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> ImageTokenizer:
-        """Meta's format (a folder with vqgan.ckpt + vqgan.yaml, or the .ckpt) or a Hugging Face checkpoint folder."""
-        path = Path(path)
+        """Meta's format (a folder with vqgan.ckpt + vqgan.yaml, or the .ckpt) or a Hugging Face checkpoint folder; on
+        a store too (`s3://...`: fetched once into this machine's cache)."""
+        from model.files.storage import local_copy
+
+        path = local_copy(path, "tokenizers")
         if path.is_dir() and (path / META_CKPT_NAME).is_file():
             return cls(load_meta_vqgan(path / META_CKPT_NAME), **kwargs)
         if path.suffix == ".ckpt" and path.is_file():

@@ -247,8 +247,11 @@ def _layout_from_names(vocab: dict[str, int], path: Path, image_grid: int) -> Vo
 
 
 def load_text_tokenizer(path: str | Path) -> TextTokenizer:
-    """Our tokenizer folder, or Meta's `text_tokenizer.json` (the file or a folder holding it)."""
-    path = Path(path)
+    """Our tokenizer folder, or Meta's `text_tokenizer.json` (the file or a folder holding it); on a store too
+    (`s3://...`: fetched once into this machine's cache)."""
+    from model.files.storage import local_copy
+
+    path = local_copy(path, "tokenizers")
     if path.is_dir() and (path / MODEL_FILE).is_file():
         return SentencePieceTokenizer.load(path)
     if path.is_dir() and (path / HF_FILE).is_file():

@@ -92,7 +92,6 @@ def test_a_dask_cluster_of_separate_processes_with_the_data_on_s3(
     from distributed import Client
 
     from flows.process_lifetime import tied_to_this_process
-    from pipelines.prepare_on_store import run_prepare_anywhere
 
     monkeypatch.setenv("CHAM_CACHE_DIR", str(tmp_path / "cache"))
     raw = sample_data[0]
@@ -149,7 +148,7 @@ def test_a_dask_cluster_of_separate_processes_with_the_data_on_s3(
         data["output_dir"] = f"{s3_bucket}/prepared"
         for source, part in zip(data["sources"], ("text/*.jsonl", "image_text", "interleaved"), strict=True):
             source["paths"] = [f"{s3_bucket}/raw/{part}"]
-        run_prepare_anywhere(PrepareConfig.model_validate(data))
+        run_prepare(PrepareConfig.model_validate(data))
     finally:
         for process in reversed(processes):
             process.terminate()
