@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.files import storage
 from pipelines.mix_plan import MixPlanError, SampleRef
 from pipelines.shard_writer import ATTRIBUTES_SUFFIX, shard_id_of
 from schemas.mixture_spec import prepared_attributes
@@ -23,26 +24,29 @@ from schemas.sample_filters import BUILTIN_ATTRIBUTES, FilterError, SampleFilter
 
 
 def read_attributes(
-    source: str, folder: Path, shards: Sequence[str], names: Sequence[str]
+    source: str, folder: str | Path, shards: Sequence[str], names: Sequence[str]
 ) -> tuple[dict[tuple[int, str], dict[str, Any]], str]:
     """The named attributes of every sample of a prepared source, by (shard id, key), read column by column from
     its attributes files; and a digest of those files (the mixture fingerprint changes when the values do). A shard
     without its file (prepared before attributes were stored) is a MixPlanError saying how to add it."""
     values: dict[tuple[int, str], dict[str, Any]] = {}
     digest = hashlib.sha256()
+    present = set(storage.list_names(folder))  # one listing (on a store: one request, not one a shard)
     for shard in shards:
-        path = Path(folder) / f"{shard}{ATTRIBUTES_SUFFIX}"
-        if not path.is_file():
+        path = storage.join(folder, f"{shard}{ATTRIBUTES_SUFFIX}")
+        if f"{shard}{ATTRIBUTES_SUFFIX}" not in present:
             raise MixPlanError(
                 f"source {source!r}: {path} is missing: the source was prepared before sample attributes were "
                 f"stored; run `cham prepare` again (it rewrites only those shards) to filter on them"
             )
         try:
-            columns = pq.read_schema(path).names
-            table = pq.read_table(path, columns=["key", *(n for n in names if n in columns)])
+            with storage.open_file(path) as f:
+                data = f.read()  # a few small columns (the tokens are in the tar): read once, digested and parsed
+            columns = pq.read_schema(pa.BufferReader(data)).names
+            table = pq.read_table(pa.BufferReader(data), columns=["key", *(n for n in names if n in columns)])
         except (OSError, ValueError, pa.ArrowException) as err:
             raise MixPlanError(f"source {source!r}: {path} is damaged ({err}); re-run `cham prepare`") from None
-        digest.update(path.read_bytes())
+        digest.update(data)
         shard_id = shard_id_of(shard)
         for row in table.to_pylist():
             key = row.pop("key")
@@ -50,7 +54,7 @@ def read_attributes(
     return values, digest.hexdigest()[:16]
 
 
-def parsed_filters(source: str, folder: Path, filters: Sequence[str]) -> list[SampleFilter]:
+def parsed_filters(source: str, folder: str | Path, filters: Sequence[str]) -> list[SampleFilter]:
     """The source's filters, parsed and checked against the attributes its samples have."""
     try:
         parsed = [parse_filter(text) for text in filters]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,7 @@ from pipelines.shard_writer import (
     remove_temporaries,
     shard_id_of,
     shard_name,
+    shard_samples,
     token_dtype,
 )
 from schemas import MixtureSpec
@@ -52,7 +54,7 @@ class SourceIndex:
     """A prepared source as the planner sees it: its samples' sizes and faces, and its manifest."""
 
     name: str
-    path: Path
+    path: str | Path  # a store URL too
     samples: list[SampleRef]
     manifest: dict[str, Any]
     attributes_digest: str | None = None  # of the attributes files, once a filter has read them
@@ -62,11 +64,13 @@ class SourceIndex:
         return sum(s.n_tokens for s in self.samples)
 
 
-def read_index(name: str, path: Path) -> SourceIndex:
-    """Sample metadata of every shard of a prepared source (only the .json members are parsed); a damaged manifest or
-    shard, or a shard holding other samples than its manifest lists, is a MixPlanError naming the file."""
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file():
+def read_index(name: str, path: str | Path) -> SourceIndex:
+    """Sample metadata of every shard of a prepared source (only the .json members are parsed), on disk or on a store
+    (streamed); a damaged manifest or shard, or a shard holding other samples than its manifest lists, is a
+    MixPlanError naming the file."""
+    manifest_path = storage.join(path, MANIFEST)
+    present = set(storage.list_names(path))  # one listing (on a store: one request, not one a shard)
+    if MANIFEST not in present:
         raise MixPlanError(f"source {name!r}: {path} is not a prepared source (no {MANIFEST}; run `cham prepare`)")
     manifest = read_json_object(
         manifest_path, ("shards", "tokenizers", "fingerprint"), MixPlanError, "prepared-source manifest"
@@ -81,20 +85,20 @@ def read_index(name: str, path: Path) -> SourceIndex:
             f"samples); re-run `cham prepare` for source {name!r}"
         )
     for shard in shards:
-        tar_path = Path(path) / f"{shard['shard']}.tar"
-        if not tar_path.is_file():
+        tar_path = storage.join(path, f"{shard['shard']}.tar")
+        if f"{shard['shard']}.tar" not in present:
             raise MixPlanError(
                 f"source {name!r}: {tar_path} is listed in {MANIFEST} but missing; re-run `cham "
                 "prepare` for this source"
             )
         samples += _index_shard(name, tar_path, shard_id_of(shard["shard"]), int(shard["samples"]))
-    return SourceIndex(name, Path(path), samples, manifest)
+    return SourceIndex(name, path, samples, manifest)
 
 
-def _index_shard(source: str, tar_path: Path, shard_id: int, expected: int) -> list[SampleRef]:
+def _index_shard(source: str, tar_path: str | Path, shard_id: int, expected: int) -> list[SampleRef]:
     refs, members, key = [], set(), None
     try:
-        with tarfile.open(tar_path) as tar:
+        with storage.open_file(tar_path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 members.add(member.name)
                 if member.name.endswith(".json"):
@@ -267,7 +271,7 @@ def plan_mixture(
         sources = spec.sources_of(stage_name)
         for src in sources:
             if src.name not in indexes:
-                indexes[src.name] = read_index(src.name, Path(src.path))
+                indexes[src.name] = read_index(src.name, src.path)
         planned: dict[str, tuple[list[SampleRef], float]] = {}
         real, reps, excluded, filtered, pool_of, available = {}, {}, {}, {}, {}, {}
         category_weights = spec.stages[stage_name].category_weights
@@ -333,8 +337,8 @@ def plan_mixture(
 def _read_samples(item: tuple[str, str, int]) -> Iterator[tuple[tuple[str, int, str], tuple[np.ndarray, int]]]:
     """(source, folder, shard id) -> ((source, shard, key), (tokens, n_prompt_tokens)) for each sample."""
     source, folder, shard_id = item
-    path = Path(folder) / f"{shard_name(shard_id)}.tar"
-    for sample in wds.WebDataset(str(path), shardshuffle=False):
+    path = storage.join(folder, f"{shard_name(shard_id)}.tar")
+    for sample in shard_samples(path):
         try:
             meta = json.loads(sample["json"])
             tokens = read_npy(sample["npy"], "tokens")
@@ -391,7 +395,7 @@ class PackAndWrite(beam.DoFn):
         for position in too_long:
             dropped[str(occurrences[position][1])] += 1
         yield write_stage_shard(
-            Path(self.out_dir) / stage,
+            storage.join(self.out_dir, stage),
             shard_id,
             stage,
             sequences,
@@ -403,7 +407,7 @@ class PackAndWrite(beam.DoFn):
 
 
 def write_stage_shard(
-    folder: Path,
+    folder: str | Path,
     shard_id: int,
     stage: str,
     sequences: list[PackedSequence],
@@ -413,7 +417,16 @@ def write_stage_shard(
     dropped: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Sequences -> shard-NNNNN.tar + stats, last. Members per sequence: tokens.npy [seq_len], docs.npy
-    [3, n_docs] (start, length, source id of each document piece), and mask.npy when any token is not a target."""
+    [3, n_docs] (start, length, source id of each document piece), and mask.npy when any token is not a target. On a
+    store, both are written to a local temporary folder, then each is put whole (one PUT), the stats last."""
+    if storage.is_url(folder):
+        with tempfile.TemporaryDirectory(prefix="cham-stage-shard-") as tmp:
+            stats = write_stage_shard(Path(tmp), shard_id, stage, sequences, vocab, vocab_size, fingerprint, dropped)
+            for suffix in (".tar", STATS_SUFFIX):  # the stats file last: the shard's completeness marker
+                name = f"{shard_name(shard_id)}{suffix}"
+                storage.upload(Path(tmp) / name, storage.join(folder, name))
+        return stats
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = shard_name(shard_id)
     dtype = token_dtype(vocab_size)
@@ -452,14 +465,16 @@ def stage_manifest(
     spec: MixtureSpec,
     stage: StagePlan,
     indexes: dict[str, SourceIndex],
-    folder: Path,
+    folder: str | Path,
     fingerprint: str,
     vocab: Vocabulary,
 ) -> dict[str, Any]:
-    """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json."""
+    """Target vs realized tokens by source and by modality, faces, repetitions; written as manifest.json (last: on a
+    store, the stage is whole once its manifest is there)."""
     # By shard number, not name: shard-100000 sorts before shard-10001 as text.
-    stats_files = sorted(folder.glob(f"*{STATS_SUFFIX}"), key=lambda p: shard_id_of(p.name) or 0)
-    shards = [json.loads(p.read_text()) for p in stats_files]
+    names = [n for n in storage.list_names(folder) if n.startswith("shard-") and n.endswith(STATS_SUFFIX)]
+    stats_files = sorted(names, key=lambda n: shard_id_of(n) or 0)
+    shards = [json.loads(storage.read_text(storage.join(folder, n))) for n in stats_files]
     weights = stage.weights
     total_weight = sum(weights.values())
     totals = {
@@ -519,7 +534,7 @@ def stage_manifest(
         "tokenizers": next(iter(indexes.values())).manifest["tokenizers"],
         "shards": [{k: s[k] for k in ("shard", "sequences", "tokens", "padding")} for s in shards],
     }
-    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -531,47 +546,10 @@ def run_mix(
 ) -> dict[str, Any]:
     """Plan every stage, write its shards with Beam, and return the stage manifests.
 
-    Sources and `out` may be on an object store (URLs): the sources are copied into this machine's cache first
-    (files already there at the same size are kept), the stages written into a local staging folder and uploaded,
-    each stage's manifest.json last, so a stage on the store is whole once its manifest is there. The fingerprint is
-    that of the spec as given (its URLs), wherever the copies are."""
-    remote_sources = [s for stage in spec.stages.values() for s in stage.sources or [] if storage.is_url(s.path)]
-    if not storage.is_url(out) and not remote_sources:
-        return _run_mix(spec, Path(out), runner, sequences_per_shard, spec)
-    local_spec = spec_with_local_sources(spec)
-    if not storage.is_url(out):
-        return _run_mix(local_spec, Path(out), runner, sequences_per_shard, spec)
-    staging = storage.default_cache_root() / "mix-out" / storage.cache_key(out)
-    result = _run_mix(local_spec, staging, runner, sequences_per_shard, spec)
-    for name in result["manifests"]:
-        storage.remove(storage.join(out, name))  # an earlier mix's stage is replaced whole
-        storage.upload_folder(staging / name, storage.join(out, name), last=MANIFEST)
-    return {**result, "out": str(out), "staging": str(staging)}
-
-
-def spec_with_local_sources(spec: MixtureSpec) -> MixtureSpec:
-    """`spec` with every source on a store replaced by a local copy of its prepared folder (in the cache)."""
-    data = spec.model_dump(mode="json")
-    for stage in data["stages"].values():
-        for source in stage.get("sources") or []:
-            if storage.is_url(source["path"]):
-                source["path"] = str(copy_prepared_source(source["path"]))
-    return MixtureSpec.model_validate(data)
-
-
-def copy_prepared_source(location: str) -> Path:
-    """A local copy of a prepared source folder on a store (its manifest, shards and attributes), kept up to date:
-    a file already copied at the same size is not fetched again."""
-    folder = storage.default_cache_root() / "prepared" / storage.cache_key(location)
-    try:
-        return storage.download_folder(location, folder)
-    except FileNotFoundError:
-        raise MixPlanError(f"{location}: no prepared source there (run `cham prepare`)") from None
-
-
-def _run_mix(
-    spec: MixtureSpec, out: Path, runner: RunnerConfig | None, sequences_per_shard: int, given: MixtureSpec
-) -> dict[str, Any]:
+    Sources and `out` may be on an object store (URLs): the planner reads the sources' manifests, attributes and
+    shard metadata there (streamed), the workers read the shards and put the stage shards there themselves (each
+    whole, its stats last), and each stage's manifest.json is written last: a stage on the store is whole once its
+    manifest is there. Nothing goes through this machine's disk but one shard at a time."""
     started = time.perf_counter()
     stages, indexes = plan_mixture(spec, sequences_per_shard)
     vocab = vocabulary_of(list(indexes.values()))
@@ -580,11 +558,13 @@ def _run_mix(
             f"tokens_per_image {spec.tokens_per_image} does not match the sources' "
             f"{vocab.tokens_per_image} codes per image"
         )
-    fingerprint = mixture_fingerprint(given, indexes, sequences_per_shard)
-    for stage in stages:  # outputs of an earlier mix are replaced whole
-        for old in (out / stage).glob("shard-*"):
-            old.unlink()
-        remove_temporaries(out / stage)  # and what a killed mix was writing
+    fingerprint = mixture_fingerprint(spec, indexes, sequences_per_shard)
+    for stage in stages:  # outputs of an earlier mix are replaced whole, its manifest first
+        folder = storage.join(out, stage)
+        old = [n for n in storage.list_names(folder) if n == MANIFEST or n.startswith("shard-")]
+        for name in sorted(old, key=lambda n: n != MANIFEST):
+            storage.remove(storage.join(folder, name))
+        remove_temporaries(folder)  # and what a killed mix was writing
     occurrences = []
     needed: set[tuple[str, str, int]] = set()
     for stage in stages.values():
@@ -619,6 +599,12 @@ def _run_mix(
         if client is not None:
             client.close()
     manifests = {
-        name: stage_manifest(spec, stage, indexes, out / name, fingerprint, vocab) for name, stage in stages.items()
+        name: stage_manifest(spec, stage, indexes, storage.join(out, name), fingerprint, vocab)
+        for name, stage in stages.items()
     }
-    return {"manifests": manifests, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "manifests": manifests,
+        "fingerprint": fingerprint,
+        "out": str(out),
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -22,7 +22,7 @@ import json
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,15 @@ def write_shard(
     }
     write_atomic(out_dir / f"{name}{STATS_SUFFIX}", json.dumps(stats, indent=2, sort_keys=True))  # last: complete
     return stats
+
+
+def shard_samples(location: str | Path) -> Iterator[dict[str, Any]]:
+    """The samples of a shard tar as webdataset groups them (`__key__` and a member's bytes by its extension),
+    streamed from disk or from a store (read in blocks, never whole)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with storage.open_file(location) as f:
+        yield from group_by_keys({**member, "__url__": str(location)} for member in tar_file_iterator(f))
 
 
 def read_shard(tar: Path) -> list[dict[str, Any]]:

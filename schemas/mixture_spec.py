@@ -29,11 +29,14 @@ def _without_unset(data: dict[str, Any], model: StrictModel, names: tuple[str, .
     return data
 
 
-def prepared_attributes(path: Path) -> list[str] | None:
+def prepared_attributes(path: str | Path) -> list[str] | None:
     """The attributes a prepared source's samples have (built-in ones and the metadata columns its prepare config
-    named), from its manifest; None when the folder has no readable manifest (the mix job then checks the shards)."""
+    named), from its manifest (on disk or a store); None when the folder has no readable manifest (the mix job then
+    checks the shards)."""
+    from model.files import storage
+
     try:
-        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        manifest = json.loads(storage.read_text(storage.join(path, "manifest.json")))
         options = manifest["config"]["source"].get("options", {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -67,9 +68,9 @@ def mix(
     for row in modality_rows(result["manifests"]):
         proportion.add_row(*row)
     console.print(proportion)
-    if is_url(out):  # the plot is drawn beside the local staging copy, then uploaded
-        plot = plot_shares(result["manifests"], Path(result["staging"]) / "report.png")
-        upload(plot, join(out, "report.png"))
+    if is_url(out):  # the plot is drawn in a temporary folder, then put beside the stages
+        with tempfile.TemporaryDirectory(prefix="cham-mix-report-") as folder:
+            upload(plot_shares(result["manifests"], Path(folder) / "report.png"), join(out, "report.png"))
         plot = join(out, "report.png")
     else:
         plot = plot_shares(result["manifests"], Path(out) / "report.png")

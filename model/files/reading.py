@@ -30,10 +30,12 @@ def read_npy(data: bytes, where: str, error: type[Exception] = ValueError) -> np
 
 
 def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
-    """The JSON value in `path`; a missing, unreadable, non-UTF-8 or malformed file raises `error` naming it."""
-    path = Path(path)
+    """The JSON value in `path` (a local path, or a store URL); a missing, unreadable, non-UTF-8 or malformed file
+    raises `error` naming it."""
+    from model.files import storage
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
     except UnicodeDecodeError as err:

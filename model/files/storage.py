@@ -81,7 +81,7 @@ def open_file(location: str | Path, mode: str = "rb") -> Any:
 def read_text(location: str | Path) -> str:
     """The text of a small file (a manifest, a stats file) at `location`."""
     if not is_url(location):
-        return local_path(location).read_text()
+        return local_path(location).read_text(encoding="utf-8")
     fs, path = filesystem(location)
     return fs.cat_file(path).decode("utf-8")
 

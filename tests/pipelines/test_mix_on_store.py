@@ -1,5 +1,6 @@
 """`cham mix` with its sources and its output on an object store (a real S3 API: moto's server on 127.0.0.1): the
-stages on the store equal those of the same mix on disk, byte for byte, each uploaded with its manifest last."""
+planner and the workers read the sources there and put the stage shards there themselves; the stages on the store
+equal those of the same mix on disk, byte for byte, each with its manifest last."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from flows.cli import app
 
 
 def spec(prose: str, photos: str) -> dict:
-    sources = [{"name": "prose", "path": prose, "weight": 1.0}, {"name": "photos", "path": photos, "weight": 1.0}]
+    sources = [
+        {"name": "prose", "path": prose, "weight": 1.0, "filters": ["text_length >= 40"]},  # attributes read there
+        {"name": "photos", "path": photos, "weight": 1.0},
+    ]
     return {
         "seq_len": 128,
         "tokens_per_image": 64,
@@ -52,9 +56,13 @@ def test_a_mix_from_and_to_the_store_equals_the_mix_on_disk(
     remote_manifest = json.loads(fs.cat_file(f"{out}/stage1/manifest.json"))
     local_manifest = json.loads((tmp_path / "mixed" / "stage1" / "manifest.json").read_text())
     assert remote_manifest["shards"] == local_manifest["shards"]
+    assert remote_manifest["filters"] == local_manifest["filters"] and remote_manifest["filters"]["prose"]
+    # The planner and the workers read the sources there and put the stage there: nothing through the local cache.
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
     assert remote_manifest["fingerprint"] != local_manifest["fingerprint"]  # the spec's paths are part of it
     # A source missing on the store is named.
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(spec(f"{s3_bucket}/prepared/none", f"{s3_bucket}/prepared/photos")))
     refused = CliRunner().invoke(app, ["mix", str(bad), "--out", out])
-    assert refused.exit_code == 1 and f"{s3_bucket}/prepared/none: no prepared source there" in refused.output
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and f"{s3_bucket}/prepared/none is not a prepared source" in said, said
