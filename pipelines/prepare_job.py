@@ -116,9 +116,10 @@ def source_fingerprint(config: PrepareConfig, source: SourceConfig, tokenizer_fp
 
 
 def task_signature(task: ReadTask) -> list[Any]:
-    """What a shard was made from: its read task's file, with the file's size and modification time (a file changed
-    since is another task), and the range read."""
-    return [task.path, task.start, task.stop, *storage.identity(task.path)]
+    """What a shard was made from: its read task's file, with the file's size and modification time (its ETag on a
+    store, as the plan saw it; a file changed since is another task), and the range read."""
+    identity = task.identity if task.identity is not None else storage.identity(task.path)
+    return [task.path, task.start, task.stop, *identity]
 
 
 def shard_ledger(out_dir: str | Path, fingerprint: str) -> dict[tuple, int]:

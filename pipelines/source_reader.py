@@ -58,6 +58,8 @@ class ReadTask:
     start: int = 0
     stop: int = -1  # exclusive; -1: to the end
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # An object's [size, ETag] on a store, asked once a file when the tasks are planned (not once a task)
+    identity: tuple[Any, ...] | None = field(default=None, hash=False, compare=False)
 
     def location(self) -> str:
         if storage.is_url(self.path):
@@ -84,17 +86,20 @@ def plan_read_tasks(
     root = common_folder(files)
     options = source.options.model_dump(mode="json", exclude_none=True)
 
+    identity: tuple[Any, ...] | None = None
+
     def task(path: str, start: int = 0, stop: int = -1) -> ReadTask:
-        return ReadTask(source.name, source.kind, source.format, path, root, start, stop, options)
+        return ReadTask(source.name, source.kind, source.format, path, root, start, stop, options, identity)
 
     tasks = []
     for path in files:
-        if not storage.is_url(path) and not Path(path).is_file():  # a store lists only objects there
+        identity = tuple(storage.identity(path)) if storage.is_url(path) else None
+        if (identity[0] is None) if identity is not None else not Path(path).is_file():
             tasks.append(task(path))  # a dangling link, a file gone or unreadable: its read task reports it
         elif source.format == "jsonl" and path.lower().endswith((".gz", ".zip")):
             tasks.append(task(path))  # a compressed stream cannot be entered mid-way: one task per file
         elif source.format == "jsonl":
-            size = storage.size(path)
+            size = identity[0] if identity is not None else Path(path).stat().st_size
             step = jsonl_split_bytes if records_per_task is None else _bytes_per_records(path, records_per_task)
             tasks += [task(path, s, min(s + step, size)) for s in range(0, max(size, 1), step)]
         elif source.format == "parquet":
