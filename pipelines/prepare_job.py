@@ -122,10 +122,28 @@ def task_signature(task: ReadTask) -> list[Any]:
     return [task.path, task.start, task.stop, *identity]
 
 
-def shard_ledger(out_dir: str | Path, fingerprint: str) -> dict[tuple, int]:
+def read_stats_files(out_dir: str | Path, names: Iterable[str]) -> dict[int, dict[str, Any]]:
+    """The stats files among `names` (the folder's listing), parsed, by shard id; an unreadable one is left out (its
+    shard is not complete). On a store they are fetched in one concurrent batch."""
+    wanted = [n for n in names if n.endswith(STATS_SUFFIX) and shard_id_of(n) is not None]
+    out = {}
+    for name, text in storage.read_texts(out_dir, sorted(wanted)).items():
+        try:
+            stats = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(stats, dict):
+            out[shard_id_of(name)] = stats
+    return out  # type: ignore[return-value]
+
+
+def shard_ledger(
+    out_dir: str | Path, fingerprint: str, stats: dict[int, dict[str, Any]] | None = None
+) -> dict[tuple, int]:
     """Which shard each read task of earlier builds of a source went to (task signature -> shard id), under the same
     fingerprint: the source's shard_ids.json (written before each build runs, so a killed build's re-run gives its
-    tasks the same ids), and the stats files of complete shards (written last: a shard with one is whole)."""
+    tasks the same ids), and the stats files of complete shards (written last: a shard with one is whole); `stats`,
+    those files if the caller has read them (read_stats_files)."""
     ledger: dict[tuple, int] = {}
     try:
         table = json.loads(storage.read_text(storage.join(out_dir, SHARD_IDS)))
@@ -135,16 +153,11 @@ def shard_ledger(out_dir: str | Path, fingerprint: str) -> dict[tuple, int]:
         for entry in table["shards"]:
             if isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("task"), list):
                 ledger[tuple(entry["task"])] = entry["id"]
-    for name in storage.list_names(out_dir):
-        shard_id = shard_id_of(name)
-        if shard_id is None or not name.endswith(STATS_SUFFIX):
-            continue
-        try:
-            stats = json.loads(storage.read_text(storage.join(out_dir, name)))
-        except (OSError, ValueError):
-            continue
-        if shard_id is not None and isinstance(stats, dict) and stats.get("fingerprint") == fingerprint:
-            ledger[tuple(stats.get("task") or ())] = shard_id
+    if stats is None:
+        stats = read_stats_files(out_dir, storage.list_names(out_dir))
+    for shard_id, shard_stats in sorted(stats.items()):
+        if shard_stats.get("fingerprint") == fingerprint:
+            ledger[tuple(shard_stats.get("task") or ())] = shard_id
     return ledger
 
 
@@ -572,10 +585,11 @@ def plan(config: PrepareConfig, fingerprints: dict[str, str]) -> dict[str, dict[
         except (ValueError, FileNotFoundError) as err:  # inputs gone, or a config loaded without its path checks
             raise PrepareError(f"source {source.name}: {err}") from None
         out_dir = storage.join(config.output_dir, source.name)
-        ledger = shard_ledger(out_dir, fp)
-        tasks = assign_shards(read_tasks, ledger)
         names = set(storage.list_names(out_dir))  # one listing, not a request a shard (on a store)
-        todo = [(i, t) for i, t in tasks if not is_complete(out_dir, i, fp, {"task": task_signature(t)}, names)]
+        stats = read_stats_files(out_dir, names)  # each read once, for the ledger and the completeness check
+        ledger = shard_ledger(out_dir, fp, stats)
+        tasks = assign_shards(read_tasks, ledger)
+        todo = [(i, t) for i, t in tasks if not is_complete(out_dir, i, fp, {"task": task_signature(t)}, names, stats)]
         kept = {i for i, _ in tasks}
         plans[source.name] = {
             "fingerprint": fp,
@@ -620,13 +634,16 @@ def write_manifest(config: PrepareConfig, source: SourceConfig, plan: dict[str, 
     """manifest.json of one source: its shards with counts, tokenizer fingerprints and the config."""
     out_dir = storage.join(config.output_dir, source.name)
     shards = []
-    for shard_id in sorted(i for i, _ in plan["tasks"]):  # in id order: the earlier builds' shards first
+    ids = sorted(i for i, _ in plan["tasks"])  # in id order: the earlier builds' shards first
+    texts = storage.read_texts(out_dir, [f"{shard_name(i)}{STATS_SUFFIX}" for i in ids])  # one batch on a store
+    for shard_id in ids:
         stats_file = storage.join(out_dir, f"{shard_name(shard_id)}{STATS_SUFFIX}")
         try:
-            shards.append(json.loads(storage.read_text(stats_file)))
-        except (OSError, ValueError) as err:
+            shards.append(json.loads(texts[f"{shard_name(shard_id)}{STATS_SUFFIX}"]))
+        except (KeyError, ValueError) as err:
+            problem = "no stats file" if isinstance(err, KeyError) else err
             raise PrepareError(
-                f"{stats_file}: shard {shard_id} of source {source.name} is not complete ({err})"
+                f"{stats_file}: shard {shard_id} of source {source.name} is not complete ({problem})"
             ) from None
     totals = {k: sum(s[k] for s in shards) for k in ("records_in", "samples", "rejects", "tokens", "images", "faces")}
     by_reason: dict[str, int] = {}

@@ -83,20 +83,25 @@ def is_complete(
     fingerprint: str,
     extra: dict[str, Any] | None = None,
     names: set[str] | None = None,
+    stats_by_id: dict[int, dict[str, Any]] | None = None,
 ) -> bool:
     """A shard that needs no work: its stats file (written last) exists, holds the same config fingerprint, and the
     same values for the keys of `extra` that `write_shard` was given (the prepare job's read task); and it has its
     attributes file (a shard written before attributes were stored is written again, byte-identical but for it).
-    `out_dir` may be a store URL; `names`, the folder's listing if the caller has it (one request, not one a file)."""
+    `out_dir` may be a store URL; `names`, the folder's listing, and `stats_by_id`, its stats files parsed, if the
+    caller has them (on a store: one listing and one batch, not requests a shard)."""
     attributes, stats_file = (shard_name(shard_id) + suffix for suffix in (ATTRIBUTES_SUFFIX, STATS_SUFFIX))
     if names is not None and not {attributes, stats_file} <= names:
         return False
     if names is None and not storage.exists(storage.join(out_dir, attributes)):
         return False
-    try:
-        stats = json.loads(storage.read_text(storage.join(out_dir, stats_file)))
-    except (OSError, ValueError):
-        return False
+    if stats_by_id is not None:
+        stats: Any = stats_by_id.get(shard_id)
+    else:
+        try:
+            stats = json.loads(storage.read_text(storage.join(out_dir, stats_file)))
+        except (OSError, ValueError):
+            return False
     if not isinstance(stats, dict) or stats.get("fingerprint") != fingerprint:
         return False
     return all(stats.get(key) == value for key, value in (extra or {}).items())

@@ -86,6 +86,31 @@ def read_text(location: str | Path) -> str:
     return fs.cat_file(path).decode("utf-8")
 
 
+def read_texts(folder: str | Path, names: list[str]) -> dict[str, str]:
+    """The texts of the small files `names` in `folder`, by name; a file missing or unreadable is left out. On a
+    store they are fetched concurrently (one batch of requests, not one after the other)."""
+    if not is_url(folder):
+        out = {}
+        for name in names:
+            try:
+                out[name] = local_path(folder).joinpath(name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+        return out
+    fs, path = filesystem(folder)
+    paths = {f"{path.rstrip('/')}/{name}": name for name in names}
+    fetched = fs.cat(list(paths), on_error="omit") if paths else {}
+    out = {}
+    for key, data in fetched.items():
+        name = paths.get(key) or paths.get(key.split("://", 1)[-1])
+        if name is not None and isinstance(data, bytes):
+            try:
+                out[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
 def identity(location: str | Path) -> list[Any]:
     """What tells a file's versions apart: [size, modification time in ns] locally, [size, ETag (or the store's
     modification time)] on a store; [None, None] when there is no file."""
