@@ -28,6 +28,7 @@ from model.files.atomic import atomic_path, write_atomic
 from model.files.reading import first_line, read_json_object, read_npy
 from model.tokenizers.text_tokenizer import load_text_tokenizer
 from model.tokenizers.vocabulary import Modality, Vocabulary
+from model.training.run_lock import RunLock, RunLockedError
 from pipelines.mix_filters import apply_filters, parsed_filters, read_attributes
 from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, hold_image_share, image_share, plan_stage
 from pipelines.packing import PackedSequence, pack_pretraining, pack_sft
@@ -549,7 +550,24 @@ def run_mix(
     Sources and `out` may be on an object store (URLs): the planner reads the sources' manifests, attributes and
     shard metadata there (streamed), the workers read the shards and put the stage shards there themselves (each
     whole, its stats last), and each stage's manifest.json is written last: a stage on the store is whole once its
-    manifest is there. Nothing goes through this machine's disk but one shard at a time."""
+    manifest is there. Nothing goes through this machine's disk but one shard at a time.
+
+    One job writes an output at a time: a second one fails at once (MixPlanError naming the first's pid), from a lock
+    on `out/.lock` (on this machine's mirror of an output on a store: there, a lock of this machine only)."""
+    lock = RunLock(storage.local_mirror(out, "mix-logs"), "mix job", "output", "mix into another --out")
+    try:
+        lock.acquire()
+    except RunLockedError as err:
+        raise MixPlanError(str(err)) from None
+    try:
+        return _run_mix(spec, out, runner, sequences_per_shard)
+    finally:
+        lock.release()
+
+
+def _run_mix(
+    spec: MixtureSpec, out: str | Path, runner: RunnerConfig | None, sequences_per_shard: int
+) -> dict[str, Any]:
     started = time.perf_counter()
     stages, indexes = plan_mixture(spec, sequences_per_shard)
     vocab = vocabulary_of(list(indexes.values()))

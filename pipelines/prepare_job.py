@@ -28,6 +28,7 @@ from model.files import storage
 from model.tokenizers.image_tokenizer import ImageTokenizer
 from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
 from model.tokenizers.text_tokenizer import load_text_tokenizer
+from model.training.run_lock import RunLock, RunLockedError
 from pipelines.dedup import (
     DEDUP_STAGE,
     DUPLICATE,
@@ -770,8 +771,25 @@ def _run_pipeline(
 def run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run the job for every source on the configured runner; return per-source manifests and timing.
 
-    `progress(done, total)` is called about twice a second with the number of shards written.
+    `progress(done, total)` is called about twice a second with the number of shards written. One job writes an
+    output at a time: a second one fails at once (PrepareError naming the first's pid), from a lock on
+    `output_dir/.lock` (on this machine's mirror of an output on a store: there, a lock of this machine only).
     """
+    lock = RunLock(storage.local_mirror(config.output_dir, "prepare-logs"), "prepare job", "output", OTHER_OUTPUT)
+    try:
+        lock.acquire()
+    except RunLockedError as err:
+        raise PrepareError(str(err)) from None
+    try:
+        return _run_prepare(config, progress)
+    finally:
+        lock.release()
+
+
+OTHER_OUTPUT = "prepare into another output_dir"
+
+
+def _run_prepare(config: PrepareConfig, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     started = time.perf_counter()
     fps, tokenizer, _ = check_tokenizers(config)
     plans = plan(config, fps)

@@ -1,4 +1,5 @@
-"""One trainer per run folder: an exclusive lock on OUT_DIR/.lock that the kernel drops when its holder dies.
+"""One writer per output folder (a trainer's run, a prepare or mix job's output): an exclusive lock on OUT_DIR/.lock
+that the kernel drops when its holder dies.
 
 A POSIX record lock (`lockf`) belongs to the process: a trainer killed by any signal (SIGKILL included) leaves
 nothing to clean up, a file left by a dead holder blocks nobody, and the DataLoader workers the trainer forks do not
@@ -19,14 +20,22 @@ LOCK_FILE = ".lock"
 
 
 class RunLockedError(RuntimeError):
-    """Another live process trains into this folder."""
+    """Another live process writes into this folder."""
 
 
 class RunLock:
-    """`with RunLock(out_dir):` holds the run's lock, or raises RunLockedError naming the holder's pid."""
+    """`with RunLock(out_dir):` holds the folder's lock, or raises RunLockedError naming the holder's pid; `writer`
+    `what` and `instead` word the error for the kind of job (a trainer's run by default)."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        writer: str = "trainer",
+        what: str = "run",
+        instead: str = "train into another out_dir",
+    ):
         self.path = Path(out_dir) / LOCK_FILE
+        self.writer, self.what, self.instead = writer, what, instead
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
@@ -40,8 +49,8 @@ class RunLock:
             holder = file.read(200).strip() or "another process"
             file.close()
             raise RunLockedError(
-                f"{self.path.parent}: another trainer writes this run ({holder}); stop it first, "
-                f"or train into another out_dir"
+                f"{self.path.parent}: another {self.writer} writes this {self.what} ({holder}); stop it first, "
+                f"or {self.instead}"
             ) from None
         except BaseException:
             file.close()

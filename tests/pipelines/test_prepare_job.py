@@ -100,7 +100,7 @@ def test_rerun_skips_complete_shards_and_redoes_the_rest(prepared, tmp_path: Pat
     (out / "prose" / "shard-00002.tar").write_bytes(b"half a tar")
     (out / "prose" / ".shard-00002.tar.4242.deadbeef.tmp").write_bytes(b"what the killed writer was writing")
     result = run_prepare(config)
-    assert not list(out.rglob(".*"))  # the killed writer's temporary is removed, no new one is left
+    assert [p.name for p in out.rglob(".*")] == [".lock"]  # the lock; no temporary left
     assert result["shards_written"] == {"prose": 1, "code": 0, "photos": 0, "howto": 0, "instructions": 0}
     after = {p: p.read_bytes() for p in out.rglob("shard-*") if p.is_file()}
     assert after == before  # redone shard is byte-identical; nothing else changed
