@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from flows.build_dataset import build_dataset
@@ -72,3 +73,22 @@ def test_build_dataset_reports_counts_and_skips_complete_shards(prefect_api, pre
     }
     assert all(r["shards new"] == 0 and r["shards skipped"] == rows[n]["shards new"] for n, r in rows2.items())
     assert all(rows2[n]["samples out"] == rows[n]["samples out"] for n in rows)
+
+
+def test_build_dataset_into_a_store(prefect_api, prepare_config: PrepareConfig, s3_bucket: str, monkeypatch) -> None:
+    """An output on the store: the flow's progress, counts and manifests come from there, its config is kept in
+    this machine's mirror, and nothing is written to a local folder named after the URL."""
+    monkeypatch.setenv("CHAM_CACHE_DIR", str(Path(prepare_config.output_dir).parent / "cache"))
+    monkeypatch.chdir(Path(prepare_config.output_dir).parent)
+    out = f"{s3_bucket}/prepared"
+    config = prepare_config.model_copy(update={"output_dir": out, "sources": prepare_config.sources[:1]})
+    state = build_dataset(config=config, return_state=True)
+    assert state.is_completed(), state.message
+    (row,) = prefect_api.by_key(prefect_api.artifacts(state.state_details.flow_run_id), "build-dataset-sources")["data"]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    manifest = json.loads(fs.cat_file(f"{out}/prose/manifest.json"))
+    assert (row["records in"], row["rejects"]) == (manifest["totals"]["records_in"], 2)
+    assert row["shards new"] == len(manifest["shards"]) == len(fs.glob(f"{out}/prose/shard-*.stats.json")) > 1
+    assert not Path("s3:").exists()  # the bug this guards against: a local folder named `s3:`
+    mirrors = list((Path(prepare_config.output_dir).parent / "cache" / "prepare-logs").glob("*/prepare-config.yaml"))
+    assert len(mirrors) == 1 and out in mirrors[0].read_text()
