@@ -10,13 +10,15 @@ objectives are its per-source losses (`val.source.<name>`), weight 1 each.
 
 Then, with one out_dir:
 1. the search: `size` fit mixtures drawn around equal weights, `test_size` test mixtures kept out of the fits, the base
-   mixture with `noise_seeds` more seeds (the run-to-run noise), the proposal and its confirmation run;
+   mixture with `noise_seeds` more seeds (the run-to-run noise at the base), `replicate_tests` of the test mixtures
+   with a second seed (with the base's seeds, the noise pooled over the simplex), the proposal and its confirmation;
 2. a second config whose `swarm.mixtures` is a lattice over the simplex with at most `size` points (equal compute),
    its runs cached beside the first's;
 3. every fit kind refitted on the fit runs and scored on the test runs, per objective and for the weighted sum
    (the search itself tests only the kind it chose).
-Printed: the noise, Spearman of predicted vs actual on the test mixtures, and the proposal's measured weighted loss
-against the grid's best point, the best swarm member and the base mixture, in noise units.
+Printed: the noise (at the base, and pooled), Spearman of predicted vs actual on the test mixtures with the ceiling a
+perfect predictor would reach through either noise, and the proposal's measured weighted loss against the grid's best
+point, the best swarm member and the base mixture, in noise units.
 
     PYTHONPATH=. .venv/bin/python bench/bench_mixture_search.py [--quick] [--work DIR] [--json PATH]
 """
@@ -63,8 +65,10 @@ class Sizes:
     test_size: int
     seeds: int  # runs of every mixture (their mean is what the fits see); size x seeds <= 48 proxy runs
     noise_seeds: int
+    replicate_tests: int  # test mixtures run with a second seed: the noise pooled over the simplex
     candidates: int
     fit_kinds: tuple[str, ...] | None = None  # the search's fits.kinds; None: the config's default
+    parallel: int = 2  # proxy runs at once (not part of a run's key: any value reuses the cached runs)
 
 
 FULL = Sizes(
@@ -78,6 +82,8 @@ FULL = Sizes(
     test_size=16,
     seeds=1,  # 24 mixtures x 2 seeds (equal compute) ranked worse: docs/performance.md, "Mixture search"
     noise_seeds=5,
+    # every test mixture: with the base's 5 noise seeds, 21 degrees of freedom for the pooled noise (8 would give 13)
+    replicate_tests=16,
     candidates=50_000,
 )
 QUICK = Sizes(
@@ -91,6 +97,7 @@ QUICK = Sizes(
     test_size=4,
     seeds=1,
     noise_seeds=2,
+    replicate_tests=3,  # the fewest a Spearman against the replicates is computed from
     candidates=2_000,
 )
 
@@ -364,8 +371,9 @@ def search_config(work: Path, prepared: Path, heldout: Path, sizes: Sizes, **swa
             "concentration": 1.0,
             "seeds": sizes.seeds,
             "noise_seeds": sizes.noise_seeds,
+            "replicate_tests": sizes.replicate_tests,
             "seed": 0,
-            "parallel": 2,
+            "parallel": sizes.parallel,
             **swarm,
         },
         # the report scores every kind on the test mixtures whichever the search chooses from
@@ -412,12 +420,19 @@ def grid_steps(n_sources: int, most: int) -> int:
 
 
 def score_fits(
-    outcome: dict[str, Any], objectives: list[str], kinds: list[str], seed: int, noise: dict[str, float]
+    outcome: dict[str, Any],
+    objectives: list[str],
+    kinds: list[str],
+    seed: int,
+    noise: dict[str, dict[str, float]],
 ) -> list[dict[str, Any]]:
     """Every fit kind refitted on the search's fit mixtures and scored on its test mixtures (losses averaged over
     each mixture's seeds, as the search fits them), per objective and for the weighted sum (the sum of a kind's
-    predictions against the measured sum); `attainable` is the Spearman a perfect predictor would reach against
-    these test runs given `noise` (each objective's noise of a mixture)."""
+    predictions against the measured sum); `attainable <what>` is the Spearman a perfect predictor would reach
+    against these test runs given `noise[what]` (each objective's noise of a mixture: `base`, measured at the base
+    mixture, and `pooled`, over every mixture with two or more seeds). `spearman replicate`: the same predictions
+    against the replicated test mixtures' second seed, runs no fit has seen the seed of (a fit can learn a seed's
+    effect on its own seed's test runs; this figure cannot be inflated by that)."""
     import numpy as np
     from scipy.stats import spearmanr
 
@@ -427,34 +442,57 @@ def score_fits(
     rows = outcome["mixtures"]
     train = [r for r in rows if r["role"] in ("given", "fit", "base")]
     test = [r for r in rows if r["role"] == "test"]
+    replicates = [r for r in outcome["runs"] if r["role"] == "replicate"]
 
     def shares(runs: list[dict]) -> np.ndarray:
         return np.array([[r[f"share {s}"] for s in sources] for r in runs])
 
     report = []
+
+    def against_replicates(predicted: np.ndarray, name: str) -> dict[str, float | None]:
+        if len(replicates) < 3:
+            return {}
+        actual = [r[name] for r in replicates]
+        return {"spearman replicate": round(float(spearmanr(actual, predicted).statistic), 3)}
+
     for kind in kinds:
-        summed = np.zeros(len(test))
+        summed, summed_rep = np.zeros(len(test)), np.zeros(len(replicates))
         for name in objectives:
             model = fits.fit(kind, shares(train), [r[name] for r in train], seed=seed)
             quality = fits.evaluate(model, shares(test), [r[name] for r in test])
             summed += np.array(quality.predicted)
-            attainable = fits.attainable_spearman(noise.get(name), quality.actual)
             figures = _quality_figures(quality.as_dict())
-            report.append({"kind": kind, "objective": name, **figures, "attainable": _round(attainable)})
+            on_replicates = model.predict(shares(replicates))[0] if replicates else np.zeros(0)
+            summed_rep += on_replicates
+            report.append(
+                {
+                    "kind": kind,
+                    "objective": name,
+                    **figures,
+                    **against_replicates(on_replicates, name),
+                    **_attainable(noise, name, quality.actual),
+                }
+            )
         actual = np.array([r["weighted"] for r in test])
         rho = float(spearmanr(actual, summed).statistic)
         rmse = float(np.sqrt(np.mean((summed - actual) ** 2)))
-        attainable = fits.attainable_spearman(noise.get("weighted"), actual)
         report.append(
             {
                 "kind": kind,
                 "objective": "weighted",
                 "spearman": round(rho, 3),
                 "rmse": round(rmse, 4),
-                "attainable": _round(attainable),
+                **against_replicates(summed_rep, "weighted"),
+                **_attainable(noise, "weighted", actual),
             }
         )
     return report
+
+
+def _attainable(noise: dict[str, dict[str, float]], name: str, actual: Any) -> dict[str, float | None]:
+    from model.mixture_search import fits
+
+    return {f"attainable {what}": _round(fits.attainable_spearman(n.get(name), actual)) for what, n in noise.items()}
 
 
 def _round(value: float | None) -> float | None:
@@ -477,7 +515,9 @@ def run_grid(
 
     steps = grid_steps(len(SOURCES), sizes.size)
     points = lattice(SOURCES, steps)
-    path = search_config(work, prepared, heldout, sizes, size=0, test_size=0, noise_seeds=0, mixtures=points)
+    path = search_config(
+        work, prepared, heldout, sizes, size=0, test_size=0, noise_seeds=0, replicate_tests=0, mixtures=points
+    )
     config = load_config(MixtureSearchConfig, path)
     space = search_space(config)
     runs = [r for r in plan_runs(config, space) if r.role == "given"]
@@ -510,6 +550,7 @@ def _cpu_s() -> float:
 def run(work: Path, sizes: Sizes) -> dict[str, Any]:
     """Build, search, grid, score: the report."""
     from flows.mixture_proposal import search
+    from flows.mixture_swarm import pooled_run_noise
     from model.mixture_search.fits import FIT_KINDS
     from schemas import MixtureSearchConfig, load_config
 
@@ -525,19 +566,30 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
     t3, cpu3 = time.perf_counter(), _cpu_s()
 
     objectives = list(config.objective)
+    # one run's noise pooled over the base's seeds and the replicated test mixtures' pairs
+    pooled = pooled_run_noise(outcome["runs"], outcome["sources"], [*objectives, "weighted"])
     # of a mixture's mean over its seeds
-    mixture_noise = {k: v / sizes.seeds**0.5 for k, v in outcome["noise"].items() if v is not None}
-    noise = mixture_noise.get("weighted")
+    mixture_noise = {
+        what: {k: v / sizes.seeds**0.5 for k, v in measured.items() if v is not None}
+        for what, measured in (("base", outcome["noise"]), ("pooled", pooled["noise"]))
+    }
+    noise = mixture_noise["base"].get("weighted")
+    pooled_noise = mixture_noise["pooled"].get("weighted")
     fit_values = [r["weighted"] for r in outcome["mixtures"] if r["role"] in ("fit", "test")]
     confirmation = outcome["confirmation"]
     best_grid = min(grid, key=lambda row: row["weighted"])
     measured = confirmation["weighted"]
 
-    def in_noise(value: float) -> float | None:
+    def in_noise(value: float, noise: float | None) -> float | None:
         return round(value / noise, 2) if noise else None
 
     compare = {
-        name: {"weighted": other, "proposal_minus": measured - other, "in_noise_units": in_noise(measured - other)}
+        name: {
+            "weighted": other,
+            "proposal_minus": measured - other,
+            "in_noise_units": in_noise(measured - other, noise),
+            "in_pooled_noise_units": in_noise(measured - other, pooled_noise),
+        }
         for name, other in (
             ("grid_best", best_grid["weighted"]),
             ("swarm_best", confirmation["best_swarm_weighted"]),
@@ -560,6 +612,8 @@ def run(work: Path, sizes: Sizes) -> dict[str, Any]:
         "time_s": {"build": round(t1 - t0, 1), "search": round(t2 - t1, 1), "grid": round(t3 - t2, 1)},
         "cpu_s": {"build": round(cpu1 - cpu0, 1), "search": round(cpu2 - cpu1, 1), "grid": round(cpu3 - cpu2, 1)},
         "noise": outcome["noise"],
+        "noise_pooled": pooled["noise"],
+        "noise_pooled_over": {"mixtures": pooled["groups"], "dof": pooled["dof"]},
         "noise_of_a_mixture": mixture_noise,
         "swarm_spread": float(_std(fit_values)),
         "chosen": {r["objective"]: r["kind"] for r in outcome["cross_validation"] if r.get("chosen")},
@@ -587,41 +641,68 @@ def _std(values: list[float]) -> float:
 
 def print_report(report: dict[str, Any]) -> None:
     """The figures, as a few readable lines."""
-    noise = report["noise"]
     print(
         f"\nproxy runs: {report['runs']}, {report['steps']} steps each; time {report['time_s']}, CPU {report['cpu_s']}"
     )
     print(f"CPU seconds per proxy run made: {report['cpu_s_per_run_made']}")
-    print("noise (std of the base mixture over seeds): " + ", ".join(f"{k} {v:.4f}" for k, v in noise.items() if v))
+    over = report["noise_pooled_over"]
+    for what, noise in (
+        ("noise at the base (std of the base mixture over seeds)", report["noise"]),
+        (f"noise pooled ({over['mixtures']} mixtures with 2+ seeds, {over['dof']} dof)", report["noise_pooled"]),
+    ):
+        print(f"{what}: " + ", ".join(f"{k} {v:.4f}" for k, v in noise.items() if v))
     seeds = report["sizes"]["seeds"]
-    noise = report["noise_of_a_mixture"]
-    print(f"noise of a mixture's mean over its {seeds} seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in noise.items()))
+    for what, noise in report["noise_of_a_mixture"].items():
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in noise.items())
+        print(f"noise ({what}) of a mixture's mean over its {seeds} seeds: {figures}")
     spread = report["swarm_spread"]
-    ratio = f" ({spread / noise['weighted']:.1f} x noise)" if noise.get("weighted") else ""
-    print(f"std of the weighted loss over the swarm's mixtures: {spread:.4f}{ratio}")
-    print("Spearman of predicted vs actual on the test mixtures (goal >= 0.9):")
+    ratios = [
+        f"{spread / noise['weighted']:.1f} x {what} noise"
+        for what, noise in report["noise_of_a_mixture"].items()
+        if noise.get("weighted")
+    ]
+    print(
+        f"std of the weighted loss over the swarm's mixtures: {spread:.4f}"
+        + (f" ({', '.join(ratios)})" if ratios else "")
+    )
+    print("Spearman of predicted vs actual on the test mixtures (goal >= 0.9), and what a perfect predictor attains")
+    print("through the noise at the base and through the pooled noise:")
     from model.mixture_search.fits import FIT_KINDS
 
     kinds = sorted({r["kind"] for r in report["test_by_kind"]}, key=FIT_KINDS.index)
     names = list(dict.fromkeys(r["objective"] for r in report["test_by_kind"]))
-    print(f"  {'objective':24s}" + "".join(f"{k:>11s}" for k in kinds) + f"{'attainable':>12s}   chosen")
+    ceilings = list(report["noise_of_a_mixture"])
+    head = "".join(f"{'attainable ' + w:>19s}" for w in ceilings)
+    print(f"  {'objective':24s}" + "".join(f"{k:>11s}" for k in kinds) + f"{head}   chosen")
     for name in names:
         rows = [r for r in report["test_by_kind"] if r["objective"] == name]
         cells = {r["kind"]: r["spearman"] for r in rows}
-        attainable = rows[0]["attainable"]
+        attainable = [rows[0][f"attainable {w}"] for w in ceilings]
         print(
             f"  {name:24s}"
             + "".join(f"{cells[k]:>11.3f}" if cells.get(k) is not None else f"{'-':>11s}" for k in kinds)
-            + (f"{attainable:>12.3f}" if attainable is not None else f"{'-':>12s}")
+            + "".join(f"{a:>19.3f}" if a is not None else f"{'-':>19s}" for a in attainable)
             + f"   {report['chosen'].get(name, '')}"
         )
+    if any("spearman replicate" in r for r in report["test_by_kind"]):
+        n = report["sizes"]["replicate_tests"]
+        print(f"the same predictions against the second seed of {n} test mixtures (a seed no fit has seen):")
+        for name in names:
+            cells = {r["kind"]: r.get("spearman replicate") for r in report["test_by_kind"] if r["objective"] == name}
+            print(
+                f"  {name:24s}"
+                + "".join(f"{cells[k]:>11.3f}" if cells.get(k) is not None else f"{'-':>11s}" for k in kinds)
+            )
     proposal = report["proposal"]
     predicted = proposal["predicted_weighted"]
     print(f"proposal {proposal['shares']}: predicted {predicted['mean']:.4f} +- {predicted['std']:.4f}", end="")
     print(f", measured {proposal['measured_weighted']:.4f}")
     print(f"grid best {report['grid_best']['shares']}: {report['grid_best']['weighted']:.4f}")
     for name, row in report["compare"].items():
-        print(f"  proposal - {name}: {row['proposal_minus']:+.4f} ({row['in_noise_units']} x noise)")
+        print(
+            f"  proposal - {name}: {row['proposal_minus']:+.4f} ({row['in_noise_units']} x base noise, "
+            f"{row['in_pooled_noise_units']} x pooled noise)"
+        )
 
 
 def main() -> None:
@@ -636,12 +717,24 @@ def main() -> None:
     parser.add_argument(
         "--fit-kinds", help="comma-separated fits the search chooses from (default: the config's default)"
     )
+    parser.add_argument(
+        "--replicate-tests",
+        type=int,
+        help="test mixtures run with a second seed, for the pooled noise (default: 16, all; --quick 2)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, help="proxy runs at once (default: 2; cached runs are reused either way)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     sizes = dataclasses.replace(sizes, model=args.model or sizes.model, tokens=args.tokens or sizes.tokens)
     if args.seeds:
         sizes = dataclasses.replace(sizes, seeds=args.seeds, size=sizes.size * sizes.seeds // args.seeds)
+    if args.replicate_tests is not None:
+        sizes = dataclasses.replace(sizes, replicate_tests=args.replicate_tests)
+    if args.parallel:
+        sizes = dataclasses.replace(sizes, parallel=args.parallel)
     if args.fit_kinds:
         sizes = dataclasses.replace(sizes, fit_kinds=tuple(args.fit_kinds.split(",")))
     # Two proxy processes at once on two cores: one thread each, or they fight over the cores.

@@ -56,11 +56,12 @@ class Mixture:
 
 def mixtures_of(runs: list[ProxyRun], results: dict[str, dict[str, Any]], objectives: list[str]) -> list[Mixture]:
     """The measured runs grouped by role and mixture, in order, each objective averaged over the group's seeds.
-    Noise runs are left out (they measure the noise, not a mixture); a group with a run that lacks an objective (an
-    unmixable mixture) is left out too."""
+    Noise and replicate runs are left out (they measure the noise, not a mixture: a replicate is a test mixture's
+    second seed, and averaging it in would score that test mixture on other terms than the rest); a group with a run
+    that lacks an objective (an unmixable mixture) is left out too."""
     groups: dict[tuple, list[ProxyRun]] = {}
     for run in runs:
-        if run.role != "noise":
+        if run.role not in ("noise", "replicate"):
             groups.setdefault((run.role, tuple(sorted(run.shares.items()))), []).append(run)
     mixtures = []
     for (role, _), group in groups.items():

@@ -19,6 +19,7 @@ from flows.artifacts import markdown_artifact, markdown_table, png_markdown, tab
 from flows.build_dataset import mix_task
 from flows.markup import Markdown, code, md
 from flows.mixture_proposal import WEIGHTED, search, write_approved
+from flows.mixture_swarm import pooled_run_noise
 from flows.subprocess_task import cham, run_command, run_logger
 from schemas import MixtureSearchConfig, TrainConfig, load_config, validate_config
 
@@ -144,6 +145,20 @@ def report_search(config: MixtureSearchConfig, outcome: dict[str, Any]) -> Markd
         ),
         markdown_table(rows),
     ]
+    pooled = pooled_run_noise(outcome["runs"], outcome["sources"], [WEIGHTED])
+    if pooled["groups"] > 1:  # replicated test mixtures: the noise away from the base too
+        lines.insert(
+            -1,
+            md(
+                "Run-to-run noise of {} pooled over {} mixtures with two or more seeds ({} degrees of freedom): {} a "
+                "run (at the base alone: {}).",
+                WEIGHTED,
+                pooled["groups"],
+                pooled["dof"],
+                _fmt(pooled["noise"][WEIGHTED]),
+                "not measured" if noise is None else round(noise, 4),
+            ),
+        )
     confirmation = outcome["confirmation"]
     if confirmation:
         lines.append(

@@ -34,7 +34,9 @@ KEY_CHARS = 16  # of the sha256: a run folder's name
 class ProxyRun:
     """One proxy run: a mixture (shares by source), a training seed, why it is run, and its content key."""
 
-    role: str  # given, fit, test, base (the base mixture), noise (the base, other seeds) or proposal
+    # given, fit, test, base (the base mixture), noise (the base, other seeds), replicate (a test mixture, the next
+    # seed) or proposal
+    role: str
     shares: dict[str, float]
     seed: int
     key: str
@@ -173,7 +175,8 @@ def run_key(config: MixtureSearchConfig, space: SearchSpace, shares: dict[str, f
 def plan_runs(config: MixtureSearchConfig, space: SearchSpace) -> list[ProxyRun]:
     """The swarm's runs in order: given mixtures, drawn fit mixtures, drawn test mixtures and the base mixture, each
     with `swarm.seeds` training seeds; then the base with `noise_seeds` more seeds (their spread is the run-to-run
-    noise; a seed the base already has is the same run, made once).
+    noise; a seed the base already has is the same run, made once); then the first `replicate_tests` test mixtures
+    with the next seed, proxy.seed + seeds (their pairs measure the noise away from the base; `pooled_run_noise`).
 
     Drawing `size + test_size` mixtures in one sequence means a larger swarm keeps the smaller one's mixtures."""
     swarm, seed = config.swarm, config.proxy.seed
@@ -184,9 +187,15 @@ def plan_runs(config: MixtureSearchConfig, space: SearchSpace) -> list[ProxyRun]
     mixtures += [("fit", m) for m in fit] + [("test", m) for m in test] + [("base", space.base)]
     runs = [seeded_runs(config, space, role, m) for role, m in mixtures]
     noise = [seed + i for i in range(1, swarm.noise_seeds + 1)]
-    return [r for group in runs for r in group] + [
-        ProxyRun("noise", space.base, s, run_key(config, space, space.base, s)) for s in noise
-    ]
+    replicate = seed + swarm.seeds
+    return (
+        [r for group in runs for r in group]
+        + [ProxyRun("noise", space.base, s, run_key(config, space, space.base, s)) for s in noise]
+        + [
+            ProxyRun("replicate", m, replicate, run_key(config, space, m, replicate))
+            for m in test[: swarm.replicate_tests]
+        ]
+    )
 
 
 def distinct(runs: list[ProxyRun]) -> list[ProxyRun]:
@@ -195,6 +204,23 @@ def distinct(runs: list[ProxyRun]) -> list[ProxyRun]:
     for run in runs:
         first.setdefault(run.key, run)
     return list(first.values())
+
+
+def pooled_run_noise(rows: list[dict[str, Any]], sources: list[str], names: list[str]) -> dict[str, Any]:
+    """The noise of one run pooled over every mixture measured with two or more seeds (`fits.pooled_noise`): `rows`
+    are a search's runs (its outcome's `runs`: seed, `share <source>` and each of `names`), grouped by mixture, each
+    seed once: with `swarm.seeds` 1 the base (with its noise seeds) and each replicated test mixture (with its first
+    seed); with more, every mixture. Returns `noise` (name -> the pooled std, None where no group has two values) and,
+    to read it by, `groups` and `dof` (mixtures and degrees of freedom of those with every name measured)."""
+    from model.mixture_search.fits import pooled_noise
+
+    by_mixture: dict[tuple[float, ...], dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_mixture.setdefault(tuple(row[f"share {s}"] for s in sources), {}).setdefault(row["seed"], row)
+    groups = [list(seeds.values()) for seeds in by_mixture.values() if len(seeds) >= 2]
+    noise = {name: pooled_noise([[r[name] for r in g if r.get(name) is not None] for g in groups]) for name in names}
+    measured = [n for g in groups if (n := sum(all(r.get(x) is not None for x in names) for r in g)) >= 2]
+    return {"noise": noise, "groups": len(measured), "dof": sum(n - 1 for n in measured)}
 
 
 def seeded_runs(config: MixtureSearchConfig, space: SearchSpace, role: str, shares: dict[str, float]) -> list[ProxyRun]:

@@ -87,6 +87,12 @@ class SwarmSettings(StrictModel):
     noise_seeds: int = Field(
         2, ge=0, description="runs of the base mixture with seeds proxy.seed + 1, +2, ...: the run-to-run noise"
     )
+    replicate_tests: int = Field(
+        0,
+        ge=0,
+        description="the first test mixtures run once more, with the next seed (proxy.seed + seeds): the run-to-run "
+        "noise pooled over the simplex (each such pair and the base's seeds), not only at the base",
+    )
     seed: int = Field(0, description="seed of the draws")
     parallel: int = Field(1, ge=1, description="proxy runs at once (each a process, or a flow run of `deployment`)")
     deployment: str | None = Field(
@@ -102,6 +108,12 @@ class SwarmSettings(StrictModel):
             if any(w < 0 for w in m.values()) or sum(m.values()) <= 0:
                 raise ValueError(f"mixture {i}: weights must be >= 0 with at least one > 0, got {m}")
         return mixtures
+
+    @model_validator(mode="after")
+    def _replicated_tests_exist(self) -> SwarmSettings:
+        if self.replicate_tests > self.test_size:
+            raise ValueError(f"replicate_tests ({self.replicate_tests}) exceeds test_size ({self.test_size})")
+        return self
 
 
 class FitSettings(StrictModel):

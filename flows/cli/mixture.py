@@ -82,6 +82,15 @@ def search(
         f"run-to-run noise (std over seeds of the base mixture, one run; a mixture's mean of {outcome['seeds']} "
         f"seeds has 1/sqrt({outcome['seeds']}) of it): {noise or 'not measured'}"
     )
+    from flows.mixture_swarm import pooled_run_noise
+
+    pooled = pooled_run_noise(outcome["runs"], outcome["sources"], list(outcome["noise"]))
+    if pooled["groups"] > 1:  # replicated test mixtures (swarm.replicate_tests): the noise away from the base too
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in pooled["noise"].items() if v is not None)
+        console.print(
+            f"run-to-run noise pooled over {pooled['groups']} mixtures with two or more seeds "
+            f"({pooled['dof']} degrees of freedom), one run: {figures}"
+        )
     shares = outcome["proposal"]["shares"]
     console.print("proposal: " + ", ".join(f"{s} {v:.3f}" for s, v in shares.items()))
     if outcome["confirmation"]:

@@ -373,6 +373,23 @@ def attainable_spearman(noise_std: float | None, actual: Any) -> float | None:
     return 6.0 / math.pi * math.asin(rho / 2.0)
 
 
+def pooled_noise(groups: Any) -> float | None:
+    """Run-to-run noise pooled over several mixtures: `groups` holds, per mixture, its measured losses with distinct
+    training seeds. Each group of n >= 2 runs gives its sample variance with n - 1 degrees of freedom; the pooled
+    variance is their sum weighted by those degrees of freedom, sum (n_i - 1) s_i^2 / sum (n_i - 1), and the noise
+    its square root (one group: that group's sample std). Groups of fewer than 2 runs are skipped; None when none is
+    left. Noise measured at one mixture (the base) can understate it elsewhere on the simplex; pooling the spread of
+    seed pairs spread over it does not."""
+    squares, dof = 0.0, 0
+    for group in groups:
+        values = np.asarray(group, dtype=np.float64)
+        if len(values) < 2:
+            continue
+        squares += float(np.sum((values - values.mean()) ** 2))  # (n - 1) x the sample variance
+        dof += len(values) - 1
+    return math.sqrt(squares / dof) if dof else None
+
+
 def evaluate(model: FittedModel, X_test: Any, y_test: Any) -> PredictionQuality:
     """How `model` predicts runs it was not fitted on (X_test, y_test), against predicting its training mean."""
     X_test = check_shares(X_test, "X_test")

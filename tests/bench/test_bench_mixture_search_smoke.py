@@ -65,20 +65,31 @@ def test_mixture_search_benchmark_quick_mode(tmp_path: Path) -> None:
     assert all(report["documents"][part][s] > 0 for part in ("train", "heldout") for s in SOURCES)
     assert all(report["tokens"][s] > 0 and report["tokens"][f"{s}-heldout"] > 0 for s in SOURCES)
     sizes = report["sizes"]
-    assert report["runs"]["search"] == sizes["size"] + sizes["test_size"] + 1 + sizes["noise_seeds"] + 1
+    assert sizes["replicate_tests"] > 0
+    search_runs = sizes["size"] + sizes["test_size"] + 1 + sizes["noise_seeds"] + sizes["replicate_tests"] + 1
+    assert report["runs"]["search"] == search_runs
     assert report["runs"]["grid_points"] == len(lattice(SOURCES, report["runs"]["lattice_steps"])) <= sizes["size"]
     assert all(report["noise"][name] > 0 for name in [*objectives, "weighted"])
+    # the noise pooled over the base's seeds and each replicated test mixture's pair
+    assert all(report["noise_pooled"][name] > 0 for name in [*objectives, "weighted"])
+    assert report["noise_pooled_over"] == {
+        "mixtures": 1 + sizes["replicate_tests"],
+        "dof": sizes["noise_seeds"] + sizes["replicate_tests"],
+    }
     scored = {(r["kind"], r["objective"]) for r in report["test_by_kind"]}
     assert scored == {(k, o) for k in ("loglinear", "powerlaw", "gp", "gbt") for o in [*objectives, "weighted"]}
-    # the ceiling a perfect fit would reach through the noise: one figure per objective, the same for every kind
-    attainable = {(r["objective"], r["attainable"]) for r in report["test_by_kind"]}
-    assert len(attainable) == len(objectives) + 1 and all(0 <= a <= 1 for _, a in attainable if a is not None)
+    # the ceiling a perfect fit would reach through the noise, at the base and pooled: one figure per objective each,
+    # the same for every kind
+    for column in ("attainable base", "attainable pooled"):
+        attainable = {(r["objective"], r[column]) for r in report["test_by_kind"]}
+        assert len(attainable) == len(objectives) + 1 and all(0 <= a <= 1 for _, a in attainable if a is not None)
     assert sorted(report["chosen"]) == sorted(objectives)
     # the bench's refit of the kind the search chose scores the test runs exactly as the search's own test does
     by_kind = {(r["kind"], r["objective"]): r for r in report["test_by_kind"]}
     for tested in report["search_test"]:
         assert tested["kind"] == report["chosen"][tested["objective"]]
-        assert {k: v for k, v in by_kind[(tested["kind"], tested["objective"])].items() if k != "attainable"} == {
+        figures = by_kind[(tested["kind"], tested["objective"])]
+        assert {k: v for k, v in figures.items() if not k.startswith(("attainable", "spearman replicate"))} == {
             "kind": tested["kind"],
             "objective": tested["objective"],
             **{k: v for k, v in tested.items() if k not in ("kind", "objective")},
@@ -90,3 +101,8 @@ def test_mixture_search_benchmark_quick_mode(tmp_path: Path) -> None:
     grid_best = report["compare"]["grid_best"]
     assert grid_best["proposal_minus"] == pytest.approx(proposal["measured_weighted"] - grid_best["weighted"])
     assert "Spearman of predicted vs actual" in done.stdout and "proposal - grid_best" in done.stdout
+    assert "noise pooled" in done.stdout and "attainable pooled" in done.stdout
+    # every kind's predictions also scored against the replicated test mixtures' second seed
+    replicated = {(r["kind"], r["objective"]): r["spearman replicate"] for r in report["test_by_kind"]}
+    assert set(replicated) == scored and all(-1 <= v <= 1 for v in replicated.values() if v == v)  # NaN: constant
+    assert "against the second seed of 3 test mixtures" in done.stdout

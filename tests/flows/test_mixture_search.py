@@ -12,7 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.mixture_proposal import SEARCH_FILE, approved_spec, search
-from flows.mixture_swarm import RESULT, plan_runs, run_key, search_space
+from flows.mixture_swarm import RESULT, plan_runs, pooled_run_noise, run_key, search_space
+from model.mixture_search.fits import pooled_noise
 from schemas import MixtureSearchConfig, MixtureSpec, load_config, validate_config
 
 pytestmark = pytest.mark.slow
@@ -150,6 +151,57 @@ def test_seeds_average_each_mixture_and_the_fits_see_the_means(searched) -> None
     assert confirmation["best_swarm_weighted"] == min(m["weighted"] for m in mixtures)
 
 
+def test_replicated_test_mixtures_measure_the_noise_away_from_the_base(searched) -> None:
+    path, first = searched
+    config = load_config(MixtureSearchConfig, path)
+    space = search_space(config)
+
+    def swarm(**changes) -> MixtureSearchConfig:
+        return config.model_copy(update={"swarm": config.swarm.model_copy(update=changes)})
+
+    plain, replicated = swarm(test_size=2), swarm(test_size=2, replicate_tests=1)
+    before, runs = plan_runs(plain, space), plan_runs(replicated, space)
+    assert runs[: len(before)] == before  # the option only adds runs: every other run (and its key) as it was
+    (extra,) = runs[len(before) :]
+    test = [r for r in runs if r.role == "test"]
+    assert (extra.role, extra.seed, extra.shares) == ("replicate", 1, test[0].shares)
+    assert extra.key == run_key(config, space, test[0].shares, 1)
+    seen: list[tuple[str, bool]] = []
+    outcome = search(replicated, progress=lambda d, t, run, reused: seen.append((run.role, reused)), log=lambda _: None)
+    # the replicate is new; the test runs are too, unless an earlier test's larger swarm drew them as fit runs
+    assert ("replicate", False) in seen and {role for role, reused in seen if not reused} <= {"test", "replicate"}
+    assert outcome["noise"] == first["noise"]  # the noise at the base, as before
+    by_role: dict[str, list[dict]] = {}
+    for row in outcome["runs"]:
+        by_role.setdefault(row["role"], []).append(row)
+    base, pair = by_role["base"] + by_role["noise"], [by_role["test"][0], *by_role["replicate"]]
+    pooled = pooled_run_noise(outcome["runs"], outcome["sources"], ["val.text", "weighted"])
+    assert (pooled["groups"], pooled["dof"]) == (2, 2)
+    for name in ("val.text", "weighted"):
+        expected = pooled_noise([[r[name] for r in base], [r[name] for r in pair]])
+        assert pooled["noise"][name] == pytest.approx(expected)
+    assert pooled_run_noise(first["runs"], first["sources"], ["weighted"])["noise"] == {
+        "weighted": first["noise"]["weighted"]  # without replicates: the base's figure
+    }
+    seen.clear()
+    search(replicated, progress=lambda d, t, run, reused: seen.append((run.role, reused)), log=lambda _: None)
+    assert all(reused for _, reused in seen)  # cached by content like every other run
+    # a replicate measures the noise only: not a mixture of its own (best swarm member, effects), not averaged in
+    assert {m["role"] for m in outcome["mixtures"]} <= {"given", "fit", "test", "base"}
+    from flows.cli import app
+
+    replicated_file = path.with_name("replicated.yaml")
+    replicated_file.write_text(yaml.safe_dump(replicated.model_dump(mode="json")))
+    printed = CliRunner().invoke(app, ["mixture", "search", str(replicated_file)])
+    assert printed.exit_code == 0, printed.output
+    said = " ".join(printed.output.split())
+    weighted = f"weighted {pooled['noise']['weighted']:.4f}"
+    assert (
+        "noise pooled over 2 mixtures with two or more seeds (2 degrees of freedom), one run:" in said
+        and weighted in said
+    )
+
+
 def test_a_run_key_follows_everything_its_losses_depend_on(searched) -> None:
     path, _ = searched
     config = load_config(MixtureSearchConfig, path)
@@ -193,6 +245,8 @@ def test_config_errors_are_clear(prepared_sources: Path, heldout: Path, tmp_path
         validate_config(MixtureSearchConfig, {**data, "objective": {"test.loss": 1}})
     with pytest.raises(ValueError, match="vocab_size"):
         validate_config(MixtureSearchConfig, {**data, "proxy": {**data["proxy"], "model": {"vocab_size": 9}}})
+    with pytest.raises(ValueError, match=r"replicate_tests \(3\) exceeds test_size \(2\)"):
+        validate_config(MixtureSearchConfig, {**data, "swarm": {**data["swarm"], "test_size": 2, "replicate_tests": 3}})
     bad = load_config(MixtureSearchConfig, path).model_copy(update={"stage": "stage9"})
     with pytest.raises(ValueError, match="stage 'stage9' is not in"):
         search_space(bad)

@@ -20,6 +20,7 @@ from model.mixture_search.fits import (
     evaluate,
     fit,
     min_runs,
+    pooled_noise,
 )
 
 INTERCEPT, SLOPES = 0.5, np.array([-0.8, 0.3, 0.0])  # y = exp(0.5 - 0.8 x_0 + 0.3 x_1) + noise
@@ -207,3 +208,13 @@ def test_attainable_spearman_is_what_a_perfect_predictor_reaches_through_the_noi
     assert attainable_spearman(0.0, [1.0, 2.0, 3.0]) == pytest.approx(1.0)
     assert attainable_spearman(10.0, [1.0, 2.0, 3.0]) == 0.0  # all noise
     assert attainable_spearman(None, [1.0, 2.0, 3.0]) is None and attainable_spearman(0.1, [1.0, 1.0, 1.0]) is None
+
+
+def test_pooled_noise_weights_each_mixtures_variance_by_its_degrees_of_freedom():
+    # [1, 3]: squares 2 over 1 dof; [2, 2, 5]: squares 1 + 1 + 4 = 6 over 2 dof; pooled variance 8 / 3
+    assert pooled_noise([[1.0, 3.0], [2.0, 2.0, 5.0]]) == pytest.approx((8 / 3) ** 0.5, rel=1e-12)
+    one = [4.1, 4.3, 3.9, 4.6]
+    assert pooled_noise([one]) == pytest.approx(float(np.std(one, ddof=1)), rel=1e-12)  # one group: its sample std
+    assert pooled_noise([one, [7.0], []]) == pooled_noise([one])  # a mixture with one run says nothing of the noise
+    assert pooled_noise([[5.0], []]) is None and pooled_noise([]) is None
+    assert pooled_noise(np.array([[1.0, 2.0], [3.0, 5.0]])) == pytest.approx(((0.5 + 2.0) / 2) ** 0.5)
