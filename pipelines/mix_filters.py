@@ -9,6 +9,7 @@ charged to the first filter it fails.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 from model.files import storage
 from pipelines.mix_plan import MixPlanError, SampleRef
 from pipelines.shard_writer import ATTRIBUTES_SUFFIX, shard_id_of
-from schemas.mixture_spec import prepared_attributes
+from schemas.mixture_spec import manifest_attributes
 from schemas.sample_filters import BUILTIN_ATTRIBUTES, FilterError, SampleFilter, check_attributes, parse_filter
 
 
@@ -54,11 +55,19 @@ def read_attributes(
     return values, digest.hexdigest()[:16]
 
 
+def source_attributes(folder: str | Path) -> list[str] | None:
+    """The attributes a prepared source's samples have, from its manifest on disk or on a store (None if unreadable)."""
+    try:
+        return manifest_attributes(json.loads(storage.read_text(storage.join(folder, "manifest.json"))))
+    except (OSError, ValueError):
+        return None
+
+
 def parsed_filters(source: str, folder: str | Path, filters: Sequence[str]) -> list[SampleFilter]:
     """The source's filters, parsed and checked against the attributes its samples have."""
     try:
         parsed = [parse_filter(text) for text in filters]
-        available = prepared_attributes(folder) or list(BUILTIN_ATTRIBUTES)
+        available = source_attributes(folder) or list(BUILTIN_ATTRIBUTES)
         check_attributes(parsed, available, f"source {source!r}")
     except FilterError as err:
         raise MixPlanError(str(err)) from None

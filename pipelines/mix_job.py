@@ -26,9 +26,9 @@ import webdataset as wds
 from model.files import storage
 from model.files.atomic import atomic_path, write_atomic
 from model.files.reading import first_line, read_json_object, read_npy
+from model.files.run_lock import RunLock, RunLockedError
 from model.tokenizers.text_tokenizer import load_text_tokenizer
 from model.tokenizers.vocabulary import Modality, Vocabulary
-from model.training.run_lock import RunLock, RunLockedError
 from pipelines.mix_filters import apply_filters, parsed_filters, read_attributes
 from pipelines.mix_plan import MixPlanError, SampleRef, SourcePlan, hold_image_share, image_share, plan_stage
 from pipelines.packing import PackedSequence, pack_pretraining, pack_sft

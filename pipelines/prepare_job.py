@@ -25,10 +25,10 @@ import apache_beam as beam
 import numpy as np
 
 from model.files import storage
+from model.files.run_lock import RunLock, RunLockedError
 from model.tokenizers.image_tokenizer import ImageTokenizer
 from model.tokenizers.mixed_tokenizer import MixedModalTokenizer
 from model.tokenizers.text_tokenizer import load_text_tokenizer
-from model.training.run_lock import RunLock, RunLockedError
 from pipelines.dedup import (
     DEDUP_STAGE,
     DUPLICATE,

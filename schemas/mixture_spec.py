@@ -29,16 +29,20 @@ def _without_unset(data: dict[str, Any], model: StrictModel, names: tuple[str, .
     return data
 
 
-def prepared_attributes(path: str | Path) -> list[str] | None:
+def prepared_attributes(path: Path) -> list[str] | None:
     """The attributes a prepared source's samples have (built-in ones and the metadata columns its prepare config
-    named), from its manifest (on disk or a store); None when the folder has no readable manifest (the mix job then
-    checks the shards)."""
-    from model.files import storage
-
+    named), from its manifest; None when the folder has no readable manifest (the mix job then checks the shards)."""
     try:
-        manifest = json.loads(storage.read_text(storage.join(path, "manifest.json")))
+        return manifest_attributes(json.loads((Path(path) / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def manifest_attributes(manifest: Any) -> list[str] | None:
+    """prepared_attributes from a manifest already read (the mix job reads it on disk or on a store)."""
+    try:
         options = manifest["config"]["source"].get("options", {})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return None
     extra = options.get("attributes") or [] if isinstance(options, dict) else []
     return [*BUILTIN_ATTRIBUTES, *(n for n in extra if isinstance(n, str) and n not in BUILTIN_ATTRIBUTES)]

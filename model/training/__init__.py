@@ -1,1 +1,1 @@
-"""Training: the trainer, the stage loader, checkpoints, optimizer and schedules, MFU, CPU memory and the run lock."""
+"""Training: the trainer, the stage loader, checkpoints, optimizer and schedules, MFU and CPU memory."""

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from model.files import storage
+from model.files.run_lock import LOCK_FILE, RunLock, RunLockedError
 from model.files.step_folder import StepRecords
 from model.lm.document_attention import resolve_document_attention
 from model.tokenizers.vocabulary import Modality, Vocabulary
@@ -36,7 +37,6 @@ from model.training.metrics import METRICS_FILE, MetricsSink, StepMetrics, close
 from model.training.mfu import device_peak_flops, flops_per_token, matmul_params
 from model.training.optim import clip_and_check, make_optimizer
 from model.training.parallelize import build_model
-from model.training.run_lock import LOCK_FILE, RunLock, RunLockedError
 from model.training.sharded_checkpoint import ShardedCheckpointer
 from model.training.stage_loader import CorruptShardError, ResumeMismatchError, StageLoader, StoreCache
 from model.training.training_eval import HeldOutEvaluator, StepEvaluator

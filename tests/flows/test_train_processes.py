@@ -119,7 +119,7 @@ def test_killing_the_launcher_ends_every_rank(stage: Path, tmp_path: Path, how: 
 def hold_run_lock(out: Path) -> subprocess.Popen:
     """A process holding the run lock of `out` (as a live trainer's rank 0 does) until it is killed."""
     code = (
-        "import sys, time; from model.training.run_lock import RunLock; lock = RunLock(sys.argv[1]); "
+        "import sys, time; from model.files.run_lock import RunLock; lock = RunLock(sys.argv[1]); "
         "lock.acquire(); print('held', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)

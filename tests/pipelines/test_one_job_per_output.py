@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def hold_lock(out: Path) -> subprocess.Popen:
     """A process holding the lock of `out` (as a running job does) until it is killed."""
     code = (
-        "import sys, time; from model.training.run_lock import RunLock; lock = RunLock(sys.argv[1]); "
+        "import sys, time; from model.files.run_lock import RunLock; lock = RunLock(sys.argv[1]); "
         "lock.acquire(); print('held', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
