@@ -3,31 +3,17 @@ into it fails at once, naming the holder, and writes nothing; a holder killed wi
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def hold_lock(out: Path) -> subprocess.Popen:
-    """A process holding the lock of `out` (as a running job does) until it is killed."""
-    code = (
-        "import sys, time; from model.files.run_lock import RunLock; lock = RunLock(sys.argv[1]); "
-        "lock.acquire(); print('held', flush=True); time.sleep(600)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    return holder
+from tests.flows.test_train_processes import hold_run_lock
 
 
 def refused_then_run(args: list[str], out: Path, job: str) -> None:
-    holder = hold_lock(out)
+    holder = hold_run_lock(out)
     try:
         refused = CliRunner().invoke(app, args)
         said = " ".join(refused.output.split())

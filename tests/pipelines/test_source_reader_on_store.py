@@ -13,18 +13,10 @@ import fsspec
 import pytest
 
 from pipelines.prepare_job import task_signature
-from pipelines.raw_records import Reject
-from pipelines.source_reader import plan_read_tasks, read_task
+from pipelines.source_reader import plan_read_tasks
 from schemas.prepare_config import SourceConfig
 from schemas.source_files import source_files
-
-
-def read_all(source: SourceConfig, **split) -> tuple[list[dict], list[Reject]]:
-    records, rejects = [], []
-    for task in plan_read_tasks(source, **split):
-        for item in read_task(task):
-            (rejects if isinstance(item, Reject) else records).append(item)
-    return records, rejects
+from tests.pipelines.test_source_reader import read_all
 
 
 def source(kind: str, fmt: str, *paths: str, **options) -> SourceConfig:
